@@ -1,0 +1,735 @@
+"""Blocking, symlink-safe operations on the backing tree (the NFS project, SRC).
+
+Invariants:
+- Every path is a tuple of name components relative to the project root and is resolved
+  one component at a time from the root's O_PATH fd with O_NOFOLLOW|O_DIRECTORY. A symlink
+  in the middle of a path fails with ENOTDIR (or ELOOP); a symlink as the last component is
+  acted on itself, never followed. So no operation ever leaves the project, and no path is
+  ever handed to the kernel as one string: depth and total length are unlimited.
+- The object an operation changes is pinned by an O_PATH|O_NOFOLLOW fd first, and its type is
+  checked on that fd; regular files and directories are then reopened through
+  /proc/self/fd/<pin> (which lands on the pinned inode, never on a name that changed since).
+- Attributes go on in the order chown, xattrs, chmod, utime: chown clears setuid/setgid (on
+  Linux even for root) and security.capability, so those come after it; times come last
+  because every other change moves ctime/mtime.
+- An OSError raised by a public method names the project-relative path(s) it was called with
+  (not a descriptor number or a single component).
+- `publish_atomic` never exposes a partial file under the final name: bytes and attributes go
+  to a fresh file in the staging directory, are fsynced, then renamed over the target.
+- Namespace operations (mkdir, symlink, mknod, link, unlink, rmdir, rename) do not fsync the
+  directories they change; the caller calls `fsync_dir`, and may batch. `publish_atomic`,
+  `write_ranges` and `set_attrs` fsync what they wrote (and the parent, for a publish).
+
+Threading: every method is synchronous and may block for a long time on NFS; callers run them
+in worker threads. The only shared mutable state is the byte counters (under `_lock`) and the
+optional `faults` plan (which has its own lock). Descriptors are per call, except the root fd,
+which lives until `close()`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import os
+import platform
+import stat
+import threading
+import time
+import uuid
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+Path = tuple[bytes, ...]
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+
+_COPY_CHUNK = 1 << 20
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_PIN_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+# xattr namespaces whose stale names a publish removes; others (system.*) are left alone.
+_OWNED_XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What a backing file looked like when it was fetched; a change means someone else wrote."""
+
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "Fingerprint":
+        return cls(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass(frozen=True)
+class Attrs:
+    """What a publish makes the backing object carry. `xattrs` is the complete wanted set."""
+
+    mode: int
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+    xattrs: Mapping[bytes, bytes] = field(default_factory=dict)
+
+    @classmethod
+    def from_stat(cls, st: os.stat_result, xattrs: Mapping[bytes, bytes] | None = None) -> "Attrs":
+        return cls(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_atime_ns,
+                   st.st_mtime_ns, dict(xattrs or {}))
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: bytes
+    st: os.stat_result
+    link_target: bytes | None  # set for symlinks only
+
+
+# ---------------------------------------------------------------------------- fault injection
+
+
+@dataclass
+class Hang:
+    """A hang armed by `FaultPlan.hang`: `entered` is set when an operation starts waiting."""
+
+    entered: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
+
+    def release(self) -> None:
+        self.released.set()
+
+
+@dataclass
+class _Fault:
+    op: str  # a public method name, or "*" for every operation
+    prefix: Path | None  # only paths under this prefix (None: any path)
+    err: int | None = None  # errno to fail with
+    hang: Hang | None = None
+    delay: float = 0.0
+    times: int | None = None  # how many more calls it hits; None: until cleared
+
+
+class FaultPlan:
+    """Makes chosen Backing operations fail, hang or slow down. For tests only.
+
+    Each public Backing method calls `check(op_name, path)` before doing anything; `op` is
+    the method name or "*", `prefix` limits a fault to paths under it, `times` to that many
+    hits (None: until cleared; a hang defaults to one). Matching faults apply in the order
+    they were added, so a delay or hang can precede a failure.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._faults: list[_Fault] = []
+        self.calls: list[tuple[str, Path]] = []  # every checked operation, for assertions
+
+    def fail(self, op: str, err: int, *, times: int | None = None, prefix: Path | None = None) -> None:
+        self._add(_Fault(op, prefix, err=err, times=times))
+
+    def hang(self, op: str, *, times: int | None = 1, prefix: Path | None = None) -> Hang:
+        h = Hang()
+        self._add(_Fault(op, prefix, hang=h, times=times))
+        return h
+
+    def delay(self, op: str, seconds: float, *, times: int | None = None, prefix: Path | None = None) -> None:
+        self._add(_Fault(op, prefix, delay=seconds, times=times))
+
+    def clear(self, op: str | None = None) -> None:
+        with self._lock:
+            self._faults = [f for f in self._faults if op is not None and f.op != op]
+
+    def _add(self, fault: _Fault) -> None:
+        with self._lock:
+            self._faults.append(fault)
+
+    def check(self, op: str, path: Path = ()) -> None:
+        with self._lock:
+            self.calls.append((op, path))
+            hits = []
+            for f in self._faults:
+                if f.op not in (op, "*") or (f.prefix is not None and path[: len(f.prefix)] != f.prefix):
+                    continue
+                if f.times is not None:
+                    f.times -= 1
+                hits.append(f)
+            self._faults = [f for f in self._faults if f.times is None or f.times > 0]
+        # Sleep and wait outside the lock so other threads keep going.
+        for f in hits:
+            if f.delay:
+                time.sleep(f.delay)
+            if f.hang is not None:
+                f.hang.entered.set()
+                f.hang.released.wait()
+            if f.err is not None:
+                raise OSError(f.err, f"{os.strerror(f.err)} (injected)", _show(path))
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _show(path: Path) -> str:
+    return "/".join(os.fsdecode(c) for c in path) or "."
+
+
+def _names_paths(method):
+    """Make OSErrors from `method` name its Path arguments instead of fds or components."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as e:
+            paths = [a for a in args if isinstance(a, tuple)]
+            if paths:
+                e.filename = _show(paths[0])
+                if len(paths) > 1:
+                    e.filename2 = _show(paths[1])
+            raise
+
+    return wrapper
+
+
+def _check_path(path: Path) -> None:
+    if not isinstance(path, tuple):
+        raise TypeError(f"a backing path is a tuple of bytes, not {type(path).__name__}")
+    for c in path:
+        if not isinstance(c, bytes) or c in (b"", b".", b"..") or b"/" in c or b"\0" in c:
+            raise ValueError(f"bad path component {c!r} in {path!r}")
+
+
+def _proc(fd: int) -> str:
+    # Opening or stat'ing this follows the magic link to the pinned inode itself.
+    return f"/proc/self/fd/{fd}"
+
+
+def _type_error(st: os.stat_result) -> int:
+    """The errno for "this operation needs a regular file, but got that"."""
+    if stat.S_ISDIR(st.st_mode):
+        return errno.EISDIR
+    if stat.S_ISLNK(st.st_mode):
+        return errno.ELOOP
+    return errno.EINVAL
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def _load_renameat2():
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is not None:  # glibc >= 2.28
+        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        fn.restype = ctypes.c_int
+        return fn
+    number = {"x86_64": 316, "aarch64": 276}[platform.machine()]
+    libc.syscall.restype = ctypes.c_long
+
+    def via_syscall(olddirfd, oldpath, newdirfd, newpath, flags):
+        return libc.syscall(ctypes.c_long(number), ctypes.c_int(olddirfd), ctypes.c_char_p(oldpath),
+                            ctypes.c_int(newdirfd), ctypes.c_char_p(newpath), ctypes.c_uint(flags))
+
+    return via_syscall
+
+
+_renameat2 = _load_renameat2()
+
+
+def _xattr_changes(target: int | str, wanted: Mapping[bytes, bytes]) -> tuple[list[bytes], dict[bytes, bytes]]:
+    """Names to remove and values to set so that `target` carries exactly `wanted`.
+
+    Only names in the user./trusted./security. namespaces are ever removed.
+    """
+    try:
+        present = [os.fsencode(n) for n in os.listxattr(target)]
+    except OSError as e:
+        if e.errno == errno.ENOTSUP and not wanted:
+            return [], {}
+        raise
+    remove = [n for n in present if n not in wanted and n.startswith(_OWNED_XATTR_PREFIXES)]
+    put = {}
+    for name, value in wanted.items():
+        if name in present:
+            try:
+                if os.getxattr(target, name) == value:
+                    continue
+            except OSError as e:
+                if e.errno != errno.ENODATA:
+                    raise
+        put[name] = value
+    return remove, put
+
+
+def _write_xattrs(target: int | str, remove: list[bytes], put: Mapping[bytes, bytes]) -> None:
+    for name in remove:
+        try:
+            os.removexattr(target, name)
+        except OSError as e:
+            # Gone already; or a security label (e.g. SELinux) we may not remove.
+            if e.errno == errno.ENODATA:
+                continue
+            if name.startswith(b"security.") and e.errno in (errno.EPERM, errno.EACCES, errno.ENOTSUP):
+                continue
+            raise
+    for name, value in put.items():
+        os.setxattr(target, name, value)
+
+
+@dataclass
+class _Pinned:
+    """An object held by an O_PATH fd, with the parent dir fd and name it was found under."""
+
+    parent_fd: int | None  # None for the project root
+    name: bytes | None
+    fd: int
+    st: os.stat_result
+
+    @property
+    def is_link(self) -> bool:
+        return stat.S_ISLNK(self.st.st_mode)
+
+
+# ---------------------------------------------------------------------------- Backing
+
+
+class Backing:
+    """Blocking operations on the backing tree. See the module docstring for the rules."""
+
+    def __init__(self, root: os.PathLike | str) -> None:
+        self.root = os.fspath(root)
+        self._root_fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.faults: FaultPlan | None = None
+
+    def close(self) -> None:
+        fd, self._root_fd = self._root_fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> "Backing":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ resolution
+
+    def _begin(self, op: str, *paths: Path) -> None:
+        for p in paths:
+            _check_path(p)
+        faults = self.faults
+        if faults is not None:
+            faults.check(op, paths[0] if paths else ())
+
+    @contextmanager
+    def _dir(self, components: Path) -> Iterator[int]:
+        """An O_PATH fd of the directory at `components`, walked without following links."""
+        fd = os.dup(self._root_fd)  # every walk owns its fds, so closing is uniform
+        try:
+            for name in components:
+                nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+            yield fd
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def _parent(self, path: Path) -> Iterator[tuple[int, bytes]]:
+        if not path:
+            raise OSError(errno.EINVAL, "the project root has no name", ".")
+        with self._dir(path[:-1]) as fd:
+            yield fd, path[-1]
+
+    @contextmanager
+    def _pin(self, path: Path) -> Iterator[_Pinned]:
+        if not path:
+            with self._dir(()) as fd:
+                yield _Pinned(None, None, fd, os.fstat(fd))
+            return
+        with self._parent(path) as (parent_fd, name):
+            fd = os.open(name, _PIN_FLAGS, dir_fd=parent_fd)
+            try:
+                yield _Pinned(parent_fd, name, fd, os.fstat(fd))
+            finally:
+                os.close(fd)
+
+    def _reopen(self, pin: _Pinned, flags: int) -> int:
+        """A real fd on a pinned regular file or directory (fifos and devices are refused)."""
+        if not (stat.S_ISREG(pin.st.st_mode) or stat.S_ISDIR(pin.st.st_mode)):
+            raise OSError(_type_error(pin.st), "not a regular file or directory")
+        return os.open(_proc(pin.fd), flags | os.O_CLOEXEC)
+
+    def _count(self, *, read: int = 0, written: int = 0) -> None:
+        with self._lock:
+            self.bytes_read += read
+            self.bytes_written += written
+
+    # ------------------------------------------------------------------ reading
+
+    @_names_paths
+    def lstat(self, path: Path) -> os.stat_result:
+        self._begin("lstat", path)
+        if not path:
+            with self._dir(()) as fd:
+                return os.fstat(fd)
+        with self._parent(path) as (parent_fd, name):
+            return os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
+
+    @_names_paths
+    def listdir(self, path: Path) -> list[Entry]:
+        self._begin("listdir", path)
+        entries = []
+        with self._dir(path) as pin:
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=pin)
+            try:
+                for name in os.listdir(fd):
+                    bname = os.fsencode(name)
+                    try:  # an entry removed between readdir and lstat is simply gone
+                        st = os.stat(bname, dir_fd=fd, follow_symlinks=False)
+                        target = os.readlink(bname, dir_fd=fd) if stat.S_ISLNK(st.st_mode) else None
+                    except FileNotFoundError:
+                        continue
+                    entries.append(Entry(bname, st, target))
+            finally:
+                os.close(fd)
+        entries.sort(key=lambda e: e.name)
+        return entries
+
+    @_names_paths
+    def read(self, path: Path, offset: int, size: int) -> bytes:
+        self._begin("read", path)
+        if offset < 0 or size < 0:
+            raise OSError(errno.EINVAL, "negative offset or size", _show(path))
+        chunks = []
+        with self._pin(path) as pin:
+            if not stat.S_ISREG(pin.st.st_mode):
+                raise OSError(_type_error(pin.st), "not a regular file", _show(path))
+            fd = self._reopen(pin, os.O_RDONLY)
+            try:
+                got = 0
+                while got < size:
+                    data = os.pread(fd, min(size - got, _COPY_CHUNK), offset + got)
+                    if not data:
+                        break
+                    chunks.append(data)
+                    got += len(data)
+            finally:
+                os.close(fd)
+        result = b"".join(chunks)
+        self._count(read=len(result))
+        return result
+
+    @_names_paths
+    def readlink(self, path: Path) -> bytes:
+        self._begin("readlink", path)
+        with self._parent(path) as (parent_fd, name):
+            return os.readlink(name, dir_fd=parent_fd)
+
+    @_names_paths
+    def getxattrs(self, path: Path) -> dict[bytes, bytes]:
+        self._begin("getxattrs", path)
+        with self._pin(path) as pin:
+            where = _proc(pin.fd)
+            try:
+                names = os.listxattr(where)
+            except OSError as e:
+                if e.errno == errno.ENOTSUP:
+                    return {}
+                raise
+            result = {}
+            for name in names:
+                try:
+                    result[os.fsencode(name)] = os.getxattr(where, name)
+                except OSError as e:
+                    if e.errno != errno.ENODATA:  # removed since listing
+                        raise
+            return result
+
+    def statvfs(self) -> os.statvfs_result:
+        self._begin("statvfs")
+        return os.statvfs(self._root_fd)
+
+    # ------------------------------------------------------------------ namespace changes
+
+    @_names_paths
+    def mkdir(self, path: Path, attrs: Attrs) -> os.stat_result:
+        self._begin("mkdir", path)
+        with self._parent(path) as (parent_fd, name):
+            os.mkdir(name, attrs.mode & 0o777, dir_fd=parent_fd)
+            return self._finish_new(parent_fd, name, attrs)
+
+    @_names_paths
+    def symlink(self, target: bytes, path: Path, attrs: Attrs) -> os.stat_result:
+        self._begin("symlink", path)
+        with self._parent(path) as (parent_fd, name):
+            os.symlink(target, name, dir_fd=parent_fd)
+            return self._finish_new(parent_fd, name, attrs)
+
+    @_names_paths
+    def mknod(self, path: Path, mode: int, rdev: int, attrs: Attrs) -> os.stat_result:
+        self._begin("mknod", path)
+        with self._parent(path) as (parent_fd, name):
+            os.mknod(name, (stat.S_IFMT(mode) or stat.S_IFREG) | 0o600, rdev, dir_fd=parent_fd)
+            return self._finish_new(parent_fd, name, attrs)
+
+    def _finish_new(self, parent_fd: int, name: bytes, attrs: Attrs) -> os.stat_result:
+        # If this fails the object stays with creation defaults; a retry sees EEXIST and the
+        # caller can call set_attrs.
+        fd = os.open(name, _PIN_FLAGS, dir_fd=parent_fd)
+        try:
+            pin = _Pinned(parent_fd, name, fd, os.fstat(fd))
+            self._apply_attrs(pin, None, attrs)
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
+
+    @_names_paths
+    def link(self, src: Path, dst: Path) -> os.stat_result:
+        self._begin("link", src, dst)
+        with self._parent(src) as (src_fd, src_name), self._parent(dst) as (dst_fd, dst_name):
+            # follow_symlinks=False: a link to a symlink links the symlink itself.
+            os.link(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
+            return os.stat(dst_name, dir_fd=dst_fd, follow_symlinks=False)
+
+    @_names_paths
+    def unlink(self, path: Path) -> None:
+        self._begin("unlink", path)
+        with self._parent(path) as (parent_fd, name):
+            os.unlink(name, dir_fd=parent_fd)
+
+    @_names_paths
+    def rmdir(self, path: Path) -> None:
+        self._begin("rmdir", path)
+        with self._parent(path) as (parent_fd, name):
+            os.rmdir(name, dir_fd=parent_fd)
+
+    @_names_paths
+    def rename(self, src: Path, dst: Path, flags: int = 0) -> None:
+        """Rename `src` to `dst`. Flags need renameat2 support; NFS answers EINVAL to any."""
+        self._begin("rename", src, dst)
+        if flags not in (0, RENAME_NOREPLACE, RENAME_EXCHANGE):
+            raise OSError(errno.EINVAL, f"unsupported rename flags {flags:#x}")
+        with self._parent(src) as (src_fd, src_name), self._parent(dst) as (dst_fd, dst_name):
+            if flags == 0:
+                os.rename(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+            elif _renameat2(src_fd, src_name, dst_fd, dst_name, flags) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err), _show(src), None, _show(dst))
+
+    # ------------------------------------------------------------------ attributes and data
+
+    @_names_paths
+    def set_attrs(self, path: Path, attrs: Attrs, *, size: int | None = None) -> os.stat_result:
+        self._begin("set_attrs", path)
+        with self._pin(path) as pin:
+            kind = pin.st.st_mode
+            if size is not None and not stat.S_ISREG(kind):
+                raise OSError(_type_error(pin.st), "only regular files have a size to set", _show(path))
+            # Open the fd to fsync before the mode changes, which could forbid opening it.
+            fd = None
+            if stat.S_ISDIR(kind):
+                fd = self._reopen(pin, os.O_RDONLY | os.O_DIRECTORY)
+            elif stat.S_ISREG(kind):
+                fd = self._open_for_write(pin) if size is not None else self._open_readable(pin)
+            try:
+                if size is not None:
+                    assert fd is not None
+                    os.ftruncate(fd, size)
+                self._apply_attrs(pin, fd, attrs)
+                if fd is not None:
+                    os.fsync(fd)
+                elif pin.parent_fd is not None:  # symlink, fifo, device: its directory entry
+                    self._fsync_dir_fd(pin.parent_fd)
+            finally:
+                if fd is not None:
+                    os.close(fd)
+            return os.fstat(pin.fd)
+
+    def _open_readable(self, pin: _Pinned) -> int | None:
+        try:
+            return self._reopen(pin, os.O_RDONLY)
+        except PermissionError:  # not root and no read permission: attributes still apply
+            return None
+
+    def _open_for_write(self, pin: _Pinned) -> int:
+        try:
+            return self._reopen(pin, os.O_WRONLY)
+        except PermissionError:
+            if pin.st.st_uid != os.geteuid():
+                raise
+            # Our own read-only file: the attrs applied afterwards set the final mode anyway.
+            os.chmod(_proc(pin.fd), stat.S_IMODE(pin.st.st_mode) | stat.S_IWUSR)
+            return self._reopen(pin, os.O_WRONLY)
+
+    def _apply_attrs(self, pin: _Pinned, fd: int | None, attrs: Attrs) -> None:
+        """chown, xattrs, chmod, then times. `fd`, if given, is a real fd on the same inode."""
+        target: int | str = fd if fd is not None else _proc(pin.fd)
+        current = os.fstat(pin.fd)
+        # Owner first: chown clears setuid/setgid and security.capability, so mode and xattrs
+        # come after it. Unchanged ids are skipped, which also lets a non-root user publish
+        # their own files.
+        if (current.st_uid, current.st_gid) != (attrs.uid, attrs.gid):
+            if pin.is_link:
+                os.chown(pin.name, attrs.uid, attrs.gid, dir_fd=pin.parent_fd, follow_symlinks=False)
+            else:
+                os.chown(target, attrs.uid, attrs.gid)
+        # For a symlink the /proc path lands on the link itself (pinned O_NOFOLLOW).
+        xattr_target = _proc(pin.fd) if pin.is_link else target
+        remove, put = _xattr_changes(xattr_target, attrs.xattrs)
+        if remove or put:
+            try:
+                _write_xattrs(xattr_target, remove, put)
+            except PermissionError:
+                # user.* xattrs need write permission even for the owner; the chmod below
+                # sets the final mode anyway.
+                mode = stat.S_IMODE(os.fstat(pin.fd).st_mode)
+                if pin.is_link or current.st_uid != os.geteuid() or mode & stat.S_IWUSR:
+                    raise
+                os.chmod(target, mode | stat.S_IWUSR)
+                _write_xattrs(xattr_target, remove, put)
+        if not pin.is_link:  # a symlink's mode means nothing on Linux
+            os.chmod(target, stat.S_IMODE(attrs.mode))
+        times = (attrs.atime_ns, attrs.mtime_ns)
+        if pin.is_link:
+            os.utime(pin.name, ns=times, dir_fd=pin.parent_fd, follow_symlinks=False)
+        else:
+            os.utime(target, ns=times)
+
+    @_names_paths
+    def publish_atomic(self, path: Path, staging: Path, source_fd: int, size: int, attrs: Attrs) -> os.stat_result:
+        """Replace `path` with bytes [0, size) of `source_fd` and `attrs`, atomically.
+
+        Moves the file offset of `source_fd` (holes are found with lseek); use pread on it.
+        """
+        self._begin("publish_atomic", path, staging)
+        with self._parent(path) as (parent_fd, name):
+            with self._ensure_dir(staging) as staging_fd:
+                tmp = b"publish-" + uuid.uuid4().hex.encode() + b".tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600, dir_fd=staging_fd)
+                renamed = False
+                try:
+                    os.ftruncate(fd, size)  # holes stay holes: only data extents are written
+                    self._copy_sparse(source_fd, fd, size)
+                    os.fsync(fd)  # data before mtime: on NFS a late write would move it again
+                    pin = _Pinned(staging_fd, tmp, fd, os.fstat(fd))
+                    self._apply_attrs(pin, fd, attrs)
+                    os.fsync(fd)
+                    os.rename(tmp, name, src_dir_fd=staging_fd, dst_dir_fd=parent_fd)
+                    renamed = True
+                    self._fsync_dir_fd(parent_fd)
+                    return os.fstat(fd)
+                except BaseException:
+                    if not renamed:
+                        with suppress(OSError):
+                            os.unlink(tmp, dir_fd=staging_fd)
+                    raise
+                finally:
+                    os.close(fd)
+
+    @contextmanager
+    def _ensure_dir(self, path: Path) -> Iterator[int]:
+        """Like `_dir`, creating missing components with mode 0700."""
+        fd = os.dup(self._root_fd)
+        try:
+            for name in path:
+                try:
+                    os.mkdir(name, 0o700, dir_fd=fd)
+                except FileExistsError:
+                    pass  # the open below refuses anything but a real directory
+                nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+            yield fd
+        finally:
+            os.close(fd)
+
+    @_names_paths
+    def write_ranges(self, path: Path, source_fd: int, ranges: Sequence[tuple[int, int]],
+                     size: int, attrs: Attrs) -> os.stat_result:
+        """Write `ranges` of `source_fd` into the existing regular file at `path`, in place.
+
+        Ranges are clipped to `size`; bytes past the source's end are written as zeros. The
+        file ends up exactly `size` long, then is fsynced, given `attrs` and fsynced again.
+        """
+        self._begin("write_ranges", path)
+        with self._pin(path) as pin:
+            if not stat.S_ISREG(pin.st.st_mode):
+                raise OSError(_type_error(pin.st), "not a regular file", _show(path))
+            fd = self._open_for_write(pin)
+            try:
+                if pin.st.st_size > size:  # shrink first: no point writing what is cut off
+                    os.ftruncate(fd, size)
+                for start, end in ranges:
+                    end = min(end, size)
+                    if start < end:
+                        self._copy_bytes(source_fd, fd, start, end, zero_fill=True)
+                if os.fstat(fd).st_size != size:
+                    os.ftruncate(fd, size)
+                os.fsync(fd)
+                self._apply_attrs(pin, fd, attrs)
+                os.fsync(fd)
+                return os.fstat(fd)
+            finally:
+                os.close(fd)
+
+    def _copy_sparse(self, src: int, dst: int, size: int) -> None:
+        """Copy the data extents of src within [0, size) to the same offsets of dst."""
+        pos = 0
+        while pos < size:
+            try:
+                start = os.lseek(src, pos, os.SEEK_DATA)
+                end = min(os.lseek(src, start, os.SEEK_HOLE), size)
+            except OSError as e:
+                if e.errno == errno.ENXIO:  # nothing but hole up to the end of the file
+                    return
+                if e.errno != errno.EINVAL:
+                    raise
+                start, end = pos, size  # no SEEK_DATA support: copy it all
+            if start >= size:
+                return
+            self._copy_bytes(src, dst, start, end, zero_fill=False)
+            pos = end
+
+    def _copy_bytes(self, src: int, dst: int, start: int, end: int, *, zero_fill: bool) -> None:
+        pos = start
+        while pos < end:
+            n = min(end - pos, _COPY_CHUNK)
+            data = os.pread(src, n, pos)
+            if not data:
+                if not zero_fill:
+                    return
+                data = bytes(n)  # the source ends early: what it lacks reads as zeros
+            _pwrite_all(dst, data, pos)
+            self._count(written=len(data))
+            pos += len(data)
+
+    @_names_paths
+    def fsync_dir(self, path: Path) -> None:
+        self._begin("fsync_dir", path)
+        with self._dir(path) as pin:
+            self._fsync_dir_fd(pin)
+
+    @staticmethod
+    def _fsync_dir_fd(dir_fd: int) -> None:
+        # fsync needs a real fd; O_PATH fds answer EBADF.
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            os.fsync(fd)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # filesystems without dir fsync
+                raise
+        finally:
+            os.close(fd)
