@@ -1,0 +1,144 @@
+"""File contents on the host's local disk: one sparse file per inode under `<cache>/data/`.
+
+The cache only stores bytes. Which byte ranges of a file are present or dirty is the
+journal's business (see inodes.Inode.present / .dirty); this module never decides it.
+
+Invariants:
+- A content file is named after its inode number and is created mode 0600.
+- Bytes written with `pwrite` are in the OS page cache when it returns (they survive a killed
+  daemon); `fsync` makes them durable.
+- Open file descriptors are kept in a small table so hot files are not reopened on every
+  request; a descriptor is closed when the file is deleted or the table is full.
+
+Threading: every method except `path` blocks on the local disk and runs in a worker thread
+behind the cache limiter. The descriptor table is guarded by a threading lock, so methods may
+run concurrently from several worker threads.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from safefs.errors import CacheFull
+
+MAX_OPEN_FILES = 256
+
+
+class ContentCache:
+    def __init__(self, cache_dir: Path, free_space_floor: int) -> None:
+        self.data_dir = cache_dir / "data"
+        self.data_dir.mkdir(mode=0o700, exist_ok=True)
+        self._floor = free_space_floor
+        self._fds: OrderedDict[int, int] = OrderedDict()
+        self._lock = threading.Lock()
+        self._free_checked_at = 0.0
+        self._free_bytes = 0
+
+    def path(self, ino: int) -> Path:
+        return self.data_dir / f"{ino:x}"
+
+    def fd(self, ino: int) -> int:
+        """An open read-write descriptor of the inode's content file (created if missing).
+
+        The caller must not close it; it stays valid until `delete(ino)` or `close()`.
+        """
+        with self._lock:
+            fd = self._fds.get(ino)
+            if fd is not None:
+                self._fds.move_to_end(ino)
+                return fd
+            fd = os.open(self.path(ino), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fds[ino] = fd
+            while len(self._fds) > MAX_OPEN_FILES:
+                _, old = self._fds.popitem(last=False)
+                os.close(old)
+            return fd
+
+    def pread(self, ino: int, offset: int, size: int) -> bytes:
+        fd = self.fd(ino)
+        chunks = []
+        while size > 0:
+            chunk = os.pread(fd, size, offset)
+            if not chunk:  # a hole at the end of a sparse file reads as zeros
+                chunks.append(bytes(size))
+                break
+            chunks.append(chunk)
+            offset += len(chunk)
+            size -= len(chunk)
+        return b"".join(chunks)
+
+    def pwrite(self, ino: int, offset: int, data: bytes) -> None:
+        fd = self.fd(ino)
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.pwrite(fd, view, offset)
+                view = view[n:]
+                offset += n
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise CacheFull("cache: local disk full") from exc
+            raise
+
+    def truncate(self, ino: int, size: int) -> None:
+        os.ftruncate(self.fd(ino), size)
+
+    def fsync(self, ino: int) -> None:
+        with self._lock:
+            fd = self._fds.get(ino)
+        if fd is not None:
+            os.fsync(fd)
+        elif self.path(ino).exists():
+            fd = os.open(self.path(ino), os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def delete(self, ino: int) -> None:
+        with self._lock:
+            fd = self._fds.pop(ino, None)
+        if fd is not None:
+            os.close(fd)
+        try:
+            os.unlink(self.path(ino))
+        except FileNotFoundError:
+            pass
+
+    def punch(self, ino: int) -> None:
+        """Drop the content of a file whose bytes are all clean (eviction)."""
+        self.delete(ino)
+
+    def free_bytes(self, max_age: float = 0.5) -> int:
+        """Bytes the cache may still use on its disk (free space minus the floor)."""
+        now = time.monotonic()
+        if now - self._free_checked_at > max_age:
+            st = os.statvfs(self.data_dir)
+            self._free_bytes = st.f_bavail * st.f_frsize
+            self._free_checked_at = now
+        return self._free_bytes - self._floor
+
+    def charge(self, nbytes: int) -> None:
+        """Account for bytes just written, so the next free-space estimate is not stale."""
+        self._free_bytes -= nbytes
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.statvfs(self.data_dir)
+
+    def sync_dir(self) -> None:
+        fd = os.open(self.data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()

@@ -1,0 +1,282 @@
+"""The thin pyfuse3 adapter: kernel requests in, `Filesystem` calls out. No policy lives here.
+
+This is the only module that imports pyfuse3 (besides the daemon, which mounts).
+
+Invariants:
+- Every handler goes through `fuse_errors`: a `SafefsError` or `OSError` becomes its errno;
+  anything else is a bug, which is logged with its traceback and answered with EIO. No
+  exception ever escapes into `pyfuse3.main()` (that would take the mount down).
+- `forget` never raises (pyfuse3 forbids it).
+- Kernel cache timeouts come from one `CachePolicy` object (see its docstring for why).
+- Kernel invalidations run in a worker thread behind a one-slot limiter, never while safefs
+  holds a lock: the kernel may need to call back into this filesystem to complete them.
+
+Threading: handlers run as trio tasks on the trio thread and interleave at every await.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import functools
+import logging
+import os
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
+
+import pyfuse3
+import trio
+
+from safefs.errors import FsError, SafefsError
+from safefs.fs import Filesystem
+from safefs.inodes import Inode
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+@dataclasses.dataclass
+class CachePolicy:
+    """How long the kernel may trust names and attributes without asking us.
+
+    On the writer every change goes through this mount, so the kernel's view cannot go stale
+    except when safefs itself learns of a change on the backing tree (a fingerprint mismatch
+    at open, a conflict), and then it invalidates the kernel's copy explicitly. Long timeouts
+    are therefore safe and save a round trip per stat/lookup. A follower's view changes when
+    the writer publishes, so its timeouts are bounded by the poll interval.
+    """
+
+    entry_timeout: float = 60.0
+    attr_timeout: float = 60.0
+
+    def set_follower(self, poll: float) -> None:
+        self.entry_timeout = self.attr_timeout = min(poll, 1.0)
+
+    def set_writer(self) -> None:
+        self.entry_timeout = self.attr_timeout = 60.0
+
+
+def fuse_errors(handler: F) -> F:
+    @functools.wraps(handler)
+    async def wrapper(self: "SafeOperations", *args: Any) -> Any:
+        try:
+            return await handler(self, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except SafefsError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except trio.Cancelled:
+            raise
+        except Exception:
+            log.exception("fuse: unexpected error in %s%r", handler.__name__, args[:2])
+            self.bugs += 1
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class KernelNotifier:
+    """Tells the kernel to forget cached pages, attributes and names."""
+
+    def __init__(self) -> None:
+        self._limiter = trio.CapacityLimiter(1)
+        self.enabled = False  # only once pyfuse3.main() runs
+
+    async def invalidate_inode(self, ino: int) -> None:
+        if self.enabled:
+            await self._run(pyfuse3.invalidate_inode, ino, False)
+
+    async def invalidate_entry(self, parent: int, name: bytes) -> None:
+        if self.enabled:
+            await self._run(pyfuse3.invalidate_entry, parent, name)
+
+    async def _run(self, fn: Callable[..., None], *args: Any) -> None:
+        try:
+            with trio.move_on_after(10):
+                await trio.to_thread.run_sync(fn, *args, limiter=self._limiter, abandon_on_cancel=True)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # the kernel did not know it: nothing to forget
+                log.info("fuse: invalidation of %r failed: %s", args, exc)
+
+
+class SafeOperations(pyfuse3.Operations):
+    """Translate kernel requests into Filesystem calls."""
+
+    enable_writeback_cache = False  # write() must reach the journal before it returns (G2)
+
+    def __init__(self, fs: Filesystem, policy: CachePolicy) -> None:
+        super().__init__()
+        self.fs = fs
+        self.policy = policy
+        self.bugs = 0
+
+    def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = inode.ino
+        e.generation = 0  # inode numbers are never reused (see inodes.py)
+        e.entry_timeout = self.policy.entry_timeout
+        e.attr_timeout = self.policy.attr_timeout
+        e.st_mode = inode.mode
+        e.st_nlink = inode.nlink
+        e.st_uid = inode.uid
+        e.st_gid = inode.gid
+        e.st_rdev = inode.rdev
+        e.st_size = inode.size
+        e.st_blksize = 128 * 1024
+        e.st_blocks = (inode.size + 511) // 512
+        e.st_atime_ns = inode.atime_ns
+        e.st_mtime_ns = inode.mtime_ns
+        e.st_ctime_ns = inode.ctime_ns
+        return e
+
+    @fuse_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.fs.lookup(parent_inode, name))
+
+    @fuse_errors
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(self.fs.getattr(inode))
+
+    @fuse_errors
+    async def setattr(
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        result = await self.fs.setattr(
+            inode,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return self._entry(result)
+
+    @fuse_errors
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.fs.readlink(inode)
+
+    @fuse_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.fs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
+
+    @fuse_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.fs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
+
+    @fuse_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.fs.unlink(parent_inode, name)
+
+    @fuse_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.fs.rmdir(parent_inode, name)
+
+    @fuse_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+
+    @fuse_errors
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int, ctx: pyfuse3.RequestContext
+    ) -> None:
+        await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @fuse_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(await self.fs.link(inode, new_parent_inode, new_name))
+
+    @fuse_errors
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        fh, keep_cache = await self.fs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep_cache)
+
+    @fuse_errors
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        fh, inode = await self.fs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(inode)
+
+    @fuse_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.fs.read(fh, off, size)
+
+    @fuse_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.fs.write(fh, off, buf)
+
+    @fuse_errors
+    async def flush(self, fh: int) -> None:
+        pass
+
+    @fuse_errors
+    async def release(self, fh: int) -> None:
+        await self.fs.release(fh)
+
+    @fuse_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.fs.fsync(fh)
+
+    @fuse_errors
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        return await self.fs.opendir(inode)
+
+    @fuse_errors
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        for name, inode, next_id in self.fs.readdir(fh, start_id):
+            if not pyfuse3.readdir_reply(token, name, self._entry(inode), next_id):
+                break
+            self.fs.remember(inode)
+
+    @fuse_errors
+    async def releasedir(self, fh: int) -> None:
+        self.fs.releasedir(fh)
+
+    @fuse_errors
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        await self.fs.fsyncdir()
+
+    @fuse_errors
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = await self.fs.statfs()
+        out = pyfuse3.StatvfsData()
+        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail"):
+            setattr(out, field, getattr(st, field))
+        out.f_namemax = 255
+        return out
+
+    @fuse_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.fs.setxattr(inode, name, value)
+
+    @fuse_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return await self.fs.getxattr(inode, name)
+
+    @fuse_errors
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        return await self.fs.listxattr(inode)
+
+    @fuse_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self.fs.removexattr(inode, name)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        try:
+            await self.fs.forget(list(inode_list))
+        except Exception:
+            log.exception("fuse: error in forget (ignored)")
+
+
+def mount_options(*, allow_other: bool) -> set[str]:
+    options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
+    options |= {"fsname=safefs", "subtype=safefs"}
+    if allow_other:
+        options.add("allow_other")
+    return options
+
+
+__all__ = ["CachePolicy", "KernelNotifier", "SafeOperations", "mount_options", "FsError", "os"]

@@ -1,0 +1,102 @@
+"""Sets of byte ranges, kept as sorted, disjoint, non-adjacent half-open intervals.
+
+Used for the byte ranges of a file that are present in the cache and those that are dirty.
+
+Invariants:
+- A `RangeSet` is a tuple of `(start, end)` pairs with `start < end`, sorted, and no two pairs
+  touching or overlapping (so equal sets have equal representations).
+- Every function is pure and returns a new tuple; nothing here does I/O. Safe from any thread.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from typing import Iterable
+
+Range = tuple[int, int]
+RangeSet = tuple[Range, ...]
+
+EMPTY: RangeSet = ()
+
+
+def add(ranges: RangeSet, start: int, end: int) -> RangeSet:
+    """The union of `ranges` and [start, end)."""
+    if start >= end:
+        return ranges
+    # Everything ending before `start` and starting after `end` stays; the rest merges.
+    ends = [e for _, e in ranges]
+    starts = [s for s, _ in ranges]
+    lo = bisect_left(ends, start)
+    hi = bisect_right(starts, end)
+    if lo < hi:
+        start = min(start, ranges[lo][0])
+        end = max(end, ranges[hi - 1][1])
+    return ranges[:lo] + ((start, end),) + ranges[hi:]
+
+
+def subtract(ranges: RangeSet, start: int, end: int) -> RangeSet:
+    """`ranges` without [start, end)."""
+    if start >= end or not ranges:
+        return ranges
+    out: list[Range] = []
+    for s, e in ranges:
+        if e <= start or s >= end:
+            out.append((s, e))
+            continue
+        if s < start:
+            out.append((s, start))
+        if e > end:
+            out.append((end, e))
+    return tuple(out)
+
+
+def subtract_set(ranges: RangeSet, other: RangeSet) -> RangeSet:
+    for s, e in other:
+        ranges = subtract(ranges, s, e)
+    return ranges
+
+
+def union(ranges: RangeSet, other: RangeSet) -> RangeSet:
+    for s, e in other:
+        ranges = add(ranges, s, e)
+    return ranges
+
+
+def clip(ranges: RangeSet, end: int) -> RangeSet:
+    """`ranges` cut at `end` (what survives a truncate to `end`)."""
+    return subtract(ranges, end, max(end, ranges[-1][1])) if ranges else ranges
+
+
+def missing(ranges: RangeSet, start: int, end: int) -> list[Range]:
+    """The parts of [start, end) not covered by `ranges`, in order."""
+    out: list[Range] = []
+    pos = start
+    for s, e in ranges:
+        if e <= pos:
+            continue
+        if s >= end:
+            break
+        if s > pos:
+            out.append((pos, s))
+        pos = max(pos, e)
+        if pos >= end:
+            break
+    if pos < end:
+        out.append((pos, end))
+    return out
+
+
+def covers(ranges: RangeSet, start: int, end: int) -> bool:
+    return start >= end or not missing(ranges, start, end)
+
+
+def total(ranges: Iterable[Range]) -> int:
+    return sum(e - s for s, e in ranges)
+
+
+def from_list(items: Iterable[Iterable[int]]) -> RangeSet:
+    """Rebuild a RangeSet from its serialised form (a list of pairs)."""
+    out: RangeSet = EMPTY
+    for s, e in items:
+        out = add(out, s, e)
+    return out

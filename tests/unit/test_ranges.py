@@ -1,0 +1,49 @@
+"""Range sets against a model made of plain Python sets of byte offsets."""
+
+from hypothesis import given, strategies as st
+
+from safefs import ranges
+
+spans = st.lists(st.tuples(st.integers(0, 60), st.integers(0, 60)), max_size=12)
+
+
+def as_set(rs):
+    return {i for s, e in rs for i in range(s, e)}
+
+
+def well_formed(rs):
+    return all(s < e for s, e in rs) and all(a[1] < b[0] for a, b in zip(rs, rs[1:]))
+
+
+@given(spans, spans)
+def test_add_subtract_match_a_model(adds, subs):
+    rs, model = ranges.EMPTY, set()
+    for s, e in adds:
+        rs = ranges.add(rs, s, e)
+        model |= set(range(s, e))
+        assert well_formed(rs) and as_set(rs) == model
+    for s, e in subs:
+        rs = ranges.subtract(rs, s, e)
+        model -= set(range(s, e))
+        assert well_formed(rs) and as_set(rs) == model
+
+
+@given(spans, st.integers(0, 60), st.integers(0, 60))
+def test_missing_and_covers(adds, a, b):
+    rs = ranges.from_list(adds)
+    start, end = min(a, b), max(a, b)
+    gaps = ranges.missing(rs, start, end)
+    assert as_set(gaps) == set(range(start, end)) - as_set(rs)
+    assert well_formed(gaps)
+    assert ranges.covers(rs, start, end) == (not gaps)
+
+
+@given(spans, st.integers(0, 60))
+def test_clip(adds, end):
+    rs = ranges.from_list(adds)
+    assert as_set(ranges.clip(rs, end)) == {i for i in as_set(rs) if i < end}
+
+
+def test_adjacent_ranges_merge():
+    assert ranges.add(((0, 4),), 4, 8) == ((0, 8),)
+    assert ranges.total(((0, 4), (10, 12))) == 6
