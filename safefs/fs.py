@@ -676,6 +676,12 @@ class Filesystem:
         keep = True
         if inode.is_reg and inode.present and not inode.needs_flush and not inode.new:
             keep = not await self._revalidate(inode)
+        if flags & os.O_TRUNC and inode.is_reg:
+            # libfuse negotiates atomic O_TRUNC: the kernel leaves the truncation to us.
+            async with self.inode_locks(ino):
+                await self._truncate(inode, 0)
+            await self.table.commit()
+            self.on_change()
         return self._open_handle(inode, flags), keep
 
     async def _revalidate(self, inode: Inode) -> bool:
