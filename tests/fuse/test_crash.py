@@ -1,0 +1,302 @@
+"""kill -9 of the daemon and replay (DESIGN.md G2 and section 4).
+
+What these tests check: after the daemon is SIGKILLed, a new daemon on the same SRC and cache
+dir shows every byte and every namespace change that had been acknowledged (write() or
+fsync() returned, close() done, rename/unlink/chmod returned), and a clean unmount then puts
+all of it in SRC; a kill in the middle of a write-back leaves no torn file at a final name in
+SRC and no staging file outside `.safefs`.
+
+Rules: mounts come only from `mount_factory` (which unmounts and reaps, even after a kill);
+waits poll with a deadline. File contents are compared through SHA-256 so that the 200 MiB
+case does not hold several copies in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+pytestmark = [pytest.mark.fuse, pytest.mark.timeout(300)]
+
+MIB = 1 << 20
+LONG_DELAY = ("--writeback-delay", "600")  # nothing is written back on its own during the test
+
+
+def until(fn: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
+    """Poll `fn` until it returns something truthy; fail naming `what` after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
+        time.sleep(interval)
+
+
+def digest(data: bytes) -> str:
+    return f"{len(data)}:{hashlib.sha256(data).hexdigest()}"
+
+
+def file_digest(path: str | Path) -> str:
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(4 * MIB):
+            h.update(chunk)
+            size += len(chunk)
+    return f"{size}:{h.hexdigest()}"
+
+
+def tree(root: Path) -> dict[str, str]:
+    """{relpath: "dir" | "<size>:<sha256>" | "symlink:<target>"} below root, without .safefs."""
+    out: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        if rel_dir == ".":
+            rel_dir = ""
+            dirnames[:] = [d for d in dirnames if d != ".safefs"]
+        for name in dirnames + filenames:
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            full = os.path.join(dirpath, name)
+            mode = os.lstat(full).st_mode
+            if stat.S_ISDIR(mode):
+                out[rel] = "dir"
+            elif stat.S_ISLNK(mode):
+                out[rel] = "symlink:" + os.readlink(full)
+            elif stat.S_ISREG(mode):
+                out[rel] = file_digest(full)
+            else:
+                out[rel] = f"special:{stat.S_IFMT(mode)}"
+    return out
+
+
+def assert_tree(root: Path, expected: dict[str, str], where: str) -> None:
+    actual = tree(root)
+    wrong = [
+        f"  {p}: expected {expected.get(p, '<absent>')}, got {actual.get(p, '<absent>')}"
+        for p in sorted(set(expected) | set(actual))
+        if expected.get(p) != actual.get(p)
+    ]
+    assert not wrong, f"{where} differs from what was acknowledged:\n" + "\n".join(wrong[:40])
+
+
+def assert_no_torn_files(src: Path, allowed: dict[str, set[str] | str]) -> None:
+    """Right after a kill: every entry SRC shows outside .safefs must be a whole version.
+
+    `allowed` maps each path to the versions it may have (the acknowledged one, and the one
+    SRC had before the mount, if any). New files are published atomically (DESIGN.md
+    section 5), so a new file is either absent or complete under its final name; anything
+    not listed at all is a stray (a staging file outside .safefs, for instance).
+    """
+    bad = []
+    for rel, got in tree(src).items():
+        versions = allowed.get(rel)
+        if versions is None:
+            bad.append(f"  {rel}: unexpected entry ({got}) in SRC")
+            continue
+        versions = {versions} if isinstance(versions, str) else versions
+        if got not in versions:
+            bad.append(f"  {rel}: {got} in SRC, expected one of {sorted(versions)}")
+    assert not bad, "SRC holds torn or stray files after the kill:\n" + "\n".join(bad[:40])
+
+
+def assert_no_staging_leftovers(src: Path) -> None:
+    staging = src / ".safefs" / "staging"
+    leftovers = [str(p) for p in staging.rglob("*") if p.is_file()] if staging.exists() else []
+    assert not leftovers, f"staging files left after a clean unmount: {leftovers[:10]}"
+
+
+def write_file(path: Path, data: bytes, *, fsync: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def kill(m) -> None:
+    m.kill()
+    assert m.proc.poll() is not None, "daemon still running after kill()"
+
+
+# --------------------------------------------------------------------------- acknowledged, then killed
+
+
+def test_kill_after_acknowledged_writes(mount_factory, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("keep", "gone", "moved-from", "edited"):
+        (src / name).write_bytes(name.encode() * 1000)
+    m = mount_factory(src, None, None, *LONG_DELAY)
+    mnt = m.mnt
+    expected = {"keep": digest(b"keep" * 1000)}
+
+    os.mkdir(mnt / "dir")
+    expected["dir"] = "dir"
+    for size in (0, 1, 4095, 4097, 1 * MIB + 3, 10 * MIB):
+        data = os.urandom(size)
+        write_file(mnt / "dir" / f"n{size}", data, fsync=True)
+        expected[f"dir/n{size}"] = digest(data)
+    closed_only = os.urandom(300_000)  # write() returned and close() done, never fsynced
+    write_file(mnt / "closed-only", closed_only, fsync=False)
+    expected["closed-only"] = digest(closed_only)
+    with open(mnt / "edited", "r+b") as f:
+        f.seek(100)
+        f.write(b"EDITED IN PLACE")
+        f.flush()
+        os.fsync(f.fileno())
+    edited = bytearray(b"edited" * 1000)
+    edited[100:115] = b"EDITED IN PLACE"
+    expected["edited"] = digest(bytes(edited))
+    os.rename(mnt / "moved-from", mnt / "dir" / "moved-to")
+    expected["dir/moved-to"] = digest(b"moved-from" * 1000)
+    os.unlink(mnt / "gone")
+    tmp = os.urandom(5000)
+    write_file(mnt / "tmp-name", tmp, fsync=True)
+    os.rename(mnt / "tmp-name", mnt / "renamed-new")
+    expected["renamed-new"] = digest(tmp)
+    write_file(mnt / "short-lived", b"x" * 1000, fsync=True)
+    os.unlink(mnt / "short-lived")
+    os.chmod(mnt / "keep", 0o600)
+    os.symlink("dir/moved-to", mnt / "link")
+    expected["link"] = "symlink:dir/moved-to"
+    fsync_dir(mnt)
+    fsync_dir(mnt / "dir")
+
+    kill(m)
+    allowed: dict[str, set[str] | str] = {p: {d} for p, d in expected.items()}
+    for name in ("gone", "moved-from", "edited"):  # SRC may still hold the old versions
+        allowed.setdefault(name, set()).add(digest(name.encode() * 1000))
+    assert_no_torn_files(src, allowed)
+
+    m2 = mount_factory(src, mnt, m.cache_dir, *LONG_DELAY)
+    assert_tree(m2.mnt, expected, "mount after kill -9 and replay")
+    assert stat.S_IMODE(os.stat(m2.mnt / "keep").st_mode) == 0o600, "chmod lost by the kill"
+    m2.umount()
+    assert_tree(src, expected, "SRC after replay and umount")
+    assert stat.S_IMODE(os.stat(src / "keep").st_mode) == 0o600
+    assert_no_staging_leftovers(src)
+
+
+def test_kill_after_fsync_before_the_writeback_delay(mount_factory, tmp_path):
+    m = mount_factory(None, None, None, *LONG_DELAY)
+    data = os.urandom(2 * MIB + 5)
+    os.mkdir(m.mnt / "d")
+    write_file(m.mnt / "d" / "f", data, fsync=True)
+    fsync_dir(m.mnt / "d")
+    fsync_dir(m.mnt)
+    kill(m)
+    assert not (m.src / "d" / "f").exists(), "data reached SRC early; the replay is not being tested"
+    m2 = mount_factory(m.src, m.mnt, m.cache_dir, *LONG_DELAY)
+    # Served from the replayed cache: SRC does not have it yet.
+    assert file_digest(m2.mnt / "d" / "f") == digest(data)
+    assert not (m.src / "d" / "f").exists()
+    assert m2.status()["dirty_bytes"] >= len(data), "replayed data not counted as dirty"
+    m2.umount()
+    assert_tree(m.src, {"d": "dir", "d/f": digest(data)}, "SRC after replay and umount")
+
+
+def test_kill_after_write_returned_without_close(mount_factory, tmp_path):
+    """G2: data whose write() returned is in the cache, even if the file was never closed."""
+    m = mount_factory(None, None, None, *LONG_DELAY)
+    data = os.urandom(1 * MIB)
+    fd = os.open(m.mnt / "open", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        assert os.write(fd, data) == len(data)
+        kill(m)
+    finally:
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # ENOTCONN: the connection died with the daemon
+    m2 = mount_factory(m.src, m.mnt, m.cache_dir, *LONG_DELAY)
+    assert file_digest(m2.mnt / "open") == digest(data), "bytes of an acknowledged write() were lost"
+    m2.umount()
+    assert file_digest(m.src / "open") == digest(data)
+
+
+def test_kill_twice_during_replay(mount_factory, tmp_path):
+    m = mount_factory(None, None, None, *LONG_DELAY)
+    expected = {}
+    for i in range(30):
+        data = os.urandom(i * 997)
+        write_file(m.mnt / f"f{i}", data, fsync=True)
+        expected[f"f{i}"] = digest(data)
+    kill(m)
+    again = mount_factory(m.src, m.mnt, m.cache_dir)  # default delay: replay and flush start
+    kill(again)
+    final = mount_factory(m.src, m.mnt, m.cache_dir)
+    assert_tree(final.mnt, expected, "mount after two kills")
+    final.umount()
+    assert_tree(m.src, expected, "SRC after two kills and umount")
+    assert_no_staging_leftovers(m.src)
+
+
+# --------------------------------------------------------------------------- killed mid write-back
+
+
+BIG = 200 * MIB
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.6], ids=["flush-started", "quarter-written", "most-written"])
+def test_kill_in_the_middle_of_writeback(mount_factory, tmp_path, fraction):
+    m = mount_factory()  # write-back delay 0.5: the flusher starts almost at once
+    expected: dict[str, str] = {}
+    big_hash = hashlib.sha256()
+    fd = os.open(m.mnt / "big", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for _ in range(BIG // MIB):
+            chunk = os.urandom(MIB)
+            big_hash.update(chunk)
+            os.write(fd, chunk)
+    finally:
+        os.close(fd)
+    expected["big"] = f"{BIG}:{big_hash.hexdigest()}"
+    small_total = 0
+    for d in range(10):
+        os.mkdir(m.mnt / f"d{d}")
+        expected[f"d{d}"] = "dir"
+        for i in range(30):
+            data = os.urandom(1 + (d * 30 + i) * 37 % 9000)
+            write_file(m.mnt / f"d{d}" / f"s{i}", data, fsync=False)
+            expected[f"d{d}/s{i}"] = digest(data)
+            small_total += len(data)
+    total = BIG + small_total
+
+    threshold = max(1, int(total * fraction))
+
+    def reached() -> bool:
+        st = m.status()
+        return st["bytes_written"] >= threshold or (st["dirty_bytes"] == 0 and not st["pending_ops"])
+
+    until(reached, 300, f"write-back to reach {threshold} bytes", interval=0.02)
+    st_before_kill = m.status()
+    kill(m)
+    assert_no_torn_files(m.src, expected)
+    if st_before_kill["dirty_bytes"] == 0:
+        pytest.skip("write-back finished before the kill point; nothing was interrupted")
+
+    m2 = mount_factory(m.src, m.mnt, m.cache_dir)
+    assert_tree(m2.mnt, expected, "mount after kill mid write-back")
+    m2.umount()
+    assert_tree(m.src, expected, "SRC after kill mid write-back, replay and umount")
+    assert_no_staging_leftovers(m.src)
