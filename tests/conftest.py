@@ -16,7 +16,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Generator, Iterator
 
 import pytest
 
@@ -148,15 +148,17 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         require_fuse()
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    outcome = yield
-    report: pytest.TestReport = outcome.get_result()
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    # A failure while starting a mount already quotes the log; attach it to failed tests.
     factory = item.stash.get(FACTORY_KEY, None)
-    if factory is None or not report.failed or report.when == "teardown":
-        return
-    for mount in factory.mounts:
-        report.sections.append((f"safefs daemon log {mount.log_path}", mount.log_tail()))
+    if factory is not None and report.failed and report.when == "call":
+        for mount in factory.mounts:
+            report.sections.append((f"safefs daemon log {mount.log_path}", mount.log_tail()))
+    return report
 
 
 # --- fixtures ------------------------------------------------------------------------------
