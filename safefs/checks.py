@@ -1,0 +1,340 @@
+"""Refuse unsafe or impossible set-ups before anything is mounted (DESIGN.md G7).
+
+`check_setup(config)` raises `Refused` (one line naming the path, plus a hint saying how
+to fix it) when:
+- the project (SRC) is missing, not a directory, or not readable;
+- the mountpoint (MNT) is missing, not a directory, not empty, already a mountpoint, or
+  a dead FUSE mount;
+- SRC, MNT and the cache dir overlap (one inside another, after realpath): a mountpoint
+  inside the project or the cache makes the daemon read through its own mount and hang;
+  a cache inside the project or the mount would be flushed into, or served from, itself;
+- the cache dir (its nearest existing ancestor) is on a network or FUSE filesystem: LMDB
+  needs local locking and mmap, and "fsync returned" must mean "on this host's disk" (G2).
+Two daemons on one cache dir are caught later by the journal's lock, not here.
+
+`fs_type_name(path)` names the filesystem a path is on ("ext4", "nfs4", "fuse.sshfs"...).
+
+The filesystem type comes from statfs(2)'s f_type (through ctypes, libc) and from the
+longest matching mount point in /proc/self/mountinfo; either one finding a network or FUSE
+type is enough to refuse.
+
+Resource layer: stdlib only, blocking (stat, statfs, reads /proc); call it before starting
+trio or from a worker thread. Holds no state.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import functools
+import os
+import platform
+import re
+import stat
+from pathlib import Path
+
+from safefs.config import MountConfig
+from safefs.errors import Refused
+
+# statfs f_type magic numbers of filesystems a cache must not live on.
+UNSAFE_FS_MAGIC: dict[int, str] = {
+    0x6969: "nfs",
+    0x517B: "smb",
+    0xFF534D42: "cifs",
+    0xFE534D42: "smb2",
+    0x65735546: "fuse",
+    0x0BD00BD0: "lustre",
+    0x47504653: "gpfs",
+    0x00C36400: "ceph",
+    0x5346414F: "afs",
+    0x6B414653: "kafs",
+    0x73757245: "coda",
+    0x0000564C: "ncpfs",
+    0x01021997: "9p",
+    0x19830326: "beegfs",
+    0x13661366: "orangefs",
+}
+
+# Local filesystems, only so that fs_type_name can name them without /proc.
+LOCAL_FS_MAGIC: dict[int, str] = {
+    0xEF53: "ext4",
+    0x58465342: "xfs",
+    0x9123683E: "btrfs",
+    0x01021994: "tmpfs",
+    0x2FC12FC1: "zfs",
+    0x794C7630: "overlay",
+    0xF2F52010: "f2fs",
+    0x9FA0: "proc",
+    0x62656572: "sysfs",
+}
+
+# mountinfo type names (before any ".subtype") of filesystems a cache must not live on.
+UNSAFE_FS_NAMES = frozenset(
+    {
+        "nfs", "nfs4", "smb", "smbfs", "smb3", "cifs", "fuse", "fuseblk", "lustre", "gpfs",
+        "ceph", "afs", "kafs", "coda", "ncpfs", "9p", "beegfs", "orangefs", "pvfs2", "glusterfs",
+    }
+)  # fmt: skip
+
+# Kernel pseudo filesystems: nothing written there is stored on a disk.
+PSEUDO_FS_NAMES = frozenset(
+    {
+        "proc",
+        "sysfs",
+        "cgroup",
+        "cgroup2",
+        "devpts",
+        "debugfs",
+        "tracefs",
+        "securityfs",
+        "configfs",
+        "bpf",
+        "pstore",
+    }
+)
+
+
+def check_setup(config: MountConfig) -> None:
+    """Raise `Refused` if mounting `config.src` at `config.mnt` with `config.cache_dir` is unsafe."""
+    src = Path(os.path.realpath(config.src))
+    mnt = resolve_mountpoint(config.mnt)
+    cache = Path(os.path.realpath(config.cache_dir))
+    _check_project(src)
+    _check_overlaps(src, mnt, cache)
+    _check_mountpoint(mnt)
+    _check_cache_dir(cache)
+
+
+def resolve_mountpoint(path: Path | str) -> Path:
+    """The real absolute path of a mountpoint, without touching the mount itself.
+
+    realpath() would lstat the mountpoint, and a stat of a FUSE mount whose daemon is stopped
+    or wedged hangs: `safefs status` must answer exactly then. So the parent is resolved and
+    the last component kept as it is when the mount table lists it as a mount point.
+    """
+    parent, name = os.path.split(os.path.abspath(path))
+    candidate = Path(os.path.realpath(parent)) / name
+    if mount_type_at(candidate) is not None:
+        return candidate
+    return Path(os.path.realpath(candidate))
+
+
+def mount_type_at(path: Path | str) -> str | None:
+    """The filesystem type mounted exactly at `path` (as the mount table spells it), or None."""
+    target = os.fsencode(path)
+    found = None
+    for mount_point, fstype in _read_mountinfo():
+        if mount_point == target:
+            found = fstype  # the last mount on a path is the visible one
+    return found
+
+
+def fs_type_name(path: Path | str) -> str:
+    """The type of the filesystem holding `path` (or its nearest existing ancestor)."""
+    existing = _nearest_existing(Path(os.path.realpath(path)))
+    name = _mount_fstype(existing)
+    if name:
+        return name
+    magic = _statfs_magic(existing)
+    if magic is None:
+        return "unknown"
+    return UNSAFE_FS_MAGIC.get(magic) or LOCAL_FS_MAGIC.get(magic) or f"0x{magic:x}"
+
+
+def unsafe_filesystem(path: Path | str) -> str | None:
+    """The name of the network or FUSE filesystem holding `path`, or None if it looks local."""
+    existing = _nearest_existing(Path(os.path.realpath(path)))
+    magic = _statfs_magic(existing)
+    name = _mount_fstype(existing)
+    if magic in UNSAFE_FS_MAGIC:
+        return name or UNSAFE_FS_MAGIC[magic]
+    if name and name.split(".", 1)[0] in UNSAFE_FS_NAMES:
+        return name
+    return None
+
+
+# ---- the checks ------------------------------------------------------------------------------
+
+
+def _check_project(src: Path) -> None:
+    try:
+        st = os.stat(src)
+    except FileNotFoundError:
+        raise Refused(
+            f"project {src} does not exist", hint="give the project directory (on NFS) as SRC"
+        ) from None
+    except OSError as exc:
+        raise Refused(
+            f"cannot reach project {src}: {exc.strerror}", hint="check that its filesystem is mounted"
+        ) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise Refused(f"project {src} is not a directory", hint="give the project's top directory as SRC")
+    if not os.access(src, os.R_OK | os.X_OK):
+        raise Refused(f"you cannot read project {src}", hint="check its permissions")
+
+
+def _check_overlaps(src: Path, mnt: Path, cache: Path) -> None:
+    if _is_within(mnt, src):
+        raise Refused(
+            f"mountpoint {mnt} is inside the project {src}",
+            hint="choose a mountpoint outside the project (the daemon would read it through its own mount)",
+        )
+    if _is_within(src, mnt):
+        raise Refused(
+            f"project {src} is inside the mountpoint {mnt}", hint="choose a mountpoint outside the project"
+        )
+    if _is_within(mnt, cache):
+        raise Refused(
+            f"mountpoint {mnt} is inside the cache dir {cache}",
+            hint="choose a mountpoint outside the cache dir, or another --cache-dir",
+        )
+    if _is_within(cache, mnt):
+        raise Refused(
+            f"cache dir {cache} is inside the mountpoint {mnt}",
+            hint="give a --cache-dir on a local disk outside the mountpoint",
+        )
+    if _is_within(cache, src):
+        raise Refused(
+            f"cache dir {cache} is inside the project {src}",
+            hint="give a --cache-dir on a local disk outside the project",
+        )
+    if _is_within(src, cache):
+        raise Refused(
+            f"project {src} is inside the cache dir {cache}",
+            hint="give a --cache-dir that does not contain the project",
+        )
+
+
+def _check_mountpoint(mnt: Path) -> None:
+    # The mount table first: a stat of a wedged FUSE mount would hang.
+    if mount_type_at(mnt) is not None:
+        raise _already_mounted(mnt)
+    try:
+        st = os.stat(mnt)
+    except FileNotFoundError:
+        raise Refused(f"mountpoint {mnt} does not exist", hint=f"create it first: mkdir -p {mnt}") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise Refused(
+                f"mountpoint {mnt} is a dead FUSE mount (its daemon is gone)",
+                hint=f"unmount it with: fusermount3 -u -z {mnt}; `safefs recover` writes back what it left",
+            ) from None
+        raise Refused(f"cannot use mountpoint {mnt}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise Refused(f"mountpoint {mnt} is not a directory", hint="mount on an empty directory")
+    if os.path.ismount(mnt):
+        raise _already_mounted(mnt)
+    try:
+        with os.scandir(mnt) as entries:
+            not_empty = any(True for _ in entries)
+    except OSError as exc:
+        raise Refused(f"cannot list mountpoint {mnt}: {exc.strerror}", hint="check its permissions") from None
+    if not_empty:
+        raise Refused(
+            f"mountpoint {mnt} is not empty",
+            hint="mount on an empty directory (the mount would hide the files in it)",
+        )
+
+
+def _already_mounted(mnt: Path) -> Refused:
+    return Refused(
+        f"{mnt} is already a mountpoint",
+        hint=f"unmount it first (`safefs status` lists safefs mounts; a dead one: fusermount3 -u -z {mnt})",
+    )
+
+
+def _check_cache_dir(cache: Path) -> None:
+    existing = _nearest_existing(cache)
+    if existing == cache and not cache.is_dir():
+        raise Refused(f"cache dir {cache} is not a directory", hint="give another --cache-dir")
+    unsafe = unsafe_filesystem(cache)
+    if unsafe is not None:
+        raise Refused(
+            f"cache dir {cache} is on {unsafe}, a network or FUSE filesystem; it must be on a local disk",
+            hint="give a local --cache-dir (e.g. under /var/tmp or /scratch), or set XDG_CACHE_HOME to one",
+        )
+    fstype = fs_type_name(existing)
+    if fstype in PSEUDO_FS_NAMES:
+        raise Refused(
+            f"cache dir {cache} is on {fstype}, which is not a disk",
+            hint="give a --cache-dir on a local disk",
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "cache dir" if existing == cache else f"cannot create cache dir {cache}: directory"
+        raise Refused(f"{what} {existing} is not writable", hint="give a --cache-dir you can write to")
+
+
+# ---- filesystem facts -----------------------------------------------------------------------
+
+
+def _is_within(path: Path, ancestor: Path) -> bool:
+    """True if `path` is `ancestor` or below it (both real absolute paths)."""
+    return path == ancestor or ancestor in path.parents
+
+
+def _nearest_existing(path: Path) -> Path:
+    for candidate in (path, *path.parents):
+        try:
+            os.stat(candidate)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError:
+            return candidate  # there, but broken (a dead mount): statfs/mountinfo still name it
+        return candidate
+    return Path("/")
+
+
+@functools.lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def _statfs_magic(path: Path) -> int | None:
+    """statfs(2) f_type of `path`, or None if it cannot be read."""
+    libc = _libc()
+    statfs = getattr(libc, "statfs", None)
+    if statfs is None:
+        return None
+    buffer = ctypes.create_string_buffer(512)  # struct statfs is 120 bytes on x86_64
+    if statfs(os.fsencode(path), buffer) != 0:
+        return None
+    # f_type is the first field: a long on most 64-bit ABIs, an unsigned int on s390x.
+    field = ctypes.c_uint if platform.machine() == "s390x" else ctypes.c_ulong
+    return field.from_buffer(buffer).value & 0xFFFFFFFF
+
+
+def _read_mountinfo() -> list[tuple[bytes, str]]:
+    """(mount point, filesystem type) of each mount, in mount order."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    mounts = []
+    for line in lines:
+        fields = line.split(b" ")
+        try:
+            separator = fields.index(b"-", 6)
+            mounts.append((_unescape(fields[4]), fields[separator + 1].decode(errors="replace")))
+        except (ValueError, IndexError):
+            continue
+    return mounts
+
+
+def _unescape(field: bytes) -> bytes:
+    # mountinfo writes space, tab, newline and backslash as \ooo octal escapes.
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+
+
+def _mount_fstype(path: Path) -> str | None:
+    """The type of the mount holding `path`: the longest mount point containing it, last one wins."""
+    target = os.fsencode(path)
+    best, best_length = None, -1
+    for mount_point, fstype in _read_mountinfo():
+        inside = mount_point == b"/" or target == mount_point or target.startswith(mount_point + b"/")
+        if inside and len(mount_point) >= best_length:
+            best, best_length = fstype, len(mount_point)
+    return best

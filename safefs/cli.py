@@ -1,0 +1,824 @@
+"""The `safefs` command: mount, umount, sync, status, acquire, recover.
+
+Every command but `mount --foreground` talks to a running daemon over its control socket
+(safefs.control.client); `mount` spawns the daemon as `python -m safefs mount ...
+--foreground --ready-fd N` in a new session and waits for its one-line JSON ready message.
+
+Invariants:
+- This module imports none of trio, pyfuse3 or lmdb, not even indirectly, so `safefs status`
+  starts fast and answers even if those are broken. Only `mount --foreground` imports
+  safefs.daemon, inside the function that runs it.
+- An expected failure prints `safefs: error: <message>` and, when there is one, `  hint: <hint>`
+  on stderr, and exits with the error's ExitCode; Ctrl-C exits 130 without a traceback.
+- Results go to stdout, errors and progress to stderr; progress only on a terminal.
+Single-threaded; blocking calls are fine here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import select
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Callable, Sequence, TextIO
+
+from safefs import __version__, checks
+from safefs.config import LeaseTimings, MountConfig, default_cache_dir, runtime_dir, socket_path
+from safefs.control import client
+from safefs.control.protocol import error_from_wire, error_to_wire
+from safefs.errors import (
+    EXIT_CODE_MEANING,
+    Busy,
+    DaemonFailed,
+    ExitCode,
+    NotMounted,
+    Refused,
+    SafefsError,
+    SyncTimeout,
+)
+
+INTERRUPTED = 130  # the shell's code for "killed by SIGINT"
+READY_TIMEOUT = 60.0  # a daemon not ready after this long is stopped (unless it waits for the lease)
+STATUS_TIMEOUT = 10.0  # ping and status answer from memory; longer means the daemon is stuck
+CALL_GRACE = 15.0  # the daemon enforces an op's timeout; the client waits this much longer
+STOP_TIMEOUT = 10.0
+PROGRESS_DELAY = 0.5  # operations quicker than this show no progress bar
+LOG_TAIL_LINES = 20
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors (code 2, ExitCode.USAGE)
+        return exc.code if isinstance(exc.code, int) else int(ExitCode.USAGE)
+    try:
+        return int(args.command(args))
+    except SafefsError as exc:
+        print_error(exc)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        print("safefs: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except BrokenPipeError:
+        # Whoever read our output went away (`safefs status | head -1`): nobody left to tell.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return int(ExitCode.ERROR)
+
+
+def print_error(exc: SafefsError, stream: TextIO | None = None) -> None:
+    stream = stream or sys.stderr
+    print(f"safefs: error: {exc.message}", file=stream)
+    if exc.hint:
+        print(f"  hint: {exc.hint}", file=stream)
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+
+def parse_size(text: str) -> int:
+    """Bytes in `text`: a plain number or one with a binary suffix (512M, 10G, 1.5TiB, 64k)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtTpP]?)(?:i?[bB])?\s*", text)
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r} (try 512M or 10G)")
+    number, unit = match.groups()
+    return int(float(number) * 1024 ** " KMGTP".index(unit.upper() or " "))
+
+
+def parse_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"seconds must be a non-negative number, not {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    codes = "\n".join(f"  {int(code)}  {meaning}" for code, meaning in EXIT_CODE_MEANING.items())
+    parser = argparse.ArgumentParser(
+        prog="safefs",
+        description="Mount an NFS project through a host-local write-back cache, one writer at a time.",
+        epilog=f"exit codes:\n{codes}\n  {INTERRUPTED}  interrupted (Ctrl-C)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"safefs {__version__}")
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    mount = commands.add_parser("mount", help="mount a project", description="Mount the project SRC at MNT.")
+    mount.set_defaults(command=cmd_mount)
+    mount.add_argument("src", metavar="SRC", help="the project directory (on NFS)")
+    mount.add_argument("mnt", metavar="MNT", help="an empty directory to mount it on")
+    mount.add_argument(
+        "--cache-dir", metavar="DIR", help="local cache (default: $XDG_CACHE_HOME/safefs/NAME-KEY)"
+    )
+    mount.add_argument(
+        "--writeback-delay",
+        type=parse_seconds,
+        metavar="SECONDS",
+        help="write back a file quiet this long (default 5)",
+    )
+    mount.add_argument(
+        "--cache-size",
+        type=parse_size,
+        metavar="SIZE",
+        help="evict clean data above this, e.g. 10G (default 10G)",
+    )
+    mount.add_argument("--allow-other", action="store_true", help="let other users use the mount")
+    mount.add_argument("--foreground", action="store_true", help="run the daemon in this process (debugging)")
+    mount.add_argument(
+        "--host-id", metavar="NAME", help="human-readable host name in the lease (default: hostname)"
+    )
+    mount.add_argument("--debug", action="store_true", help="log debug messages")
+    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    advanced = mount.add_argument_group("advanced options (mostly for tests)")
+    advanced.add_argument("--lease-renew", type=parse_seconds, metavar="S", help="heartbeat interval")
+    advanced.add_argument(
+        "--lease-break", type=parse_seconds, metavar="S", help="take over a lease silent this long"
+    )
+    advanced.add_argument(
+        "--lease-epsilon", type=parse_seconds, metavar="S", help="safety margin of the holder"
+    )
+    advanced.add_argument(
+        "--lock-delay", type=parse_seconds, metavar="S", help="wait after a takeover before writing"
+    )
+    advanced.add_argument(
+        "--lease-poll", type=parse_seconds, metavar="S", help="how often to read the holder's heartbeat"
+    )
+    advanced.add_argument(
+        "--follower-poll", type=parse_seconds, metavar="S", help="how often a follower looks for news"
+    )
+    advanced.add_argument(
+        "--backing-timeout", type=parse_seconds, metavar="S", help="fail reads of the project after this"
+    )
+    advanced.add_argument(
+        "--wait-lease", action="store_true", help="wait for the write lease instead of following"
+    )
+
+    umount = commands.add_parser(
+        "umount",
+        help="write everything back and unmount",
+        description="Write everything back, release the lease and unmount MNT.",
+    )
+    umount.set_defaults(command=cmd_umount)
+    umount.add_argument("mnt", metavar="MNT")
+    umount.add_argument(
+        "--lazy", action="store_true", help="detach now even if files are open (fusermount3 -z)"
+    )
+    umount.add_argument(
+        "--timeout", type=parse_seconds, metavar="S", help="give up after this long (default: no limit)"
+    )
+
+    sync = commands.add_parser(
+        "sync",
+        help="write everything back to the project",
+        description="Return once everything written to MNT so far is on the project.",
+    )
+    sync.set_defaults(command=cmd_sync)
+    sync.add_argument("mnt", metavar="MNT")
+    sync.add_argument(
+        "--release", action="store_true", help="then give up the write lease (the mount stays, read-only)"
+    )
+    sync.add_argument(
+        "--timeout", type=parse_seconds, metavar="S", help="give up after this long (default: no limit)"
+    )
+
+    status = commands.add_parser(
+        "status",
+        help="show a mount, or all mounts",
+        description="Show the state of the mount at MNT, or of every mount of yours.",
+    )
+    status.set_defaults(command=cmd_status)
+    status.add_argument("mnt", metavar="MNT", nargs="?")
+    status.add_argument("--json", action="store_true", help="print JSON")
+
+    acquire = commands.add_parser(
+        "acquire", help="make a follower the writer", description="Take the write lease for the mount at MNT."
+    )
+    acquire.set_defaults(command=cmd_acquire)
+    acquire.add_argument("mnt", metavar="MNT")
+    acquire.add_argument("--wait", action="store_true", help="wait until the lease is free")
+    acquire.add_argument("--timeout", type=parse_seconds, metavar="S", help="give up after this long")
+
+    recover = commands.add_parser("recover", help="write back what a dead mount left in its cache")
+    recover.set_defaults(command=cmd_recover)
+    recover.add_argument("--cache-dir", metavar="DIR")
+    return parser
+
+
+# ---- mount ----------------------------------------------------------------------------------------
+
+
+def mount_config(args: argparse.Namespace) -> MountConfig:
+    """The resolved MountConfig for `safefs mount` arguments; defaults come from MountConfig itself."""
+    src = Path(os.path.realpath(args.src))
+    mnt = checks.resolve_mountpoint(args.mnt)
+    cache_dir = Path(os.path.realpath(args.cache_dir or default_cache_dir(src, os.environ)))
+    lease_options = {
+        "renew": args.lease_renew,
+        "t_break": args.lease_break,
+        "epsilon": args.lease_epsilon,
+        "lock_delay": args.lock_delay,
+        "poll": args.lease_poll,
+    }
+    options = {
+        "writeback_delay": args.writeback_delay,
+        "cache_size": args.cache_size,
+        "host_id": args.host_id,
+        "follower_poll": args.follower_poll,
+        "backing_timeout": args.backing_timeout,
+    }
+    return MountConfig(
+        src=src,
+        mnt=mnt,
+        cache_dir=cache_dir,
+        allow_other=args.allow_other,
+        wait_for_lease=args.wait_lease,
+        lease=LeaseTimings(**{k: v for k, v in lease_options.items() if v is not None}),
+        **{k: v for k, v in options.items() if v is not None},
+    )
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    config = mount_config(args)
+    if not args.foreground:
+        checks.check_setup(config)  # refuse early and clearly, before spawning anything
+        return spawn_daemon(config, debug=args.debug)
+    try:
+        checks.check_setup(config)
+    except SafefsError as exc:
+        if args.ready_fd is not None:
+            _write_ready(args.ready_fd, {"ok": False, "error": error_to_wire(exc)})
+        raise
+    from safefs import daemon  # only here: the daemon imports trio, pyfuse3 and lmdb
+
+    return int(daemon.run(config, ready_fd=args.ready_fd, debug=args.debug))
+
+
+def daemon_argv(config: MountConfig, *, ready_fd: int, debug: bool) -> list[str]:
+    """The command line of a foreground daemon with exactly `config`."""
+    lease = config.lease
+    argv = [
+        sys.executable, "-m", "safefs", "mount", os.fspath(config.src), os.fspath(config.mnt),
+        "--foreground", "--ready-fd", str(ready_fd),
+        "--cache-dir", os.fspath(config.cache_dir),
+        "--writeback-delay", repr(config.writeback_delay),
+        "--cache-size", str(config.cache_size),
+        "--follower-poll", repr(config.follower_poll),
+        "--backing-timeout", repr(config.backing_timeout),
+        "--lease-renew", repr(lease.renew),
+        "--lease-break", repr(lease.t_break),
+        "--lease-epsilon", repr(lease.epsilon),
+        "--lock-delay", repr(lease.lock_delay),
+        "--lease-poll", repr(lease.poll),
+    ]  # fmt: skip
+    if config.allow_other:
+        argv.append("--allow-other")
+    if config.host_id is not None:
+        argv += ["--host-id", config.host_id]
+    if config.wait_for_lease:
+        argv.append("--wait-lease")
+    if debug:
+        argv.append("--debug")
+    return argv
+
+
+def spawn_daemon(config: MountConfig, *, debug: bool) -> int:
+    """Start the daemon in its own session, wait until its mount is ready, say where it is."""
+    try:
+        config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Refused(
+            f"cannot create cache dir {config.cache_dir}: {exc.strerror}", hint="give another --cache-dir"
+        ) from None
+    log_path = config.cache_dir / "daemon.log"
+    read_fd, write_fd = os.pipe()
+    try:
+        try:
+            with open(log_path, "ab") as log_file:
+                log_start = log_file.tell()
+                process = subprocess.Popen(
+                    daemon_argv(config, ready_fd=write_fd, debug=debug),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=log_file,
+                    pass_fds=(write_fd,),
+                    start_new_session=True,  # a Ctrl-C or hang-up of this shell must not reach the daemon
+                    cwd="/",  # keep no directory busy
+                    env=_daemon_environment(),
+                )
+        finally:
+            os.close(write_fd)  # the daemon has its copy; EOF on read_fd now means it is gone
+        try:
+            line = _read_line(read_fd, None if config.wait_for_lease else READY_TIMEOUT)
+        except TimeoutError:
+            _stop(process)
+            _print_log_tail(log_path, log_start)
+            raise DaemonFailed(
+                f"the daemon did not get ready within {READY_TIMEOUT:.0f} s, so it was stopped",
+                hint=f"its log is {log_path}",
+            ) from None
+        except BaseException:
+            _stop(process)  # Ctrl-C: the user no longer wants this mount
+            raise
+    finally:
+        os.close(read_fd)
+
+    if not line:
+        try:
+            code: int | None = process.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            code = None
+        _print_log_tail(log_path, log_start)
+        how = "exited" if code is None else f"exited with status {code}"
+        raise DaemonFailed(f"the daemon {how} before the mount was ready", hint=f"its log is {log_path}")
+    try:
+        ready = json.loads(line)
+        if not isinstance(ready, dict):
+            raise ValueError("not an object")
+    except ValueError:
+        raise DaemonFailed(
+            f"the daemon sent a malformed ready message: {line[:200]!r}", hint=f"its log is {log_path}"
+        ) from None
+    if not ready.get("ok"):
+        raise error_from_wire(ready.get("error"))
+    print(mounted_message(config, ready))
+    return int(ExitCode.OK)
+
+
+def mounted_message(config: MountConfig, ready: dict[str, Any]) -> str:
+    umount = f"unmount with: safefs umount {shlex.quote(os.fspath(config.mnt))}"
+    where = f"safefs: mounted {config.src} at {config.mnt}"
+    if ready.get("role") == "writer":
+        return f"{where} as writer (cache {config.cache_dir}); {umount}"
+    holder = ready.get("holder")
+    held = f"{describe_holder(holder)} holds the write lease; " if isinstance(holder, dict) else ""
+    return f"{where} as read-only follower ({held}cache {config.cache_dir}); {umount}"
+
+
+def describe_holder(holder: dict[str, Any]) -> str:
+    details = [f"{key} {holder[key]}" for key in ("pid", "user") if holder.get(key) is not None]
+    name = str(holder.get("host") or "another host")
+    return f"{name} ({', '.join(details)})" if details else name
+
+
+def _daemon_environment() -> dict[str, str]:
+    env = dict(os.environ)
+    # A source checkout is not on the path of an interpreter started in "/": put it there.
+    package_root = str(Path(__file__).resolve().parent.parent)
+    installed = {sysconfig.get_paths()[key] for key in ("purelib", "platlib")}
+    if package_root not in installed:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    return env
+
+
+def _read_line(fd: int, timeout: float | None) -> bytes:
+    """The first line written to `fd` (b"" if it is closed first). TimeoutError after `timeout`."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    data = bytearray()
+    while b"\n" not in data:
+        wait_ms = None if deadline is None else max(deadline - time.monotonic(), 0) * 1000
+        if wait_ms == 0:
+            raise TimeoutError
+        if not poller.poll(wait_ms):
+            continue
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data.split(b"\n", 1)[0])
+
+
+def _write_ready(fd: int, message: dict[str, Any]) -> None:
+    try:
+        os.write(fd, json.dumps(message).encode() + b"\n")
+        os.close(fd)
+    except OSError:
+        pass  # the parent is gone; stderr (the log) still has the error
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is not None:
+        return
+    process.terminate()  # the daemon stops cleanly on SIGTERM: writes back, unmounts
+    try:
+        process.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        print(f"safefs: the daemon (pid {process.pid}) is still stopping", file=sys.stderr)
+
+
+def _print_log_tail(log_path: Path, start: int) -> None:
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(start)
+            lines = f.read()[-(64 << 10) :].decode(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+    except OSError:
+        return
+    if lines:
+        print(f"safefs: the daemon's last log lines ({log_path}):", file=sys.stderr)
+        for line in lines:
+            print(f"  | {line}", file=sys.stderr)
+
+
+# ---- commands that talk to a daemon ------------------------------------------------------------
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mnt = checks.resolve_mountpoint(args.mnt)
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    ping_timeout = STATUS_TIMEOUT if deadline is None else min(STATUS_TIMEOUT, args.timeout)
+    pid = int(call(mnt, "ping", timeout=ping_timeout)["pid"])
+    # Watch the daemon from before the unmount, so a recycled pid can never be mistaken for it.
+    with ProcessWatch(pid) as daemon:
+        with ProgressBar("writing back") as bar:
+            result = call(
+                mnt,
+                "prepare_unmount",
+                {"timeout": _remaining(deadline)},
+                timeout=_client_timeout(deadline),
+                on_progress=bar.update,
+            )
+        fusermount_unmount(mnt, lazy=args.lazy)
+        if not daemon.wait_exit(_remaining(deadline)):
+            raise SyncTimeout(
+                f"{mnt} is unmounted, but its daemon (pid {pid}) is still running after {args.timeout:g} s",
+                hint="it is finishing up; its log is daemon.log in the cache dir",
+            )
+    project = result.get("src") or "the project"
+    print(f"safefs: unmounted {mnt}; everything was written back to {project}")
+    return int(ExitCode.OK)
+
+
+def fusermount_unmount(mnt: Path, *, lazy: bool) -> None:
+    command = ["fusermount3", "-u", *(["-z"] if lazy else []), os.fspath(mnt)]
+    try:
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    except FileNotFoundError:
+        raise SafefsError("fusermount3 is not installed", hint="install the fuse3 package") from None
+    if done.returncode == 0:
+        return
+    message = done.stderr.strip() or f"fusermount3 exited with status {done.returncode}"
+    if "busy" in message.lower():
+        inside = Path(os.getcwd()) == mnt or mnt in Path(os.getcwd()).parents
+        who = "your shell's current directory is inside it" if inside else f"`fuser -vm {mnt}` lists who"
+        raise Busy(
+            f"{mnt} is busy: files or directories in it are still open ({who})",
+            hint=f"close them and run `safefs umount {mnt}` again, or use --lazy "
+            "(meanwhile the mount is read-only, with everything written back)",
+        )
+    raise SafefsError(f"fusermount3 could not unmount {mnt}: {message}")
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    mnt = checks.resolve_mountpoint(args.mnt)
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    with ProgressBar("syncing") as bar:
+        result = call(
+            mnt,
+            "sync",
+            {"release": args.release, "timeout": args.timeout},
+            timeout=_client_timeout(deadline),
+            on_progress=bar.update,
+        )
+    print(sync_receipt(mnt, result, released=args.release))
+    return int(ExitCode.OK)
+
+
+def sync_receipt(mnt: Path, result: dict[str, Any], *, released: bool) -> str:
+    """One line: what the sync wrote and which generation it published."""
+    parts = []
+    # `files_written`/`bytes_written` are the documented keys; `files`/`bytes` are accepted too.
+    files = _first_present(result, "files_written", "files")
+    written = _first_present(result, "bytes_written", "bytes")
+    if files is not None:
+        parts.append(plural(files, "file"))
+    if isinstance(written, (int, float)):
+        parts.append(f"{human_bytes(written)} written")
+    if result.get("generation") is not None:
+        epoch = f" (epoch {result['epoch']})" if result.get("epoch") is not None else ""
+        parts.append(f"generation {result['generation']}{epoch} published")
+    line = f"safefs: synced {mnt}" + (f": {', '.join(parts)}" if parts else "")
+    if released:
+        line += "; write lease released, the mount is read-only now"
+    return line
+
+
+def _first_present(result: dict[str, Any], *keys: str) -> Any:
+    return next((result[key] for key in keys if result.get(key) is not None), None)
+
+
+def cmd_acquire(args: argparse.Namespace) -> int:
+    mnt = checks.resolve_mountpoint(args.mnt)
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    wait_timeout = _client_timeout(deadline) if args.wait else STATUS_TIMEOUT + CALL_GRACE
+    result = call(mnt, "acquire", {"wait": args.wait, "timeout": args.timeout}, timeout=wait_timeout)
+    epoch = f" (epoch {result['epoch']})" if result.get("epoch") is not None else ""
+    print(f"safefs: {mnt} is the writer now{epoch}")
+    return int(ExitCode.OK)
+
+
+def cmd_recover(args: argparse.Namespace) -> int:
+    raise SafefsError(
+        "`safefs recover` is not implemented yet",
+        hint="nothing was changed; the dirty data stays in the cache dir",
+    )
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if args.mnt is not None:
+        status = call(checks.resolve_mountpoint(args.mnt), "status", timeout=STATUS_TIMEOUT)
+        print(json.dumps(status, indent=2, sort_keys=True) if args.json else format_status(status))
+        return int(ExitCode.OK)
+
+    statuses, code = [], ExitCode.OK
+    for sock in client.list_daemons(runtime_dir(os.environ, os.getuid())):
+        try:
+            statuses.append(client.call(sock, "status", timeout=STATUS_TIMEOUT))
+        except NotMounted:
+            continue  # a dead daemon's leftover socket
+        except SafefsError as exc:
+            statuses.append({"socket": os.fspath(sock), "error": exc.message})
+            code = ExitCode.DAEMON_FAILED
+    if args.json:
+        print(json.dumps(statuses, indent=2, sort_keys=True))
+    elif not statuses:
+        print("safefs: no mounts are running")
+    else:
+        print("\n\n".join(format_status(status) for status in statuses))
+    return int(code)
+
+
+def call(
+    mnt: Path,
+    op: str,
+    args: dict[str, Any] | None = None,
+    *,
+    timeout: float | None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """`client.call` on the daemon serving `mnt`, saying which mountpoint is not mounted."""
+    try:
+        return client.call(
+            socket_path(mnt, os.environ, os.getuid()),
+            op,
+            args,
+            timeout=timeout,
+            on_progress=on_progress,
+            label=f"for {mnt}",
+        )
+    except NotMounted:
+        raise not_mounted(mnt) from None
+
+
+def not_mounted(mnt: Path) -> NotMounted:
+    """The error for "no daemon answers for `mnt`", saying what is at `mnt` instead."""
+    fstype = checks.mount_type_at(mnt)
+    if fstype is not None and fstype.startswith("fuse"):
+        # Not stat()ed: if the daemon is alive but unreachable, a stat could hang.
+        return NotMounted(
+            f"{mnt} is a FUSE mount, but no safefs daemon answers for it",
+            hint=f"if its daemon died, unmount it with: fusermount3 -u -z {mnt}; "
+            "`safefs recover` writes back what it left",
+        )
+    if fstype is None and not os.path.lexists(mnt):
+        return NotMounted(f"no safefs mount at {mnt} (no such directory)")
+    return NotMounted(f"no safefs mount at {mnt}", hint="`safefs status` lists the running mounts")
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+
+def _client_timeout(deadline: float | None) -> float | None:
+    remaining = _remaining(deadline)
+    return None if remaining is None else remaining + CALL_GRACE
+
+
+class ProcessWatch:
+    """Waits for a process that is not our child to exit, through a pidfd (no pid-reuse race)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._fd: int | None = None
+        self._gone = False
+        try:
+            self._fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            self._gone = True
+        except OSError:
+            pass  # no pidfd on this kernel: poll the pid instead
+
+    def wait_exit(self, timeout: float | None) -> bool:
+        """True once the process has exited; False if it still runs after `timeout` seconds."""
+        if self._gone:
+            return True
+        if self._fd is not None:
+            poller = select.poll()
+            poller.register(self._fd, select.POLLIN)
+            return bool(poller.poll(None if timeout is None else timeout * 1000))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while _pid_alive(self.pid):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            select.select([], [], [], 0.1)
+        return True
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> ProcessWatch:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ---- output -------------------------------------------------------------------------------------
+
+
+class ProgressBar:
+    """A one-line progress display on stderr: only on a terminal, only after PROGRESS_DELAY."""
+
+    WIDTH = 24
+
+    def __init__(self, label: str, stream: TextIO | None = None, *, delay: float = PROGRESS_DELAY) -> None:
+        self.label = label
+        self.stream = stream or sys.stderr
+        self.delay = delay
+        self.enabled = self.stream.isatty()
+        self.started = time.monotonic()
+        self.drawn = False
+
+    def update(self, progress: dict[str, Any]) -> None:
+        if not self.enabled or time.monotonic() - self.started < self.delay:
+            return
+        columns = shutil.get_terminal_size((80, 24)).columns
+        line = render_progress(self.label, progress)[: columns - 1]
+        self.stream.write(f"\r{line}\x1b[K")
+        self.stream.flush()
+        self.drawn = True
+
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.drawn:
+            self.stream.write("\r\x1b[K")  # leave the terminal as it was; the receipt follows
+            self.stream.flush()
+
+
+def render_progress(label: str, progress: dict[str, Any]) -> str:
+    """`syncing [#######-----------------]  31% 1.2 GiB of 3.9 GiB, 4/12 files`."""
+    bytes_done, bytes_total = _number(progress.get("bytes_done")), _number(progress.get("bytes_total"))
+    files_done, files_total = _number(progress.get("files_done")), _number(progress.get("files_total"))
+    fraction = None
+    if bytes_total and bytes_done is not None:
+        fraction = bytes_done / bytes_total
+    elif files_total and files_done is not None:
+        fraction = files_done / files_total
+    parts = [str(progress.get("phase") or label)]
+    if fraction is not None:
+        fraction = min(max(fraction, 0.0), 1.0)
+        filled = round(fraction * ProgressBar.WIDTH)
+        parts.append(f"[{'#' * filled}{'-' * (ProgressBar.WIDTH - filled)}] {fraction * 100:3.0f}%")
+    counts = []
+    if bytes_done is not None:
+        counts.append(
+            human_bytes(bytes_done) + (f" of {human_bytes(bytes_total)}" if bytes_total is not None else "")
+        )
+    if files_done is not None:
+        counts.append(f"{files_done:g}" + (f"/{files_total:g}" if files_total is not None else "") + " files")
+    return " ".join(parts) + (" " + ", ".join(counts) if counts else "")
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def plural(count: Any, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def human_bytes(count: float) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def human_seconds(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
+
+
+def _when(value: Any) -> str:
+    """A wall-clock time from status (seconds since the epoch) for humans; text passes through."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+    return str(value)
+
+
+# Keys format_status shows itself; any other key is shown as it comes, so new fields are never hidden.
+_SHOWN_KEYS = frozenset(
+    {
+        "mnt", "src", "cache_dir", "pid", "role", "lease", "dirty_bytes", "dirty_files", "oldest_dirty_age",
+        "pending_ops", "bytes_fetched", "bytes_written", "cache_bytes", "cache_limit", "errors", "conflicts",
+    }
+)  # fmt: skip
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """A daemon's status as aligned `key: value` lines."""
+    rows: list[tuple[str, str]] = []
+    details: list[str] = []
+
+    def row(key: str, value: Any) -> None:
+        if value is not None:
+            rows.append((key, str(value)))
+
+    row("mount", status.get("mnt"))
+    row("project", status.get("src"))
+    row("role", status.get("role"))
+    lease = status["lease"] if isinstance(status.get("lease"), dict) else {}
+    row("epoch", lease.get("epoch"))
+    row("generation", lease.get("generation"))
+    holder = lease.get("holder")
+    if isinstance(holder, dict):
+        text = describe_holder(holder)
+        if holder.get("since") is not None:
+            text += f", since {_when(holder['since'])}"
+        if isinstance(holder.get("heartbeat_age"), (int, float)):
+            text += f", heartbeat {human_seconds(holder['heartbeat_age'])} ago"
+        row("lease holder", text)
+    elif "holder" in lease:
+        row("lease holder", "nobody")
+    if isinstance(lease.get("deadline"), (int, float)):
+        row("lease deadline", f"in {human_seconds(lease['deadline'])}")
+    if status.get("dirty_bytes") is not None:
+        dirty = f"{human_bytes(status['dirty_bytes'])} in {plural(status.get('dirty_files', '?'), 'file')}"
+        if isinstance(status.get("oldest_dirty_age"), (int, float)):
+            dirty += f", oldest {human_seconds(status['oldest_dirty_age'])}"
+        row("dirty", dirty)
+    row("pending ops", status.get("pending_ops"))
+    if status.get("bytes_fetched") is not None:
+        row("fetched", f"{human_bytes(status['bytes_fetched'])} from the project")
+    if status.get("bytes_written") is not None:
+        row("written", f"{human_bytes(status['bytes_written'])} to the project")
+    if status.get("cache_bytes") is not None:
+        limit = status.get("cache_limit")
+        row(
+            "cache",
+            human_bytes(status["cache_bytes"]) + (f" of {human_bytes(limit)}" if limit is not None else ""),
+        )
+    row("cache dir", status.get("cache_dir"))
+    row("pid", status.get("pid"))
+    for key, items in (("errors", status.get("errors")), ("conflicts", status.get("conflicts"))):
+        if isinstance(items, list):
+            row(key, len(items) if items else "none")
+            details += [f"  {key[:-1]}: {_describe_item(item)}" for item in items]
+    for key in sorted(status.keys() - _SHOWN_KEYS):
+        value = status[key]
+        row(key.replace("_", " "), json.dumps(value) if isinstance(value, (dict, list)) else value)
+
+    width = max((len(key) for key, _ in rows), default=0) + 1
+    return "\n".join([f"{key + ':':<{width}} {value}" for key, value in rows] + details)
+
+
+def _describe_item(item: Any) -> str:
+    if not isinstance(item, dict):
+        return str(item)
+    if {"op", "path", "error"} <= item.keys():
+        retry = f" (retry at {_when(item['retry_at'])})" if item.get("retry_at") is not None else ""
+        return f"{item['op']} {item['path']}: {item['error']}{retry}"
+    return ", ".join(f"{key}={value}" for key, value in item.items())

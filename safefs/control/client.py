@@ -1,0 +1,137 @@
+"""The `safefs` command's side of the control socket: blocking, stdlib only (no trio).
+
+`call(sock_path, op, args)` sends one request and returns the result dict, passing progress
+lines to `on_progress` as they arrive; an error reply is raised as the `safefs.errors`
+exception it names. `list_daemons(runtime_dir)` finds the sockets of running daemons.
+
+Invariants:
+- Nothing listening (no socket file, or a dead daemon's leftover) is `NotMounted`; a daemon
+  that hangs up without a final reply is `DaemonFailed`; an expired `timeout` is
+  `DaemonFailed` too (the daemon did not answer), never a silent success.
+- Importing this module imports neither trio, pyfuse3 nor lmdb.
+Threading: a call owns its socket; calls from several threads are independent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from safefs.control import protocol
+from safefs.control.protocol import ErrorReply, Progress, Request, Result
+from safefs.errors import DaemonFailed, NotMounted, ProtocolError, SafefsError
+
+_RECEIVE_BYTES = 1 << 16
+
+
+def call(
+    sock_path: Path | str,
+    op: str,
+    args: dict[str, Any] | None = None,
+    *,
+    timeout: float | None = None,
+    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    label: str | None = None,
+) -> dict[str, Any]:
+    """Run `op` on the daemon listening at `sock_path`; wait at most `timeout` seconds (None: forever).
+
+    `label` names the daemon in error messages (e.g. "for /home/u/proj"); default: its socket.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    request = protocol.encode(Request(op, dict(args or {})))
+    daemon = f"the safefs daemon {label or f'at {sock_path}'}"
+    with _connect(Path(sock_path), timeout, daemon) as sock:
+        # The daemon may have answered (a refusal) and closed already: the reply is read below.
+        with contextlib.suppress(BrokenPipeError):
+            sock.sendall(request)
+        for line in _lines(sock, deadline, daemon):
+            reply = protocol.decode_reply(line)
+            if isinstance(reply, Progress):
+                if on_progress is not None:
+                    on_progress(reply.data)
+            elif isinstance(reply, Result):
+                return reply.result
+            else:
+                assert isinstance(reply, ErrorReply)
+                raise reply.to_exception()
+    raise DaemonFailed(
+        f"{daemon} closed the connection without answering {op!r}",
+        hint="it may have exited; see `safefs status` and the daemon log (daemon.log in the cache dir)",
+    )
+
+
+def list_daemons(runtime_dir: Path | str) -> list[Path]:
+    """The control sockets in `runtime_dir`, sorted. Some may be stale: `call` then says NotMounted."""
+    try:
+        entries = list(os.scandir(runtime_dir))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    sockets = []
+    for entry in entries:
+        if not entry.name.endswith(".sock"):
+            continue
+        try:
+            if stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode):
+                sockets.append(Path(entry.path))
+        except FileNotFoundError:
+            continue  # a daemon removed it while we looked
+    return sorted(sockets)
+
+
+def _connect(path: Path, timeout: float | None, daemon: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(os.fspath(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        raise NotMounted(
+            f"no safefs daemon listens on {path}",
+            hint="`safefs status` lists the running mounts",
+        ) from None
+    except PermissionError:
+        sock.close()
+        raise SafefsError(
+            f"no permission to use the control socket {path}",
+            hint="run safefs as the user who mounted it",
+            errno=errno.EACCES,
+        ) from None
+    except socket.timeout:
+        sock.close()
+        raise DaemonFailed(f"{daemon} did not accept a connection in time") from None
+    except OSError as exc:
+        sock.close()
+        raise SafefsError(f"cannot connect to the control socket {path}: {exc.strerror or exc}") from None
+    return sock
+
+
+def _lines(sock: socket.socket, deadline: float | None, daemon: str) -> Iterator[bytes]:
+    """Yield each complete line the daemon sends, until it closes the connection."""
+    buffer = bytearray()
+    while True:
+        if deadline is not None:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        try:
+            chunk = sock.recv(_RECEIVE_BYTES)
+        except socket.timeout:
+            raise DaemonFailed(
+                f"{daemon} did not answer in time",
+                hint="it may be stuck; its log (daemon.log in the cache dir) may say why",
+            ) from None
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            return
+        buffer += chunk
+        while (end := buffer.find(b"\n")) >= 0:
+            line = bytes(buffer[:end])
+            del buffer[: end + 1]
+            yield line
+        if len(buffer) > protocol.MAX_LINE_BYTES:
+            raise ProtocolError("control reply too long")
