@@ -608,15 +608,19 @@ class Backing:
             os.utime(target, ns=times)
 
     @_names_paths
-    def publish_atomic(self, path: Path, staging: Path, source_fd: int, size: int, attrs: Attrs) -> os.stat_result:
+    def publish_atomic(self, path: Path, staging: Path, source_fd: int, size: int, attrs: Attrs,
+                       tmp_name: bytes | None = None) -> os.stat_result:
         """Replace `path` with bytes [0, size) of `source_fd` and `attrs`, atomically.
 
-        Moves the file offset of `source_fd` (holes are found with lseek); use pread on it.
+        `tmp_name` names the staging file (unique by default); a caller that recorded the
+        name before the call can tell after a crash whether the rename happened (the staging
+        file is gone). Moves the file offset of `source_fd` (holes are found with lseek); use
+        pread on it.
         """
         self._begin("publish_atomic", path, staging)
         with self._parent(path) as (parent_fd, name):
             with self._ensure_dir(staging) as staging_fd:
-                tmp = b"publish-" + uuid.uuid4().hex.encode() + b".tmp"
+                tmp = tmp_name or b"publish-" + uuid.uuid4().hex.encode() + b".tmp"
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                              0o600, dir_fd=staging_fd)
                 renamed = False
@@ -638,6 +642,13 @@ class Backing:
                     raise
                 finally:
                     os.close(fd)
+
+    def exists(self, path: Path) -> bool:
+        try:
+            self.lstat(path)
+        except FileNotFoundError:
+            return False
+        return True
 
     @contextmanager
     def _ensure_dir(self, path: Path) -> Iterator[int]:

@@ -13,7 +13,8 @@ the final-flush time runs out, in which case the dirty data stays in the cache f
 mount), close the journal, exit.
 
 Invariants:
-- This is the only module that opens the long-lived nursery or calls pyfuse3.init/main/close.
+- This is the only module that opens the long-lived nursery or drives the kernel session
+  (fuse_ops.Session: mount, serve, close).
 - The process never forks after the journal is open; `safefs mount` starts it fresh.
 """
 
@@ -29,7 +30,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pyfuse3
 import trio
 
 from safefs import checks
@@ -41,7 +41,7 @@ from safefs.control.server import serve as serve_control
 from safefs.errors import DaemonFailed, ExitCode, SafefsError
 from safefs.flusher import Flusher
 from safefs.fs import AlwaysWritable, Filesystem, Limiters
-from safefs.fuse_ops import CachePolicy, KernelNotifier, SafeOperations, mount_options
+from safefs.fuse_ops import CachePolicy, KernelNotifier, SafeOperations, Session
 from safefs.inodes import InodeTable
 from safefs.journal import Journal
 
@@ -102,6 +102,8 @@ def run(config: MountConfig, *, ready_fd: int | None = None, debug: bool = False
         os.chmod(config.cache_dir, 0o700)
         journal = Journal.open(config.cache_dir)
     except SafefsError as exc:
+        if ready_fd is None:
+            raise  # in the foreground the command line reports it, as for any command
         log.error("%s", exc.message)
         ready.failed(exc)
         return int(exc.exit_code)
@@ -150,7 +152,7 @@ class Daemon:
         self.fs, self.flusher, self.backing, self.cache = fs, Flusher(fs, self.host_name), backing, cache
         ops = SafeOperations(fs, self.policy)
         self.ops = ops
-        pyfuse3.init(ops, str(config.mnt), mount_options(allow_other=config.allow_other))
+        session = self.session = Session(ops, str(config.mnt), allow_other=config.allow_other)
         clean_exit = False
         try:
             async with trio.open_nursery() as nursery:
@@ -161,14 +163,14 @@ class Daemon:
                 self.notifier.enabled = True
                 log.info("daemon: serving %s at %s (cache %s)", config.src, config.mnt, config.cache_dir)
                 self.ready.send({"ok": True, "pid": os.getpid(), "role": "writer", "holder": None})
-                await pyfuse3.main()
+                await session.serve()
                 self.notifier.enabled = False
                 nursery.cancel_scope.cancel()
             clean_exit = True
         finally:
             # After a kernel unmount the session is over; after a signal or an error we
             # must take the mount down ourselves so nobody hangs on a dead mountpoint.
-            pyfuse3.close(unmount=self.terminated or not clean_exit)
+            session.close(unmount=self.terminated or not clean_exit)
             with trio.CancelScope(shield=True):
                 code = await self._final_flush()
             cache.close()
@@ -194,7 +196,7 @@ class Daemon:
             async for signum in signals:
                 log.info("daemon: %s received; writing back and unmounting", signal.Signals(signum).name)
                 self.terminated = True
-                pyfuse3.terminate()
+                self.session.terminate()
 
     async def _sync_journal_periodically(self) -> None:
         """Bound what a host crash can take: committed changes reach the disk within a second."""

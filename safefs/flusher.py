@@ -27,6 +27,7 @@ Only one flush runs at a time (`_flush_lock`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import logging
@@ -42,12 +43,13 @@ from safefs.backing import Attrs, Fingerprint
 from safefs.config import CONTROL_DIR_NAME
 from safefs.errors import BackingFailed, ReadOnly, SafefsError, SyncTimeout
 from safefs.fs import Filesystem, fingerprint_tuple
-from safefs.inodes import ROOT_INO, Inode
+from safefs.inodes import ROOT_INO, Inode, op_inodes
 
 log = logging.getLogger(__name__)
 
 BPath = tuple[bytes, ...]
 MAX_BACKOFF = 60.0
+CREATE_PATIENCE = 12  # see Flusher._ripe
 
 
 @dataclasses.dataclass
@@ -63,6 +65,15 @@ class Receipt:
     files: int = 0
     bytes: int = 0
     ops: int = 0
+
+
+def _op_dirs(op: tuple[Any, ...]) -> tuple[int, ...]:
+    """The directories whose entries an op changes."""
+    if op[0] == "rename":
+        return (op[1], op[3])
+    if op[0] == "link":
+        return (op[2],)
+    return (op[1],)
 
 
 class Flusher:
@@ -82,6 +93,7 @@ class Flusher:
         self.flushes = 0
         self.published_files = 0
         self._dirs_to_sync: set[BPath] = set()
+        self._staging_cleaned = False
         self.busy = False
         fs.on_change = self.poke
 
@@ -126,6 +138,8 @@ class Flusher:
         async with self._flush_lock:
             self.busy = True
             try:
+                if not self._staging_cleaned:
+                    await self._clean_staging()
                 now = self.clock.monotonic()
                 await self._replay_ops(receipt, None if everything else now - self.config.writeback_delay)
                 for inode in list(self.table.iter_dirty()):
@@ -197,9 +211,9 @@ class Flusher:
     async def _replay_ops(self, receipt: Receipt, older_than: float | None) -> None:
         """Replay the log in order; with `older_than`, stop at the first op younger than it."""
         for seq in sorted(self.table.ops):
-            if older_than is not None and self.table.op_times.get(seq, 0.0) > older_than:
-                break
             op = self.table.ops[seq]
+            if older_than is not None and not self._ripe(seq, op, older_than):
+                break
             self.fs.gate.require_writable()
             try:
                 await getattr(self, "_op_" + op[0])(*op[1:])
@@ -208,7 +222,37 @@ class Flusher:
                 raise
             self.table.drop_op(seq)
             receipt.ops += 1
+            for ino in op_inodes(op):  # an inode only the op kept alive may go now
+                inode = self.table.inodes.get(ino)
+                if inode is not None:
+                    await self.fs.collect(inode)
+            # The backing tree just stamped the directory with its own mtime; publish ours
+            # (what the user saw, possibly set explicitly by tar or rsync) afterwards.
+            for dir_ino in _op_dirs(op):
+                d = self.table.inodes.get(dir_ino)
+                if d is not None and d.blinks or dir_ino == ROOT_INO:
+                    d = self.table.inodes[dir_ino]
+                    d.attr_dirty = True
+                    self.table.mark(d)
             await self.table.commit()
+
+    def _ripe(self, seq: int, op: tuple[Any, ...], older_than: float) -> bool:
+        """May the background flush replay this op now?
+
+        An op waits for the write-back delay. A `create` publishes the file's content, so it
+        also waits until the file itself is quiet, lest a half-written file appear on the
+        backing tree; but not for ever (a log file written for hours must not hold back the
+        whole log): after CREATE_PATIENCE write-back delays it goes anyway.
+        """
+        happened = self.table.op_times.get(seq, 0.0)
+        if happened > older_than:
+            return False
+        if op[0] == "create":
+            inode = self.table.inodes.get(op[3])
+            patience = CREATE_PATIENCE * self.config.writeback_delay
+            if inode is not None and inode.changed_at > older_than and happened > older_than - patience:
+                return False
+        return True
 
     def _dir_path(self, ino: int) -> BPath | None:
         return self.table.dir_backing_path(ino)
@@ -257,8 +301,9 @@ class Flusher:
     async def _op_mkdir(self, parent: int, name: bytes, ino: int) -> None:
         inode = self.table.inodes.get(ino)
         dpath = self._dir_path(parent)
-        if inode is None or dpath is None or (not inode.links and not inode.blinks):
-            return  # gone before it reached the backing tree
+        if inode is None or dpath is None:
+            return  # its parent never reached the backing tree
+        # Even a directory removed since must be made: later ops may move things through it.
         path = dpath + (name,)
         attrs = await self._attrs(inode)
         try:
@@ -328,7 +373,7 @@ class Flusher:
         if link in inode.blinks:
             inode.blinks.remove(link)
             self.table.mark(inode)
-        await self.fs._collect(inode)
+        await self.fs.collect(inode)
 
     async def _op_unlink(self, parent: int, name: bytes, ino: int) -> None:
         inode = self.table.inodes.get(ino)
@@ -389,7 +434,11 @@ class Flusher:
         try:
             await self._call(self.backing.rename, src, dst, rename_flags)
         except FileNotFoundError:
-            return  # replayed already (or the source vanished behind our back)
+            if await self._call(self.backing.exists, src):
+                raise  # the destination directory is missing: a real inconsistency
+            if not await self._call(self.backing.exists, dst):
+                raise  # the source vanished behind our back and never arrived
+            # replayed already before a crash: just record where things are
         except OSError as exc:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
                 raise
@@ -440,14 +489,19 @@ class Flusher:
         fd = await fs.in_cache(fs.cache.fd, inode.ino)
         if whole:
             await fs.fill(inode)
-            st = await self._call(self.backing.publish_atomic, path, self._staging(), fd, inode.size, attrs)
+            staging = self._staging()
+            tmp = b"publish-%x-%x-%s.tmp" % (inode.ino, version, os.urandom(6).hex().encode())
+            await self._record_publishing(inode, staging + (tmp,))
+            st = await self._call(self.backing.publish_atomic, path, staging, fd, inode.size, attrs, tmp)
             written = inode.size
         elif inode.dirty or inode.attr_dirty:
             dirty = list(inode.dirty)
+            await self._record_publishing(inode, ())
             st = await self._call(self.backing.write_ranges, path, fd, dirty, inode.size, attrs)
             written = ranges.total(dirty)
         else:
             return
+        inode.publishing = None
         if not inode.new:
             self.published_files += 1
         if receipt is not None:
@@ -465,11 +519,51 @@ class Flusher:
         self.table.mark(inode)
         self._dirs_to_sync.add(path[:-1])
 
+    async def _clean_staging(self) -> None:
+        """Remove staging files a crash left behind, except those a record still names."""
+        self.fs.gate.require_writable()
+        staging = self._staging()
+        try:
+            entries = await self._call(self.backing.listdir, staging)
+        except (FileNotFoundError, NotADirectoryError):
+            entries = []
+        named = {i.publishing[-1] for i in self.table.inodes.values() if i.publishing}
+        for entry in entries:
+            if entry.name not in named:
+                with contextlib.suppress(FileNotFoundError):
+                    await self._call(self.backing.unlink, staging + (entry.name,))
+        self._staging_cleaned = True
+
+    async def _record_publishing(self, inode: Inode, what: tuple[bytes, ...]) -> None:
+        if not inode.new:
+            inode.publishing = what
+            self.table.mark(inode)
+            await self.table.commit()
+
+    async def _ours_after_crash(self, inode: Inode, st: os.stat_result) -> bool:
+        """Is the unexpected backing file the result of our own publish, cut short by a crash?"""
+        publishing, inode.publishing = inode.publishing, None
+        self.table.mark(inode)
+        if publishing is None or not stat.S_ISREG(st.st_mode) or inode.origin is None:
+            return False
+        if publishing == ():
+            return st.st_ino == inode.origin[0]  # an in-place write keeps the inode
+        # The staging file is gone only if it was renamed into place (publish_atomic removes
+        # it on failure only while we are alive to clear `publishing` ourselves).
+        if await self._call(self.backing.exists, publishing):
+            with contextlib.suppress(OSError):
+                await self._call(self.backing.unlink, publishing)
+            return False
+        return True
+
     async def _unchanged_behind_us(self, inode: Inode, path: BPath) -> bool:
         try:
             st = await self._call(self.backing.lstat, path)
         except FileNotFoundError:
             return False
+        if fingerprint_tuple(Fingerprint.of(st)) != inode.origin and await self._ours_after_crash(inode, st):
+            inode.origin = fingerprint_tuple(Fingerprint.of(st))
+            return True
         return fingerprint_tuple(Fingerprint.of(st)) == inode.origin or (
             # Our own earlier publish may leave a newer ctime (xattr/chmod order): same file, same bytes.
             stat.S_ISREG(st.st_mode)

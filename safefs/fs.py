@@ -220,7 +220,13 @@ class Filesystem:
                     inode.present = ranges.EMPTY
                     table.mark(inode)
             table.set_meta("boot_id", boot_id)
+        # What a crash left behind counts as changed now: it is written back after the usual
+        # quiet period (the flusher retries it like any other change).
+        now = self.clock.monotonic()
+        for seq in table.ops:
+            table.op_times[seq] = now
         for inode in table.inodes.values():
+            inode.changed_at = now
             if inode.is_reg and inode.origin and len(inode.blinks) > 1:
                 self._by_backing_ino[inode.origin[0]] = inode.ino
             self._cached_bytes_estimate += ranges.total(inode.present)
@@ -320,7 +326,7 @@ class Filesystem:
         inode = self.table.new_inode(st.st_mode, st.st_uid, st.st_gid, st.st_ctime_ns)
         self._copy_stat(inode, st)
         inode.target = entry.link_target
-        inode.xattrs = None  # type: ignore[assignment]  # loaded on first use
+        inode.xattrs = None  # read from the backing tree on first use
         inode.origin = fingerprint_tuple(Fingerprint.of(st))
         inode.blinks = [(parent, entry.name)]
         if stat.S_ISDIR(st.st_mode):
@@ -374,9 +380,9 @@ class Filesystem:
             if inode is None:
                 continue
             inode.lookups -= n
-            await self._collect(inode)
+            await self.collect(inode)
 
-    async def _collect(self, inode: Inode) -> None:
+    async def collect(self, inode: Inode) -> None:
         if self.table.collectable(inode):
             self.table.drop(inode)
             self._last_access.pop(inode.ino, None)
@@ -801,7 +807,7 @@ class Filesystem:
         inode = self.table.inodes.get(handle.ino)
         if inode is not None:
             inode.opens -= 1
-            await self._collect(inode)
+            await self.collect(inode)
 
     # -- directories ---------------------------------------------------------------------
     async def opendir(self, ino: int) -> int:

@@ -20,13 +20,12 @@ import dataclasses
 import errno
 import functools
 import logging
-import os
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 import pyfuse3
 import trio
 
-from safefs.errors import FsError, SafefsError
+from safefs.errors import SafefsError
 from safefs.fs import Filesystem
 from safefs.inodes import Inode
 
@@ -271,6 +270,25 @@ class SafeOperations(pyfuse3.Operations):
             log.exception("fuse: error in forget (ignored)")
 
 
+class Session:
+    """The kernel session: mount, serve requests until unmounted, close. The daemon drives it."""
+
+    def __init__(self, ops: SafeOperations, mountpoint: str, *, allow_other: bool) -> None:
+        pyfuse3.init(ops, mountpoint, mount_options(allow_other=allow_other))
+
+    async def serve(self) -> None:
+        """Serve requests; returns when the kernel unmounts or `terminate()` is called."""
+        await pyfuse3.main()
+
+    @staticmethod
+    def terminate() -> None:
+        pyfuse3.terminate()
+
+    @staticmethod
+    def close(*, unmount: bool) -> None:
+        pyfuse3.close(unmount=unmount)
+
+
 def mount_options(*, allow_other: bool) -> set[str]:
     options = set(pyfuse3.default_options)  # default_permissions: the kernel checks modes
     options |= {"fsname=safefs", "subtype=safefs"}
@@ -279,4 +297,3 @@ def mount_options(*, allow_other: bool) -> set[str]:
     return options
 
 
-__all__ = ["CachePolicy", "KernelNotifier", "SafeOperations", "mount_options", "FsError", "os"]

@@ -36,12 +36,22 @@ ROOT_INO = 1
 BLink = tuple[int, bytes]  # (parent inode, name) of a backing link
 
 
+def op_inodes(op: tuple[Any, ...]) -> tuple[int, ...]:
+    """Every inode an op names (directories and objects)."""
+    kind = op[0]
+    if kind == "rename":
+        return tuple(i for i in (op[1], op[3], op[6], op[7]) if i)
+    if kind == "link":
+        return (op[1], op[2])
+    return (op[1], op[3])  # mkdir, create, unlink, rmdir: parent, name, inode
+
+
 class Inode:
     __slots__ = (
         # persisted
         "ino", "mode", "uid", "gid", "size", "rdev", "atime_ns", "mtime_ns", "ctime_ns",
         "target", "xattrs", "origin", "present", "dirty", "attr_dirty", "new", "listed",
-        "parent", "blinks",
+        "parent", "blinks", "publishing",
         # memory only
         "links", "nlink_dirs", "lookups", "opens", "changed_at", "version", "atime_dirty",
     )  # fmt: skip
@@ -55,7 +65,7 @@ class Inode:
         self.rdev = 0
         self.atime_ns = self.mtime_ns = self.ctime_ns = now_ns
         self.target: bytes | None = None  # symlink target
-        self.xattrs: dict[bytes, bytes] = {}
+        self.xattrs: dict[bytes, bytes] | None = {}  # None: not read from the backing tree yet
         self.origin: tuple[int, int, int, int] | None = None  # backing fingerprint when fetched/published
         self.present: ranges.RangeSet = ranges.EMPTY  # bytes held in the cache file
         self.dirty: ranges.RangeSet = ranges.EMPTY  # bytes not yet on the backing tree
@@ -64,6 +74,9 @@ class Inode:
         self.listed = False  # directories: children loaded from the backing tree
         self.parent = 0  # directories: parent inode (the root is its own parent)
         self.blinks: list[BLink] = []  # where the object is on the backing tree
+        # A publish under way: the staging path it renames from, or () for an in-place write.
+        # After a crash it tells our own half-recorded publish from someone else's change.
+        self.publishing: tuple[bytes, ...] | None = None
         self.links: set[BLink] = set()  # names in the cache view
         self.nlink_dirs = 0  # directories: number of subdirectories
         self.lookups = 0  # kernel lookup count
@@ -106,7 +119,7 @@ class Inode:
             "a": self.atime_ns, "t": self.mtime_ns, "c": self.ctime_ns, "l": self.target,
             "x": self.xattrs, "o": self.origin, "p": list(self.present), "d": list(self.dirty),
             "ad": self.attr_dirty, "n": self.new, "ls": self.listed, "pa": self.parent,
-            "b": [list(b) for b in self.blinks],
+            "b": [list(b) for b in self.blinks], "pb": self.publishing,
         }  # fmt: skip
 
     @classmethod
@@ -114,13 +127,15 @@ class Inode:
         inode = cls(ino, rec["m"], rec["u"], rec["g"], rec["c"])
         inode.size, inode.rdev = rec["s"], rec["r"]
         inode.atime_ns, inode.mtime_ns = rec["a"], rec["t"]
-        inode.target, inode.xattrs = rec["l"], dict(rec["x"])
+        inode.target = rec["l"]
+        inode.xattrs = dict(rec["x"]) if rec["x"] is not None else None
         inode.origin = tuple(rec["o"]) if rec["o"] else None  # type: ignore[assignment]
         inode.present = ranges.from_list(rec["p"])
         inode.dirty = ranges.from_list(rec["d"])
         inode.attr_dirty, inode.new, inode.listed = rec["ad"], rec["n"], rec["ls"]
         inode.parent = rec["pa"]
         inode.blinks = [(int(p), bytes(n)) for p, n in rec["b"]]
+        inode.publishing = tuple(rec["pb"]) if rec.get("pb") is not None else None
         return inode
 
 
@@ -133,6 +148,7 @@ class InodeTable:
         self.ops: dict[int, tuple[Any, ...]] = {}  # seq -> op not yet replayed
         self.op_times: dict[int, float] = {}  # seq -> monotonic time it happened (memory only)
         self._maybe_dirty: set[int] = set()  # every inode that needs a flush is in here
+        self._op_refs: dict[int, int] = {}  # inode -> number of pending ops naming it
         self.meta: dict[str, Any] = {}
         self.next_ino = ROOT_INO + 1
         self.next_seq = 1
@@ -163,6 +179,7 @@ class InodeTable:
         self._maybe_dirty.update(self.inodes)
         for seq, op in snap.ops:
             self.ops[seq] = op
+            self._count_refs(op, +1)
         self.next_ino = max(self.meta.get("next_ino", ROOT_INO + 1), max(self.inodes, default=0) + 1)
         self.next_seq = max(self.meta.get("next_seq", 1), max(self.ops, default=0) + 1)
 
@@ -253,12 +270,23 @@ class InodeTable:
         self.next_seq += 1
         self.ops[seq] = op
         self.op_times[seq] = now
+        self._count_refs(op, +1)
         self._marked_ops.add(seq)
         self.set_meta("next_seq", self.next_seq)
         return seq
 
+    def _count_refs(self, op: tuple[Any, ...], delta: int) -> None:
+        for ino in op_inodes(op):
+            count = self._op_refs.get(ino, 0) + delta
+            if count:
+                self._op_refs[ino] = count
+            else:
+                self._op_refs.pop(ino, None)
+
     def drop_op(self, seq: int) -> None:
-        self.ops.pop(seq, None)
+        op = self.ops.pop(seq, None)
+        if op is not None:
+            self._count_refs(op, -1)
         self.op_times.pop(seq, None)
         self._marked_ops.add(seq)
 
@@ -269,6 +297,7 @@ class InodeTable:
             and not inode.blinks
             and inode.lookups <= 0
             and inode.opens <= 0
+            and inode.ino not in self._op_refs  # a pending op still needs it to replay
         )
 
     def drop(self, inode: Inode) -> None:

@@ -1,0 +1,10 @@
+"""The project's write lease (DESIGN.md section 3): one writer at a time, on the project itself.
+
+- `model`  (core)      the pure state machine: every rule about lease transitions lives there.
+- `store`  (resource)  blocking, NFS-safe file operations in `<project>/.safefs/lease/`, and an
+                       in-memory twin for tests.
+- `keeper` (service)   the trio task that acquires, renews or watches, and fences itself on time.
+
+This package __init__ imports nothing: its modules sit in different layers, and importing the
+pure model must not load trio.
+"""

@@ -1,0 +1,356 @@
+"""The lease as a trio service: acquires, renews or watches, and fences itself on time.
+
+Invariants:
+- Every decision is lease.model.LeaseMachine's; this module feeds it observations and results
+  and carries out its actions (claim, renew, quarantine, release).
+- Self-fencing does not depend on any store call returning. `writable()` compares the
+  machine's deadline with `clock.monotonic()` on every call, and `_timer` wakes at the deadline
+  to mark the lease LOST and wake `wait_lost()`, even while a renewal hangs in NFS forever.
+- Store calls block; they run in worker threads behind the "lease" CapacityLimiter and are
+  abandoned on cancellation. That is safe: a renewal that lands late only makes observers wait
+  longer, a claim that lands unseen looks like a crashed holder, a late read is discarded.
+- Time is read only from the injected Clock, and waiting uses trio.sleep/move_on_after with
+  durations computed from it: with trio's MockClock and `TrioClock` tests run in virtual time.
+
+Threading: every method runs on the trio thread. Store steps (poll, claim, renew, release) are
+serialised by one trio.Lock, so `acquire()`/`release()` never interleave with the main loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from typing import Any, Awaitable, Callable, TypeVar
+
+import trio
+
+from safefs.clock import Clock
+from safefs.config import LeaseTimings
+from safefs.errors import BackingFailed
+from safefs.lease.model import Claim, CorruptLease, Identity, LeaseMachine, State
+from safefs.lease.store import LeaseStore, MemoryLeaseStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Runner = Callable[..., Awaitable[Any]]  # await runner(sync_fn, *args) -> sync_fn(*args)
+
+
+class TrioClock:
+    """A Clock on trio's clock, so that trio's MockClock drives lease tests.
+
+    `rate` scales this host's clock against trio's (clock-rate skew between hosts);
+    `wall_offset` places its wall clock anywhere (wall-clock skew, which must not matter).
+    Call it from the trio thread only.
+    """
+
+    def __init__(self, *, rate: float = 1.0, wall_offset: float = 1_700_000_000.0) -> None:
+        self._rate = rate
+        self._wall_offset = wall_offset
+
+    def monotonic(self) -> float:
+        return trio.current_time() * self._rate
+
+    def wall(self) -> float:
+        return self._wall_offset + self.monotonic()
+
+
+class InlineRunner:
+    """Runs MemoryLeaseStore calls on the trio thread, acting out its `hang`/`slow` faults in
+    trio time (threads would let MockClock's autojump fire mid-call). `jitter` adds a random,
+    seeded wait before each call, to shuffle how several keepers interleave."""
+
+    HANG_POLL = 0.5  # how often a hung call looks whether it was healed, in trio seconds
+
+    def __init__(self, store: MemoryLeaseStore, *, jitter: float = 0.0, seed: int | None = None) -> None:
+        self._store = store
+        self._jitter = jitter
+        self._rng = random.Random(seed)
+
+    async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._jitter:
+            await trio.sleep(self._rng.random() * self._jitter)
+        op = fn.__name__
+        delay = self._store.delay(op)
+        while delay == math.inf:
+            await trio.sleep(self.HANG_POLL)
+            delay = self._store.delay(op)
+        if delay:
+            await trio.sleep(delay)
+        return fn(*args)
+
+
+class LeaseKeeper:
+    """Holds or watches one project's lease for one mount (DESIGN.md section 3).
+
+    `want_write`: take the lease whenever it is free or its holder is dead. `release()` and a
+    lost lease clear it; `acquire()` sets it. `runner` replaces the worker threads (tests).
+    """
+
+    def __init__(
+        self,
+        store: LeaseStore,
+        clock: Clock,
+        timings: LeaseTimings,
+        identity: Identity,
+        limiter: trio.CapacityLimiter,
+        *,
+        want_write: bool = True,
+        runner: Runner | None = None,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._timings = timings
+        self._limiter = limiter
+        self._runner = runner
+        self._m = LeaseMachine(identity, timings, want_write=want_write)
+        self._step_lock = trio.Lock()
+        self._changed = trio.Event()  # set (and replaced) whenever the machine may have moved
+        self._kick = trio.Event()  # wakes the main loop early (acquire, release)
+
+    # -- the WriteGate the filesystem and flusher ask -----------------------------------------
+
+    @property
+    def epoch(self) -> int:
+        return self._m.epoch
+
+    @property
+    def role(self) -> str:
+        return self._m.role
+
+    def writable(self) -> bool:
+        return self._m.writable(self._clock.monotonic())
+
+    def require_writable(self) -> int:
+        """The epoch to stamp a change with; raises ReadOnly, LeaseLost or LeaseHeldElsewhere."""
+        state = self._m.state
+        try:
+            return self._m.check_writable(self._clock.monotonic())
+        finally:
+            if self._m.state is not state:
+                self._notify()
+
+    async def wait_lost(self) -> None:
+        """Return once this mount has lost the lease it held (a clean release does not count)."""
+        while self._m.state is not State.LOST:
+            await self._changed.wait()
+
+    def statistics(self) -> dict[str, Any]:
+        now = self._clock.monotonic()
+        m = self._m
+        holder = m.current_holder()  # our own record while we hold the lease
+        return {
+            "role": m.role,
+            "state": m.state.value,
+            "epoch": m.epoch,
+            "writable": m.writable(now),
+            "holder": None
+            if holder is None
+            else {
+                "host": holder.host,
+                "pid": holder.pid,
+                "user": holder.user,
+                "since": holder.since,
+                "heartbeat_age": m.heartbeat_age(now),
+            },
+            "deadline": m.deadline - now if m.holding else None,
+            "lock_delay": max(0.0, m.writable_from - now) if m.holding else None,
+            "lost_reason": m.lost_reason if m.state is State.LOST else None,
+            "last_error": m.last_error,
+        }
+
+    # -- the service --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Take the lease if it is free (or its holder is dead on this host), else follow;
+        report the role with `task_status.started(role)`, then renew or watch until cancelled."""
+        # Outside the nursery, so that a failure reaches the caller of nursery.start() as itself,
+        # not wrapped in an ExceptionGroup. writable() needs no timer to be right meanwhile.
+        async with self._step_lock:
+            await self._look(first=True)
+        log.info("lease: %s of %r, epoch %d", self._m.role, self._store, self._m.epoch)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._timer)
+            task_status.started(self._m.role)
+            await self._main_loop()
+
+    async def acquire(self, *, wait: bool) -> int:
+        """Become the writer; return the epoch once writable (after any lock delay).
+
+        Without `wait`, a lease held by a live holder raises LeaseHeldElsewhere at once. With it,
+        this waits until the holder releases, or dies and T_break passes.
+        """
+        if not self._m.holding:
+            if wait:
+                self._m.want_write = True
+                self._kick.set()
+            else:
+                async with self._step_lock:
+                    if not self._m.holding:
+                        before = self._m.want_write
+                        self._m.want_write = True
+                        try:
+                            await self._look(first=True)
+                        finally:
+                            if not self._m.holding:
+                                self._m.want_write = before
+                if not self._m.holding:
+                    raise self._m.refusal(self._clock.monotonic())  # names the holder
+        while not self.writable():
+            if not self._m.holding and not self._m.want_write:
+                raise self._m.refusal(self._clock.monotonic())  # lost or released meanwhile
+            await self._changed.wait()
+        return self._m.epoch
+
+    async def release(self) -> None:
+        """Stop writing, then link released.N so another mount may take over at once; stay up as
+        a follower. The caller has flushed and published everything first."""
+        self._m.want_write = False
+        async with self._step_lock:
+            if not self._m.holding:
+                return
+            self._m.begin_release()  # not writable from here on, even if the link fails
+            self._notify()
+            epoch = self._m.epoch
+            note = self._m.release_note(wall=self._clock.wall())
+            try:
+                await self._call(self._store.release, epoch, note)
+            except OSError as e:
+                self._m.last_error = f"release failed: {e}"
+                raise BackingFailed(
+                    f"could not release the lease (epoch {epoch}): {e}",
+                    hint="the mount stays read-only and keeps renewing; retry `safefs sync --release`",
+                ) from e
+            if self._m.state is State.RELEASING:
+                self._m.release_done()
+                log.info("lease: released epoch %d", epoch)
+            self._notify()
+        self._kick.set()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    async def _main_loop(self) -> None:
+        while True:
+            started = self._clock.monotonic()
+            async with self._step_lock:
+                if self._m.holding:
+                    await self._hold()
+                else:
+                    await self._look(first=False)
+            period = self._timings.renew if self._m.holding else self._timings.poll
+            with trio.move_on_after(max(0.0, started + period - self._clock.monotonic())):
+                await self._kick.wait()
+            self._kick = trio.Event()
+
+    async def _look(self, *, first: bool) -> None:
+        """One poll of the lease directory, and the claim it may lead to.
+
+        `first`: the caller needs an answer (start-up, acquire without waiting), so a failure
+        raises BackingFailed and the call is not bounded; otherwise a failure or a poll longer
+        than P only restarts the observer's wait.
+        """
+        m = self._m
+        started = self._clock.monotonic()
+        try:
+            with trio.move_on_after(math.inf if first else self._timings.poll) as scope:
+                obs = await self._call(self._store.observe)
+            if scope.cancelled_caught:
+                m.poll_failed(self._clock.monotonic(), f"reading the lease took over {self._timings.poll:g} s")
+                return
+            pid = m.pid_to_check(obs)
+            alive = None if pid is None else await self._call(self._store.pid_alive, pid)
+        except (OSError, CorruptLease) as e:
+            m.poll_failed(self._clock.monotonic(), f"reading the lease failed: {e}")
+            if first:
+                raise BackingFailed(f"cannot read the lease of {self._store!r}: {e}") from e
+            return
+        claim = m.observed(obs, started=started, now=self._clock.monotonic(), holder_alive=alive)
+        if claim is not None:
+            await self._claim(claim, first=first)
+        self._notify()
+
+    async def _claim(self, claim: Claim, *, first: bool) -> None:
+        m = self._m
+        record = m.record_for(claim, wall=self._clock.wall())
+        sent_at = self._clock.monotonic()
+        try:
+            winner = await self._call(self._store.claim, record)
+        except (OSError, CorruptLease) as e:
+            m.claim_failed(claim, sent_at=sent_at, error=f"claiming epoch {claim.epoch} failed: {e}")
+            if first:
+                raise BackingFailed(f"cannot claim the lease of {self._store!r}: {e}") from e
+            return
+        if m.claimed(winner, sent_at=sent_at, now=self._clock.monotonic()):
+            log.info("lease: %s epoch %d", "took over" if claim.kind == "takeover" else "acquired", claim.epoch)
+            await self._hold()  # the first heartbeat at once, so observers see a live holder
+        else:
+            log.info("lease: epoch %d went to %s", winner.epoch, winner.holder.describe())
+
+    async def _hold(self) -> None:
+        """One step of the holder: renew, and finish moving a taken-over epoch's staging aside."""
+        await self._renew()
+        if self._m.holding and self._m.quarantine_pending:
+            await self._quarantine()
+
+    async def _renew(self) -> None:
+        m = self._m
+        epoch, beat = m.epoch, m.next_beat()
+        started = self._clock.monotonic()
+        try:
+            # Past the deadline the answer no longer matters: stop waiting for a hung call.
+            with trio.move_on_at(self._trio_time_at(m.deadline)):
+                superseded = await self._call(self._store.renew, epoch, beat)
+                m.renewed(started=started, superseded=superseded, now=self._clock.monotonic())
+        except OSError as e:
+            log.warning("lease: renewing epoch %d failed: %s", epoch, e)
+            m.renew_failed(self._clock.monotonic(), f"renewal failed: {e}")
+        self._notify()
+
+    async def _quarantine(self) -> None:
+        try:
+            moved = await self._call(self._store.quarantine, self._m.epoch - 1)
+        except OSError as e:
+            self._m.last_error = f"moving old staging files to quarantine failed: {e}"
+            return
+        if moved:
+            log.warning("lease: moved %d staging files of earlier epochs to quarantine", moved)
+        self._m.quarantined()
+        self._notify()
+
+    async def _timer(self) -> None:
+        """Fences at the deadline and ends the lock delay, whatever the store calls are doing."""
+        while True:
+            now = self._clock.monotonic()
+            if self._m.expire(now):
+                log.warning("lease: lost epoch %d: %s; this mount is read-only now", self._m.epoch, self._m.lost_reason)
+                self._notify()
+            changed = self._changed
+            wake = self._m.next_wakeup(now)
+            if wake is None:
+                await changed.wait()
+                continue
+            # Capped so that a host resumed from suspend (whose trio timers lagged the boot-time
+            # clock) notices soon; writable() itself is right at once either way.
+            with trio.move_on_after(min(max(0.0, wake - now), self._timings.renew)):
+                await changed.wait()
+            if not changed.is_set():
+                self._notify()  # the lock delay may have ended: wake acquire() waiters
+
+    def _trio_time_at(self, t: float) -> float:
+        """The trio deadline for instant `t` of our clock (-inf and inf pass through)."""
+        if math.isinf(t):
+            return t
+        return trio.current_time() + (t - self._clock.monotonic())
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._runner is not None:
+            result: T = await self._runner(fn, *args)
+            return result
+        return await trio.to_thread.run_sync(
+            fn, *args, limiter=self._limiter, abandon_on_cancel=True, thread_name=f"safefs lease {fn.__name__}"
+        )

@@ -1,0 +1,527 @@
+"""Blocking, NFS-safe operations on the lease files, and an in-memory twin for tests.
+
+Layout in `<project>/.safefs/` (N zero-padded to 12 digits, so that `ls` sorts epochs):
+  lease/epoch.N     immutable record of epoch N; created only by link(), never deleted
+  lease/hb.N        heartbeat of epoch N: a counter its holder rewrites in place and fsyncs
+  lease/released.N  clean-release marker; created only by link()
+  lease/tmp/        uniquely named temp files, the sources of those links
+  staging/N/        the flusher's staging files of epoch N (created by the flusher, not here)
+  quarantine/N/     staging files of an epoch that was taken over, moved aside for recovery
+
+Invariants:
+- A name is claimed only by link()ing a complete, fsynced temp file to it: never taken with
+  rename(), never broken with unlink(). The server's EEXIST is the final word, after one check:
+  a retransmitted LINK may report EEXIST although it landed, so the target's inode is compared
+  with the temp file's (and the caller compares the record's nonce with its own).
+- Every observation opens the file and uses fstat (close-to-open consistency gives fresh data
+  and attributes), never a possibly cached stat() of a name. A stale directory listing is
+  harmless: the newest epoch is probed forward until the server says ENOENT.
+- Files are 0644 and directories 0755 whatever the umask (fchmod/chmod after creating), so
+  every user who can read the project can read its lease. Directories also take the project
+  root's group-write and setgid bits, so a group-shared project stays claimable by the group.
+- No policy: the store reports facts; lease.model decides.
+
+Threading: every DirLeaseStore method blocks (NFS). The keeper calls them from worker threads
+behind its "lease" CapacityLimiter; a DirLeaseStore holds no mutable state. MemoryLeaseStore
+never blocks; it locks its shared state, so threads may call it too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno as _errno
+import itertools
+import math
+import os
+import pwd
+import re
+import secrets
+import socket
+import stat
+import threading
+from pathlib import Path
+from typing import Protocol
+
+from safefs.config import CONTROL_DIR_NAME
+from safefs.lease.model import CorruptLease, EpochRecord, Heartbeat, Identity, Observation
+
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+HEARTBEAT_MAX = 4096  # a heartbeat is one short line; read no more than this
+
+_EPOCH = re.compile(r"epoch\.(\d{12})")
+
+
+def epoch_name(n: int) -> str:
+    return f"epoch.{n:012d}"
+
+
+def hb_name(n: int) -> str:
+    return f"hb.{n:012d}"
+
+
+def released_name(n: int) -> str:
+    return f"released.{n:012d}"
+
+
+class LeaseStore(Protocol):
+    """What the keeper needs from a lease backend. Every method may block; OSError means failed."""
+
+    def observe(self) -> Observation:
+        """Read the newest epoch, its record, whether it was released, and its heartbeat."""
+
+    def claim(self, record: EpochRecord) -> EpochRecord:
+        """Try to create `epoch.<record.epoch>` with `record`; return the record found there.
+
+        It is `record` (or an earlier claim of ours, same nonce) if we won, another host's if not.
+        """
+
+    def renew(self, epoch: int, beat: bytes) -> bool:
+        """Rewrite and fsync `hb.<epoch>` with `beat`; return True if `epoch.<epoch+1>` exists."""
+
+    def release(self, epoch: int, note: bytes) -> None:
+        """Link `released.<epoch>` (with `note` in it). Already released counts as done."""
+
+    def quarantine(self, epoch: int) -> int:
+        """Move the entries of `staging/k/` to `quarantine/k/` for every k <= epoch; return how many."""
+
+    def pid_alive(self, pid: int) -> bool:
+        """Whether `pid` runs on this host (asked only when the holder shares our pid namespace)."""
+
+
+# -- this host --------------------------------------------------------------------------------
+
+
+def local_identity(host_id: str | None = None) -> Identity:
+    """This process's identity; `host_id` (--host-id) replaces the host name for humans and tests."""
+    uid = os.getuid()
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = str(uid)
+    return Identity(
+        host=host_id or socket.gethostname(),
+        machine_id=_first_line("/etc/machine-id", "/var/lib/dbus/machine-id"),
+        boot_id=_first_line("/proc/sys/kernel/random/boot_id"),
+        pidns=os.stat("/proc/self/ns/pid").st_ino,
+        pid=os.getpid(),
+        uid=uid,
+        user=user,
+        nonce=secrets.token_hex(8),
+    )
+
+
+def _first_line(*paths: str) -> str:
+    for path in paths:
+        try:
+            with open(path, encoding="ascii") as f:
+                return f.readline().strip()
+        except OSError:
+            continue
+    return ""  # unknown: then only the boot id and pid namespace tell hosts apart
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process, alive
+    return True
+
+
+# -- the directory backend --------------------------------------------------------------------
+
+
+class DirLeaseStore:
+    """The lease in `<project>/.safefs/lease/`, safe on NFS (research/lease.md section 5)."""
+
+    def __init__(self, project: Path) -> None:
+        self.project = project
+        self.root = project / os.fsdecode(CONTROL_DIR_NAME)
+        self.lease_dir = self.root / "lease"
+        self.tmp_dir = self.lease_dir / "tmp"
+
+    def __repr__(self) -> str:
+        return f"DirLeaseStore({str(self.lease_dir)!r})"
+
+    def observe(self) -> Observation:
+        try:
+            dir_fd = os.open(self.lease_dir, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            return Observation(0, None, False, None)
+        try:
+            n = _newest_epoch(dir_fd)
+            if n == 0:
+                return Observation(0, None, False, None)
+            record = EpochRecord.from_bytes(_read_at(dir_fd, epoch_name(n)))
+            if record.epoch != n:
+                raise CorruptLease(f"{self.lease_dir / epoch_name(n)} holds a record of epoch {record.epoch}")
+            released = _exists_at(dir_fd, released_name(n))
+            return Observation(n, record, released, _heartbeat_at(dir_fd, hb_name(n)))
+        finally:
+            os.close(dir_fd)
+
+    def claim(self, record: EpochRecord) -> EpochRecord:
+        self._ensure_dirs()
+        holder = record.holder
+        tmp, tmp_ino = self._write_temp(record.to_bytes(), f"{holder.host}.{holder.pid}.{holder.nonce}")
+        target = self.lease_dir / epoch_name(record.epoch)
+        try:
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                fd = os.open(target, os.O_RDONLY)
+                try:
+                    if os.fstat(fd).st_ino == tmp_ino:
+                        won = record  # our LINK landed; its retransmission got the EEXIST
+                    else:
+                        won = EpochRecord.from_bytes(_read_fd(fd))
+                finally:
+                    os.close(fd)
+                return won
+            _fsync_dir(self.lease_dir)
+            return record
+        finally:
+            _unlink_quietly(tmp)
+
+    def renew(self, epoch: int, beat: bytes) -> bool:
+        dir_fd = os.open(self.lease_dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            try:
+                fd = os.open(hb_name(epoch), os.O_WRONLY, dir_fd=dir_fd)
+            except FileNotFoundError:
+                fd = os.open(hb_name(epoch), os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE, dir_fd=dir_fd)
+                os.fchmod(fd, FILE_MODE)
+            try:
+                _pwrite_all(fd, beat)
+                os.ftruncate(fd, len(beat))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            return _exists_at(dir_fd, epoch_name(epoch + 1))
+        finally:
+            os.close(dir_fd)
+
+    def release(self, epoch: int, note: bytes) -> None:
+        self._ensure_dirs()
+        tmp, _ = self._write_temp(note, f"released.{epoch}")
+        try:
+            try:
+                os.link(tmp, self.lease_dir / released_name(epoch))
+            except FileExistsError:
+                pass  # an earlier attempt (or its retransmission) landed: released either way
+            _fsync_dir(self.lease_dir)
+        finally:
+            _unlink_quietly(tmp)
+
+    def quarantine(self, epoch: int) -> int:
+        staging = self.root / "staging"
+        try:
+            epochs = [name for name in os.listdir(staging) if name.isdigit() and int(name) <= epoch]
+        except FileNotFoundError:
+            return 0
+        moved = 0
+        for name in epochs:
+            try:
+                entries = os.listdir(staging / name)
+            except FileNotFoundError:
+                continue
+            if not entries:
+                continue
+            target = self.root / "quarantine" / name
+            self._ensure_dir(target.parent)
+            self._ensure_dir(target)
+            # One rename per entry, not per directory: a late RENAME from the old holder names
+            # its source by (directory, name), so it now fails with ENOENT instead of landing.
+            for entry in entries:
+                os.rename(staging / name / entry, target / entry)
+                moved += 1
+        return moved
+
+    def pid_alive(self, pid: int) -> bool:
+        return process_alive(pid)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _ensure_dirs(self) -> None:
+        for path in (self.root, self.lease_dir, self.tmp_dir):
+            self._ensure_dir(path)
+
+    def _ensure_dir(self, path: Path) -> None:
+        try:
+            os.mkdir(path, DIR_MODE)
+        except FileExistsError:
+            return
+        try:
+            shared = os.stat(self.project).st_mode & (stat.S_ISGID | stat.S_IWGRP)
+        except OSError:
+            shared = 0
+        os.chmod(path, DIR_MODE | shared)
+
+    def _write_temp(self, content: bytes, label: str) -> tuple[Path, int]:
+        """A complete, fsynced file under a name nobody else uses; returns its path and inode."""
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", label)[:160]
+        path = self.tmp_dir / f"{safe}.{secrets.token_hex(6)}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        try:
+            os.fchmod(fd, FILE_MODE)
+            _pwrite_all(fd, content)
+            os.fsync(fd)
+            ino = os.fstat(fd).st_ino
+        except BaseException:
+            os.close(fd)
+            _unlink_quietly(path)
+            raise
+        os.close(fd)
+        return path, ino
+
+
+def _newest_epoch(dir_fd: int) -> int:
+    n = max((int(m.group(1)) for name in os.listdir(dir_fd) if (m := _EPOCH.fullmatch(name))), default=0)
+    # The listing may be stale (NFS caches directories): probe forward until the server says no.
+    while _exists_at(dir_fd, epoch_name(n + 1)):
+        n += 1
+    return n
+
+
+def _exists_at(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _read_at(dir_fd: int, name: str) -> bytes:
+    fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+    try:
+        return _read_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_fd(fd: int, limit: int = 1 << 20) -> bytes:
+    chunks = []
+    size = 0
+    while size < limit:
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _heartbeat_at(dir_fd: int, name: str) -> Heartbeat | None:
+    try:
+        fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    try:
+        st = os.fstat(fd)
+        content = os.pread(fd, HEARTBEAT_MAX, 0)
+    finally:
+        os.close(fd)
+    return Heartbeat(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, content)
+
+
+def _pwrite_all(fd: int, data: bytes) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], done)
+
+
+def _fsync_dir(path: Path) -> None:
+    # On a local disk the new name is durable only once its directory is synced; on NFS the
+    # LINK is already synchronous on the server and this costs one COMMIT.
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    # A temp file left behind is garbage, not a hazard: nothing reads tmp/.
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# -- the in-memory twin -------------------------------------------------------------------------
+
+NFS_OPS = ("observe", "claim", "renew", "release", "quarantine")
+
+
+@dataclasses.dataclass
+class _MemoryFile:
+    ino: int
+    content: bytes
+    mtime_ns: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fault:
+    kind: str  # "fail", "hang" or "slow"
+    seconds: float = 0.0
+    errno: int = _errno.EIO
+
+
+class MemoryProject:
+    """The shared `.safefs/` of simulated hosts: path -> file, under one lock."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, _MemoryFile] = {}
+        self.lock = threading.Lock()
+        self._inos = itertools.count(100)
+        self._ticks = itertools.count(1)  # a logical clock for mtimes: every write moves it
+
+    def write(self, path: str, content: bytes, *, new_inode: bool = False) -> None:
+        old = self.files.get(path)
+        ino = next(self._inos) if old is None or new_inode else old.ino
+        self.files[path] = _MemoryFile(ino, content, next(self._ticks))
+
+
+class MemoryLeaseStore:
+    """A LeaseStore in memory, for tests. Each simulated host gets its own `connect()`ion to one
+    MemoryProject, with its own faults (a partition is one host's faults) and its own processes.
+
+    Knobs: `fail(*ops)` makes calls raise OSError (EIO by default); `hang(*ops)` and
+    `slow(seconds, *ops)` make calls take forever (until `heal()`) or that long. The store never
+    blocks by itself: whoever runs its calls asks `delay(op)` and waits that long in its own time
+    before the call acts (keeper.InlineRunner waits in trio time, so MockClock drives it).
+    `kill(pid)` makes `pid_alive(pid)` false on this host. With no ops named, a knob covers
+    every NFS operation.
+    """
+
+    def __init__(self, project: MemoryProject | None = None) -> None:
+        self.project = project or MemoryProject()
+        self._faults: dict[str, _Fault] = {}
+        self._dead: set[int] = set()
+
+    def connect(self) -> MemoryLeaseStore:
+        """Another host's view of the same project."""
+        return MemoryLeaseStore(self.project)
+
+    # -- knobs --------------------------------------------------------------------------------
+
+    def fail(self, *ops: str, errno: int = _errno.EIO) -> None:
+        self._set(ops, _Fault("fail", errno=errno))
+
+    def hang(self, *ops: str) -> None:
+        self._set(ops, _Fault("hang"))
+
+    def slow(self, seconds: float, *ops: str) -> None:
+        self._set(ops, _Fault("slow", seconds=seconds))
+
+    def heal(self, *ops: str) -> None:
+        for op in ops or NFS_OPS:
+            self._faults.pop(op, None)
+
+    def delay(self, op: str) -> float:
+        """How long a call of `op` takes before it acts: 0, some seconds, or math.inf (hung)."""
+        fault = self._faults.get(op)
+        if fault is None or fault.kind == "fail":
+            return 0.0
+        return math.inf if fault.kind == "hang" else fault.seconds
+
+    def kill(self, pid: int) -> None:
+        self._dead.add(pid)
+
+    def _set(self, ops: tuple[str, ...], fault: _Fault) -> None:
+        for op in ops or NFS_OPS:
+            if op not in NFS_OPS:
+                raise ValueError(f"unknown store operation {op!r}")
+            self._faults[op] = fault
+
+    def _enter(self, op: str) -> None:
+        fault = self._faults.get(op)
+        if fault is not None and fault.kind == "fail":
+            raise OSError(fault.errno, f"{op}: injected failure")
+
+    # -- inspection, for tests ----------------------------------------------------------------
+
+    def names(self, prefix: str = "") -> list[str]:
+        with self.project.lock:
+            return sorted(p for p in self.project.files if p.startswith(prefix))
+
+    def read(self, path: str) -> bytes:
+        with self.project.lock:
+            return self.project.files[path].content
+
+    def put(self, path: str, content: bytes = b"") -> None:
+        with self.project.lock:
+            self.project.write(path, content, new_inode=True)
+
+    # -- LeaseStore ---------------------------------------------------------------------------
+
+    def observe(self) -> Observation:
+        self._enter("observe")
+        with self.project.lock:
+            files = self.project.files
+            n = max((int(m.group(1)) for p in files if (m := _EPOCH.fullmatch(p.removeprefix("lease/")))), default=0)
+            if n == 0:
+                return Observation(0, None, False, None)
+            record = EpochRecord.from_bytes(files[f"lease/{epoch_name(n)}"].content)
+            hb = files.get(f"lease/{hb_name(n)}")
+            heartbeat = None if hb is None else Heartbeat(hb.ino, len(hb.content), hb.mtime_ns, hb.mtime_ns, hb.content)
+            return Observation(n, record, f"lease/{released_name(n)}" in files, heartbeat)
+
+    def claim(self, record: EpochRecord) -> EpochRecord:
+        self._enter("claim")
+        path = f"lease/{epoch_name(record.epoch)}"
+        with self.project.lock:
+            existing = self.project.files.get(path)
+            if existing is not None:
+                return EpochRecord.from_bytes(existing.content)
+            self.project.write(path, record.to_bytes(), new_inode=True)
+            return record
+
+    def renew(self, epoch: int, beat: bytes) -> bool:
+        self._enter("renew")
+        with self.project.lock:
+            self.project.write(f"lease/{hb_name(epoch)}", beat)
+            return f"lease/{epoch_name(epoch + 1)}" in self.project.files
+
+    def release(self, epoch: int, note: bytes) -> None:
+        self._enter("release")
+        path = f"lease/{released_name(epoch)}"
+        with self.project.lock:
+            if path not in self.project.files:
+                self.project.write(path, note, new_inode=True)
+
+    def quarantine(self, epoch: int) -> int:
+        self._enter("quarantine")
+        moved = 0
+        with self.project.lock:
+            for path in list(self.project.files):
+                parts = path.split("/")
+                if len(parts) == 3 and parts[0] == "staging" and parts[1].isdigit() and int(parts[1]) <= epoch:
+                    self.project.files[f"quarantine/{parts[1]}/{parts[2]}"] = self.project.files.pop(path)
+                    moved += 1
+        return moved
+
+    def pid_alive(self, pid: int) -> bool:
+        return pid not in self._dead
+
+
+_test_pids = itertools.count(2000)
+
+
+def simulated_identity(host: str, **overrides: object) -> Identity:
+    """A simulated host's identity for tests: its own machine and boot unless `overrides` say so."""
+    fields: dict[str, object] = {
+        "host": host,
+        "machine_id": f"machine-{host}",
+        "boot_id": f"boot-{host}",
+        "pidns": 4026531836,
+        "pid": next(_test_pids),
+        "uid": 1000,
+        "user": "tester",
+        "nonce": secrets.token_hex(8),
+    }
+    fields.update(overrides)
+    return Identity(**fields)  # type: ignore[arg-type]
