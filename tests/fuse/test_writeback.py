@@ -432,7 +432,7 @@ class RandomSession:
             name = self.rng.choices(names, weights)[0]
             try:
                 what = getattr(self, f"op_{name}")()
-            except OSError as e:
+            except (OSError, subprocess.SubprocessError) as e:  # an errno, or a CLI timeout
                 pytest.fail(f"op {name} failed unexpectedly: {e!r}; {self.where()}")
             if what is None:
                 continue
