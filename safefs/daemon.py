@@ -150,6 +150,7 @@ class Daemon:
             fs.inject_bug_name = os.fsencode(bug)
         await fs.start(_boot_id())
         self.fs, self.flusher, self.backing, self.cache = fs, Flusher(fs, self.host_name), backing, cache
+        await self.flusher.settle()
         ops = SafeOperations(fs, self.policy)
         self.ops = ops
         session = self.session = Session(ops, str(config.mnt), allow_other=config.allow_other)

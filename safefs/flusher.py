@@ -42,7 +42,7 @@ from safefs import ranges
 from safefs.backing import Attrs, Fingerprint
 from safefs.config import CONTROL_DIR_NAME
 from safefs.errors import BackingFailed, ReadOnly, SafefsError, SyncTimeout
-from safefs.fs import Filesystem, fingerprint_tuple
+from safefs.fs import Filesystem, fingerprint_tuple, same_content
 from safefs.inodes import ROOT_INO, Inode, op_inodes
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ class Flusher:
         self.published_files = 0
         self._dirs_to_sync: set[BPath] = set()
         self._staging_cleaned = False
+        self._maybe_done = False  # the op being replayed may have taken effect before a crash
         self.busy = False
         fs.on_change = self.poke
 
@@ -214,13 +215,7 @@ class Flusher:
             op = self.table.ops[seq]
             if older_than is not None and not self._ripe(seq, op, older_than):
                 break
-            self.fs.gate.require_writable()
-            try:
-                await getattr(self, "_op_" + op[0])(*op[1:])
-            except OSError as exc:
-                exc.safefs_op = op[0]  # type: ignore[attr-defined]
-                raise
-            self.table.drop_op(seq)
+            await self._replay_one(seq, op)
             receipt.ops += 1
             for ino in op_inodes(op):  # an inode only the op kept alive may go now
                 inode = self.table.inodes.get(ino)
@@ -235,6 +230,39 @@ class Flusher:
                     d.attr_dirty = True
                     self.table.mark(d)
             await self.table.commit()
+
+    async def _replay_one(self, seq: int, op: tuple[Any, ...]) -> None:
+        """Replay one op, with a write-ahead mark so a crash mid-op is recognised afterwards.
+
+        `in_flight` names the op being replayed; it is committed before the backing tree is
+        touched and cleared (with the op) after. At start-up an op still marked in flight may
+        or may not have taken effect, and its handler accepts both (`self._maybe_done`).
+        """
+        self.fs.gate.require_writable()
+        self._maybe_done = self.table.meta.get("in_flight") == seq
+        if not self._maybe_done:
+            self.table.set_meta("in_flight", seq)
+            await self.table.commit()
+        try:
+            await getattr(self, "_op_" + op[0])(*op[1:])
+        except OSError as exc:
+            exc.safefs_op = op[0]  # type: ignore[attr-defined]
+            raise
+        self.table.drop_op(seq)
+        self.table.set_meta("in_flight", 0)
+
+    async def settle(self) -> None:
+        """At start-up, finish the op a crash interrupted, so the backing view is exact.
+
+        Until then reads could look for a file where the backing tree no longer has it.
+        """
+        seq = self.table.meta.get("in_flight")
+        if seq and seq in self.table.ops:
+            try:
+                await self._replay_one(seq, self.table.ops[seq])
+                await self.table.commit()
+            except (OSError, SafefsError) as exc:
+                log.warning("flush: could not finish the interrupted op %d yet: %s", seq, exc)
 
     def _ripe(self, seq: int, op: tuple[Any, ...], older_than: float) -> bool:
         """May the background flush replay this op now?
@@ -310,7 +338,7 @@ class Flusher:
             await self._call(self.backing.mkdir, path, attrs)
         except FileExistsError:
             st = await self._call(self.backing.lstat, path)
-            if not stat.S_ISDIR(st.st_mode) or inode.blinks:
+            if not stat.S_ISDIR(st.st_mode) or (inode.blinks and not self._maybe_done):
                 await self._move_aside(path)
                 await self._call(self.backing.mkdir, path, attrs)
         inode.blinks = [(parent, name)]
@@ -325,6 +353,8 @@ class Flusher:
             return  # unlinked before it reached the backing tree: nothing to create
         path = dpath + (name,)
         if inode.is_reg:
+            if not self._maybe_done and await self._call(self.backing.exists, path):
+                await self._move_aside(path)  # someone else's object: never publish over it
             await self._publish_file(inode, path, (parent, name), atomic=True, receipt=None)
         else:
             attrs = await self._attrs(inode)
@@ -334,13 +364,25 @@ class Flusher:
                 else:
                     await self._call(self.backing.mknod, path, inode.mode, inode.rdev, attrs)
             except FileExistsError:
-                await self._move_aside(path)
-                return await self._op_create(parent, name, ino)
+                if not await self._made_by_us(inode, path):
+                    await self._move_aside(path)
+                    return await self._op_create(parent, name, ino)
             inode.blinks = [(parent, name)]
             inode.new = False
             inode.attr_dirty = False
             self.table.mark(inode)
         self._dirs_to_sync.add(dpath)
+
+    async def _made_by_us(self, inode: Inode, path: BPath) -> bool:
+        """After a crash, is the object at `path` the one this op created?"""
+        if not self._maybe_done:
+            return False
+        st = await self._call(self.backing.lstat, path)
+        if stat.S_IFMT(st.st_mode) != stat.S_IFMT(inode.mode):
+            return False
+        if inode.is_link:
+            return bool(await self._call(self.backing.readlink, path) == inode.target)
+        return True
 
     async def _op_link(self, ino: int, parent: int, name: bytes) -> None:
         inode = self.table.inodes.get(ino)
@@ -361,6 +403,17 @@ class Flusher:
             inode.blinks.append((parent, name))
         self.table.mark(inode)
         self._dirs_to_sync.add(dpath)
+
+    async def _exchanged_already(self, src: BPath, dst: BPath) -> bool:
+        """An exchange cannot tell by itself whether it ran; remember the inodes it swaps."""
+        a = (await self._call(self.backing.lstat, src)).st_ino
+        b = (await self._call(self.backing.lstat, dst)).st_ino
+        before = self.table.meta.get("exchange")
+        if self._maybe_done and before is not None and [b, a] == list(before):
+            return True
+        self.table.set_meta("exchange", [a, b])
+        await self.table.commit()
+        return False
 
     async def _keep_content(self, inode: Inode | None) -> None:
         """Before a file loses a name on the backing tree, fetch what an open fd may still read."""
@@ -431,8 +484,11 @@ class Flusher:
             # The other side never reached the backing tree: a plain move is what remains.
             exchange = False
         rename_flags = 2 if exchange else (0 if dst_known else 1)
+        if exchange and await self._exchanged_already(src, dst):
+            rename_flags = -1
         try:
-            await self._call(self.backing.rename, src, dst, rename_flags)
+            if rename_flags >= 0:
+                await self._call(self.backing.rename, src, dst, rename_flags)
         except FileNotFoundError:
             if await self._call(self.backing.exists, src):
                 raise  # the destination directory is missing: a real inconsistency
@@ -476,14 +532,19 @@ class Flusher:
         self, inode: Inode, path: BPath, blink: tuple[int, bytes], *, atomic: bool | None, receipt: Receipt | None
     ) -> None:
         fs = self.fs
-        if not inode.new and inode.origin is not None and not await self._unchanged_behind_us(inode, path):
-            await self._publish_conflict(inode, path)
-            return
+        backing_links = 1
+        if not inode.new and inode.origin is not None:
+            st_now = await self._unchanged_behind_us(inode, path)
+            if st_now is None:
+                await self._publish_conflict(inode, path)
+                return
+            backing_links = st_now.st_nlink
         version = inode.version
         whole = inode.new or (
             atomic is not False
             and inode.size <= self.config.publish_threshold
             and len(inode.blinks) <= 1
+            and backing_links <= 1  # a rename would split a hard link we may not know of
         )
         attrs = await self._attrs(inode)
         fd = await fs.in_cache(fs.cache.fd, inode.ino)
@@ -556,20 +617,21 @@ class Flusher:
             return False
         return True
 
-    async def _unchanged_behind_us(self, inode: Inode, path: BPath) -> bool:
+    async def _unchanged_behind_us(self, inode: Inode, path: BPath) -> os.stat_result | None:
+        """The backing file's stat if it is still what safefs last saw there, else None."""
         try:
             st = await self._call(self.backing.lstat, path)
         except FileNotFoundError:
-            return False
-        if fingerprint_tuple(Fingerprint.of(st)) != inode.origin and await self._ours_after_crash(inode, st):
-            inode.origin = fingerprint_tuple(Fingerprint.of(st))
-            return True
-        return fingerprint_tuple(Fingerprint.of(st)) == inode.origin or (
-            # Our own earlier publish may leave a newer ctime (xattr/chmod order): same file, same bytes.
-            stat.S_ISREG(st.st_mode)
-            and inode.origin is not None
-            and (st.st_ino, st.st_size, st.st_mtime_ns) == inode.origin[:3]
-        )
+            return None
+        fingerprint = fingerprint_tuple(Fingerprint.of(st))
+        if same_content(inode.origin, fingerprint):
+            if inode.publishing:  # a publish that never reached its rename: drop its leftovers
+                await self._ours_after_crash(inode, st)
+            return st
+        if await self._ours_after_crash(inode, st):
+            inode.origin = fingerprint
+            return st
+        return None
 
     async def _publish_conflict(self, inode: Inode, path: BPath) -> None:
         """The backing file changed behind safefs's back: keep both versions side by side."""
@@ -614,9 +676,9 @@ class Flusher:
                 inode.size = 0
                 inode.origin = None
             self.table.mark(inode)
-        fs.invalidator.invalidate_inode(inode.ino)
+        await fs.invalidator.invalidate_inode(inode.ino)
         if parent in self.table.inodes:
-            fs.invalidator.invalidate_entry(parent, name)
+            await fs.invalidator.invalidate_entry(parent, name)
 
     async def _sync_dirs(self) -> None:
         dirs, self._dirs_to_sync = self._dirs_to_sync, set()

@@ -68,15 +68,17 @@ class AlwaysWritable:
 
 
 class Invalidator(Protocol):
-    def invalidate_inode(self, ino: int) -> None: ...
-    def invalidate_entry(self, parent: int, name: bytes) -> None: ...
+    """Tells the kernel to forget what it cached. Callers hold no lock while awaiting it."""
+
+    async def invalidate_inode(self, ino: int) -> None: ...
+    async def invalidate_entry(self, parent: int, name: bytes) -> None: ...
 
 
 class NoInvalidator:
-    def invalidate_inode(self, ino: int) -> None:
+    async def invalidate_inode(self, ino: int) -> None:
         pass
 
-    def invalidate_entry(self, parent: int, name: bytes) -> None:
+    async def invalidate_entry(self, parent: int, name: bytes) -> None:
         pass
 
 
@@ -150,6 +152,16 @@ class _KeyedLock:
 
 def fingerprint_tuple(fp: Fingerprint) -> tuple[int, int, int, int]:
     return (fp.ino, fp.size, fp.mtime_ns, fp.ctime_ns)
+
+
+def same_content(seen: tuple[int, ...] | None, now: tuple[int, ...]) -> bool:
+    """Is a backing file still the one safefs fetched or published (by its fingerprint)?
+
+    The ctime is recorded but not compared: safefs's own renames and links on the backing
+    tree move it, while every change of content by anyone else moves the mtime or the size
+    (or, when a file is replaced, the inode).
+    """
+    return seen is not None and tuple(seen[:3]) == tuple(now[:3])
 
 
 class Filesystem:
@@ -700,7 +712,7 @@ class Filesystem:
         except (OSError, FsError) as exc:
             log.info("fs: cannot revalidate %r, serving the cache: %s", path, exc)
             return False
-        if fingerprint_tuple(Fingerprint.of(st)) == inode.origin or not stat.S_ISREG(st.st_mode):
+        if same_content(inode.origin, fingerprint_tuple(Fingerprint.of(st))) or not stat.S_ISREG(st.st_mode):
             return False
         async with self.inode_locks(inode.ino):
             if inode.needs_flush:
@@ -713,7 +725,7 @@ class Filesystem:
             inode.origin = fingerprint_tuple(Fingerprint.of(st))
             self.table.mark(inode)
             await self.table.commit()
-        self.invalidator.invalidate_inode(inode.ino)
+        await self.invalidator.invalidate_inode(inode.ino)
         return True
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
