@@ -198,8 +198,10 @@ class LeaseKeeper:
                 if not self._m.holding:
                     raise self._m.refusal(self._clock.monotonic())  # names the holder
         while not self.writable():
-            if not self._m.holding and not self._m.want_write:
-                raise self._m.refusal(self._clock.monotonic())  # lost or released meanwhile
+            # Lost or released meanwhile, or a release that failed half-way: it may have landed,
+            # so this epoch must not write again; the caller retries release() first.
+            if self._m.state is State.RELEASING or not (self._m.holding or self._m.want_write):
+                raise self._m.refusal(self._clock.monotonic())
             await self._changed.wait()
         return self._m.epoch
 
