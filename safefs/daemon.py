@@ -32,18 +32,20 @@ from typing import Any
 
 import trio
 
-from safefs import checks
+from safefs import checks, generation
 from safefs.backing import Backing
 from safefs.cache import ContentCache
 from safefs.clock import SystemClock
 from safefs.config import MountConfig, socket_path
 from safefs.control.server import serve as serve_control
-from safefs.errors import DaemonFailed, ExitCode, SafefsError
+from safefs.errors import DaemonFailed, ExitCode, LeaseHeldElsewhere, SafefsError
 from safefs.flusher import Flusher
-from safefs.fs import AlwaysWritable, Filesystem, Limiters
+from safefs.fs import Filesystem, Limiters
 from safefs.fuse_ops import CachePolicy, KernelNotifier, SafeOperations, Session
 from safefs.inodes import InodeTable
 from safefs.journal import Journal
+from safefs.lease.keeper import LeaseKeeper
+from safefs.lease.store import DirLeaseStore, local_identity
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +134,8 @@ class Daemon:
         self.terminated = False
         self.policy = CachePolicy()
         self.notifier = KernelNotifier()
-        self.gate = AlwaysWritable()
+        self.role = "unknown"
+        self.seen_generation: dict[str, Any] | None = None
 
     async def serve(self) -> int:
         config = self.config
@@ -143,27 +146,51 @@ class Daemon:
             backing = Backing(config.src)
         except OSError as exc:
             raise DaemonFailed(f"cannot open the project {config.src}: {exc.strerror}") from exc
+        self.keeper = keeper = LeaseKeeper(
+            DirLeaseStore(config.src), self.clock, config.lease, local_identity(config.host_id),
+            trio.CapacityLimiter(2),
+        )  # fmt: skip
         cache = ContentCache(config.cache_dir, config.free_space_floor)
-        fs = Filesystem(table, cache, backing, config, self.clock, limiters, self.gate, self.notifier)
+        fs = Filesystem(table, cache, backing, config, self.clock, limiters, keeper, self.notifier)
         bug = os.environ.get("SAFEFS_INJECT_BUG")
         if bug:
             fs.inject_bug_name = os.fsencode(bug)
-        await fs.start(_boot_id())
-        self.fs, self.flusher, self.backing, self.cache = fs, Flusher(fs, self.host_name), backing, cache
-        await self.flusher.settle()
-        ops = SafeOperations(fs, self.policy)
-        self.ops = ops
+        self.fs, self.backing, self.cache = fs, backing, cache
+        self.flusher = Flusher(fs, self.host_name)
+        try:
+            async with trio.open_nursery() as services:
+                role = await services.start(keeper.run)
+                if role != "writer" and config.wait_for_lease:
+                    log.info("daemon: waiting for the lease (%s)", keeper.statistics()["holder"])
+                    await keeper.acquire(wait=True)
+                await fs.start(_boot_id())
+                await self._take_role()
+                if self.role == "writer":
+                    await self.flusher.settle()
+                code = await self._serve_mount(services)
+                services.cancel_scope.cancel()
+        finally:
+            cache.close()
+            backing.close()
+        return code
+
+    async def _serve_mount(self, services: trio.Nursery) -> int:
+        config = self.config
+        ops = self.ops = SafeOperations(self.fs, self.policy)
         session = self.session = Session(ops, str(config.mnt), allow_other=config.allow_other)
         clean_exit = False
         try:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.flusher.run)
+                await nursery.start(self.notifier.run)
                 await nursery.start(serve_control, socket_path(config.mnt, os.environ, os.getuid()), self)
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(self._sync_journal_periodically)
+                nursery.start_soon(self._follow)
                 self.notifier.enabled = True
-                log.info("daemon: serving %s at %s (cache %s)", config.src, config.mnt, config.cache_dir)
-                self.ready.send({"ok": True, "pid": os.getpid(), "role": "writer", "holder": None})
+                log.info("daemon: serving %s at %s as %s (cache %s)", config.src, config.mnt, self.role, config.cache_dir)
+                self.ready.send({"ok": True, "pid": os.getpid(), "role": self.role,
+                                 "holder": self.keeper.statistics()["holder"]})  # fmt: skip
                 await session.serve()
                 self.notifier.enabled = False
                 nursery.cancel_scope.cancel()
@@ -174,11 +201,15 @@ class Daemon:
             session.close(unmount=self.terminated or not clean_exit)
             with trio.CancelScope(shield=True):
                 code = await self._final_flush()
-            cache.close()
-            backing.close()
         return code
 
     async def _final_flush(self) -> int:
+        """Unmount is `sync --release`: write everything back, then let the next host write."""
+        if self.keeper.role != "writer":
+            if self.fs.table.ops or any(True for _ in self.fs.table.iter_dirty()):
+                log.warning("daemon: this cache holds changes it could not write back (not the "
+                            "writer); they stay in %s", self.config.cache_dir)  # fmt: skip
+            return int(ExitCode.OK)
         try:
             receipt = await self.flusher.sync(timeout=FINAL_FLUSH_TIMEOUT)
         except SafefsError as exc:
@@ -189,8 +220,70 @@ class Daemon:
                 self.config.cache_dir,
             )
             return int(ExitCode.BACKING_FAILED)
+        try:
+            await self.keeper.release()
+        except SafefsError as exc:
+            log.warning("daemon: %s", exc.message)
         log.info("daemon: wrote back %d files, %d bytes; exiting", receipt.files, receipt.bytes)
         return int(ExitCode.OK)
+
+    # -- roles ---------------------------------------------------------------------------
+    async def _take_role(self) -> None:
+        """Set the mount up for the role the lease gives it (at start and on every change)."""
+        role = self.keeper.role
+        if role == self.role:
+            return
+        first = self.role == "unknown"
+        self.role = role
+        fs = self.fs
+        fs.follower = role != "writer"
+        if role == "writer":
+            self.policy.set_writer()
+            record = await self._read_generation()
+            self.flusher.adopt_generation(record)
+            self.seen_generation = record
+            log.info("lease: this mount is the writer (epoch %d)", self.keeper.epoch)
+        else:
+            self.policy.set_follower(self.config.follower_poll)
+            holder = self.keeper.statistics()["holder"]
+            log.info("lease: this mount is a follower; the writer is %s", holder)
+        if not first:
+            # Another host may have written: nothing cached about the tree is trusted blindly.
+            fs.mark_stale()
+            self._invalidate_kernel()
+
+    def _invalidate_kernel(self) -> None:
+        for inode in list(self.fs.table.inodes.values()):
+            if inode.lookups > 0:
+                self.notifier.later_inode(inode.ino)
+
+    async def _read_generation(self) -> dict[str, Any] | None:
+        try:
+            return await self.fs.read_backing(generation.read, self.backing)
+        except (OSError, SafefsError) as exc:
+            log.info("follow: cannot read the generation: %s", exc)
+            return None
+
+    async def _follow(self) -> None:
+        """Track role changes (takeover, loss) and, as a follower, the writer's generations."""
+        poll = self.config.follower_poll
+        next_poll = 0.0
+        while True:
+            await trio.sleep(min(0.5, poll))
+            await self._take_role()
+            if self.role == "writer" or trio.current_time() < next_poll:
+                continue
+            next_poll = trio.current_time() + poll
+            record = await self._read_generation()
+            if record is not None and self._generation_key(record) != self._generation_key(self.seen_generation):
+                log.info("follow: generation %s of epoch %s", record.get("generation"), record.get("epoch"))
+                self.seen_generation = record
+                self.fs.mark_stale()
+                self._invalidate_kernel()
+
+    @staticmethod
+    def _generation_key(record: dict[str, Any] | None) -> tuple[Any, Any]:
+        return (None, None) if record is None else (record.get("epoch"), record.get("generation"))
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -212,13 +305,16 @@ class Daemon:
     async def status(self) -> dict[str, Any]:
         config = self.config
         stats = self.flusher.statistics()
+        lease = self.keeper.statistics()
+        lease["generation"] = self.flusher.generation if self.role == "writer" else \
+            (self.seen_generation or {}).get("generation")  # fmt: skip
         return {
             "src": str(config.src),
             "mnt": str(config.mnt),
             "cache_dir": str(config.cache_dir),
             "pid": os.getpid(),
             "host": self.host_name,
-            "role": "writer",
+            "role": self.keeper.role,
             **stats,
             "bytes_fetched": self.backing.bytes_read,
             "bytes_written": self.backing.bytes_written,
@@ -230,24 +326,46 @@ class Daemon:
             "inodes": len(self.fs.table.inodes),
             "internal_errors": self.ops.bugs,
             "writeback_delay": config.writeback_delay,
-            "lease": {"epoch": getattr(self.gate, "epoch", 0), "holder": None, "deadline": None, "generation": None},
+            "lease": lease,
         }
 
     async def sync(self, *, release: bool, timeout: float | None, progress: Any) -> dict[str, Any]:
+        if self.keeper.role != "writer":
+            # A follower has nothing to write back; sync means "show me the latest".
+            self.fs.mark_stale()
+            self._invalidate_kernel()
+            record = await self._read_generation()
+            self.seen_generation = record or self.seen_generation
+            return {"role": "follower", "epoch": self.keeper.epoch, "generation": (record or {}).get("generation"),
+                    "files": 0, "bytes": 0, "ops": 0, "released": False}  # fmt: skip
         receipt = await self.flusher.sync(timeout=timeout)
+        epoch = self.keeper.epoch
+        if release:
+            await self.keeper.release()
+            await self._take_role()
         return {
-            "epoch": getattr(self.gate, "epoch", 0),
-            "generation": None,
+            "role": self.keeper.role,
+            "epoch": epoch,
+            "generation": receipt.generation,
             "files": receipt.files,
             "bytes": receipt.bytes,
             "ops": receipt.ops,
-            "released": False,
+            "released": release,
         }
 
     async def acquire(self, *, wait: bool, timeout: float | None) -> dict[str, Any]:
-        return {"role": "writer", "epoch": getattr(self.gate, "epoch", 0)}
+        with trio.move_on_after(timeout if timeout is not None else float("inf")):
+            epoch = await self.keeper.acquire(wait=wait)
+            await self._take_role()
+            return {"role": self.keeper.role, "epoch": epoch}
+        raise LeaseHeldElsewhere(
+            "gave up waiting for the lease", hint="see `safefs status` for who holds it"
+        )
 
     async def prepare_unmount(self, *, timeout: float | None) -> dict[str, Any]:
-        result = await self.sync(release=True, timeout=timeout, progress=None)
+        if self.keeper.role == "writer":
+            result = await self.sync(release=True, timeout=timeout, progress=None)
+        else:
+            result = {"role": "follower", "released": False}
         result["pid"] = os.getpid()
         return result

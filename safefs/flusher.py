@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import stat
@@ -38,7 +39,7 @@ from typing import Any
 
 import trio
 
-from safefs import ranges
+from safefs import generation, ranges
 from safefs.backing import Attrs, Fingerprint
 from safefs.config import CONTROL_DIR_NAME
 from safefs.errors import BackingFailed, ReadOnly, SafefsError, SyncTimeout
@@ -65,6 +66,7 @@ class Receipt:
     files: int = 0
     bytes: int = 0
     ops: int = 0
+    generation: int = 0
 
 
 def _op_dirs(op: tuple[Any, ...]) -> tuple[int, ...]:
@@ -95,6 +97,8 @@ class Flusher:
         self._dirs_to_sync: set[BPath] = set()
         self._staging_cleaned = False
         self._maybe_done = False  # the op being replayed may have taken effect before a crash
+        self.generation = 0  # the last generation this mount published
+        self._generation_pending = False  # a sync must publish a generation before it returns
         self.busy = False
         fs.on_change = self.poke
 
@@ -148,7 +152,10 @@ class Flusher:
                         continue
                     if everything or now - inode.changed_at >= self.config.writeback_delay:
                         await self._publish(inode, receipt)
+                changed = set(self._dirs_to_sync)
                 await self._sync_dirs()
+                if changed or (everything and self._generation_pending):
+                    await self._publish_generation(changed)
             except ReadOnly:
                 raise
             except (OSError, SafefsError) as exc:
@@ -162,6 +169,27 @@ class Flusher:
             self.flushes += 1
         return receipt
 
+    async def _publish_generation(self, changed: set[BPath]) -> None:
+        """Tell followers that the project moved: `.safefs/generation`, epoch and counter."""
+        epoch = self.fs.gate.require_writable()
+        number = max(self.generation, int(self.table.meta.get("generation", 0))) + 1
+        self._generation_pending = True  # until the record is out
+        await self._call(
+            functools.partial(
+                generation.write, self.backing, self._staging(), epoch=epoch, generation=number,
+                host=self.host_name, changed=changed,
+            )
+        )  # fmt: skip
+        self.generation = number
+        self._generation_pending = False
+        self.table.set_meta("generation", number)
+
+    def adopt_generation(self, record: dict[str, Any] | None) -> None:
+        """On becoming the writer: continue the counter from what the project shows."""
+        if record is not None:
+            self.generation = max(self.generation, int(record.get("generation", 0)))
+        self._generation_pending = True
+
     def _failed(self, exc: BaseException) -> None:
         self._backoff = min(MAX_BACKOFF, max(0.5, self._backoff * 2))
         self._next_try = self.clock.monotonic() + self._backoff
@@ -174,8 +202,14 @@ class Flusher:
         )
         log.warning("flush: %s; retrying in %.1fs", exc, self._backoff)
 
-    async def sync(self, *, timeout: float | None = None) -> Receipt:
-        """Write back everything acknowledged before the call; wait (and retry) until done."""
+    async def sync(self, *, timeout: float | None = None, new_generation: bool = True) -> Receipt:
+        """Write back everything acknowledged before the call; wait (and retry) until done.
+
+        With `new_generation` a new generation is published even if nothing changed, so a
+        follower (or a user moving hosts) has a receipt to go by.
+        """
+        if new_generation:
+            self._generation_pending = True  # the next complete pass publishes one
         start_versions = {i.ino: i.version for i in self.table.iter_dirty()}
         start_seq = self.table.next_seq
         total = Receipt()
@@ -190,8 +224,9 @@ class Flusher:
                 except BackingFailed:
                     await trio.sleep(self._backoff)
                     continue
-                if self._done_since(start_versions, start_seq):
+                if self._done_since(start_versions, start_seq) and not self._generation_pending:
                     await self.fs.table.sync()
+                    total.generation = self.generation
                     return total
                 continue
             raise SyncTimeout(

@@ -74,11 +74,23 @@ class Invalidator(Protocol):
     async def invalidate_entry(self, parent: int, name: bytes) -> None: ...
 
 
+    def later_inode(self, ino: int) -> None:
+        """Queue an invalidation (for callers inside a request that the kernel would block)."""
+
+    def later_entry(self, parent: int, name: bytes) -> None: ...
+
+
 class NoInvalidator:
     async def invalidate_inode(self, ino: int) -> None:
         pass
 
     async def invalidate_entry(self, parent: int, name: bytes) -> None:
+        pass
+
+    def later_inode(self, ino: int) -> None:
+        pass
+
+    def later_entry(self, parent: int, name: bytes) -> None:
         pass
 
 
@@ -192,6 +204,8 @@ class Filesystem:
         self._by_backing_ino: dict[int, int] = {}  # backing st_ino -> inode, for hard links
         self._last_access: dict[int, float] = {}
         self._cached_bytes_estimate = 0
+        self.dropped_content: set[int] = set()  # content files to delete (see purge_dropped)
+        self.follower = False  # no local changes at all; the kernel must not keep pages
         self.stats = FsStats()
         self.on_change: Callable[[], None] = lambda: None  # the flusher pokes itself here
         self.inject_bug_name: bytes | None = None  # tests: a lookup of this name raises a bug
@@ -232,6 +246,7 @@ class Filesystem:
                     inode.present = ranges.EMPTY
                     table.mark(inode)
             table.set_meta("boot_id", boot_id)
+        self.mark_stale()  # the backing tree may have changed while we were not mounted
         # What a crash left behind counts as changed now: it is written back after the usual
         # quiet period (the flusher retries it like any other change).
         now = self.clock.monotonic()
@@ -308,9 +323,19 @@ class Filesystem:
         inode.changed_at = self.clock.monotonic()
         return inode
 
+    def mark_stale(self) -> None:
+        """Distrust every listed directory: the backing tree may have changed (another host
+        wrote, or this cache was not mounted). Each is compared again on its next use."""
+        for inode in self.table.inodes.values():
+            if inode.is_dir and inode.listed:
+                inode.stale = True
+
     async def ensure_listed(self, d: Inode) -> None:
-        """Load a directory's entries from the backing tree the first time it is used."""
+        """Load a directory's entries from the backing tree the first time it is used, and
+        bring them up to date when it is stale."""
         if d.listed:
+            if d.stale and d.ino not in self.table._op_refs:
+                await self._refresh(d)
             return
         async with self._dir_locks(d.ino):
             if d.listed:
@@ -326,6 +351,89 @@ class Filesystem:
             d.listed = True
             self.table.mark(d)
             await self.table.commit()
+
+    async def _refresh(self, d: Inode) -> None:
+        """Compare a stale directory with the backing tree and take over what changed there.
+
+        Entries with changes of our own still to write back are left alone: the cache is
+        authoritative for them (and the flusher's conflict rules apply when it publishes).
+        Kernel invalidations are queued, not awaited: this runs inside a request on `d`, and
+        the kernel needs `d`'s lock to drop a name.
+        """
+        async with self._dir_locks(d.ino):
+            if not d.stale:
+                return
+            path = self.table.dir_backing_path(d.ino)
+            if path is None:
+                d.stale = False
+                return
+            entries = await self.read_backing(self.backing.listdir, path)
+            table = self.table
+            found = {e.name: e for e in entries if not self._hidden(d.ino, e.name)}
+            for name, ino in list(table.names(d.ino).items()):
+                child = table.inodes[ino]
+                if table.pinned(child):
+                    found.pop(name, None)
+                    continue
+                entry = found.pop(name, None)
+                same_object = (
+                    entry is not None
+                    and child.origin is not None
+                    and entry.st.st_ino == child.origin[0]
+                    and stat.S_IFMT(entry.st.st_mode) == stat.S_IFMT(child.mode)
+                )
+                if same_object:
+                    assert entry is not None
+                    self._take_backing_state(child, entry)
+                    continue
+                self._forget_name(d.ino, name, child)
+                if entry is not None:
+                    table.link(d.ino, name, self._inode_from_backing(d.ino, entry))
+            for name, entry in found.items():
+                if table.child(d.ino, name) is None:
+                    table.link(d.ino, name, self._inode_from_backing(d.ino, entry))
+            d.stale = False
+            table.mark(d)
+            await table.commit()
+        await self.purge_dropped()
+
+    async def purge_dropped(self) -> None:
+        """Delete the content files of inodes whose cached bytes were dropped."""
+        dropped, self.dropped_content = self.dropped_content, set()
+        for ino in dropped:
+            inode = self.table.inodes.get(ino)
+            if inode is None or not inode.present:
+                await self.in_cache(self.cache.delete, ino)
+
+    def _take_backing_state(self, inode: Inode, entry: Entry) -> None:
+        """A clean inode still at its place: adopt its attributes, drop content that changed."""
+        fingerprint = fingerprint_tuple(Fingerprint.of(entry.st))
+        if inode.is_reg and not same_content(inode.origin, fingerprint) and inode.present:
+            self._cached_bytes_estimate -= ranges.total(inode.present)
+            inode.present = ranges.EMPTY
+            self.dropped_content.add(inode.ino)
+            self.invalidator.later_inode(inode.ino)
+        elif (inode.mode, inode.uid, inode.gid, inode.mtime_ns) != (
+            entry.st.st_mode, entry.st.st_uid, entry.st.st_gid, entry.st.st_mtime_ns
+        ):
+            self.invalidator.later_inode(inode.ino)
+        self._copy_stat(inode, entry.st)
+        inode.origin = fingerprint
+        inode.target = entry.link_target
+        inode.xattrs = None
+        if inode.is_dir:
+            inode.stale = True
+        self.table.mark(inode)
+
+    def _forget_name(self, parent: int, name: bytes, child: Inode) -> None:
+        """A name that went away on the backing tree goes away here too (no op is logged)."""
+        self.table.unlink(parent, name)
+        if (parent, name) in child.blinks:
+            child.blinks.remove((parent, name))
+        self.invalidator.later_entry(parent, name)
+        if self.table.collectable(child):
+            self.table.drop(child)
+            self.dropped_content.add(child.ino)
 
     def _inode_from_backing(self, parent: int, entry: Entry) -> Inode:
         st = entry.st
@@ -691,7 +799,7 @@ class Filesystem:
             raise FsError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             self._writable()
-        keep = True
+        keep = not self.follower  # a follower's files change under it: no stale pages
         if inode.is_reg and inode.present and not inode.needs_flush and not inode.new:
             keep = not await self._revalidate(inode)
         if flags & os.O_TRUNC and inode.is_reg:

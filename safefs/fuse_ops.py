@@ -82,6 +82,30 @@ class KernelNotifier:
     def __init__(self) -> None:
         self._limiter = trio.CapacityLimiter(1)
         self.enabled = False  # only once pyfuse3.main() runs
+        self._queue: list[tuple[Callable[..., None], tuple[Any, ...]]] = []
+        self._queued = trio.Event()
+
+    def later_inode(self, ino: int) -> None:
+        self._later(pyfuse3.invalidate_inode, ino, False)
+
+    def later_entry(self, parent: int, name: bytes) -> None:
+        self._later(pyfuse3.invalidate_entry, parent, name)
+
+    def _later(self, fn: Callable[..., None], *args: Any) -> None:
+        if self.enabled:
+            self._queue.append((fn, args))
+            self._queued.set()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Carry out queued invalidations, after the request that queued them has ended."""
+        task_status.started()
+        while True:
+            await self._queued.wait()
+            self._queued = trio.Event()
+            await trio.sleep(0)  # let the queuing request finish first
+            queue, self._queue = self._queue, []
+            for fn, args in queue:
+                await self._run(fn, *args)
 
     async def invalidate_inode(self, ino: int) -> None:
         if self.enabled:

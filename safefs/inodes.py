@@ -53,7 +53,7 @@ class Inode:
         "target", "xattrs", "origin", "present", "dirty", "attr_dirty", "new", "listed",
         "parent", "blinks", "publishing",
         # memory only
-        "links", "nlink_dirs", "lookups", "opens", "changed_at", "version", "atime_dirty",
+        "links", "nlink_dirs", "lookups", "opens", "changed_at", "version", "stale",
     )  # fmt: skip
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, now_ns: int) -> None:
@@ -83,7 +83,7 @@ class Inode:
         self.opens = 0  # open file handles
         self.changed_at = 0.0  # monotonic time of the last data/attr change (for write-back)
         self.version = 0  # bumped on every change of content or attributes
-        self.atime_dirty = False
+        self.stale = False  # directories: the backing tree may have changed since listed
 
     # -- kind ----------------------------------------------------------------------------
     @property
@@ -299,6 +299,10 @@ class InodeTable:
             and inode.opens <= 0
             and inode.ino not in self._op_refs  # a pending op still needs it to replay
         )
+
+    def pinned(self, inode: Inode) -> bool:
+        """Does the cache hold changes of this inode that the backing tree does not have yet?"""
+        return inode.needs_flush or inode.new or inode.ino in self._op_refs
 
     def drop(self, inode: Inode) -> None:
         """Forget an inode nothing refers to any more (see `collectable`)."""
