@@ -193,35 +193,60 @@ def test_umount_writes_back_everything(mount_factory, tmp_path):
 
 
 class TreeModel:
-    """What the tree should look like: {path: bytearray} for files and a set of directories."""
+    """What the tree should look like.
+
+    Files are {path: bytearray}; hard links share one bytearray object, so a write through one
+    name shows under every name. Symlinks are {path: target}; directories a set.
+    """
 
     def __init__(self) -> None:
         self.files: dict[str, bytearray] = {}
+        self.links: dict[str, str] = {}
         self.dirs: set[str] = set()
 
     def expected(self) -> dict[str, object]:
         tree: dict[str, object] = {d: "dir" for d in self.dirs}
         tree.update({p: bytes(b) for p, b in self.files.items()})
+        tree.update({p: ("symlink", t) for p, t in self.links.items()})
         return tree
 
     def exists(self, path: str) -> bool:
-        return path in self.files or path in self.dirs
+        return path in self.files or path in self.dirs or path in self.links
 
     def is_empty_dir(self, path: str) -> bool:
         prefix = path + "/"
-        return path in self.dirs and not any(p.startswith(prefix) for p in [*self.files, *self.dirs])
+        return path in self.dirs and not any(
+            p.startswith(prefix) for p in [*self.files, *self.dirs, *self.links]
+        )
+
+    def hard_link_groups(self) -> list[list[str]]:
+        """Paths that name one file, for every file with more than one name."""
+        groups: dict[int, list[str]] = {}
+        for path, buf in self.files.items():
+            groups.setdefault(id(buf), []).append(path)
+        return [sorted(g) for g in groups.values() if len(g) > 1]
 
     def move(self, old: str, new: str) -> None:
-        """rename(old, new) where new is absent, an empty dir, or a file replaced by a file."""
-        if old in self.files:
-            self.files[new] = self.files.pop(old)
+        """rename(old, new) where new is absent, an empty dir, or a non-directory."""
+        if old in self.files or old in self.links:
+            if old in self.files and self.files.get(new) is self.files[old]:
+                return  # two names of one file: rename(2) does nothing
+            self.files.pop(new, None)
+            self.links.pop(new, None)
+            if old in self.files:
+                self.files[new] = self.files.pop(old)
+            else:
+                self.links[new] = self.links.pop(old)
             return
         self.dirs.discard(new)
         prefix = old + "/"
-        self.dirs = {new + d[len(old) :] if d == old or d.startswith(prefix) else d for d in self.dirs}
-        self.files = {
-            (new + p[len(old) :] if p.startswith(prefix) else p): b for p, b in self.files.items()
-        }
+
+        def moved(p: str) -> str:
+            return new + p[len(old) :] if p == old or p.startswith(prefix) else p
+
+        self.dirs = {moved(d) for d in self.dirs}
+        self.files = {moved(p): b for p, b in self.files.items()}
+        self.links = {moved(p): t for p, t in self.links.items()}
 
 
 FILE_NAMES = ["a", "b", "c", "d", "e"]
@@ -243,6 +268,7 @@ class RandomSession:
         self.delay = delay
         self.model = TreeModel()
         self.log: list[str] = []
+        self.fds: list[tuple[int, bytearray]] = []  # open descriptors and the file they reach
 
     def where(self) -> str:
         return f"seed {self.seed}, after ops:\n    " + "\n    ".join(self.log[-15:])
@@ -268,7 +294,7 @@ class RandomSession:
             path = self.rng.choice(files)
         else:
             path = self.new_path(FILE_NAMES)
-            if path is None or path in self.model.dirs:
+            if path is None or path in self.model.dirs or path in self.model.links:
                 return None
         buf = self.model.files.get(path, bytearray())
         offset = self.rng.randint(0, len(buf) + 5000)
@@ -298,9 +324,10 @@ class RandomSession:
         return f"truncate {path} {size}"
 
     def op_rename_file(self):
-        if not self.model.files:
+        names = sorted([*self.model.files, *self.model.links])
+        if not names:
             return None
-        old = self.rng.choice(sorted(self.model.files))
+        old = self.rng.choice(names)
         new = self.new_path(FILE_NAMES)
         if new is None or new == old or new in self.model.dirs:
             return None
@@ -315,7 +342,7 @@ class RandomSession:
         new = self.new_path(DIR_NAMES, max_depth=2)
         if new is None or new == old or new.startswith(old + "/") or new in self.model.files:
             return None
-        if new in self.model.dirs and not self.model.is_empty_dir(new):
+        if new in self.model.links or (new in self.model.dirs and not self.model.is_empty_dir(new)):
             return None
         subtree_depth = max(depth(d) for d in self.model.dirs if d == old or d.startswith(old + "/"))
         if depth(new) + subtree_depth - depth(old) > 4:
@@ -325,12 +352,75 @@ class RandomSession:
         return f"rename dir {old} -> {new}"
 
     def op_unlink(self):
+        names = sorted([*self.model.files, *self.model.links])
+        if not names:
+            return None
+        path = self.rng.choice(names)
+        os.unlink(self.p(path))
+        self.model.files.pop(path, None)
+        self.model.links.pop(path, None)
+        return f"unlink {path}"
+
+    def op_link(self):
         if not self.model.files:
             return None
+        old = self.rng.choice(sorted(self.model.files))
+        new = self.new_path(FILE_NAMES)
+        if new is None or self.model.exists(new):
+            return None
+        os.link(self.p(old), self.p(new))
+        self.model.files[new] = self.model.files[old]
+        return f"link {old} -> {new}"
+
+    def op_symlink(self):
+        path = self.new_path(FILE_NAMES)
+        if path is None or self.model.exists(path):
+            return None
+        target = self.rng.choice(["a", "../x/b", "/nowhere", "x" * 300])
+        os.symlink(target, self.p(path))
+        self.model.links[path] = target
+        return f"symlink {path} -> {target[:20]}"
+
+    def op_open(self):
+        """Keep a descriptor open across later renames, unlinks and truncates."""
+        if not self.model.files or len(self.fds) >= 4:
+            return None
         path = self.rng.choice(sorted(self.model.files))
-        os.unlink(self.p(path))
-        del self.model.files[path]
-        return f"unlink {path}"
+        self.fds.append((os.open(self.p(path), os.O_RDWR), self.model.files[path]))
+        return f"open {path} as fd#{len(self.fds) - 1}"
+
+    def op_fd_write(self):
+        if not self.fds:
+            return None
+        index = self.rng.randrange(len(self.fds))
+        fd, buf = self.fds[index]
+        offset = self.rng.randint(0, len(buf) + 5000)
+        data = self.rng.randbytes(self.rng.choice(WRITE_SIZES))
+        assert os.pwrite(fd, data, offset) == len(data)
+        if offset > len(buf):
+            buf.extend(bytes(offset - len(buf)))
+        buf[offset : offset + len(data)] = data
+        return f"write fd#{index} @{offset} +{len(data)}"
+
+    def op_fd_read(self):
+        if not self.fds:
+            return None
+        index = self.rng.randrange(len(self.fds))
+        fd, buf = self.fds[index]
+        got = os.pread(fd, len(buf) + 10, 0)
+        assert got == bytes(buf), f"read fd#{index}: {describe(got)} != {describe(bytes(buf))}; {self.where()}"
+        return f"read fd#{index}"
+
+    def op_fd_close(self):
+        if not self.fds:
+            return None
+        index = self.rng.randrange(len(self.fds))
+        os.close(self.fds.pop(index)[0])
+        return f"close fd#{index}"
+
+    def close_all(self) -> None:
+        while self.fds:
+            os.close(self.fds.pop()[0])
 
     def op_mkdir(self):
         path = self.new_path(DIR_NAMES)
@@ -401,6 +491,9 @@ class RandomSession:
         """Wait for background write-back to go idle; SRC must then match the model."""
         if self.delay > 5:
             return None
+        named = {id(b) for b in self.model.files.values()}
+        if any(id(buf) not in named for _, buf in self.fds):
+            return None  # an unlinked file is open: its data may stay dirty until closed
 
         def idle():
             st = self.m.status()
@@ -417,15 +510,28 @@ class RandomSession:
         "rename_file": 10,
         "rename_dir": 4,
         "unlink": 6,
+        "link": 3,
+        "symlink": 2,
         "mkdir": 6,
         "rmdir": 3,
         "read": 6,
+        "open": 3,
+        "fd_write": 8,
+        "fd_read": 3,
+        "fd_close": 3,
         "bad": 3,
         "sync": 2,
         "quiesce": 1,
     }
 
     def run(self, steps: int) -> None:
+        """`steps` operations, comparing the mount with the model every 20; closes its fds."""
+        try:
+            self._run(steps)
+        finally:
+            self.close_all()
+
+    def _run(self, steps: int) -> None:
         names, weights = list(self.OPS), list(self.OPS.values())
         done = 0
         while done < steps:
@@ -442,6 +548,16 @@ class RandomSession:
                 diff = tree_diff(self.model.expected(), snapshot(self.m.mnt))
                 assert not diff, f"mount differs from the model:\n{diff}\n{self.where()}"
 
+    def check_hard_links(self, root: Path, where: str) -> None:
+        """Names of one file in the model are one inode under `root`, with that link count."""
+        for group in self.model.hard_link_groups():
+            stats = [os.lstat(root / p) for p in group]
+            inos = {st.st_ino for st in stats}
+            assert len(inos) == 1, f"{where}: {group} should be one file, are inodes {inos}; {self.where()}"
+            assert stats[0].st_nlink == len(group), (
+                f"{where}: {group} has st_nlink {stats[0].st_nlink}; {self.where()}"
+            )
+
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize(
@@ -456,9 +572,11 @@ def test_random_operations_match_model(mount_factory, seed, delay):
     expected = session.model.expected()
     diff = tree_diff(expected, snapshot(m.mnt))
     assert not diff, f"mount differs from the model at the end:\n{diff}\n{session.where()}"
+    session.check_hard_links(m.mnt, "mount")
     m.umount()
     diff = tree_diff(expected, snapshot(m.src))
     assert not diff, f"SRC after umount differs from the model:\n{diff}\n{session.where()}"
+    session.check_hard_links(m.src, "SRC after umount")
     assert_no_staging_leftovers(m.src)
 
 
@@ -764,3 +882,32 @@ def test_dirty_data_is_never_evicted(mount_factory, tmp_path):
         assert (m.mnt / name).read_bytes() == data, f"dirty {name} lost or damaged in the cache"
     m.umount()
     assert_tree(src, {"clean": clean, **dirty}, "SRC after umount")
+
+
+def test_conflict_keeps_both_versions(mount_factory, tmp_path):
+    """G2/section 5: SRC changed behind safefs while the cache holds a dirty version of it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"A" * 10_000)
+    m = mount_factory(src, None, None, *LONG_DELAY)
+    assert (m.mnt / "f").read_bytes() == b"A" * 10_000
+    ours = b"ours, written through the mount " * 100
+    write_file(m.mnt / "f", ours)
+    theirs = b"theirs, written behind safefs " * 200
+    before = os.stat(src / "f")
+    (src / "f").write_bytes(theirs)
+    os.utime(src / "f", ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+    result = m.sync()
+    copies = sorted(src.glob("f.safefs-conflict-*"))
+    assert (src / "f").read_bytes() == theirs, "safefs overwrote a file changed behind its back"
+    assert len(copies) == 1, f"expected one conflict copy beside f, SRC has {sorted(os.listdir(src))}"
+    assert copies[0].read_bytes() == ours, "the conflict copy does not hold the mount's version"
+    st = m.status()
+    assert st["conflicts"], f"status reports no conflict: {st}"
+    assert st["dirty_bytes"] == 0, f"sync left dirty data after the conflict ({result.stderr})"
+    # The mount now shows both versions, like SRC (kernel caches included).
+    assert (m.mnt / "f").read_bytes() == theirs, "mount still shows its own version under the name"
+    assert (m.mnt / copies[0].name).read_bytes() == ours
+    m.umount()
+    assert (src / "f").read_bytes() == theirs
+    assert copies[0].read_bytes() == ours
