@@ -124,10 +124,36 @@ class FaultPlan:
     they were added, so a delay or hang can precede a failure.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, record_calls: bool = True) -> None:
         self._lock = threading.Lock()
         self._faults: list[_Fault] = []
-        self.calls: list[tuple[str, Path]] = []  # every checked operation, for assertions
+        # every checked operation, for assertions (off in a daemon: it would grow for ever)
+        self.calls: list[tuple[str, Path]] | None = [] if record_calls else None
+
+    @classmethod
+    def from_spec(cls, spec: list[dict[str, object]]) -> "FaultPlan":
+        """Build a plan from JSON (the daemon reads it from $SAFEFS_FAULTS, for tests).
+
+        Each item: {"kind": "fail"|"hang"|"delay", "op": name or "*", "errno": "EIO",
+        "seconds": 0.5, "times": n or null, "prefix": "dir/sub"}.
+        """
+        plan = cls(record_calls=False)
+        for item in spec:
+            op = str(item.get("op", "*"))
+            raw_prefix = item.get("prefix")
+            prefix = tuple(os.fsencode(str(raw_prefix)).split(b"/")) if raw_prefix else None
+            times = item.get("times")
+            times = int(times) if isinstance(times, (int, str)) else None
+            kind = item.get("kind")
+            if kind == "fail":
+                plan.fail(op, getattr(errno, str(item.get("errno", "EIO"))), times=times, prefix=prefix)
+            elif kind == "hang":
+                plan.hang(op, times=times, prefix=prefix)
+            elif kind == "delay":
+                plan.delay(op, float(str(item.get("seconds", 0))), times=times, prefix=prefix)
+            else:
+                raise ValueError(f"unknown fault kind {kind!r}")
+        return plan
 
     def fail(self, op: str, err: int, *, times: int | None = None, prefix: Path | None = None) -> None:
         self._add(_Fault(op, prefix, err=err, times=times))
@@ -150,7 +176,8 @@ class FaultPlan:
 
     def check(self, op: str, path: Path = ()) -> None:
         with self._lock:
-            self.calls.append((op, path))
+            if self.calls is not None:
+                self.calls.append((op, path))
             hits = []
             for f in self._faults:
                 if f.op not in (op, "*") or (f.prefix is not None and path[: len(f.prefix)] != f.prefix):

@@ -33,7 +33,7 @@ from typing import Any
 import trio
 
 from safefs import checks, generation
-from safefs.backing import Backing
+from safefs.backing import Backing, FaultPlan
 from safefs.cache import ContentCache
 from safefs.clock import SystemClock
 from safefs.config import MountConfig, socket_path
@@ -152,6 +152,10 @@ class Daemon:
         )  # fmt: skip
         cache = ContentCache(config.cache_dir, config.free_space_floor)
         fs = Filesystem(table, cache, backing, config, self.clock, limiters, keeper, self.notifier)
+        faults = os.environ.get("SAFEFS_FAULTS")  # tests: a stuck or failing project
+        if faults:
+            backing.faults = FaultPlan.from_spec(json.loads(faults))
+            log.warning("daemon: fault injection on: %s", faults)
         bug = os.environ.get("SAFEFS_INJECT_BUG")
         if bug:
             fs.inject_bug_name = os.fsencode(bug)
