@@ -26,6 +26,10 @@ pytestmark = [pytest.mark.fuse, pytest.mark.timeout(300)]
 
 MIB = 1 << 20
 LONG_DELAY = ("--writeback-delay", "600")  # nothing is written back on its own during the test
+# A remount after a kill takes the lease over from the dead daemon, and a new writer waits a
+# lock delay before it changes SRC (DESIGN.md section 3). These tests are about replay, so
+# their remounts set it to 0; test_sync_or_umount_during_the_lock_delay covers the wait.
+NO_LOCK_DELAY = ("--lock-delay", "0")
 
 
 def until(fn: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
@@ -187,7 +191,7 @@ def test_kill_after_acknowledged_writes(mount_factory, tmp_path):
         allowed.setdefault(name, set()).add(digest(name.encode() * 1000))
     assert_no_torn_files(src, allowed)
 
-    m2 = mount_factory(src, mnt, m.cache_dir, *LONG_DELAY)
+    m2 = mount_factory(src, mnt, m.cache_dir, *LONG_DELAY, *NO_LOCK_DELAY)
     assert_tree(m2.mnt, expected, "mount after kill -9 and replay")
     assert stat.S_IMODE(os.stat(m2.mnt / "keep").st_mode) == 0o600, "chmod lost by the kill"
     m2.umount()
@@ -205,7 +209,7 @@ def test_kill_after_fsync_before_the_writeback_delay(mount_factory, tmp_path):
     fsync_dir(m.mnt)
     kill(m)
     assert not (m.src / "d" / "f").exists(), "data reached SRC early; the replay is not being tested"
-    m2 = mount_factory(m.src, m.mnt, m.cache_dir, *LONG_DELAY)
+    m2 = mount_factory(m.src, m.mnt, m.cache_dir, *LONG_DELAY, *NO_LOCK_DELAY)
     # Served from the replayed cache: SRC does not have it yet.
     assert file_digest(m2.mnt / "d" / "f") == digest(data)
     assert not (m.src / "d" / "f").exists()
@@ -227,7 +231,7 @@ def test_kill_after_write_returned_without_close(mount_factory, tmp_path):
             os.close(fd)
         except OSError:
             pass  # ENOTCONN: the connection died with the daemon
-    m2 = mount_factory(m.src, m.mnt, m.cache_dir, *LONG_DELAY)
+    m2 = mount_factory(m.src, m.mnt, m.cache_dir, *LONG_DELAY, *NO_LOCK_DELAY)
     assert file_digest(m2.mnt / "open") == digest(data), "bytes of an acknowledged write() were lost"
     m2.umount()
     assert file_digest(m.src / "open") == digest(data)
@@ -241,12 +245,35 @@ def test_kill_twice_during_replay(mount_factory, tmp_path):
         write_file(m.mnt / f"f{i}", data, fsync=True)
         expected[f"f{i}"] = digest(data)
     kill(m)
-    again = mount_factory(m.src, m.mnt, m.cache_dir)  # default delay: replay and flush start
+    again = mount_factory(m.src, m.mnt, m.cache_dir, *NO_LOCK_DELAY)  # replay and flush start
     kill(again)
-    final = mount_factory(m.src, m.mnt, m.cache_dir)
+    final = mount_factory(m.src, m.mnt, m.cache_dir, *NO_LOCK_DELAY)
     assert_tree(final.mnt, expected, "mount after two kills")
     final.umount()
     assert_tree(m.src, expected, "SRC after two kills and umount")
+    assert_no_staging_leftovers(m.src)
+
+
+@pytest.mark.parametrize("command", ["sync", "umount"])
+def test_sync_or_umount_during_the_lock_delay(mount_factory, command):
+    """After a takeover the new writer waits a lock delay before changing SRC. A sync or an
+    umount asked for in that window waits it out (within its timeout) and then writes
+    everything back; it does not fail, and nothing is lost."""
+    m = mount_factory(None, None, None, *LONG_DELAY)
+    data = os.urandom(100_000)
+    write_file(m.mnt / "f", data, fsync=True)
+    kill(m)
+    lock_delay = 3.0
+    m2 = mount_factory(m.src, m.mnt, m.cache_dir, *LONG_DELAY, "--lock-delay", str(lock_delay))
+    assert file_digest(m2.mnt / "f") == digest(data)
+    if command == "sync":
+        result = m2.sync()
+        assert result.returncode == 0, f"sync during the lock delay exited {result.returncode}: {result.stderr}"
+        assert file_digest(m.src / "f") == digest(data), "sync returned before SRC had the data"
+        m2.umount()
+    else:
+        m2.umount()  # asserts exit 0, daemon exit 0, nothing mounted
+    assert file_digest(m.src / "f") == digest(data)
     assert_no_staging_leftovers(m.src)
 
 
@@ -295,7 +322,7 @@ def test_kill_in_the_middle_of_writeback(mount_factory, tmp_path, fraction):
     if st_before_kill["dirty_bytes"] == 0:
         pytest.skip("write-back finished before the kill point; nothing was interrupted")
 
-    m2 = mount_factory(m.src, m.mnt, m.cache_dir)
+    m2 = mount_factory(m.src, m.mnt, m.cache_dir, *NO_LOCK_DELAY)
     assert_tree(m2.mnt, expected, "mount after kill mid write-back")
     m2.umount()
     assert_tree(m.src, expected, "SRC after kill mid write-back, replay and umount")
