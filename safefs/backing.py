@@ -645,8 +645,9 @@ class Backing:
         pread on it.
         """
         self._begin("publish_atomic", path, staging)
-        with self._parent(path) as (parent_fd, name):
-            with self._ensure_dir(staging) as staging_fd:
+        # The staging directory first: it may create the parent too (.safefs/generation).
+        with self._ensure_dir(staging) as staging_fd:
+            with self._parent(path) as (parent_fd, name):
                 tmp = tmp_name or b"publish-" + uuid.uuid4().hex.encode() + b".tmp"
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                              0o600, dir_fd=staging_fd)
