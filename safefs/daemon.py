@@ -215,7 +215,7 @@ class Daemon:
                             "writer); they stay in %s", self.config.cache_dir)  # fmt: skip
             return int(ExitCode.OK)
         try:
-            receipt = await self.flusher.sync(timeout=FINAL_FLUSH_TIMEOUT)
+            receipt = await self._write_back(FINAL_FLUSH_TIMEOUT)
         except SafefsError as exc:
             log.error(
                 "daemon: could not write everything back (%s); the dirty data stays in %s and is "
@@ -230,6 +230,14 @@ class Daemon:
             log.warning("daemon: %s", exc.message)
         log.info("daemon: wrote back %d files, %d bytes; exiting", receipt.files, receipt.bytes)
         return int(ExitCode.OK)
+
+    async def _write_back(self, timeout: float | None) -> Any:
+        """flusher.sync, after waiting out a lock delay (a fresh takeover) within `timeout`."""
+        deadline = trio.current_time() + (timeout if timeout is not None else float("inf"))
+        with trio.move_on_at(deadline):
+            await self.keeper.acquire(wait=False)  # returns at once unless in the lock delay
+        remaining = deadline - trio.current_time()
+        return await self.flusher.sync(timeout=None if remaining == float("inf") else max(0.0, remaining))
 
     # -- roles ---------------------------------------------------------------------------
     async def _take_role(self) -> None:
@@ -342,7 +350,7 @@ class Daemon:
             self.seen_generation = record or self.seen_generation
             return {"role": "follower", "epoch": self.keeper.epoch, "generation": (record or {}).get("generation"),
                     "files": 0, "bytes": 0, "ops": 0, "released": False}  # fmt: skip
-        receipt = await self.flusher.sync(timeout=timeout)
+        receipt = await self._write_back(timeout)
         epoch = self.keeper.epoch
         if release:
             await self.keeper.release()
