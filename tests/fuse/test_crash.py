@@ -22,6 +22,8 @@ from typing import Callable
 
 import pytest
 
+from tests.fuse.test_writeback import RandomSession, snapshot, tree_diff
+
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(300)]
 
 MIB = 1 << 20
@@ -277,6 +279,53 @@ def test_sync_or_umount_during_the_lock_delay(mount_factory, command):
     assert_no_staging_leftovers(m.src)
 
 
+# --------------------------------------------------------------------------- after a replay, sync
+
+
+def test_rename_after_replay_and_sync(mount_factory):
+    """Found by test_random_operations_with_kills: after a kill, a remount, a listing, a sync,
+    a rename into a directory that existed before the kill must show up (and reach SRC)."""
+    m = mount_factory()
+    os.mkdir(m.mnt / "x")
+    kill(m)
+    m2 = mount_factory(m.src, m.mnt, m.cache_dir, *NO_LOCK_DELAY)
+    assert os.listdir(m2.mnt) == ["x"] and os.listdir(m2.mnt / "x") == []
+    (m2.mnt / "a").write_bytes(b"moved")
+    assert m2.sync().returncode == 0
+    os.rename(m2.mnt / "a", m2.mnt / "x" / "c")
+    assert os.listdir(m2.mnt) == ["x"]
+    assert os.listdir(m2.mnt / "x") == ["c"], "renamed file vanished from the mount"
+    assert (m2.mnt / "x" / "c").read_bytes() == b"moved"
+    m2.umount()
+    assert_tree(m.src, {"x": "dir", "x/c": digest(b"moved")}, "SRC after umount")
+
+
+def test_hard_link_after_replay_and_sync_stays_one_file(mount_factory):
+    """Found by test_random_operations_with_kills: a hard link made after a replay must stay
+    one file with its original through a sync (writes through one name show in the other)."""
+    m = mount_factory(None, None, None, "--writeback-delay", "0.05")
+    os.mkdir(m.mnt / "x")
+    write_file(m.mnt / "d", b"D" * 4420, fsync=False)
+    kill(m)
+    m2 = mount_factory(m.src, m.mnt, m.cache_dir, "--writeback-delay", "0.05", *NO_LOCK_DELAY)
+    os.link(m2.mnt / "d", m2.mnt / "x" / "a")
+    fd = os.open(m2.mnt / "x" / "a", os.O_RDWR)
+    try:
+        assert m2.sync().returncode == 0
+        tree(m2.mnt)  # look everything up again, as any program listing the tree does
+        os.pwrite(fd, b"F" * 65536, 3728)
+    finally:
+        os.close(fd)
+    d, a = os.stat(m2.mnt / "d"), os.stat(m2.mnt / "x" / "a")
+    assert d.st_ino == a.st_ino, f"d and x/a split into inodes {d.st_ino} and {a.st_ino}"
+    assert (d.st_nlink, a.st_nlink) == (2, 2)
+    expected = digest(b"D" * 3728 + b"F" * 65536)
+    assert file_digest(m2.mnt / "x" / "a") == expected == file_digest(m2.mnt / "d")
+    m2.umount()
+    assert file_digest(m.src / "x" / "a") == expected == file_digest(m.src / "d")
+    assert os.stat(m.src / "d").st_ino == os.stat(m.src / "x" / "a").st_ino
+
+
 # --------------------------------------------------------------------------- killed mid write-back
 
 
@@ -326,4 +375,33 @@ def test_kill_in_the_middle_of_writeback(mount_factory, tmp_path, fraction):
     assert_tree(m2.mnt, expected, "mount after kill mid write-back")
     m2.umount()
     assert_tree(m.src, expected, "SRC after kill mid write-back, replay and umount")
+    assert_no_staging_leftovers(m.src)
+
+
+# --------------------------------------------------------------------------- kills inside a random sequence
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize(
+    "seed, delay", [(101, 0.05), (102, 0.5), (103, 600.0)], ids=["delay0.05", "delay0.5", "no-background"]
+)
+def test_random_operations_with_kills(mount_factory, seed, delay):
+    """The model sequence of test_writeback, with kill -9 and remount as one more operation:
+    after each replay the mount equals the model (every completed call was acknowledged)."""
+    args = ("--writeback-delay", str(delay))
+
+    def remount(old):
+        return mount_factory(old.src, old.mnt, old.cache_dir, *args, *NO_LOCK_DELAY)
+
+    session = RandomSession(mount_factory(None, None, None, *args), seed, delay, remount=remount)
+    session.run(300)
+    assert any(line.endswith(": crash") for line in session.log), "the sequence never killed the daemon"
+    m = session.m
+    expected = session.model.expected()
+    diff = tree_diff(expected, snapshot(m.mnt))
+    assert not diff, f"mount differs from the model at the end:\n{diff}\n{session.where()}"
+    m.umount()
+    diff = tree_diff(expected, snapshot(m.src))
+    assert not diff, f"SRC after umount differs from the model:\n{diff}\n{session.where()}"
+    session.check_hard_links(m.src, "SRC after umount")
     assert_no_staging_leftovers(m.src)

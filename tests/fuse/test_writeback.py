@@ -261,8 +261,9 @@ def depth(path: str) -> int:
 class RandomSession:
     """Applies seeded random operations to the mount and to the model, checking as it goes."""
 
-    def __init__(self, mount, seed: int, delay: float) -> None:
+    def __init__(self, mount, seed: int, delay: float, remount: Callable | None = None) -> None:
         self.m = mount
+        self.remount = remount  # given: the sequence also kills the daemon and mounts again
         self.rng = random.Random(seed)
         self.seed = seed
         self.delay = delay
@@ -504,7 +505,24 @@ class RandomSession:
         assert not diff, f"SRC after write-back went idle differs:\n{diff}\n{self.where()}"
         return "quiesce"
 
+    def op_crash(self):
+        """kill -9 the daemon, mount again on the same cache: everything acknowledged is there."""
+        if self.remount is None:
+            return None
+        self.m.kill()
+        for fd, _ in self.fds:  # these died with the connection; their data must not have
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds.clear()
+        self.m = self.remount(self.m)
+        diff = tree_diff(self.model.expected(), snapshot(self.m.mnt))
+        assert not diff, f"mount after kill -9 and replay differs:\n{diff}\n{self.where()}"
+        return "crash"
+
     OPS = {
+        "crash": 2,
         "write": 30,
         "truncate": 8,
         "rename_file": 10,
