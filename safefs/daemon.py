@@ -32,13 +32,13 @@ from typing import Any
 
 import trio
 
-from safefs import checks, generation
+from safefs import checks, generation, ranges
 from safefs.backing import Backing, FaultPlan
 from safefs.cache import ContentCache
 from safefs.clock import SystemClock
 from safefs.config import MountConfig, socket_path
 from safefs.control.server import serve as serve_control
-from safefs.errors import DaemonFailed, ExitCode, LeaseHeldElsewhere, SafefsError
+from safefs.errors import DaemonFailed, ExitCode, LeaseHeldElsewhere, LeaseLost, SafefsError
 from safefs.flusher import Flusher
 from safefs.fs import Filesystem, Limiters
 from safefs.fuse_ops import CachePolicy, KernelNotifier, SafeOperations, Session
@@ -265,7 +265,14 @@ class Daemon:
             self._invalidate_kernel()
 
     def _invalidate_kernel(self) -> None:
-        for inode in list(self.fs.table.inodes.values()):
+        """Make the kernel ask again about every name and inode it knows (queued)."""
+        table = self.fs.table
+        for parent, names in list(table.children.items()):
+            for name, ino in list(names.items()):
+                child = table.inodes.get(ino)
+                if child is not None and child.lookups > 0:
+                    self.notifier.later_entry(parent, name)
+        for inode in list(table.inodes.values()):
             if inode.lookups > 0:
                 self.notifier.later_inode(inode.ino)
 
@@ -343,6 +350,7 @@ class Daemon:
 
     async def sync(self, *, release: bool, timeout: float | None, progress: Any) -> dict[str, Any]:
         if self.keeper.role != "writer":
+            self._refuse_if_orphaned()
             # A follower has nothing to write back; sync means "show me the latest".
             self.fs.mark_stale()
             self._invalidate_kernel()
@@ -364,6 +372,21 @@ class Daemon:
             "ops": receipt.ops,
             "released": release,
         }
+
+    def _unwritten(self) -> tuple[int, int]:
+        """(files, bytes) this cache holds that the project does not have."""
+        dirty = [i for i in self.fs.table.iter_dirty() if i.links]
+        return len(dirty) + len(self.fs.table.ops), sum(ranges.total(i.dirty) for i in dirty)
+
+    def _refuse_if_orphaned(self) -> None:
+        """A mount that lost its lease with changes unwritten must not report them safe (G4)."""
+        files, nbytes = self._unwritten()
+        if files:
+            raise LeaseLost(
+                f"this mount lost its write lease; {files} changes ({nbytes} bytes) are kept in its "
+                f"cache {self.config.cache_dir} but are not in the project",
+                hint="run `safefs recover` on this host to write them back or keep them as conflict copies",
+            )
 
     async def acquire(self, *, wait: bool, timeout: float | None) -> dict[str, Any]:
         with trio.move_on_after(timeout if timeout is not None else float("inf")):

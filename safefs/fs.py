@@ -817,6 +817,14 @@ class Filesystem:
             return False
         try:
             st = await self.read_backing(self.backing.lstat, path)
+        except FileNotFoundError:
+            # Removed (or renamed) on the backing tree behind us: so is our clean copy.
+            for parent, name in list(inode.blinks):
+                parent_inode = self.table.inodes.get(parent)
+                if parent_inode is not None:
+                    parent_inode.stale = True
+                self.invalidator.later_entry(parent, name)
+            raise FsError(errno.ENOENT, "removed from the project") from None
         except (OSError, FsError) as exc:
             log.info("fs: cannot revalidate %r, serving the cache: %s", path, exc)
             return False
