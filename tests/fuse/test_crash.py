@@ -279,6 +279,22 @@ def test_sync_or_umount_during_the_lock_delay(mount_factory, command):
     assert_no_staging_leftovers(m.src)
 
 
+def test_two_kills_after_sync_with_nested_directories(mount_factory):
+    """Found by test_random_operations_with_kills: the second replay must start."""
+    m = mount_factory(None, None, None, *LONG_DELAY)
+    os.makedirs(m.mnt / "x" / "y")
+    assert m.sync().returncode == 0
+    kill(m)
+    again = mount_factory(m.src, m.mnt, m.cache_dir, *LONG_DELAY, *NO_LOCK_DELAY)
+    expected = {"x": "dir", "x/y": "dir"}
+    assert_tree(again.mnt, expected, "mount after one kill")  # looks the tree up
+    kill(again)
+    final = mount_factory(m.src, m.mnt, m.cache_dir, *LONG_DELAY, *NO_LOCK_DELAY)
+    assert_tree(final.mnt, expected, "mount after two kills")
+    final.umount()
+    assert_tree(m.src, expected, "SRC after two kills and umount")
+
+
 # --------------------------------------------------------------------------- after a replay, sync
 
 
