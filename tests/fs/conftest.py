@@ -219,6 +219,10 @@ class Stack:
         )  # fmt: skip
         self.flusher = Flusher(self.fs, HOST)
         await self.fs.start(self.boot_id)
+        # As the daemon does for a writer: finish the op a crash interrupted, if any.
+        settle = getattr(self.flusher, "settle", None)
+        if settle is not None:
+            await settle()
         self.generation += 1
         return self
 

@@ -244,6 +244,26 @@ async def test_ownership_and_times_reach_src(stack: Stack) -> None:
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (4321, 8765, 0o640, 3_000_000_003)
 
 
+async def test_xattrs_set_and_removed_reach_src(stack: Stack) -> None:
+    (stack.src / "f").write_bytes(b"f")
+    os.setxattr(stack.src / "f", b"user.old", b"1")
+    os.setxattr(stack.src / "f", b"user.keep", b"k")
+    os.symlink("f", stack.src / "ln")
+    f = await stack.resolve("f")
+    assert sorted(await stack.fs.listxattr(f.ino)) == [b"user.keep", b"user.old"]
+    await stack.fs.removexattr(f.ino, b"user.old")
+    await stack.fs.setxattr(f.ino, b"user.new", b"\x00binary\xff")
+    d = await stack.mkdir("d")
+    await stack.fs.setxattr(d.ino, b"user.dir", b"yes")
+    await stack.rename("ln", "d/ln")
+    await stack.flusher.sync(timeout=30)
+    assert sorted(os.listxattr(stack.src / "f")) == ["user.keep", "user.new"]
+    assert os.getxattr(stack.src / "f", b"user.new") == b"\x00binary\xff"
+    assert os.getxattr(stack.src / "d", b"user.dir") == b"yes"
+    assert os.readlink(stack.src / "d" / "ln") == "f"
+    assert (stack.src / "f").read_bytes() == b"f"
+
+
 # ---------------------------------------------------------------------------- hard links
 
 
@@ -435,7 +455,8 @@ async def test_crash_after_a_replayed_rename(stack: Stack) -> None:
 
 async def test_reads_between_a_crash_and_the_replay(stack: Stack) -> None:
     """Right after a restart (before the flusher's first pass, which waits the write-back
-    delay) a file whose rename reached SRC just before the crash must still be readable.
+    delay) a file whose rename reached SRC just before the crash must still be readable
+    (the stack, like the daemon, settles the interrupted op at start-up).
     """
     (stack.src / "a").write_bytes(b"A" * 1000)
     await stack.rename("a", "b")
@@ -450,6 +471,23 @@ async def test_crash_after_a_replayed_exchange(stack: Stack) -> None:
     assert await stack.crash_during(lambda: stack.flusher.sync(timeout=30), 1, after=True, only="rename")
     # Exchanging twice undoes it: the replay must not exchange again.
     assert await synced(stack) == files(a=b"B", b=b"A")
+
+
+async def test_crash_between_two_exchanges_of_the_same_pair(stack: Stack) -> None:
+    """Found by test_model. Exchanging a and b twice is the identity; a crash after the first
+    exchange was replayed and recorded, just before the second starts, must not make the
+    replay take the second for already done.
+    """
+    (stack.src / "a").write_bytes(b"A")
+    (stack.src / "b").write_bytes(b"B")
+    await stack.rename("a", "b", RENAME_EXCHANGE)
+    await stack.rename("a", "b", RENAME_EXCHANGE)
+    assert await stack.view() == files(a=b"A", b=b"B")
+    # Each exchange looks at both names (2 lstats) before it renames: the 3rd lstat is the
+    # second exchange's first step.
+    assert await stack.crash_during(lambda: stack.flusher.sync(timeout=30), 3, only="lstat")
+    assert stack.last_crash.calls.count("rename") == 1
+    assert await synced(stack) == files(a=b"A", b=b"B")
 
 
 @pytest.mark.parametrize("method", ["symlink", "mknod", "mkdir", "link", "unlink", "rmdir", "publish_atomic",
@@ -509,6 +547,28 @@ async def test_file_changed_in_src_while_dirty_keeps_both_versions(stack: Stack)
     assert src_tree(stack.src) == await stack.view()
 
 
+async def test_two_conflicts_on_one_file_in_the_same_second_keep_both_copies(stack: Stack) -> None:
+    """Conflict copies are named by host and time to the second; a second conflict on the
+    same file within that second must not replace the first copy (our first version).
+    """
+    (stack.src / "f").write_bytes(b"original")
+    assert await stack.read("f") == b"original"
+    await stack.write("f", b"MINE1", 0)
+    (stack.src / "f").write_bytes(b"theirs, first")
+    await stack.flusher.sync(timeout=30)
+    assert [Path(p).read_bytes() for p in conflict_copies(stack.src)] == [b"MINE1nal"]
+
+    stack.clock.advance(0.2)
+    assert await stack.read("f") == b"theirs, first"
+    await stack.write("f", b"MINE2", 0)
+    (stack.src / "f").write_bytes(b"theirs, second one")
+    await stack.flusher.sync(timeout=30)
+    kept = sorted(Path(p).read_bytes() for p in conflict_copies(stack.src))
+    assert kept == [b"MINE1nal", b"MINE2s, first"]
+    assert len(stack.flusher.statistics()["conflicts"]) == 2
+    assert (stack.src / "f").read_bytes() == b"theirs, second one"
+
+
 async def test_file_removed_in_src_while_dirty_is_kept(stack: Stack) -> None:
     (stack.src / "f").write_bytes(b"original")
     assert await stack.read("f") == b"original"
@@ -519,6 +579,57 @@ async def test_file_removed_in_src_while_dirty_is_kept(stack: Stack) -> None:
         [(stack.src / "f").read_bytes()] if (stack.src / "f").exists() else []
     )
     assert b"MINEinal" in kept
+
+
+def kept_versions(src: Path, name: str) -> list[bytes]:
+    """The contents SRC holds under `name` and its conflict copies."""
+    paths = [Path(p) for p in conflict_copies(src) if os.path.basename(p).startswith(name + ".")]
+    if (src / name).exists():
+        paths.append(src / name)
+    return sorted(p.read_bytes() for p in paths)
+
+
+async def test_unlink_of_a_file_changed_behind_our_back_keeps_their_version(stack: Stack) -> None:
+    """Removing a name removes what the user saw; someone else's newer version is kept."""
+    (stack.src / "f").write_bytes(b"original")
+    assert await stack.read("f") == b"original"
+    (stack.src / "f").write_bytes(b"theirs, written behind safefs's back")
+    await stack.unlink("f")
+    await stack.flusher.sync(timeout=30)
+    assert kept_versions(stack.src, "f") == [b"theirs, written behind safefs's back"]
+
+
+async def test_rename_over_a_file_changed_behind_our_back_keeps_their_version(stack: Stack) -> None:
+    (stack.src / "f").write_bytes(b"original")
+    (stack.src / "g").write_bytes(b"ours")
+    assert await stack.read("f") == b"original"
+    await stack.resolve("g")
+    tmp = stack.src / "f.tmp"  # replaced by rename, the way editors save
+    tmp.write_bytes(b"theirs")
+    os.rename(tmp, stack.src / "f")
+    await stack.rename("g", "f")
+    await stack.flusher.sync(timeout=30)
+    assert kept_versions(stack.src, "f") == [b"ours", b"theirs"]
+
+
+async def test_rmdir_of_a_directory_filled_behind_our_back_keeps_its_files(stack: Stack) -> None:
+    (stack.src / "d").mkdir()
+    assert await stack.listdir("d") == []
+    (stack.src / "d" / "theirs").write_bytes(b"t")
+    await stack.rmdir("d")
+    await stack.flusher.sync(timeout=30)
+    kept = [p for p in conflict_copies(stack.src) if os.path.basename(p).startswith("d.")]
+    assert [os.listdir(p) for p in kept] == [["theirs"]]
+
+
+async def test_rename_onto_a_name_taken_behind_our_back_keeps_both(stack: Stack) -> None:
+    (stack.src / "a").write_bytes(b"ours")
+    assert await stack.listdir() == [b"a"]
+    (stack.src / "b").write_bytes(b"theirs")  # after the mount listed the directory
+    await stack.rename("a", "b")
+    await stack.flusher.sync(timeout=30)
+    assert kept_versions(stack.src, "b") == [b"ours", b"theirs"]
+    assert not (stack.src / "a").exists()
 
 
 async def test_object_in_the_way_of_a_new_name_is_kept(stack: Stack) -> None:
@@ -580,7 +691,9 @@ async def test_fault_after_a_crash_leaves_nothing_behind(stack: Stack) -> None:
 async def test_lease_gate_stops_the_flusher(stack: Stack) -> None:
     (stack.src / "f").write_bytes(b"f")
     (stack.src / "d").mkdir()
-    await awkward_workload_small(stack)
+    await stack.write("f", b"F")
+    await stack.create("d/g", b"g")
+    await stack.create("n", b"new")
     before = src_tree(stack.src, hide_control=False)
     stack.gate.readonly = True
     with pytest.raises(ReadOnly):
@@ -593,12 +706,6 @@ async def test_lease_gate_stops_the_flusher(stack: Stack) -> None:
     # The data is still there, and goes out once the lease is back.
     stack.gate.readonly = False
     assert await synced(stack) == files(f=b"F", d=None, n=b"new", **{"d/g": b"g"})
-
-
-async def awkward_workload_small(stack: Stack) -> None:
-    await stack.write("f", b"F")
-    await stack.create("d/g", b"g")
-    await stack.create("n", b"new")
 
 
 async def test_lease_lost_in_the_middle_of_a_flush(stack: Stack) -> None:
@@ -622,6 +729,25 @@ async def test_lease_lost_in_the_middle_of_a_flush(stack: Stack) -> None:
     assert len(os.listdir(stack.src / "d")) <= 2
     del stack.gate.require_writable
     assert await synced(stack) == files(d=None, **{f"d/f{i}": b"%d" % i for i in range(5)})
+
+
+async def test_each_sync_publishes_a_new_generation(stack: Stack) -> None:
+    import json
+
+    stack.gate.epoch = 7
+    await stack.create("f", b"1")
+    await stack.flusher.sync(timeout=30)
+    first = json.loads((stack.src / ".safefs" / "generation").read_bytes())
+    assert (first["epoch"], first["host"]) == (7, HOST)
+    await stack.flusher.sync(timeout=30)  # nothing changed: a sync still publishes one
+    second = json.loads((stack.src / ".safefs" / "generation").read_bytes())
+    assert second["generation"] == first["generation"] + 1
+    await stack.crash_and_replay()  # the counter survives a restart
+    await stack.write("f", b"2")
+    await stack.flusher.sync(timeout=30)
+    third = json.loads((stack.src / ".safefs" / "generation").read_bytes())
+    assert third["generation"] > second["generation"]
+    assert leftovers(stack.src) == []
 
 
 # ---------------------------------------------------------------------------- write-back timing

@@ -23,6 +23,7 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 
 from safefs.fs import RENAME_EXCHANGE
 from tests.fs.conftest import Stack, conflict_copies, leftovers, src_tree
@@ -57,6 +58,14 @@ operation = st.one_of(
     st.tuples(st.just("crash_in_sync"), st.integers(1, 40)),
 )
 operation_after = st.one_of(operation, st.tuples(st.just("crash_after_call"), st.integers(1, 40)))
+
+
+def report(message: str) -> None:
+    """A line in hypothesis' report of a failing example (or on stdout outside a test)."""
+    try:
+        note(message)
+    except InvalidArgument:
+        print(message)
 
 
 def write_model(content: bytes, offset: int, chunk: bytes) -> bytes:
@@ -187,7 +196,7 @@ async def interpret(root: Path, ops: list[tuple[Any, ...]]) -> None:
                     lambda: stack.flusher.sync(timeout=SYNC_TIMEOUT), op[1], after=kind == "crash_after_call"
                 )
                 if crashed:
-                    note(f"step {step}: crashed at {stack.last_crash.calls[-1]}")
+                    report(f"step {step}: crashed at {stack.last_crash.calls[-1]}")
             else:  # pragma: no cover
                 raise AssertionError(op)
             await check_reads(stack, model, step)
