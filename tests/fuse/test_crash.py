@@ -270,7 +270,9 @@ def test_sync_or_umount_during_the_lock_delay(mount_factory, command):
     assert file_digest(m2.mnt / "f") == digest(data)
     if command == "sync":
         result = m2.sync()
-        assert result.returncode == 0, f"sync during the lock delay exited {result.returncode}: {result.stderr}"
+        assert result.returncode == 0, (
+            f"sync during the lock delay exited {result.returncode}: {result.stderr}"
+        )
         assert file_digest(m.src / "f") == digest(data), "sync returned before SRC had the data"
         m2.umount()
     else:
@@ -349,7 +351,9 @@ BIG = 200 * MIB
 
 
 @pytest.mark.timeout(900)
-@pytest.mark.parametrize("fraction", [0.0, 0.25, 0.6], ids=["flush-started", "quarter-written", "most-written"])
+@pytest.mark.parametrize(
+    "fraction", [0.0, 0.25, 0.6], ids=["flush-started", "quarter-written", "most-written"]
+)
 def test_kill_in_the_middle_of_writeback(mount_factory, tmp_path, fraction):
     m = mount_factory()  # write-back delay 0.5: the flusher starts almost at once
     expected: dict[str, str] = {}

@@ -161,7 +161,8 @@ def test_cache_dir_on_a_fuse_filesystem_is_refused(tmp_path, mount_factory, atte
     src.mkdir()
     mnt.mkdir()
     rc, stderr = attempt(src, mnt, cache, foreground=foreground)
-    assert_refused(rc, stderr, mnt, code=REFUSED, keywords=["fuse", "network", "local", "file system", "filesystem"])
+    keywords = ["fuse", "network", "local", "file system", "filesystem"]
+    assert_refused(rc, stderr, mnt, code=REFUSED, keywords=keywords)
     # Only the daemonizing CLI's log file may appear there; no journal, no cached content.
     assert set(os.listdir(cache)) <= {"daemon.log"}, f"the refused daemon used the cache: {os.listdir(cache)}"
     assert host.status()["role"] == "writer"

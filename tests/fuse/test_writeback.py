@@ -409,7 +409,9 @@ class RandomSession:
         index = self.rng.randrange(len(self.fds))
         fd, buf = self.fds[index]
         got = os.pread(fd, len(buf) + 10, 0)
-        assert got == bytes(buf), f"read fd#{index}: {describe(got)} != {describe(bytes(buf))}; {self.where()}"
+        assert got == bytes(buf), (
+            f"read fd#{index}: {describe(got)} != {describe(bytes(buf))}; {self.where()}"
+        )
         return f"read fd#{index}"
 
     def op_fd_close(self):
