@@ -1,7 +1,7 @@
 """faultfs: a pass-through FUSE filesystem that stands in for NFS in tests and benchmarks.
 
     python -m tests.faultfs REAL MNT --control SOCK [--latency-ms MS]
-        [--metadata-latency-ms MS] [--data-latency-ms MS] [--debug]
+        [--metadata-latency-ms MS] [--data-latency-ms MS] [--cache-timeout S] [--debug]
 
 It exposes the directory REAL at MNT, passing every operation through to REAL, and on command
 (a line protocol on the Unix socket SOCK, see `Faults.command`) it fails chosen operations with
@@ -9,9 +9,10 @@ an errno, hangs them until released, or delays them. `FaultFS.start(...)` runs i
 process for a test or a benchmark and `FaultFS.stop()` always unmounts and reaps it.
 
 Behaves like a non-caching remote:
-- Entry and attribute timeouts are 0 and opens drop the page cache (no keep_cache), so the
-  kernel asks for every lookup and every stat, like an NFS client with actimeo=0 and
-  close-to-open consistency. No kernel writeback cache: each write() reaches REAL.
+- Entry and attribute timeouts are 0 (unless --cache-timeout) and opens drop the page cache
+  (no keep_cache), so the kernel asks for every lookup and every stat, like an NFS client
+  with actimeo=0 and close-to-open consistency. No kernel writeback cache: each write()
+  reaches REAL.
 - Inode numbers are REAL's st_ino (REAL's root is swapped with FUSE's ROOT_INODE). REAL must be
   one filesystem: a second filesystem mounted inside it could repeat inode numbers.
 - An inode is known by the (parent inode, name) pairs the kernel looked it up under. Before an
@@ -36,6 +37,7 @@ gets only plain values (paths, fds) from the trio side, never the shared tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import errno
@@ -348,10 +350,11 @@ class PassThrough(pyfuse3.Operations):
 
     enable_writeback_cache = False
 
-    def __init__(self, root: bytes, faults: Faults) -> None:
+    def __init__(self, root: bytes, faults: Faults, cache_timeout: float = 0.0) -> None:
         super().__init__()
         self.root = root
         self.faults = faults
+        self.cache_timeout = cache_timeout  # kernel entry/attr timeout; 0 = ask every time
         self.root_real_ino = os.lstat(root).st_ino
         self.nodes: dict[int, Node] = {}
         self.files: dict[int, tuple[int, bytes]] = {}  # fh (a real fd) -> (inode, path at open)
@@ -424,8 +427,8 @@ class PassThrough(pyfuse3.Operations):
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = self.fuse_ino(st.st_ino)
         entry.generation = 0
-        entry.entry_timeout = 0
-        entry.attr_timeout = 0
+        entry.entry_timeout = self.cache_timeout
+        entry.attr_timeout = self.cache_timeout
         entry.st_mode = st.st_mode
         entry.st_nlink = st.st_nlink
         entry.st_uid = st.st_uid
@@ -772,10 +775,8 @@ class PassThrough(pyfuse3.Operations):
 
 
 async def _serve_control(path: str, faults: Faults) -> None:
-    import trio
-
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with suppress_missing():
+    with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
     await sock.bind(path)
     os.chmod(path, 0o600)
@@ -804,14 +805,6 @@ async def _serve_control(path: str, faults: Faults) -> None:
     await trio.serve_listeners(one_client, [trio.SocketListener(sock)])
 
 
-class suppress_missing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
-        return kind is not None and issubclass(kind, FileNotFoundError)
-
-
 def _mounted(mnt: str) -> bool:
     want = os.path.abspath(mnt)
     with open("/proc/self/mounts", encoding="latin-1") as table:
@@ -822,13 +815,10 @@ def _mounted(mnt: str) -> bool:
     return False
 
 
-def serve(real: str, mnt: str, control: str, meta_latency: float, data_latency: float) -> int:
-    import pyfuse3
-    import trio
-
+def serve(real: str, mnt: str, control: str, meta_latency: float, data_latency: float, cache_timeout: float = 0.0) -> int:
     async def main() -> None:
         faults = Faults(meta_latency, data_latency)
-        ops = PassThrough(os.fsencode(os.path.abspath(real)), faults)
+        ops = PassThrough(os.fsencode(os.path.abspath(real)), faults, cache_timeout)
         pyfuse3.init(ops, mnt, {"fsname=faultfs", "subtype=faultfs", *pyfuse3.default_options})
         log.info("mounted %s at %s (latency meta %.3f ms, data %.3f ms)", real, mnt, meta_latency * 1e3, data_latency * 1e3)
         try:
@@ -850,7 +840,7 @@ def serve(real: str, mnt: str, control: str, meta_latency: float, data_latency: 
                 nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=_mounted(mnt))
-            with suppress_missing():
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(control)
 
     trio.run(main)
@@ -865,13 +855,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--latency-ms", type=float, default=0.0, help="delay of every operation that would be an NFS round trip")
     parser.add_argument("--metadata-latency-ms", type=float, default=None, help="overrides --latency-ms for metadata operations")
     parser.add_argument("--data-latency-ms", type=float, default=None, help="overrides --latency-ms for read/write/fsync")
+    parser.add_argument("--cache-timeout", type=float, default=0.0,
+                        help="kernel entry/attr timeout in seconds (default 0: a non-caching remote; "
+                             "an NFS client with actimeo=N caches about like N)")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO,
                         format="%(asctime)s faultfs %(levelname)s: %(message)s", stream=sys.stderr)
     meta = args.latency_ms if args.metadata_latency_ms is None else args.metadata_latency_ms
     data = args.latency_ms if args.data_latency_ms is None else args.data_latency_ms
-    return serve(args.real, args.mnt, args.control, meta / 1e3, data / 1e3)
+    return serve(args.real, args.mnt, args.control, meta / 1e3, data / 1e3, args.cache_timeout)
 
 
 # --- the client: run faultfs as a child process ----------------------------------------------
@@ -902,6 +895,7 @@ class FaultFS:
         latency_ms: float = 0.0,
         metadata_latency_ms: float | None = None,
         data_latency_ms: float | None = None,
+        cache_timeout: float = 0.0,
         control: os.PathLike[str] | str | None = None,
         log_path: os.PathLike[str] | str | None = None,
         debug: bool = False,
@@ -920,6 +914,8 @@ class FaultFS:
             cmd += ["--metadata-latency-ms", str(metadata_latency_ms)]
         if data_latency_ms is not None:
             cmd += ["--data-latency-ms", str(data_latency_ms)]
+        if cache_timeout:
+            cmd += ["--cache-timeout", str(cache_timeout)]
         if debug:
             cmd.append("--debug")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -1054,7 +1050,7 @@ class FaultFS:
         if self._own_dir is not None:
             for leftover in (self.control, self.log_path):
                 if leftover.parent == self._own_dir and not problems:
-                    with suppress_missing():
+                    with contextlib.suppress(FileNotFoundError):
                         leftover.unlink()
             try:
                 self._own_dir.rmdir()
