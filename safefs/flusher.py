@@ -370,12 +370,13 @@ class Flusher:
         path = dpath + (name,)
         attrs = await self._attrs(inode)
         try:
-            await self._call(self.backing.mkdir, path, attrs)
+            st = await self._call(self.backing.mkdir, path, attrs)
         except FileExistsError:
             st = await self._call(self.backing.lstat, path)
             if not stat.S_ISDIR(st.st_mode) or (inode.blinks and not self._maybe_done):
                 await self._move_aside(path)
-                await self._call(self.backing.mkdir, path, attrs)
+                st = await self._call(self.backing.mkdir, path, attrs)
+        inode.origin = fingerprint_tuple(Fingerprint.of(st))  # so a refresh knows it as ours
         inode.blinks = [(parent, name)]
         inode.new = False
         self.table.mark(inode)
@@ -395,13 +396,15 @@ class Flusher:
             attrs = await self._attrs(inode)
             try:
                 if inode.is_link:
-                    await self._call(self.backing.symlink, inode.target, path, attrs)
+                    st = await self._call(self.backing.symlink, inode.target, path, attrs)
                 else:
-                    await self._call(self.backing.mknod, path, inode.mode, inode.rdev, attrs)
+                    st = await self._call(self.backing.mknod, path, inode.mode, inode.rdev, attrs)
             except FileExistsError:
                 if not await self._made_by_us(inode, path):
                     await self._move_aside(path)
                     return await self._op_create(parent, name, ino)
+                st = await self._call(self.backing.lstat, path)
+            inode.origin = fingerprint_tuple(Fingerprint.of(st))
             inode.blinks = [(parent, name)]
             inode.new = False
             inode.attr_dirty = False

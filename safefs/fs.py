@@ -378,9 +378,12 @@ class Filesystem:
                 entry = found.pop(name, None)
                 same_object = (
                     entry is not None
-                    and child.origin is not None
-                    and entry.st.st_ino == child.origin[0]
                     and stat.S_IFMT(entry.st.st_mode) == stat.S_IFMT(child.mode)
+                    and (
+                        entry.st.st_ino == child.origin[0]
+                        if child.origin is not None
+                        else (d.ino, name) in child.blinks  # put there by us (older caches)
+                    )
                 )
                 if same_object:
                     assert entry is not None
@@ -426,7 +429,16 @@ class Filesystem:
         self.table.mark(inode)
 
     def _forget_name(self, parent: int, name: bytes, child: Inode) -> None:
-        """A name that went away on the backing tree goes away here too (no op is logged)."""
+        """A name that went away on the backing tree goes away here too (no op is logged).
+
+        A directory takes its whole cached subtree with it: nothing may keep a name under a
+        directory that is no longer known.
+        """
+        if child.is_dir:
+            for sub_name, sub_ino in list(self.table.names(child.ino).items()):
+                sub = self.table.inodes.get(sub_ino)
+                if sub is not None:
+                    self._forget_name(child.ino, sub_name, sub)
         self.table.unlink(parent, name)
         if (parent, name) in child.blinks:
             child.blinks.remove((parent, name))

@@ -23,6 +23,7 @@ to one worker thread behind the journal limiter (one slot, FIFO), so batches com
 
 from __future__ import annotations
 
+import logging
 import stat
 from typing import Any, Iterator
 
@@ -31,6 +32,8 @@ import trio
 from safefs import ranges
 from safefs.errors import FsError
 from safefs.journal import Batch, Journal, Snapshot
+
+log = logging.getLogger(__name__)
 
 ROOT_INO = 1
 BLink = tuple[int, bytes]  # (parent inode, name) of a backing link
@@ -170,12 +173,18 @@ class InodeTable:
         for ino, rec in snap.inodes.items():
             self.inodes[ino] = Inode.from_record(ino, rec)
         for parent, name, child in snap.dentries:
-            self.children.setdefault(parent, {})[name] = child
             inode = self.inodes.get(child)
-            if inode is not None:
-                inode.links.add((parent, name))
-                if inode.is_dir:
-                    self.inodes[parent].nlink_dirs += 1
+            if inode is None or parent not in self.inodes:
+                # A name whose inode or directory is gone: never let it stop a mount.
+                log.warning("journal: dropping dangling entry %r in %d -> %d", name, parent, child)
+                self.children.setdefault(parent, {})[name] = child
+                self._marked_dentries.add((parent, name))
+                del self.children[parent][name]
+                continue
+            self.children.setdefault(parent, {})[name] = child
+            inode.links.add((parent, name))
+            if inode.is_dir:
+                self.inodes[parent].nlink_dirs += 1
         self._maybe_dirty.update(self.inodes)
         for seq, op in snap.ops:
             self.ops[seq] = op
