@@ -30,7 +30,7 @@ from safefs.backing import Backing
 from safefs.cache import ContentCache
 from safefs.clock import FakeClock
 from safefs.config import CONTROL_DIR_NAME, MountConfig
-from safefs.errors import ReadOnly, SafefsError
+from safefs.errors import FsError, ReadOnly, SafefsError
 from safefs.flusher import Flusher
 from safefs.fs import Filesystem, Limiters
 from safefs.inodes import ROOT_INO, Inode, InodeTable
@@ -301,8 +301,12 @@ class Stack:
         return inode
 
     async def parent_of(self, path: str | bytes) -> tuple[Inode, bytes]:
+        """The directory holding `path`, and the last name. Like the kernel's path walk, a
+        parent that is not a directory fails with ENOTDIR before the filesystem is asked."""
         parts = split(path)
         parent = await self.resolve(b"/".join(parts[:-1]))
+        if not parent.is_dir:
+            raise FsError(errno.ENOTDIR, "a path component is not a directory")
         return parent, parts[-1]
 
     async def create(self, path: str | bytes, data: bytes = b"", mode: int = 0o644) -> Inode:

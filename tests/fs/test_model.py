@@ -10,10 +10,13 @@ must match the model; at the end, after a sync, SRC must match it byte for byte.
 Two tests share the interpreter: `test_model` crashes between operations and just before a
 call into the backing tree; `test_model_crash_after_backing_calls` also crashes just after a
 backing call took effect and before the flusher recorded it (the hardest replay case).
+`test_namespace_model` does the same for a tree of directories and files (mkdir, rmdir,
+rename and exchange of whole subtrees), and checks every error the mount answers too.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -21,12 +24,12 @@ from typing import Any
 
 import pytest
 import trio
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, event, given, note, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 
 from safefs.fs import RENAME_EXCHANGE
-from tests.fs.conftest import Stack, conflict_copies, leftovers, src_tree
+from tests.fs.conftest import Stack, conflict_copies, fails_with, leftovers, src_tree
 
 NAMES = ["a", "b", "c", "d/x", "d/y"]  # "d" is a directory of SRC
 BIG = 300 * 1024  # larger than two fetch blocks, so partial fetches happen
@@ -240,3 +243,193 @@ def test_model(ops: list[tuple[Any, ...]]) -> None:
 @given(st.lists(operation_after, min_size=1, max_size=MAX_STEPS))
 def test_model_crash_after_backing_calls(ops: list[tuple[Any, ...]]) -> None:
     run_example(ops)
+
+
+# ---------------------------------------------------------------------------- namespace model
+# Directories too: a tree of paths over a few names, where every operation either succeeds in
+# both the model and the mount or fails in both with the same errno (POSIX rules, checked in
+# the order Filesystem documents them).
+
+COMPONENTS = ["a", "b", "c"]
+tree_path = st.one_of(
+    st.lists(st.sampled_from(COMPONENTS[:2]), min_size=1, max_size=3),
+    st.lists(st.sampled_from(COMPONENTS), min_size=1, max_size=2),
+).map("/".join)
+ns_operation = st.one_of(
+    st.tuples(st.just("mkdir"), tree_path),
+    st.tuples(st.just("rmdir"), tree_path),
+    st.tuples(st.just("write"), tree_path, st.binary(min_size=1, max_size=50)),
+    st.tuples(st.just("unlink"), tree_path),
+    st.tuples(st.just("rename"), tree_path, tree_path),
+    st.tuples(st.just("exchange"), tree_path, tree_path),
+    st.tuples(st.just("flush"), st.sampled_from([0.0, 6.0])),
+    st.tuples(st.just("sync")),
+    st.tuples(st.just("crash")),
+    st.tuples(st.just("crash_in_sync"), st.integers(1, 8), st.booleans()),
+)
+# None: a directory
+NS_INITIAL = {"a": None, "a/b": b"in src", "a/a": None, "a/a/b": b"deep", "b": None, "c": b"top"}
+
+
+class Tree:
+    """path -> None (directory) or bytes (file)."""
+
+    def __init__(self, initial: dict[str, bytes | None]) -> None:
+        self.nodes = dict(initial)
+
+    def parent_error(self, path: str) -> int | None:
+        """The errno of resolving the directories above `path` (ENOENT, ENOTDIR), or None."""
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            prefix = "/".join(parts[:i])
+            if prefix not in self.nodes:
+                return errno.ENOENT
+            if self.nodes[prefix] is not None:
+                return errno.ENOTDIR
+        return None
+
+    def children(self, path: str) -> list[str]:
+        return [p for p in self.nodes if p.startswith(path + "/")]
+
+    def move(self, old: str, new: str) -> None:
+        moved = {p: v for p, v in self.nodes.items() if p == old or p.startswith(old + "/")}
+        for p in moved:
+            del self.nodes[p]
+        for p, v in moved.items():
+            self.nodes[new + p[len(old):]] = v
+
+    def rename_error(self, old: str, new: str, exchange: bool) -> int | None:
+        err = self.parent_error(old) or self.parent_error(new)
+        if err:
+            return err
+        if old not in self.nodes:
+            return errno.ENOENT
+        src_dir = self.nodes[old] is None
+        if src_dir and (new == old or new.startswith(old + "/")) and new != old:
+            return errno.EINVAL  # a directory cannot move below itself
+        if exchange:
+            if new not in self.nodes:
+                return errno.ENOENT
+            if self.nodes[new] is None and old.startswith(new + "/"):
+                return errno.EINVAL
+            return None
+        if new in self.nodes and new != old:
+            dst_dir = self.nodes[new] is None
+            if src_dir and not dst_dir:
+                return errno.ENOTDIR
+            if not src_dir and dst_dir:
+                return errno.EISDIR
+            if dst_dir and self.children(new):
+                return errno.ENOTEMPTY
+        return None
+
+    def rename(self, old: str, new: str, exchange: bool) -> None:
+        if old == new:
+            return
+        if exchange:
+            self.move(old, "\0tmp")
+            self.move(new, old)
+            self.move("\0tmp", new)
+            return
+        if new in self.nodes:
+            del self.nodes[new]
+        self.move(old, new)
+
+    def expected(self) -> dict[bytes, Any]:
+        return {os.fsencode(p): ("dir",) if v is None else ("file", v) for p, v in self.nodes.items()}
+
+
+async def ns_step(stack: Stack, tree: Tree, op: tuple[Any, ...]) -> None:
+    kind = op[0]
+    expected: int | None = None
+    call: Any = None
+    if kind == "mkdir":
+        p = op[1]
+        expected = tree.parent_error(p) or (errno.EEXIST if p in tree.nodes else None)
+        call = stack.mkdir(p)
+        after = lambda: tree.nodes.__setitem__(p, None)  # noqa: E731
+    elif kind == "rmdir":
+        p = op[1]
+        expected = tree.parent_error(p) or (
+            errno.ENOENT if p not in tree.nodes
+            else errno.ENOTDIR if tree.nodes[p] is not None
+            else errno.ENOTEMPTY if tree.children(p) else None
+        )  # fmt: skip
+        call = stack.rmdir(p)
+        after = lambda: tree.nodes.pop(p)  # noqa: E731
+    elif kind == "unlink":
+        p = op[1]
+        expected = tree.parent_error(p) or (
+            errno.ENOENT if p not in tree.nodes else errno.EISDIR if tree.nodes[p] is None else None
+        )
+        call = stack.unlink(p)
+        after = lambda: tree.nodes.pop(p)  # noqa: E731
+    elif kind == "write":
+        p, content = op[1], op[2]
+        expected = tree.parent_error(p) or (errno.EISDIR if p in tree.nodes and tree.nodes[p] is None else None)
+        call = stack.put(p, content)
+        after = lambda: tree.nodes.__setitem__(p, content)  # noqa: E731
+    elif kind in ("rename", "exchange"):
+        old, new = op[1], op[2]
+        exchange = kind == "exchange"
+        if exchange and old == new:
+            return  # what Linux answers here is not interesting
+        expected = tree.rename_error(old, new, exchange)
+        call = stack.rename(old, new, RENAME_EXCHANGE if exchange else 0)
+        after = lambda: tree.rename(old, new, exchange)  # noqa: E731
+    elif kind == "flush":
+        stack.clock.advance(op[1])
+        await stack.flusher.flush(everything=False)
+        return
+    elif kind == "sync":
+        await stack.flusher.sync(timeout=SYNC_TIMEOUT)
+        return
+    elif kind == "crash":
+        await stack.crash_and_replay()
+        return
+    elif kind == "crash_in_sync":
+        crashed = await stack.crash_during(lambda: stack.flusher.sync(timeout=SYNC_TIMEOUT), op[1], after=op[2])
+        event(f"crash in sync: {'crashed' if crashed else 'sync finished first'}")
+        if crashed:
+            report(f"crashed {'after' if op[2] else 'before'} {stack.last_crash.calls[-1]}")
+        return
+    else:  # pragma: no cover
+        raise AssertionError(op)
+    event(f"{kind}: {'ok' if expected is None else errno.errorcode[expected]}")
+    if expected is None:
+        await call
+        after()
+    else:
+        assert await fails_with(call) == expected, (op, errno.errorcode[expected])
+
+
+async def ns_interpret(root: Path, ops: list[tuple[Any, ...]]) -> None:
+    src = root / "src"
+    src.mkdir()
+    for p, v in NS_INITIAL.items():
+        if v is None:
+            (src / p).mkdir()
+        else:
+            (src / p).write_bytes(v)
+    tree = Tree(NS_INITIAL)
+    stack = Stack(root, writeback_delay=5.0)
+    await stack.start()
+    try:
+        for step, op in enumerate(ops):
+            await ns_step(stack, tree, op)
+            assert await stack.view() == tree.expected(), f"step {step}: {op}"
+        await stack.flusher.sync(timeout=SYNC_TIMEOUT)
+        assert src_tree(stack.src) == tree.expected()
+        assert leftovers(stack.src) == []
+        assert conflict_copies(stack.src) == []
+        assert not stack.table.ops
+    finally:
+        await stack.close()
+
+
+@pytest.mark.timeout(600)
+@MODEL_SETTINGS
+@given(st.lists(ns_operation, min_size=1, max_size=MAX_STEPS))
+def test_namespace_model(ops: list[tuple[Any, ...]]) -> None:
+    with tempfile.TemporaryDirectory(prefix="safefs-ns-model-") as tmp:
+        trio.run(ns_interpret, Path(tmp), ops)
