@@ -697,11 +697,13 @@ class Backing:
 
     @_names_paths
     def write_ranges(self, path: Path, source_fd: int, ranges: Sequence[tuple[int, int]],
-                     size: int, attrs: Attrs) -> os.stat_result:
+                     size: int, attrs: Attrs, shrink_to: int | None = None) -> os.stat_result:
         """Write `ranges` of `source_fd` into the existing regular file at `path`, in place.
 
-        Ranges are clipped to `size`; bytes past the source's end are written as zeros. The
-        file ends up exactly `size` long, then is fsynced, given `attrs` and fsynced again.
+        Ranges are clipped to `size`; bytes past the source's end are written as zeros. With
+        `shrink_to`, the file is first cut to that length (a truncate the cache saw), so that
+        growing it again reads as zeros without writing them. The file ends up exactly `size`
+        long, then is fsynced, given `attrs` and fsynced again.
         """
         self._begin("write_ranges", path)
         with self._pin(path) as pin:
@@ -709,8 +711,9 @@ class Backing:
                 raise OSError(_type_error(pin.st), "not a regular file", _show(path))
             fd = self._open_for_write(pin)
             try:
-                if pin.st.st_size > size:  # shrink first: no point writing what is cut off
-                    os.ftruncate(fd, size)
+                low = size if shrink_to is None else min(size, shrink_to)
+                if pin.st.st_size > low:  # shrink first: no point writing what is cut off
+                    os.ftruncate(fd, low)
                 for start, end in ranges:
                     end = min(end, size)
                     if start < end:

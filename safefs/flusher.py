@@ -97,6 +97,7 @@ class Flusher:
         self._dirs_to_sync: set[BPath] = set()
         self._staging_cleaned = False
         self._maybe_done = False  # the op being replayed may have taken effect before a crash
+        self._seq = 0  # the op being replayed
         self.generation = 0  # the last generation this mount published
         self._generation_pending = False  # a sync must publish a generation before it returns
         self.busy = False
@@ -274,6 +275,7 @@ class Flusher:
         or may not have taken effect, and its handler accepts both (`self._maybe_done`).
         """
         self.fs.gate.require_writable()
+        self._seq = seq
         self._maybe_done = self.table.meta.get("in_flight") == seq
         if not self._maybe_done:
             self.table.set_meta("in_flight", seq)
@@ -343,17 +345,30 @@ class Flusher:
         host = self.host_name.encode(errors="replace").replace(b"/", b"_")
         return name[:150] + b".safefs-conflict-" + host[:40] + b"-" + stamp.encode()
 
-    async def _move_aside(self, path: BPath) -> BPath:
-        """Rename an unexpected object on the backing tree out of the way, keeping it."""
-        aside = path[:-1] + (self._conflict_name(path[-1]),)
-        n = 0
+    async def _free_conflict_path(self, path: BPath) -> BPath:
+        """A conflict name beside `path` that nothing uses yet."""
+        base = self._conflict_name(path[-1])
+        for n in range(10_000):
+            candidate = path[:-1] + (base if n == 0 else base + b"-%d" % n,)
+            if not await self._call(self.backing.exists, candidate):
+                return candidate
+        raise FileExistsError(errno.EEXIST, "no free conflict name", os.fsdecode(b"/".join(path)))
+
+    async def _move_aside(self, path: BPath, parent: int | None = None) -> BPath:
+        """Rename an unexpected object on the backing tree out of the way, keeping it.
+
+        With `parent` (the directory's inode), the directory is marked stale so the kept
+        object shows up in the mount too.
+        """
+        if parent is not None and parent in self.table.inodes:
+            self.table.inodes[parent].stale = True
         while True:
-            candidate = aside if n == 0 else aside[:-1] + (aside[-1] + b"-%d" % n,)
+            candidate = await self._free_conflict_path(path)
             try:
                 await self._call(self.backing.rename, path, candidate, 1)  # RENAME_NOREPLACE
                 break
             except FileExistsError:
-                n += 1
+                continue  # taken meanwhile: pick another
         log.warning("flush: conflict: kept %r as %r", path, candidate)
         self.conflicts.append(
             {"path": os.fsdecode(b"/".join(path)), "kept_as": os.fsdecode(b"/".join(candidate)),
@@ -374,7 +389,7 @@ class Flusher:
         except FileExistsError:
             st = await self._call(self.backing.lstat, path)
             if not stat.S_ISDIR(st.st_mode) or (inode.blinks and not self._maybe_done):
-                await self._move_aside(path)
+                await self._move_aside(path, parent)
                 st = await self._call(self.backing.mkdir, path, attrs)
         inode.origin = fingerprint_tuple(Fingerprint.of(st))  # so a refresh knows it as ours
         inode.blinks = [(parent, name)]
@@ -390,7 +405,7 @@ class Flusher:
         path = dpath + (name,)
         if inode.is_reg:
             if not self._maybe_done and await self._call(self.backing.exists, path):
-                await self._move_aside(path)  # someone else's object: never publish over it
+                await self._move_aside(path, parent)  # someone else's object: never publish over it
             await self._publish_file(inode, path, (parent, name), atomic=True, receipt=None)
         else:
             attrs = await self._attrs(inode)
@@ -401,7 +416,7 @@ class Flusher:
                     st = await self._call(self.backing.mknod, path, inode.mode, inode.rdev, attrs)
             except FileExistsError:
                 if not await self._made_by_us(inode, path):
-                    await self._move_aside(path)
+                    await self._move_aside(path, parent)
                     return await self._op_create(parent, name, ino)
                 st = await self._call(self.backing.lstat, path)
             inode.origin = fingerprint_tuple(Fingerprint.of(st))
@@ -435,21 +450,31 @@ class Flusher:
             st = await self._call(self.backing.lstat, path)
             src_st = await self._call(self.backing.lstat, src)
             if st.st_ino != src_st.st_ino:
-                await self._move_aside(path)
+                await self._move_aside(path, parent)
                 await self._call(self.backing.link, src, path)
         if (parent, name) not in inode.blinks:
             inode.blinks.append((parent, name))
         self.table.mark(inode)
         self._dirs_to_sync.add(dpath)
 
+    async def _changed_behind_us(self, inode: Inode | None, path: BPath) -> bool:
+        """Is the regular file at `path` no longer the one safefs last saw there?"""
+        if inode is None or not inode.is_reg or inode.origin is None or inode.new:
+            return False
+        try:
+            st = await self._call(self.backing.lstat, path)
+        except FileNotFoundError:
+            return False
+        return not same_content(inode.origin, fingerprint_tuple(Fingerprint.of(st)))
+
     async def _exchanged_already(self, src: BPath, dst: BPath) -> bool:
         """An exchange cannot tell by itself whether it ran; remember the inodes it swaps."""
         a = (await self._call(self.backing.lstat, src)).st_ino
         b = (await self._call(self.backing.lstat, dst)).st_ino
         before = self.table.meta.get("exchange")
-        if self._maybe_done and before is not None and [b, a] == list(before):
+        if self._maybe_done and before is not None and [self._seq, b, a] == list(before):
             return True
-        self.table.set_meta("exchange", [a, b])
+        self.table.set_meta("exchange", [self._seq, a, b])
         await self.table.commit()
         return False
 
@@ -476,10 +501,13 @@ class Flusher:
         if inode is None:
             return
         await self._keep_content(inode)
-        try:
-            await self._call(self.backing.unlink, dpath + (name,))
-        except FileNotFoundError:
-            pass
+        if await self._changed_behind_us(inode, dpath + (name,)):
+            await self._move_aside(dpath + (name,), parent)  # their version stays, beside
+        else:
+            try:
+                await self._call(self.backing.unlink, dpath + (name,))
+            except FileNotFoundError:
+                pass
         await self._forget_blink(inode, (parent, name))
         self._dirs_to_sync.add(dpath)
 
@@ -496,7 +524,7 @@ class Flusher:
         except OSError as exc:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
-            await self._move_aside(path)  # someone put files there behind our back: keep them
+            await self._move_aside(path, parent)  # someone put files there behind our back: keep them
         await self._forget_blink(inode, (parent, name))
         self._dirs_to_sync.add(dpath)
 
@@ -518,6 +546,11 @@ class Flusher:
         dst_known = dst_inode is not None and (p_new, n_new) in dst_inode.blinks
         if not exchange:
             await self._keep_content(dst_inode)
+            if dst_known and await self._changed_behind_us(dst_inode, dst):
+                await self._move_aside(dst, p_new)  # their version stays, beside; ours replaces it
+                assert dst_inode is not None
+                await self._forget_blink(dst_inode, (p_new, n_new))
+                dst_known = False
         if exchange and not dst_known:
             # The other side never reached the backing tree: a plain move is what remains.
             exchange = False
@@ -536,7 +569,7 @@ class Flusher:
         except OSError as exc:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
                 raise
-            await self._move_aside(dst)
+            await self._move_aside(dst, p_new)
             await self._call(self.backing.rename, src, dst, 1)
         src_inode.blinks.remove((p_old, n_old))
         src_inode.blinks.insert(0, (p_new, n_new))
@@ -596,7 +629,7 @@ class Flusher:
         elif inode.dirty or inode.attr_dirty:
             dirty = list(inode.dirty)
             await self._record_publishing(inode, ())
-            st = await self._call(self.backing.write_ranges, path, fd, dirty, inode.size, attrs)
+            st = await self._call(self.backing.write_ranges, path, fd, dirty, inode.size, attrs, inode.low_size)
             written = ranges.total(dirty)
         else:
             return
@@ -615,6 +648,7 @@ class Flusher:
         if inode.version == version:
             inode.dirty = ranges.EMPTY
             inode.attr_dirty = False
+            inode.low_size = None
         self.table.mark(inode)
         self._dirs_to_sync.add(path[:-1])
 
@@ -674,8 +708,8 @@ class Flusher:
     async def _publish_conflict(self, inode: Inode, path: BPath) -> None:
         """The backing file changed behind safefs's back: keep both versions side by side."""
         fs = self.fs
-        name = self._conflict_name(path[-1])
-        aside = path[:-1] + (name,)
+        aside = await self._free_conflict_path(path)
+        name = aside[-1]
         attrs = await self._attrs(inode)
         fd = await fs.in_cache(fs.cache.fd, inode.ino)
         try:

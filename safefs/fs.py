@@ -733,12 +733,13 @@ class Filesystem:
             # The cache file may hold stale bytes past the old end (fetched before a shrink
             # elsewhere); cut them so the new region reads as zeros.
             await self.in_cache(self._extend_cache_file, inode.ino, old, size)
+            # Present (as zeros) but not dirty: the backing file grows by a truncate too.
             inode.present = ranges.add(inode.present, old, size)
-            inode.dirty = ranges.add(inode.dirty, old, size)
         else:
             await self.in_cache(self.cache.truncate, inode.ino, size)
             inode.present = ranges.clip(inode.present, size)
             inode.dirty = ranges.clip(inode.dirty, size)
+            inode.low_size = size if inode.low_size is None else min(inode.low_size, size)
         inode.size = size
         self._changed(inode, data=True, attrs=True)
 
@@ -919,9 +920,8 @@ class Filesystem:
                 offset = inode.size
             end = offset + len(data)
             await self.in_cache(self.cache.pwrite, inode.ino, offset, data)
-            if offset > inode.size:  # the gap reads as zeros and is part of the new content
+            if offset > inode.size:  # the gap reads as zeros; the backing file's grows alike
                 inode.present = ranges.add(inode.present, inode.size, offset)
-                inode.dirty = ranges.add(inode.dirty, inode.size, offset)
             if not ranges.covers(inode.present, offset, end):
                 self._cached_bytes_estimate += end - offset
             inode.present = ranges.add(inode.present, offset, end)

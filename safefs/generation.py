@@ -44,7 +44,7 @@ def write(
     backing: Backing, staging: tuple[bytes, ...], *, epoch: int, generation: int, host: str,
     changed: Iterable[tuple[bytes, ...]],
 ) -> dict[str, Any]:  # fmt: skip
-    paths = sorted({os.fsdecode(b"/".join(p)) for p in changed if p})
+    paths = sorted({os.fsdecode(b"/".join(p)) if p else "." for p in changed})
     record: dict[str, Any] = {
         "v": 1, "epoch": epoch, "generation": generation, "host": host, "pid": os.getpid(),
         "time": time.time(), "all": len(paths) > MAX_LISTED,

@@ -54,7 +54,7 @@ class Inode:
         # persisted
         "ino", "mode", "uid", "gid", "size", "rdev", "atime_ns", "mtime_ns", "ctime_ns",
         "target", "xattrs", "origin", "present", "dirty", "attr_dirty", "new", "listed",
-        "parent", "blinks", "publishing",
+        "parent", "blinks", "publishing", "low_size",
         # memory only
         "links", "nlink_dirs", "lookups", "opens", "changed_at", "version", "stale",
     )  # fmt: skip
@@ -80,6 +80,9 @@ class Inode:
         # A publish under way: the staging path it renames from, or () for an in-place write.
         # After a crash it tells our own half-recorded publish from someone else's change.
         self.publishing: tuple[bytes, ...] | None = None
+        # The smallest size since the last publish, if the file was cut: an in-place publish
+        # cuts the backing file there first, so a later extension reads as zeros unwritten.
+        self.low_size: int | None = None
         self.links: set[BLink] = set()  # names in the cache view
         self.nlink_dirs = 0  # directories: number of subdirectories
         self.lookups = 0  # kernel lookup count
@@ -122,7 +125,7 @@ class Inode:
             "a": self.atime_ns, "t": self.mtime_ns, "c": self.ctime_ns, "l": self.target,
             "x": self.xattrs, "o": self.origin, "p": list(self.present), "d": list(self.dirty),
             "ad": self.attr_dirty, "n": self.new, "ls": self.listed, "pa": self.parent,
-            "b": [list(b) for b in self.blinks], "pb": self.publishing,
+            "b": [list(b) for b in self.blinks], "pb": self.publishing, "lo": self.low_size,
         }  # fmt: skip
 
     @classmethod
@@ -139,6 +142,7 @@ class Inode:
         inode.parent = rec["pa"]
         inode.blinks = [(int(p), bytes(n)) for p, n in rec["b"]]
         inode.publishing = tuple(rec["pb"]) if rec.get("pb") is not None else None
+        inode.low_size = rec.get("lo")
         return inode
 
 
