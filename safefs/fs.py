@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import stat
@@ -863,6 +864,9 @@ class Filesystem:
         if offset >= end:
             return b""
         self._last_access[inode.ino] = self.clock.monotonic()
+        if inode.writing:  # a write's bytes may still be on their way into the cache file
+            async with self.inode_locks(inode.ino):
+                pass
         if not ranges.covers(inode.present, offset, end):
             await self.fetch(inode, offset, end)
         else:
@@ -919,23 +923,32 @@ class Filesystem:
             if handle.flags & os.O_APPEND:
                 offset = inode.size
             end = offset + len(data)
-            await self.in_cache(self.cache.pwrite, inode.ino, offset, data)
+            saved = (inode.present, inode.dirty, inode.size, inode.mtime_ns, inode.ctime_ns)
             if offset > inode.size:  # the gap reads as zeros; the backing file's grows alike
                 inode.present = ranges.add(inode.present, inode.size, offset)
-            if not ranges.covers(inode.present, offset, end):
-                self._cached_bytes_estimate += end - offset
+            grown = 0 if ranges.covers(inode.present, offset, end) else end - offset
             inode.present = ranges.add(inode.present, offset, end)
             inode.dirty = ranges.add(inode.dirty, offset, end)
             inode.size = max(inode.size, end)
             self._changed(inode, data=True)
-        await self.table.commit()
+            # The journal learns of the bytes in the same thread trip that writes them; until
+            # it returns, reads of this inode wait for the lock (see `read`).
+            inode.writing += 1
+            try:
+                await self.table.commit_with(functools.partial(self.cache.pwrite, inode.ino, offset, data))
+            except BaseException:
+                inode.present, inode.dirty, inode.size, inode.mtime_ns, inode.ctime_ns = saved
+                self.table.mark(inode)
+                raise
+            finally:
+                inode.writing -= 1
+            self._cached_bytes_estimate += grown
         self.on_change()
         return len(data)
 
     async def fsync(self, fh: int) -> None:
         inode = self.handle_inode(fh)
-        await self.in_cache(self.cache.fsync, inode.ino)
-        await self.table.sync()
+        await self.table.sync(functools.partial(self.cache.fsync, inode.ino))
 
     async def fsyncdir(self) -> None:
         await self.table.sync()

@@ -56,7 +56,7 @@ class Inode:
         "target", "xattrs", "origin", "present", "dirty", "attr_dirty", "new", "listed",
         "parent", "blinks", "publishing", "low_size",
         # memory only
-        "links", "nlink_dirs", "lookups", "opens", "changed_at", "version", "stale",
+        "links", "nlink_dirs", "lookups", "opens", "changed_at", "version", "stale", "writing",
     )  # fmt: skip
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, now_ns: int) -> None:
@@ -90,6 +90,7 @@ class Inode:
         self.changed_at = 0.0  # monotonic time of the last data/attr change (for write-back)
         self.version = 0  # bumped on every change of content or attributes
         self.stale = False  # directories: the backing tree may have changed since listed
+        self.writing = 0  # writes whose bytes may not be in the cache file yet (see fs.write)
 
     # -- kind ----------------------------------------------------------------------------
     @property
@@ -372,11 +373,7 @@ class InodeTable:
             try:
                 await trio.to_thread.run_sync(self._journal.commit, batch, limiter=self._limiter)
             except BaseException:
-                # Not on disk: mark the keys again so the next commit carries them.
-                self._marked_inodes.update(batch.inodes)
-                self._marked_dentries.update(batch.dentries)
-                self._marked_ops.update(batch.ops)
-                self._marked_meta.update(batch.meta)
+                self._remark(batch)
                 raise
             finally:
                 self._committing = False
@@ -385,7 +382,56 @@ class InodeTable:
             self._committed = number
             self.commits += 1
 
-    async def sync(self) -> None:
-        """Commit, then make the journal durable on the local disk."""
+    async def commit_with(self, action: Any) -> None:
+        """Run `action` (a blocking cache write) and commit, in one trip to a worker thread.
+
+        A thread hop costs more than a small write itself, so a write takes one, not two.
+        The batch commits only if `action` succeeded; otherwise its keys stay marked and the
+        error is raised (the caller restores what it changed in memory). While another commit
+        is under way, it falls back to running `action` first, then joining the next batch.
+        """
+        if self._committing:
+            await trio.to_thread.run_sync(action, limiter=self._limiter)
+            await self.commit()
+            return
+        self._committing = True
+        self._batch_no += 1
+        number = self._batch_no
+        batch = self._render()
+
+        def write_then_commit() -> None:
+            action()
+            self._journal.commit(batch)
+
+        try:
+            await trio.to_thread.run_sync(write_then_commit, limiter=self._limiter)
+        except BaseException:
+            self._remark(batch)
+            raise
+        finally:
+            self._committing = False
+            done, self._commit_done = self._commit_done, trio.Event()
+            done.set()
+        self._committed = number
+        self.commits += 1
+
+    def _remark(self, batch: Batch) -> None:
+        """Not on disk: mark the keys again so the next commit carries them."""
+        self._marked_inodes.update(batch.inodes)
+        self._marked_dentries.update(batch.dentries)
+        self._marked_ops.update(batch.ops)
+        self._marked_meta.update(batch.meta)
+
+    async def sync(self, also: Any = None) -> None:
+        """Commit, then make the journal durable on the local disk.
+
+        `also` (a blocking fsync of a cache file) runs in the same worker-thread trip.
+        """
         await self.commit()
-        await trio.to_thread.run_sync(self._journal.sync, limiter=self._limiter)
+
+        def flush_to_disk() -> None:
+            if also is not None:
+                also()
+            self._journal.sync()
+
+        await trio.to_thread.run_sync(flush_to_disk, limiter=self._limiter)

@@ -19,15 +19,21 @@ RangeSet = tuple[Range, ...]
 EMPTY: RangeSet = ()
 
 
+def _start(r: Range) -> int:
+    return r[0]
+
+
+def _end(r: Range) -> int:
+    return r[1]
+
+
 def add(ranges: RangeSet, start: int, end: int) -> RangeSet:
     """The union of `ranges` and [start, end)."""
     if start >= end:
         return ranges
     # Everything ending before `start` and starting after `end` stays; the rest merges.
-    ends = [e for _, e in ranges]
-    starts = [s for s, _ in ranges]
-    lo = bisect_left(ends, start)
-    hi = bisect_right(starts, end)
+    lo = bisect_left(ranges, start, key=_end)
+    hi = bisect_right(ranges, end, key=_start)
     if lo < hi:
         start = min(start, ranges[lo][0])
         end = max(end, ranges[hi - 1][1])
