@@ -171,6 +171,7 @@ class InodeTable:
         self._committing = False
         self._commit_done = trio.Event()
         self.commits = 0
+        self._synced_at = -1  # `commits` when the journal was last made durable
 
     # -- loading -------------------------------------------------------------------------
     def load(self, snap: Snapshot) -> None:
@@ -382,8 +383,8 @@ class InodeTable:
             self._committed = number
             self.commits += 1
 
-    async def commit_with(self, action: Any) -> None:
-        """Run `action` (a blocking cache write) and commit, in one trip to a worker thread.
+    async def commit_with(self, action: Any = None, *, then: Any = None) -> None:
+        """Run `action` (a blocking cache write), commit, then run `then`, in one thread trip.
 
         A thread hop costs more than a small write itself, so a write takes one, not two.
         The batch commits only if `action` succeeded; otherwise its keys stay marked and the
@@ -391,8 +392,11 @@ class InodeTable:
         is under way, it falls back to running `action` first, then joining the next batch.
         """
         if self._committing:
-            await trio.to_thread.run_sync(action, limiter=self._limiter)
+            if action is not None:
+                await trio.to_thread.run_sync(action, limiter=self._limiter)
             await self.commit()
+            if then is not None:
+                await trio.to_thread.run_sync(then, limiter=self._limiter)
             return
         self._committing = True
         self._batch_no += 1
@@ -400,8 +404,11 @@ class InodeTable:
         batch = self._render()
 
         def write_then_commit() -> None:
-            action()
+            if action is not None:
+                action()
             self._journal.commit(batch)
+            if then is not None:
+                then()  # after the commit: it may count on the batch being in the journal
 
         try:
             await trio.to_thread.run_sync(write_then_commit, limiter=self._limiter)
@@ -427,11 +434,15 @@ class InodeTable:
 
         `also` (a blocking fsync of a cache file) runs in the same worker-thread trip.
         """
-        await self.commit()
+        if self._synced_at == self.commits and not self.has_uncommitted:
+            if also is not None:  # the journal is durable already: only the file is left
+                await trio.to_thread.run_sync(also, limiter=self._limiter)
+            return
 
         def flush_to_disk() -> None:
             if also is not None:
                 also()
             self._journal.sync()
 
-        await trio.to_thread.run_sync(flush_to_disk, limiter=self._limiter)
+        await self.commit_with(then=flush_to_disk)  # commit and flush in one thread trip
+        self._synced_at = self.commits
