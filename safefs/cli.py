@@ -210,9 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     acquire.add_argument("--wait", action="store_true", help="wait until the lease is free")
     acquire.add_argument("--timeout", type=parse_seconds, metavar="S", help="give up after this long")
 
-    recover = commands.add_parser("recover", help="write back what a dead mount left in its cache")
+    recover = commands.add_parser(
+        "recover", help="write back changes a mount holds that the project lacks (after a lost lease)"
+    )
     recover.set_defaults(command=cmd_recover)
-    recover.add_argument("--cache-dir", metavar="DIR")
+    recover.add_argument("mnt", nargs="?", metavar="MNT", help="the mount; without it, list mounts that hold such changes")
+    recover.add_argument("--timeout", type=parse_seconds, metavar="S")
     return parser
 
 
@@ -530,10 +533,28 @@ def cmd_acquire(args: argparse.Namespace) -> int:
 
 
 def cmd_recover(args: argparse.Namespace) -> int:
-    raise SafefsError(
-        "`safefs recover` is not implemented yet",
-        hint="nothing was changed; the dirty data stays in the cache dir",
-    )
+    """Write back a mount's orphaned changes (see Daemon.recover), or list the mounts that have some."""
+    if args.mnt is None:
+        orphans = []
+        for sock in client.list_daemons(runtime_dir(os.environ, os.getuid())):
+            try:
+                status = client.call(sock, "status", timeout=STATUS_TIMEOUT)
+            except SafefsError:
+                continue
+            if status.get("dirty_files") or status.get("pending_ops"):
+                orphans.append(status)
+                print(f"{status['mnt']}: {status.get('dirty_files', 0)} files, {status.get('dirty_bytes', 0)} B "
+                      f"not in the project (role {status.get('role')}); run: safefs recover {status['mnt']}")
+        if not orphans:
+            print("safefs: no mounted cache holds changes the project lacks")
+        return int(ExitCode.OK)
+    mnt = checks.resolve_mountpoint(args.mnt)
+    result = call(mnt, "recover", {"timeout": args.timeout}, timeout=None)
+    print(f"safefs: recovered {result['files']} changes ({result['bytes']} B) from {mnt}")
+    for conflict in result.get("conflicts", []):
+        kept = conflict.get("kept_as")
+        print(f"  conflict: {conflict.get('path') or conflict.get('op')}" + (f" kept as {kept}" if kept else ""))
+    return int(ExitCode.OK)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

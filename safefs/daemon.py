@@ -397,6 +397,28 @@ class Daemon:
             "gave up waiting for the lease", hint="see `safefs status` for who holds it"
         )
 
+    async def recover(self, *, timeout: float | None) -> dict[str, Any]:
+        """Write back what this cache holds and the project does not (an orphan of a lost
+        lease, or of a crash while another host wrote): take the lease for it if needed,
+        publish under the usual rules (a file changed meanwhile elsewhere is kept side by side
+        as a conflict copy, never overwritten), then give the lease back if it was taken."""
+        files, nbytes = self._unwritten()
+        if not files:
+            return {"files": 0, "bytes": 0, "conflicts": [], "epoch": self.keeper.epoch}
+        took = self.keeper.role != "writer"
+        if took:
+            await self.keeper.acquire(wait=False)  # LeaseHeldElsewhere names a live holder
+            await self._take_role()
+        conflicts_before = len(self.flusher.conflicts)
+        receipt = await self._write_back(timeout)
+        if took:
+            await self.keeper.release()
+            await self._take_role()
+        return {
+            "files": files, "bytes": nbytes, "epoch": self.keeper.epoch, "generation": receipt.generation,
+            "conflicts": self.flusher.conflicts[conflicts_before:], "released": took,
+        }  # fmt: skip
+
     async def prepare_unmount(self, *, timeout: float | None) -> dict[str, Any]:
         if self.keeper.role == "writer":
             result = await self.sync(release=True, timeout=timeout, progress=None)

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 BPath = tuple[bytes, ...]
 MAX_BACKOFF = 60.0
 CREATE_PATIENCE = 12  # see Flusher._ripe
+# Errors that mean "the project is not what the op log expects", not "NFS is unwell".
+TREE_CHANGED = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR})
 
 
 @dataclasses.dataclass
@@ -283,8 +285,14 @@ class Flusher:
         try:
             await getattr(self, "_op_" + op[0])(*op[1:])
         except OSError as exc:
-            exc.safefs_op = op[0]  # type: ignore[attr-defined]
-            raise
+            if exc.errno not in TREE_CHANGED:
+                exc.safefs_op = op[0]  # type: ignore[attr-defined]
+                raise
+            # The project changed behind our back so that this op cannot apply (its source or
+            # directory is gone, say). Skipping it loses no data: file contents are published
+            # by inode, at wherever the backing view says they are, or kept as conflict copies.
+            log.warning("flush: conflict: cannot replay %s (%s); the project changed behind us", op[0], exc)
+            self.conflicts.append({"op": op[0], "error": str(exc), "time": self.clock.wall()})
         self.table.drop_op(seq)
         self.table.set_meta("in_flight", 0)
 
@@ -708,6 +716,11 @@ class Flusher:
     async def _publish_conflict(self, inode: Inode, path: BPath) -> None:
         """The backing file changed behind safefs's back: keep both versions side by side."""
         fs = self.fs
+        parent = inode.blinks[0][0]
+        if path[:-1] and not await self._call(self.backing.exists, path[:-1]):
+            # Its directory is gone too (removed or renamed behind our back): keep our version
+            # at the top of the project rather than nowhere.
+            path, parent = (path[-1],), ROOT_INO
         aside = await self._free_conflict_path(path)
         name = aside[-1]
         attrs = await self._attrs(inode)
@@ -723,8 +736,7 @@ class Flusher:
              "time": self.clock.wall()}
         )  # fmt: skip
         # Our version now lives under the conflict name; the original name shows the backing
-        # tree's version again.
-        parent, _ = inode.blinks[0]
+        # tree's version again (or goes, if the backing tree no longer has it).
         copy = self.table.new_inode(stat.S_IFREG | stat.S_IMODE(inode.mode), inode.uid, inode.gid, st.st_ctime_ns)
         Filesystem._copy_stat(copy, st)
         copy.origin = fingerprint_tuple(Fingerprint.of(st))
@@ -733,8 +745,8 @@ class Flusher:
         if parent in self.table.inodes and self.table.child(parent, name) is None:
             self.table.link(parent, name, copy)
         try:
-            cur = await self._call(self.backing.lstat, path)
-        except FileNotFoundError:
+            cur = await self._call(self.backing.lstat, self.table.backing_path(inode.ino) or path)
+        except (FileNotFoundError, NotADirectoryError):
             cur = None
         async with fs.inode_locks(inode.ino):
             await fs.in_cache(fs.cache.delete, inode.ino)
@@ -748,6 +760,12 @@ class Flusher:
                 inode.size = 0
                 inode.origin = None
             self.table.mark(inode)
+        if cur is None or not stat.S_ISREG(cur.st_mode):
+            for link_parent, link_name in list(inode.links):
+                self.table.unlink(link_parent, link_name)
+                await fs.invalidator.invalidate_entry(link_parent, link_name)
+            inode.blinks.clear()
+            await fs.collect(inode)
         await fs.invalidator.invalidate_inode(inode.ino)
         if parent in self.table.inodes:
             await fs.invalidator.invalidate_entry(parent, name)

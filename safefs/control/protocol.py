@@ -35,7 +35,7 @@ PROTOCOL_VERSION = 1
 # A request or reply line longer than this is refused; status with thousands of errors fits.
 MAX_LINE_BYTES = 16 << 20
 
-OPS = ("ping", "status", "sync", "acquire", "prepare_unmount")
+OPS = ("ping", "status", "sync", "acquire", "prepare_unmount", "recover")
 
 
 # ---- typed arguments of each op ---------------------------------------------------------
@@ -63,15 +63,21 @@ class PrepareUnmountArgs:
     timeout: float | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class RecoverArgs:
+    timeout: float | None = None
+
+
 OP_ARGS: dict[str, type] = {
     "ping": NoArgs,
     "status": NoArgs,
     "sync": SyncArgs,
     "acquire": AcquireArgs,
     "prepare_unmount": PrepareUnmountArgs,
+    "recover": RecoverArgs,
 }
 
-OpArgs = Union[NoArgs, SyncArgs, AcquireArgs, PrepareUnmountArgs]
+OpArgs = Union[NoArgs, SyncArgs, AcquireArgs, PrepareUnmountArgs, RecoverArgs]
 
 
 def parse_args(op: str, args: dict[str, Any]) -> OpArgs:

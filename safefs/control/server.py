@@ -61,6 +61,8 @@ class ControlHandler(Protocol):
 
     async def prepare_unmount(self, *, timeout: float | None) -> dict[str, Any]: ...
 
+    async def recover(self, *, timeout: float | None) -> dict[str, Any]: ...
+
 
 async def serve(
     path: Path,
@@ -264,6 +266,8 @@ async def _dispatch(handler: ControlHandler, request: Request, connection: _Conn
         result = await handler.acquire(wait=args.wait, timeout=args.timeout)
     elif isinstance(args, protocol.PrepareUnmountArgs):
         result = await handler.prepare_unmount(timeout=args.timeout)
+    elif isinstance(args, protocol.RecoverArgs):
+        result = await handler.recover(timeout=args.timeout)
     else:
         raise ProtocolError(f"unknown control operation {request.op!r}")
     if not isinstance(result, dict):

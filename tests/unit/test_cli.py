@@ -184,9 +184,26 @@ def test_a_refused_foreground_mount_tells_the_parent_through_the_ready_fd(tmp_pa
     assert ready["ok"] is False and ready["error"]["type"] == "Refused" and ready["error"]["exit_code"] == 3
 
 
-def test_recover_is_not_implemented_yet(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["recover"]) == ExitCode.ERROR
-    assert "not implemented yet" in capsys.readouterr().err
+def test_recover_without_a_mount_lists_mounts_holding_unwritten_changes(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli.client, "list_daemons", lambda _: ["/run/a.sock", "/run/b.sock"])
+    statuses = {
+        "/run/a.sock": {"mnt": "/m/a", "dirty_files": 2, "dirty_bytes": 10, "pending_ops": 1, "role": "follower"},
+        "/run/b.sock": {"mnt": "/m/b", "dirty_files": 0, "dirty_bytes": 0, "pending_ops": 0, "role": "writer"},
+    }
+    monkeypatch.setattr(cli.client, "call", lambda sock, op, **kw: statuses[sock])
+    assert cli.main(["recover"]) == ExitCode.OK
+    out = capsys.readouterr().out
+    assert "safefs recover /m/a" in out and "/m/b" not in out
+
+
+def test_recover_with_nothing_to_recover_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli.client, "list_daemons", lambda _: [])
+    assert cli.main(["recover"]) == ExitCode.OK
+    assert "no mounted cache" in capsys.readouterr().out
 
 
 def test_ctrl_c_exits_130_without_a_traceback(
