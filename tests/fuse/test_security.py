@@ -98,7 +98,10 @@ def errno_name(result: dict[str, Any]) -> str:
 
 @pytest.fixture
 def open_root() -> Iterator[Path]:
-    """A fresh directory under /tmp that every user may traverse (0755)."""
+    """A fresh directory under /tmp that every user may traverse (0755).
+
+    Tests list it before `mount_factory`, so it is removed after the daemons are reaped.
+    """
     root = Path(tempfile.mkdtemp(prefix="safefs-security-", dir="/tmp"))
     root.chmod(0o755)
     try:
@@ -168,7 +171,7 @@ def fill_cache(m: Mount) -> None:
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o000], ids=["umask022", "umask000"])
-def test_cache_dir_is_private(mount_factory: MountFactory, open_root: Path, umask: int) -> None:
+def test_cache_dir_is_private(open_root: Path, mount_factory: MountFactory, umask: int) -> None:
     src, mnt, cache = make_layout(open_root)
     (src / "public").write_bytes(b"world-readable in SRC " * 100)
     (src / "public").chmod(0o644)
@@ -210,6 +213,8 @@ def test_daemonized_log_and_cache_are_private(open_root: Path, umask: int) -> No
         assert_private(cache)
     finally:
         if is_mounted(mnt):
+            run_safefs("umount", mnt, timeout=60)
+        if is_mounted(mnt):
             pid = None
             status = run_safefs("status", mnt, "--json", timeout=20)
             if status.returncode == 0:
@@ -218,6 +223,10 @@ def test_daemonized_log_and_cache_are_private(open_root: Path, umask: int) -> No
             if pid:
                 try:
                     os.kill(pid, 15)
+                    deadline = time.monotonic() + 15
+                    while time.monotonic() < deadline:  # not our child: poll until it is gone
+                        os.kill(pid, 0)
+                        time.sleep(0.1)
                 except ProcessLookupError:
                     pass
 
@@ -266,7 +275,7 @@ def assert_no_status_data(result: dict[str, Any], m: Mount) -> None:
         ), f"another user got an answer: {reply}"
 
 
-def test_control_socket_refuses_another_user(mount_factory: MountFactory, open_root: Path) -> None:
+def test_control_socket_refuses_another_user(open_root: Path, mount_factory: MountFactory) -> None:
     src, mnt, cache = make_layout(open_root)
     m = mount_factory(src, mnt, cache)
     sock = socket_path(m.mnt.resolve(), m.env, os.getuid())
@@ -303,7 +312,7 @@ def test_control_socket_refuses_another_user(mount_factory: MountFactory, open_r
 
 
 def test_other_user_cannot_read_cached_contents(
-    mount_factory: MountFactory, open_root: Path
+    open_root: Path, mount_factory: MountFactory
 ) -> None:
     src, mnt, cache = make_layout(open_root)
     secret = b"TOP-SECRET-" + os.urandom(8).hex().encode() + b"\n"
@@ -344,7 +353,7 @@ def test_other_user_cannot_read_cached_contents(
 
 
 def test_without_allow_other_no_other_user_reaches_the_mount(
-    mount_factory: MountFactory, open_root: Path
+    open_root: Path, mount_factory: MountFactory
 ) -> None:
     src, mnt, cache = make_layout(open_root)
     (src / "pub").write_bytes(b"public")
@@ -373,7 +382,7 @@ def test_without_allow_other_no_other_user_reaches_the_mount(
 
 
 def test_allow_other_lets_the_kernel_check_modes(
-    mount_factory: MountFactory, open_root: Path
+    open_root: Path, mount_factory: MountFactory
 ) -> None:
     src, mnt, cache = make_layout(open_root)
     files = {"pub": (b"public", 0o644), "priv": (b"private", 0o600), "shared": (b"shared", 0o666)}
@@ -455,7 +464,7 @@ def outside_snapshot(out: Path) -> dict[str, bytes | str]:
 
 @pytest.mark.parametrize("swap", SWAPS)
 def test_safefs_dir_symlinks_cannot_redirect_writes(
-    mount_factory: MountFactory, open_root: Path, swap: str
+    open_root: Path, mount_factory: MountFactory, swap: str
 ) -> None:
     """Replace one object in SRC/.safefs with a symlink to an outside directory (or file)
     while mounted; then write, sync, wait for lease renewals, unmount: nothing outside changes.
@@ -526,7 +535,7 @@ def changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
 
 
 def test_after_a_staging_symlink_is_removed_sync_publishes(
-    mount_factory: MountFactory, open_root: Path
+    open_root: Path, mount_factory: MountFactory
 ) -> None:
     """While .safefs/staging is a symlink out of SRC, write-back must stop (not follow it);
     once the link is gone, the next sync publishes everything: nothing was lost meanwhile."""
