@@ -672,11 +672,26 @@ class Backing:
                     os.close(fd)
 
     def exists(self, path: Path) -> bool:
+        """Is there an object at `path` (reached without following a symlink)?"""
         try:
             self.lstat(path)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return False
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return False  # a symlink where a directory should be: nothing there for us
+            raise
         return True
+
+    def is_dir(self, path: Path) -> bool:
+        try:
+            return stat.S_ISDIR(self.lstat(path).st_mode)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return False
+            raise
 
     @contextmanager
     def _ensure_dir(self, path: Path) -> Iterator[int]:

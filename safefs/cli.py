@@ -308,7 +308,9 @@ def spawn_daemon(config: MountConfig, *, debug: bool) -> int:
     read_fd, write_fd = os.pipe()
     try:
         try:
-            with open(log_path, "ab") as log_file:
+            log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            os.fchmod(log_fd, 0o600)  # the log names files of the project: private like the cache
+            with open(log_fd, "ab") as log_file:
                 log_start = log_file.tell()
                 process = subprocess.Popen(
                     daemon_argv(config, ready_fd=write_fd, debug=debug),

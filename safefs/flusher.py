@@ -285,9 +285,12 @@ class Flusher:
         try:
             await getattr(self, "_op_" + op[0])(*op[1:])
         except OSError as exc:
-            if exc.errno not in TREE_CHANGED:
+            if exc.errno not in TREE_CHANGED and exc.errno != errno.ELOOP:
                 exc.safefs_op = op[0]  # type: ignore[attr-defined]
                 raise
+            if op[0] == "create" and not await self._rescue_new_file(op[3], op[1]):
+                exc.safefs_op = op[0]  # type: ignore[attr-defined]
+                raise  # the directory is there: a passing failure (our staging?), retry
             # The project changed behind our back so that this op cannot apply (its source or
             # directory is gone, say). Skipping it loses no data: file contents are published
             # by inode, at wherever the backing view says they are, or kept as conflict copies.
@@ -295,6 +298,20 @@ class Flusher:
             self.conflicts.append({"op": op[0], "error": str(exc), "time": self.clock.wall()})
         self.table.drop_op(seq)
         self.table.set_meta("in_flight", 0)
+
+    async def _rescue_new_file(self, ino: int, parent: int) -> bool:
+        """A new file whose directory vanished from the project behind our back: publish it
+        as a conflict copy at the top of the project. False if its directory is still
+        there (then the failure was something else, and the op is retried)."""
+        dpath = self._dir_path(parent)
+        if dpath is not None and await self._call(self.backing.is_dir, dpath):
+            return False
+        inode = self.table.inodes.get(ino)
+        if inode is not None and inode.is_reg and inode.links:
+            name = min(inode.links)[1]
+            inode.new = False
+            await self._publish_conflict(inode, (name,))
+        return True
 
     async def settle(self) -> None:
         """At start-up, finish the op a crash interrupted, so the backing view is exact.
@@ -408,8 +425,13 @@ class Flusher:
     async def _op_create(self, parent: int, name: bytes, ino: int) -> None:
         inode = self.table.inodes.get(ino)
         dpath = self._dir_path(parent)
-        if inode is None or dpath is None or not inode.links:
+        if inode is None or not inode.links:
             return  # unlinked before it reached the backing tree: nothing to create
+        if dpath is None:
+            # Its directory never reached the project (the project changed behind our back so
+            # that it could not be made): keep the file as a conflict copy at the top.
+            await self._rescue_new_file(ino, parent)
+            return
         path = dpath + (name,)
         if inode.is_reg:
             if not self._maybe_done and await self._call(self.backing.exists, path):
@@ -602,7 +624,16 @@ class Flusher:
             return
         version = inode.version
         attrs = await self._attrs(inode)
-        await self._call(self.backing.set_attrs, path, attrs)
+        try:
+            await self._call(self.backing.set_attrs, path, attrs)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
+            # Removed, renamed or replaced behind our back: only attributes are lost (what
+            # was below it is published or kept by inode); say so and move on.
+            log.warning("flush: conflict: cannot set attributes of %r: %s", path, exc)
+            self.conflicts.append({"path": os.fsdecode(b"/".join(path)), "error": str(exc),
+                                   "time": self.clock.wall()})  # fmt: skip
         if inode.version == version:
             inode.attr_dirty = False
             self.table.mark(inode)
@@ -701,8 +732,12 @@ class Flusher:
         """The backing file's stat if it is still what safefs last saw there, else None."""
         try:
             st = await self._call(self.backing.lstat, path)
-        except FileNotFoundError:
-            return None
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # gone, or its directory was replaced behind our back
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            return None  # a symlink now stands where a directory was
         fingerprint = fingerprint_tuple(Fingerprint.of(st))
         if same_content(inode.origin, fingerprint):
             if inode.publishing:  # a publish that never reached its rename: drop its leftovers
@@ -716,8 +751,8 @@ class Flusher:
     async def _publish_conflict(self, inode: Inode, path: BPath) -> None:
         """The backing file changed behind safefs's back: keep both versions side by side."""
         fs = self.fs
-        parent = inode.blinks[0][0]
-        if path[:-1] and not await self._call(self.backing.exists, path[:-1]):
+        parent = inode.blinks[0][0] if inode.blinks else ROOT_INO
+        if path[:-1] and not await self._call(self.backing.is_dir, path[:-1]):
             # Its directory is gone too (removed or renamed behind our back): keep our version
             # at the top of the project rather than nowhere.
             path, parent = (path[-1],), ROOT_INO
@@ -744,9 +779,14 @@ class Flusher:
         copy.xattrs = dict(attrs.xattrs)
         if parent in self.table.inodes and self.table.child(parent, name) is None:
             self.table.link(parent, name, copy)
+        current_path = self.table.backing_path(inode.ino) if inode.blinks else None
         try:
-            cur = await self._call(self.backing.lstat, self.table.backing_path(inode.ino) or path)
+            cur = await self._call(self.backing.lstat, current_path) if current_path else None
         except (FileNotFoundError, NotADirectoryError):
+            cur = None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
             cur = None
         async with fs.inode_locks(inode.ino):
             await fs.in_cache(fs.cache.delete, inode.ino)

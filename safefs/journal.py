@@ -96,6 +96,9 @@ class Journal:
                 hint="unmount that mount first, or pass a different --cache-dir",
             ) from None
         try:
+            # lmdb would make the directory with `mode` (0600, no search bit): make it first.
+            (cache_dir / "journal").mkdir(mode=0o700, exist_ok=True)
+            os.chmod(cache_dir / "journal", 0o700)
             env = lmdb.open(
                 str(cache_dir / "journal"),
                 map_size=MAP_SIZE,

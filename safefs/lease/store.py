@@ -134,21 +134,44 @@ def process_alive(pid: int) -> bool:
 # -- the directory backend --------------------------------------------------------------------
 
 
+_NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_NOFOLLOW_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 class DirLeaseStore:
-    """The lease in `<project>/.safefs/lease/`, safe on NFS (research/lease.md section 5)."""
+    """The lease in `<project>/.safefs/lease/`, safe on NFS (research/lease.md section 5).
+
+    Every directory below the project is opened from the project's own descriptor one name
+    at a time with O_NOFOLLOW, and every file with O_NOFOLLOW: a symlink planted in
+    `.safefs/` can never make safefs read, write or move anything outside the project.
+    """
 
     def __init__(self, project: Path) -> None:
         self.project = project
         self.root = project / os.fsdecode(CONTROL_DIR_NAME)
         self.lease_dir = self.root / "lease"
-        self.tmp_dir = self.lease_dir / "tmp"
 
     def __repr__(self) -> str:
         return f"DirLeaseStore({str(self.lease_dir)!r})"
 
+    def _dir_fd(self, *parts: str, create: bool = False) -> int:
+        """An fd of `<project>/.safefs/<parts...>`, never through a symlink."""
+        fd = os.open(self.project, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            for part in (os.fsdecode(CONTROL_DIR_NAME), *parts):
+                if create:
+                    self._ensure_dir_at(fd, part)
+                child = os.open(part, _NOFOLLOW_DIR, dir_fd=fd)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def observe(self) -> Observation:
         try:
-            dir_fd = os.open(self.lease_dir, os.O_RDONLY | os.O_DIRECTORY)
+            dir_fd = self._dir_fd("lease")
         except FileNotFoundError:
             return Observation(0, None, False, None)
         try:
@@ -164,37 +187,55 @@ class DirLeaseStore:
             os.close(dir_fd)
 
     def claim(self, record: EpochRecord) -> EpochRecord:
-        self._ensure_dirs()
         holder = record.holder
-        tmp, tmp_ino = self._write_temp(record.to_bytes(), f"{holder.host}.{holder.pid}.{holder.nonce}")
-        target = self.lease_dir / epoch_name(record.epoch)
+        return self._publish(record.to_bytes(), f"{holder.host}.{holder.pid}.{holder.nonce}",
+                             epoch_name(record.epoch), record)  # fmt: skip
+
+    def _publish(self, content: bytes, label: str, name: str, record: EpochRecord | None) -> EpochRecord:
+        """link() a complete temp file to `name` in lease/. For a claim (`record` given) return
+        the record found there: ours if our link landed, the winner's otherwise."""
+        lease_fd = self._dir_fd("lease", create=True)
+        tmp_fd = self._dir_fd("lease", "tmp", create=True)
         try:
+            tmp, tmp_ino = _write_temp(tmp_fd, content, label)
             try:
-                os.link(tmp, target)
-            except FileExistsError:
-                fd = os.open(target, os.O_RDONLY)
                 try:
-                    if os.fstat(fd).st_ino == tmp_ino:
-                        won = record  # our LINK landed; its retransmission got the EEXIST
-                    else:
-                        won = EpochRecord.from_bytes(_read_fd(fd))
-                finally:
-                    os.close(fd)
-                return won
-            _fsync_dir(self.lease_dir)
-            return record
+                    os.link(tmp, name, src_dir_fd=tmp_fd, dst_dir_fd=lease_fd, follow_symlinks=False)
+                except FileExistsError:
+                    if record is None:
+                        return record  # type: ignore[return-value]  # released either way
+                    fd = os.open(name, _NOFOLLOW_READ, dir_fd=lease_fd)
+                    try:
+                        if os.fstat(fd).st_ino == tmp_ino:
+                            return record  # our LINK landed; its retransmission got the EEXIST
+                        return EpochRecord.from_bytes(_read_fd(fd))
+                    finally:
+                        os.close(fd)
+                # On a local disk the new name is durable only once its directory is synced; on
+                # NFS the LINK is already synchronous on the server and this costs one COMMIT.
+                os.fsync(lease_fd)
+                return record  # type: ignore[return-value]
+            finally:
+                try:
+                    os.unlink(tmp, dir_fd=tmp_fd)
+                except OSError:
+                    pass  # a temp file left behind is garbage, not a hazard: nothing reads tmp/
         finally:
-            _unlink_quietly(tmp)
+            os.close(tmp_fd)
+            os.close(lease_fd)
 
     def renew(self, epoch: int, beat: bytes) -> bool:
-        dir_fd = os.open(self.lease_dir, os.O_RDONLY | os.O_DIRECTORY)
+        dir_fd = self._dir_fd("lease")
         try:
             try:
-                fd = os.open(hb_name(epoch), os.O_WRONLY, dir_fd=dir_fd)
+                fd = os.open(hb_name(epoch), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
             except FileNotFoundError:
-                fd = os.open(hb_name(epoch), os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE, dir_fd=dir_fd)
+                fd = os.open(hb_name(epoch), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             FILE_MODE, dir_fd=dir_fd)  # fmt: skip
                 os.fchmod(fd, FILE_MODE)
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError(_errno.EINVAL, "the heartbeat is not a regular file", hb_name(epoch))
                 _pwrite_all(fd, beat)
                 os.ftruncate(fd, len(beat))
                 os.fsync(fd)
@@ -205,39 +246,39 @@ class DirLeaseStore:
             os.close(dir_fd)
 
     def release(self, epoch: int, note: bytes) -> None:
-        self._ensure_dirs()
-        tmp, _ = self._write_temp(note, f"released.{epoch}")
-        try:
-            try:
-                os.link(tmp, self.lease_dir / released_name(epoch))
-            except FileExistsError:
-                pass  # an earlier attempt (or its retransmission) landed: released either way
-            _fsync_dir(self.lease_dir)
-        finally:
-            _unlink_quietly(tmp)
+        self._publish(note, f"released.{epoch}", released_name(epoch), None)
 
     def quarantine(self, epoch: int) -> int:
-        staging = self.root / "staging"
         try:
-            epochs = [name for name in os.listdir(staging) if name.isdigit() and int(name) <= epoch]
+            staging_fd = self._dir_fd("staging")
         except FileNotFoundError:
             return 0
         moved = 0
-        for name in epochs:
-            try:
-                entries = os.listdir(staging / name)
-            except FileNotFoundError:
-                continue
-            if not entries:
-                continue
-            target = self.root / "quarantine" / name
-            self._ensure_dir(target.parent)
-            self._ensure_dir(target)
-            # One rename per entry, not per directory: a late RENAME from the old holder names
-            # its source by (directory, name), so it now fails with ENOENT instead of landing.
-            for entry in entries:
-                os.rename(staging / name / entry, target / entry)
-                moved += 1
+        try:
+            epochs = [name for name in os.listdir(staging_fd) if name.isdigit() and int(name) <= epoch]
+            for name in epochs:
+                try:
+                    src_fd = os.open(name, _NOFOLLOW_DIR, dir_fd=staging_fd)
+                except FileNotFoundError:
+                    continue
+                try:
+                    entries = os.listdir(src_fd)
+                    if not entries:
+                        continue
+                    dst_fd = self._dir_fd("quarantine", name, create=True)
+                    try:
+                        # One rename per entry, not per directory: a late RENAME from the old
+                        # holder names its source by (directory, name), so it now fails with
+                        # ENOENT instead of landing.
+                        for entry in entries:
+                            os.rename(entry, entry, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+                            moved += 1
+                    finally:
+                        os.close(dst_fd)
+                finally:
+                    os.close(src_fd)
+        finally:
+            os.close(staging_fd)
         return moved
 
     def pid_alive(self, pid: int) -> bool:
@@ -245,37 +286,45 @@ class DirLeaseStore:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _ensure_dirs(self) -> None:
-        for path in (self.root, self.lease_dir, self.tmp_dir):
-            self._ensure_dir(path)
-
-    def _ensure_dir(self, path: Path) -> None:
+    def _ensure_dir_at(self, dir_fd: int, name: str) -> None:
         try:
-            os.mkdir(path, DIR_MODE)
+            os.mkdir(name, DIR_MODE, dir_fd=dir_fd)
         except FileExistsError:
             return
         try:
             shared = os.stat(self.project).st_mode & (stat.S_ISGID | stat.S_IWGRP)
         except OSError:
             shared = 0
-        os.chmod(path, DIR_MODE | shared)
+        _chmod_dir_at(dir_fd, name, DIR_MODE | shared)
 
-    def _write_temp(self, content: bytes, label: str) -> tuple[Path, int]:
-        """A complete, fsynced file under a name nobody else uses; returns its path and inode."""
-        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", label)[:160]
-        path = self.tmp_dir / f"{safe}.{secrets.token_hex(6)}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        try:
-            os.fchmod(fd, FILE_MODE)
-            _pwrite_all(fd, content)
-            os.fsync(fd)
-            ino = os.fstat(fd).st_ino
-        except BaseException:
-            os.close(fd)
-            _unlink_quietly(path)
-            raise
+
+def _chmod_dir_at(dir_fd: int, name: str, mode: int) -> None:
+    fd = os.open(name, _NOFOLLOW_DIR, dir_fd=dir_fd)
+    try:
+        os.fchmod(fd, mode)
+    finally:
         os.close(fd)
-        return path, ino
+
+
+def _write_temp(tmp_fd: int, content: bytes, label: str) -> tuple[str, int]:
+    """A complete, fsynced file under a name nobody else uses; returns its name and inode."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", label)[:160]
+    name = f"{safe}.{secrets.token_hex(6)}"
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE, dir_fd=tmp_fd)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        _pwrite_all(fd, content)
+        os.fsync(fd)
+        ino = os.fstat(fd).st_ino
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(name, dir_fd=tmp_fd)
+        except OSError:
+            pass
+        raise
+    os.close(fd)
+    return name, ino
 
 
 def _newest_epoch(dir_fd: int) -> int:
@@ -295,7 +344,7 @@ def _exists_at(dir_fd: int, name: str) -> bool:
 
 
 def _read_at(dir_fd: int, name: str) -> bytes:
-    fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+    fd = os.open(name, _NOFOLLOW_READ, dir_fd=dir_fd)
     try:
         return _read_fd(fd)
     finally:
@@ -316,7 +365,7 @@ def _read_fd(fd: int, limit: int = 1 << 20) -> bytes:
 
 def _heartbeat_at(dir_fd: int, name: str) -> Heartbeat | None:
     try:
-        fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+        fd = os.open(name, _NOFOLLOW_READ, dir_fd=dir_fd)
     except FileNotFoundError:
         return None
     try:
@@ -331,24 +380,6 @@ def _pwrite_all(fd: int, data: bytes) -> None:
     done = 0
     while done < len(data):
         done += os.pwrite(fd, data[done:], done)
-
-
-def _fsync_dir(path: Path) -> None:
-    # On a local disk the new name is durable only once its directory is synced; on NFS the
-    # LINK is already synchronous on the server and this costs one COMMIT.
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unlink_quietly(path: Path) -> None:
-    # A temp file left behind is garbage, not a hazard: nothing reads tmp/.
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
 
 
 # -- the in-memory twin -------------------------------------------------------------------------
