@@ -38,6 +38,7 @@ class ContentCache:
         self._lock = threading.Lock()
         self._free_checked_at = 0.0
         self._free_bytes = 0
+        self._effective_floor = free_space_floor
 
     def path(self, ino: int) -> Path:
         return self.data_dir / f"{ino:x}"
@@ -120,8 +121,11 @@ class ContentCache:
         if now - self._free_checked_at > max_age:
             st = os.statvfs(self.data_dir)
             self._free_bytes = st.f_bavail * st.f_frsize
+            # The floor keeps the disk usable for everyone else, but on a small disk a fixed
+            # floor would refuse every write: at most a tenth of the disk.
+            self._effective_floor = min(self._floor, st.f_blocks * st.f_frsize // 10)
             self._free_checked_at = now
-        return self._free_bytes - self._floor
+        return self._free_bytes - self._effective_floor
 
     def charge(self, nbytes: int) -> None:
         """Account for bytes just written, so the next free-space estimate is not stale."""

@@ -38,7 +38,7 @@ from safefs.cache import ContentCache
 from safefs.clock import SystemClock
 from safefs.config import MountConfig, socket_path
 from safefs.control.server import serve as serve_control
-from safefs.errors import DaemonFailed, ExitCode, LeaseHeldElsewhere, LeaseLost, SafefsError
+from safefs.errors import DaemonFailed, ExitCode, LeaseHeldElsewhere, LeaseLost, SafefsError, SyncTimeout
 from safefs.flusher import Flusher
 from safefs.fs import Filesystem, Limiters
 from safefs.fuse_ops import CachePolicy, KernelNotifier, SafeOperations, Session
@@ -50,6 +50,7 @@ from safefs.lease.store import DirLeaseStore, local_identity
 log = logging.getLogger(__name__)
 
 FINAL_FLUSH_TIMEOUT = 120.0
+FINAL_FLUSH_STALL = 15.0  # see Daemon._write_back_unless_stalled
 JOURNAL_SYNC_INTERVAL = 1.0
 
 
@@ -215,7 +216,7 @@ class Daemon:
                             "writer); they stay in %s", self.config.cache_dir)  # fmt: skip
             return int(ExitCode.OK)
         try:
-            receipt = await self._write_back(FINAL_FLUSH_TIMEOUT)
+            receipt = await self._write_back_unless_stalled()
         except SafefsError as exc:
             log.error(
                 "daemon: could not write everything back (%s); the dirty data stays in %s and is "
@@ -230,6 +231,39 @@ class Daemon:
             log.warning("daemon: %s", exc.message)
         log.info("daemon: wrote back %d files, %d bytes; exiting", receipt.files, receipt.bytes)
         return int(ExitCode.OK)
+
+    async def _write_back_unless_stalled(self) -> Any:
+        """The final write-back: go on while it makes progress (up to FINAL_FLUSH_TIMEOUT), but
+        give up after FINAL_FLUSH_STALL seconds of failures without progress. The data stays in
+        the cache either way and the next mount writes it back; lingering for minutes after an
+        unmount while the project is down helps nobody."""
+        result: list[Any] = []
+        failed: list[SafefsError] = []
+
+        async def write_back() -> None:
+            try:
+                result.append(await self._write_back(FINAL_FLUSH_TIMEOUT))
+            except SafefsError as exc:  # raised below, not as an exception group
+                failed.append(exc)
+            watchdog.cancel_scope.cancel()
+
+        async with trio.open_nursery() as watchdog:
+            watchdog.start_soon(write_back)
+            last_progress, last_seen = trio.current_time(), None
+            while True:
+                await trio.sleep(0.5)
+                seen = (self.backing.bytes_written, len(self.fs.table.ops), self.flusher.flushes)
+                if seen != last_seen or self.flusher.last_error is None:
+                    last_progress, last_seen = trio.current_time(), seen
+                elif trio.current_time() - last_progress > FINAL_FLUSH_STALL:
+                    watchdog.cancel_scope.cancel()
+                    failed.append(SyncTimeout(
+                        f"the project failed for {FINAL_FLUSH_STALL:.0f} s: {self.flusher.last_error.error}",
+                    ))  # fmt: skip
+                    break
+        if failed:
+            raise failed[0]
+        return result[0]
 
     async def _write_back(self, timeout: float | None) -> Any:
         """flusher.sync, after waiting out a lock delay (a fresh takeover) within `timeout`."""

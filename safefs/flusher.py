@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 BPath = tuple[bytes, ...]
 MAX_BACKOFF = 60.0
 CREATE_PATIENCE = 12  # see Flusher._ripe
+HUNG_CALL = 5.0  # a backing call running longer than this is listed in status as an error
 # Errors that mean "the project is not what the op log expects", not "NFS is unwell".
 TREE_CHANGED = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR})
 
@@ -100,6 +101,7 @@ class Flusher:
         self._staging_cleaned = False
         self._maybe_done = False  # the op being replayed may have taken effect before a crash
         self._seq = 0  # the op being replayed
+        self._in_call: tuple[str, BPath, float] | None = None  # the backing call under way
         self.generation = 0  # the last generation this mount published
         self._generation_pending = False  # a sync must publish a generation before it returns
         self.busy = False
@@ -359,7 +361,13 @@ class Flusher:
         )
 
     async def _call(self, fn: Any, *args: Any) -> Any:
-        return await self.fs.in_backing(fn, *args)
+        """A call into the backing tree; one that hangs shows in status (see statistics)."""
+        path = args[0] if args and isinstance(args[0], tuple) else ()
+        self._in_call = (getattr(fn, "__name__", "call"), path, self.clock.monotonic())
+        try:
+            return await self.fs.in_backing(fn, *args)
+        finally:
+            self._in_call = None
 
     def _staging(self) -> BPath:
         epoch = getattr(self.fs.gate, "epoch", 0)
@@ -827,6 +835,11 @@ class Flusher:
         errors = []
         if self.last_error is not None:
             errors.append(dataclasses.asdict(self.last_error))
+        if self._in_call is not None and now - self._in_call[2] > HUNG_CALL:
+            op, path, since = self._in_call
+            errors.append({"op": op, "path": os.fsdecode(b"/".join(path)),
+                           "error": f"no answer from the project for {now - since:.0f} s",
+                           "retry_at": self.clock.wall()})  # fmt: skip  # goes on when it answers
         return {
             "dirty_bytes": dirty_bytes,
             "dirty_files": len(dirty),
