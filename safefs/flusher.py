@@ -499,11 +499,11 @@ class Flusher:
         """Is the regular file at `path` no longer the one safefs last saw there?"""
         if inode is None or not inode.is_reg or inode.origin is None or inode.new:
             return False
-        try:
-            st = await self._call(self.backing.lstat, path)
-        except FileNotFoundError:
+        if not await self._call(self.backing.exists, path):
             return False
-        return not same_content(inode.origin, fingerprint_tuple(Fingerprint.of(st)))
+        # The same test as before a publish, so our own publish cut short by a crash (its
+        # fingerprint never recorded) is recognised here too.
+        return await self._unchanged_behind_us(inode, path) is None
 
     async def _exchanged_already(self, src: BPath, dst: BPath) -> bool:
         """An exchange cannot tell by itself whether it ran; remember the inodes it swaps."""
@@ -582,7 +582,13 @@ class Flusher:
         src, dst = d_old + (n_old,), d_new + (n_new,)
         exchange = bool(flags & 2)
         dst_known = dst_inode is not None and (p_new, n_new) in dst_inode.blinks
-        if not exchange:
+        done_before_crash = (
+            self._maybe_done
+            and not exchange
+            and not await self._call(self.backing.exists, src)
+            and await self._call(self.backing.exists, dst)
+        )  # the rename landed, the kill came before we recorded it: nothing is a conflict
+        if not exchange and not done_before_crash:
             await self._keep_content(dst_inode)
             if dst_known and await self._changed_behind_us(dst_inode, dst):
                 await self._move_aside(dst, p_new)  # their version stays, beside; ours replaces it
@@ -593,7 +599,7 @@ class Flusher:
             # The other side never reached the backing tree: a plain move is what remains.
             exchange = False
         rename_flags = 2 if exchange else (0 if dst_known else 1)
-        if exchange and await self._exchanged_already(src, dst):
+        if done_before_crash or (exchange and await self._exchanged_already(src, dst)):
             rename_flags = -1
         try:
             if rename_flags >= 0:

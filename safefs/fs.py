@@ -737,10 +737,16 @@ class Filesystem:
             # Present (as zeros) but not dirty: the backing file grows by a truncate too.
             inode.present = ranges.add(inode.present, old, size)
         else:
-            await self.in_cache(self.cache.truncate, inode.ino, size)
             inode.present = ranges.clip(inode.present, size)
             inode.dirty = ranges.clip(inode.dirty, size)
             inode.low_size = size if inode.low_size is None else min(inode.low_size, size)
+            inode.size = size
+            self._changed(inode, data=True, attrs=True)
+            # The journal first: killed in between, a longer cache file is harmless (bytes
+            # past the size are never read), a shorter one under the old size is not.
+            await self.table.commit()
+            await self.in_cache(self.cache.truncate, inode.ino, size)
+            return
         inode.size = size
         self._changed(inode, data=True, attrs=True)
 
@@ -923,6 +929,15 @@ class Filesystem:
             if handle.flags & os.O_APPEND:
                 offset = inode.size
             end = offset + len(data)
+            clean = ranges.missing(inode.dirty, offset, min(end, inode.size))
+            if clean:
+                # Overwriting bytes the project already has: record them dirty before they
+                # change, so a kill between the cache write and its commit cannot leave the
+                # cache and the project different with nothing marked to write back.
+                for lo, hi in clean:
+                    inode.dirty = ranges.add(inode.dirty, lo, hi)
+                self.table.mark(inode)
+                await self.table.commit()
             saved = (inode.present, inode.dirty, inode.size, inode.mtime_ns, inode.ctime_ns)
             if offset > inode.size:  # the gap reads as zeros; the backing file's grows alike
                 inode.present = ranges.add(inode.present, inode.size, offset)
