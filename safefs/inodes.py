@@ -367,21 +367,7 @@ class InodeTable:
             if self._committing:
                 await self._commit_done.wait()
                 continue
-            self._committing = True
-            self._batch_no += 1
-            number = self._batch_no
-            batch = self._render()
-            try:
-                await trio.to_thread.run_sync(self._journal.commit, batch, limiter=self._limiter)
-            except BaseException:
-                self._remark(batch)
-                raise
-            finally:
-                self._committing = False
-                done, self._commit_done = self._commit_done, trio.Event()
-                done.set()
-            self._committed = number
-            self.commits += 1
+            await self._commit_batch(None, None)
 
     async def commit_with(self, action: Any = None, *, then: Any = None) -> None:
         """Run `action` (a blocking cache write), commit, then run `then`, in one thread trip.
@@ -391,19 +377,23 @@ class InodeTable:
         error is raised (the caller restores what it changed in memory). While another commit
         is under way, it falls back to running `action` first, then joining the next batch.
         """
-        if self._committing:
-            if action is not None:
-                await trio.to_thread.run_sync(action, limiter=self._limiter)
-            await self.commit()
-            if then is not None:
-                await trio.to_thread.run_sync(then, limiter=self._limiter)
+        if not self._committing:
+            await self._commit_batch(action, then)
             return
+        if action is not None:
+            await trio.to_thread.run_sync(action, limiter=self._limiter)
+        await self.commit()
+        if then is not None:
+            await trio.to_thread.run_sync(then, limiter=self._limiter)
+
+    async def _commit_batch(self, action: Any, then: Any) -> None:
+        """Render what is marked and commit it in one worker-thread trip (see commit_with)."""
         self._committing = True
         self._batch_no += 1
         number = self._batch_no
         batch = self._render()
 
-        def write_then_commit() -> None:
+        def in_thread() -> None:
             if action is not None:
                 action()
             self._journal.commit(batch)
@@ -411,7 +401,7 @@ class InodeTable:
                 then()  # after the commit: it may count on the batch being in the journal
 
         try:
-            await trio.to_thread.run_sync(write_then_commit, limiter=self._limiter)
+            await trio.to_thread.run_sync(in_thread, limiter=self._limiter)
         except BaseException:
             self._remark(batch)
             raise
