@@ -205,7 +205,29 @@ class Daemon:
             # must take the mount down ourselves so nobody hangs on a dead mountpoint.
             session.close(unmount=self.terminated or not clean_exit)
             with trio.CancelScope(shield=True):
-                code = await self._final_flush()
+                code = await self._final_flush_until_signalled()
+        return code
+
+    async def _final_flush_until_signalled(self) -> int:
+        """The final write-back, cut short by SIGTERM/SIGINT (the dirty data stays in the cache
+        for the next mount: stopping now loses nothing, and `kill` must work)."""
+        code = int(ExitCode.BACKING_FAILED)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def stop_on_signal() -> None:
+                    async for signum in signals:
+                        log.warning("daemon: %s during the final write-back; stopping, the dirty "
+                                    "data stays in %s", signal.Signals(signum).name, self.config.cache_dir)  # fmt: skip
+                        nursery.cancel_scope.cancel()
+
+                async def flush() -> None:
+                    nonlocal code
+                    code = await self._final_flush()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(stop_on_signal)
+                nursery.start_soon(flush)
         return code
 
     async def _final_flush(self) -> int:
