@@ -102,6 +102,7 @@ class Flusher:
         self._maybe_done = False  # the op being replayed may have taken effect before a crash
         self._seq = 0  # the op being replayed
         self._in_call: tuple[str, BPath, float] | None = None  # the backing call under way
+        self._receipt: Receipt | None = None  # the flush pass under way
         self.generation = 0  # the last generation this mount published
         self._generation_pending = False  # a sync must publish a generation before it returns
         self.busy = False
@@ -146,6 +147,7 @@ class Flusher:
         """One write-back pass. Failures of the backing tree are recorded and retried later."""
         receipt = Receipt()
         async with self._flush_lock:
+            self._receipt = receipt  # what replayed creates publish counts here too
             self.busy = True
             try:
                 if not self._staging_cleaned:
@@ -284,6 +286,7 @@ class Flusher:
         if not self._maybe_done:
             self.table.set_meta("in_flight", seq)
             await self.table.commit()
+        self.table.view_busy = True
         try:
             await getattr(self, "_op_" + op[0])(*op[1:])
         except OSError as exc:
@@ -298,6 +301,9 @@ class Flusher:
             # by inode, at wherever the backing view says they are, or kept as conflict copies.
             log.warning("flush: conflict: cannot replay %s (%s); the project changed behind us", op[0], exc)
             self.conflicts.append({"op": op[0], "error": str(exc), "time": self.clock.wall()})
+        finally:
+            self.table.view_busy = False
+            self.table.view_version += 1
         self.table.drop_op(seq)
         self.table.set_meta("in_flight", 0)
 
@@ -689,6 +695,7 @@ class Flusher:
         inode.publishing = None
         if not inode.new:
             self.published_files += 1
+        receipt = receipt or self._receipt
         if receipt is not None:
             receipt.files += 1
             receipt.bytes += written

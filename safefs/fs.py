@@ -230,6 +230,27 @@ class Filesystem:
             )
         raise FsError(errno.EIO, "backing tree did not answer in time")
 
+    async def on_backing(self, inode: Inode, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(backing_path_of(inode), *args)`, side-effect free, with the read timeout.
+
+        The flusher moves the backing view one op at a time, and the object moves on the
+        project before the view records it: a reader that resolved the path just before can
+        miss it. Such a miss (while an op is being replayed, or after one was) is retried with
+        the path resolved again; a miss with the view at rest is real.
+        """
+        for attempt in range(5):
+            path = self.table.backing_path(inode.ino) if inode.ino != ROOT_INO else ()
+            if path is None:
+                raise FsError(errno.EIO, "the file is not on the backing tree")
+            version, busy = self.table.view_version, self.table.view_busy
+            try:
+                return await self.read_backing(fn, path, *args)
+            except (FileNotFoundError, NotADirectoryError):
+                if not busy and version == self.table.view_version or attempt == 4:
+                    raise
+            await trio.sleep(0.01 * (attempt + 1))
+        raise AssertionError("unreachable")
+
     # -- start-up ------------------------------------------------------------------------
     async def start(self, boot_id: str) -> None:
         """Create the root inode on first use; after a reboot, distrust clean cached bytes."""
@@ -836,7 +857,7 @@ class Filesystem:
         if path is None or inode.origin is None:
             return False
         try:
-            st = await self.read_backing(self.backing.lstat, path)
+            st = await self.on_backing(inode, self.backing.lstat)
         except FileNotFoundError:
             # Removed (or renamed) on the backing tree behind us: so is our clean copy.
             for parent, name in list(inode.blinks):
@@ -886,12 +907,11 @@ class Filesystem:
         todo = ranges.missing(inode.present, start, end)
         if not todo:
             return
-        path = self.table.backing_path(inode.ino)
-        if path is None:
+        if self.table.backing_path(inode.ino) is None:
             raise FsError(errno.EIO, "bytes of a file not on the backing tree are missing")
         self.stats.fetches += 1
         for lo, hi in todo:
-            data = await self.read_backing(self.backing.read, path, lo, hi - lo)
+            data = await self.on_backing(inode, self.backing.read, lo, hi - lo)
             if len(data) < hi - lo:  # the file shrank behind our back: the rest reads as zeros
                 data += bytes(hi - lo - len(data))
             async with self.inode_locks(inode.ino):

@@ -157,6 +157,10 @@ class InodeTable:
         self.op_times: dict[int, float] = {}  # seq -> monotonic time it happened (memory only)
         self._maybe_dirty: set[int] = set()  # every inode that needs a flush is in here
         self._op_refs: dict[int, int] = {}  # inode -> number of pending ops naming it
+        # The flusher moves the backing view one op at a time; a reader that resolved a path
+        # just before a move may miss the object, and looks again (Filesystem.on_backing).
+        self.view_version = 0
+        self.view_busy = False
         self.meta: dict[str, Any] = {}
         self.next_ino = ROOT_INO + 1
         self.next_seq = 1
