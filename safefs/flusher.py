@@ -12,8 +12,10 @@ A flush has two steps:
 
 Invariants:
 - Ops are replayed strictly in order; one that fails stops the replay, which is retried with
-  backoff. Replaying an op twice (after a crash) is harmless: an op whose effect is already
-  there (ENOENT for a source, EEXIST with the same object) counts as done.
+  backoff. A write-ahead `in_flight` mark tells, after a crash, that an op may already have
+  taken effect, and its handler accepts both outcomes. An op the project can no longer take
+  (its source or directory removed behind our back: TREE_CHANGED errnos) is recorded as a
+  conflict and skipped: contents are published by inode, or kept as conflict copies.
 - Nothing on the backing tree is overwritten unless safefs put it there: an object in the way
   of a replayed op, or a file changed behind safefs's back (fingerprint mismatch), is kept
   side by side as `NAME.safefs-conflict-<host>-<time>`.

@@ -1,6 +1,7 @@
 """The thin pyfuse3 adapter: kernel requests in, `Filesystem` calls out. No policy lives here.
 
-This is the only module that imports pyfuse3 (besides the daemon, which mounts).
+This is the only module that imports pyfuse3; the daemon drives the kernel session through
+`Session` (mount, serve, close).
 
 Invariants:
 - Every handler goes through `fuse_errors`: a `SafefsError` or `OSError` becomes its errno;
