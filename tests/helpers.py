@@ -536,3 +536,16 @@ class MountFactory:
 
 # Every Mount not yet cleaned up, so the session's end can reap what a crashed fixture left.
 LIVE_MOUNTS: list[Mount] = []
+
+
+def write_file(path: Path | str, data: bytes, *, fsync: bool = True) -> None:
+    """Create or truncate `path` and write all of `data` (looping on short writes); fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)

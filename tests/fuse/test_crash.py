@@ -22,6 +22,8 @@ from typing import Callable
 
 import pytest
 
+from tests.helpers import write_file
+
 from tests.fuse.test_writeback import RandomSession, snapshot, tree_diff
 
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(300)]
@@ -116,18 +118,6 @@ def assert_no_staging_leftovers(src: Path) -> None:
     staging = src / ".safefs" / "staging"
     leftovers = [str(p) for p in staging.rglob("*") if p.is_file()] if staging.exists() else []
     assert not leftovers, f"staging files left after a clean unmount: {leftovers[:10]}"
-
-
-def write_file(path: Path, data: bytes, *, fsync: bool) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import pytest
 
 from tests.faultfs import FaultFS
-from tests.helpers import Mount, MountFactory, describe, is_mounted, lazy_unmount, wait_until
+from tests.helpers import Mount, MountFactory, describe, is_mounted, lazy_unmount, wait_until, write_file
 
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(300)]
 
@@ -75,18 +75,6 @@ def rig(nfs: FaultFS, mount_factory: MountFactory) -> Iterator[tuple[FaultFS, Ca
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def write_file(path: Path, data: bytes, *, fsync: bool = True) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def timed_status(m: Mount) -> dict:
