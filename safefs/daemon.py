@@ -12,6 +12,14 @@ unmount, then write back everything (shielded, retried until the backing tree ac
 the final-flush time runs out, in which case the dirty data stays in the cache for the next
 mount), close the journal, exit.
 
+Orphans (safefs/orphans.py): while this mount holds changes the project lacks and is not the
+writer (it lost its lease, or started as a follower with changes an earlier mount left), or
+when it exits with changes unwritten, it publishes a marker in `<project>/.safefs/orphans/`,
+so `safefs status` on every host names this host and its cache; the marker goes when the
+journal holds nothing unwritten any more. Publishing is best effort: a background task
+retries with backoff, every call runs in a worker thread with a timeout, and nothing else
+(the mount, the control socket, the lease) ever waits for it.
+
 Invariants:
 - This is the only module that opens the long-lived nursery or drives the kernel session
   (fuse_ops.Session: mount, serve, close).
@@ -20,6 +28,7 @@ Invariants:
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import json
 import logging
@@ -32,7 +41,7 @@ from typing import Any
 
 import trio
 
-from safefs import checks, generation, ranges
+from safefs import checks, generation, orphans, ranges
 from safefs.backing import Backing, FaultPlan
 from safefs.cache import ContentCache
 from safefs.clock import SystemClock
@@ -46,12 +55,19 @@ from safefs.inodes import InodeTable
 from safefs.journal import Journal
 from safefs.lease.keeper import LeaseKeeper
 from safefs.lease.store import DirLeaseStore, local_identity
+from safefs.orphans import OrphanRecord, OrphanStore
 
 log = logging.getLogger(__name__)
 
 FINAL_FLUSH_TIMEOUT = 120.0
 FINAL_FLUSH_STALL = 15.0  # see Daemon._write_back_unless_stalled
 JOURNAL_SYNC_INTERVAL = 1.0
+ORPHAN_CHECK_INTERVAL = 0.5  # how often the marker is compared with the journal (in memory)
+ORPHAN_IO_TIMEOUT = 10.0  # one marker publish or removal on the project; abandoned after this
+ORPHAN_RETRY_MAX = 30.0  # the longest wait between two failed marker updates
+ORPHAN_READ_TIMEOUT = 3.0  # `status` waits this long for the list of markers (the CLI waits 10 s)
+ORPHAN_EXIT_TIMEOUT = 5.0  # the last marker update at exit, and the one after `recover`
+MARKER_UNKNOWN = ("unknown",)  # Daemon._marker before we looked: a marker of ours may exist
 
 
 def _boot_id() -> str:
@@ -137,6 +153,14 @@ class Daemon:
         self.notifier = KernelNotifier()
         self.role = "unknown"
         self.seen_generation: dict[str, Any] | None = None
+        self.orphans = OrphanStore(config.src)
+        # What our orphan marker on the project says: None (there is none), MARKER_UNKNOWN, or
+        # the (counts, reason, epoch) key of the version we published. Changed under _marker_lock.
+        self._marker: tuple[Any, ...] | None = MARKER_UNKNOWN
+        self._orphan_since: float | None = None  # wall time this cache's orphan was first seen
+        self._orphan_reason: str | None = None
+        self._held_epoch: int | None = None  # the last epoch this process held the lease in
+        self._exit_detail: str | None = None  # why the final write-back left changes behind
 
     async def serve(self) -> int:
         config = self.config
@@ -147,10 +171,16 @@ class Daemon:
             backing = Backing(config.src)
         except OSError as exc:
             raise DaemonFailed(f"cannot open the project {config.src}: {exc.strerror}") from exc
+        self.identity = identity = local_identity(config.host_id)
         self.keeper = keeper = LeaseKeeper(
-            DirLeaseStore(config.src), self.clock, config.lease, local_identity(config.host_id),
-            trio.CapacityLimiter(2),
+            DirLeaseStore(config.src), self.clock, config.lease, identity, trio.CapacityLimiter(2),
         )  # fmt: skip
+        self.orphan_name = orphans.record_name(identity.host, identity.machine_id, str(config.cache_dir))
+        # One marker change at a time, even after a thread stuck in NFS was abandoned (it keeps
+        # its token until it returns); listings for `status` have their own, small, limiter.
+        self._marker_limiter = trio.CapacityLimiter(1)
+        self._listing_limiter = trio.CapacityLimiter(2)
+        self._marker_lock = trio.Lock()
         cache = ContentCache(config.cache_dir, config.free_space_floor)
         fs = Filesystem(table, cache, backing, config, self.clock, limiters, keeper, self.notifier)
         faults = os.environ.get("SAFEFS_FAULTS")  # tests: a stuck or failing project
@@ -192,6 +222,7 @@ class Daemon:
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(self._sync_journal_periodically)
                 nursery.start_soon(self._follow)
+                nursery.start_soon(self._keep_orphan_marker)
                 self.notifier.enabled = True
                 log.info("daemon: serving %s at %s as %s (cache %s)", config.src, config.mnt, self.role, config.cache_dir)
                 self.ready.send({"ok": True, "pid": os.getpid(), "role": self.role,
@@ -228,6 +259,9 @@ class Daemon:
 
                 nursery.start_soon(stop_on_signal)
                 nursery.start_soon(flush)
+        if code != int(ExitCode.OK) and self._exit_detail is None:
+            self._exit_detail = "the final write-back was stopped"
+        await self._mark_orphan_at_exit()
         return code
 
     async def _final_flush(self) -> int:
@@ -240,6 +274,7 @@ class Daemon:
         try:
             receipt = await self._write_back_unless_stalled()
         except SafefsError as exc:
+            self._exit_detail = f"the write-back failed: {exc.message}"
             log.error(
                 "daemon: could not write everything back (%s); the dirty data stays in %s and is "
                 "written back at the next mount",
@@ -306,6 +341,7 @@ class Daemon:
         fs = self.fs
         fs.follower = role != "writer"
         if role == "writer":
+            self._held_epoch = self.keeper.epoch
             self.policy.set_writer()
             record = await self._read_generation()
             self.flusher.adopt_generation(record)
@@ -360,6 +396,106 @@ class Daemon:
     def _generation_key(record: dict[str, Any] | None) -> tuple[Any, Any]:
         return (None, None) if record is None else (record.get("epoch"), record.get("generation"))
 
+    # -- orphan markers ------------------------------------------------------------------
+    async def _keep_orphan_marker(self) -> None:
+        """Keep our marker in step with the journal and the lease, retrying with backoff while
+        the project fails (nothing waits for this task; see _sync_orphan_marker)."""
+        backoff = 0.0
+        while True:
+            try:
+                await self._sync_orphan_marker(timeout=ORPHAN_IO_TIMEOUT)
+            except (OSError, ValueError) as exc:
+                if not backoff:
+                    log.warning("orphans: cannot update our marker in %s: %s; retrying", self.orphans.path, exc)
+                backoff = min(ORPHAN_RETRY_MAX, max(1.0, backoff * 2))
+                await trio.sleep(backoff)
+                continue
+            if backoff:
+                log.info("orphans: our marker in %s is up to date again", self.orphans.path)
+                backoff = 0.0
+            await trio.sleep(ORPHAN_CHECK_INTERVAL)
+
+    async def _sync_orphan_marker(self, *, timeout: float, reason: str | None = None) -> None:
+        """Make our marker agree with this cache: published with the current counts while the
+        mount holds unwritten changes and is not the writer (or `reason` is given: at exit),
+        removed once it holds none. A writer leaves an existing marker alone until its own
+        write-back has emptied the journal. Raises OSError (TimeoutError too) or ValueError."""
+        async with self._marker_lock:
+            ops, files, nbytes = self._unwritten_counts()
+            if not ops and not files:
+                if self._marker is not None:
+                    removed = await self._marker_call(self.orphans.remove, self.orphan_name, timeout=timeout)
+                    if removed:
+                        log.info("orphans: nothing unwritten any more; removed our marker %s", self.orphan_name)
+                    self._marker = None
+                self._orphan_since = self._orphan_reason = None
+                return
+            if reason is None and self.keeper.role == "writer":
+                return
+            if reason is not None:
+                self._orphan_reason = reason
+            elif self._orphan_reason is None:
+                self._orphan_reason = self._why_orphaned()
+            key = (ops, files, nbytes, self._orphan_reason, self._held_epoch)
+            if key == self._marker:
+                return
+            if self._orphan_since is None:
+                self._orphan_since = self.clock.wall()
+                if self._marker is MARKER_UNKNOWN:  # a marker an earlier mount of this cache left
+                    try:
+                        earlier = await self._marker_call(self.orphans.read, self.orphan_name, timeout=timeout)
+                    except ValueError:
+                        earlier = None
+                    if earlier is not None:
+                        self._orphan_since = min(earlier.since, self._orphan_since)
+            record = OrphanRecord(
+                host=self.identity.host, machine_id=self.identity.machine_id,
+                cache_dir=str(self.config.cache_dir), pid=os.getpid(), user=self.identity.user,
+                epoch=self._held_epoch, pending_ops=ops, dirty_files=files, dirty_bytes=nbytes,
+                since=self._orphan_since, updated=self.clock.wall(), reason=self._orphan_reason,
+            )  # fmt: skip
+            await self._marker_call(self.orphans.publish, record, timeout=timeout)
+            if self._marker is None or self._marker is MARKER_UNKNOWN:
+                log.warning("orphans: %d changes (%d bytes) in %s cannot be written back from this "
+                            "mount (%s); published %s so every host sees them",
+                            ops + files, nbytes, self.config.cache_dir, self._orphan_reason,
+                            self.orphans.path / f"{self.orphan_name}{orphans.SUFFIX}")  # fmt: skip
+            self._marker = key
+
+    def _why_orphaned(self) -> str:
+        lease = self.keeper.statistics()
+        if lease["state"] == "lost":
+            return f"lease lost: {lease['lost_reason']}"
+        if self._held_epoch is not None:
+            return f"lease of epoch {self._held_epoch} given up with changes unwritten"
+        return "left in this cache by an earlier mount that did not write it back; mounted as a follower"
+
+    async def _marker_call(self, fn: Any, *args: Any, timeout: float) -> Any:
+        """`fn(*args)` in a worker thread; TimeoutError after `timeout` (the thread is abandoned:
+        a marker is a status record, and a late write of it is corrected by the next one)."""
+        with trio.move_on_after(timeout):
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._marker_limiter, abandon_on_cancel=True)
+        raise TimeoutError(errno.ETIMEDOUT, f"no answer within {timeout:g} s", str(self.orphans.path))
+
+    async def _update_orphan_marker_now(self, reason: str | None = None) -> None:
+        """One best-effort marker update that waits at most ORPHAN_EXIT_TIMEOUT."""
+        with trio.move_on_after(ORPHAN_EXIT_TIMEOUT) as scope:
+            try:
+                await self._sync_orphan_marker(timeout=ORPHAN_EXIT_TIMEOUT, reason=reason)
+            except (OSError, ValueError) as exc:
+                log.warning("orphans: cannot update our marker in %s: %s", self.orphans.path, exc)
+        if scope.cancelled_caught:
+            log.warning("orphans: %s did not answer; our marker may be out of date", self.orphans.path)
+
+    async def _mark_orphan_at_exit(self) -> None:
+        """Leave a marker if this mount exits with changes unwritten; remove ours if it has none."""
+        ops, files, _ = self._unwritten_counts()
+        reason = None
+        if ops or files:
+            detail = self._exit_detail or self._orphan_reason
+            reason = "unmounted with changes unwritten" + (f" ({detail})" if detail else "")
+        await self._update_orphan_marker_now(reason)
+
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
@@ -402,7 +538,30 @@ class Daemon:
             "internal_errors": self.ops.bugs,
             "writeback_delay": config.writeback_delay,
             "lease": lease,
+            **await self._orphan_listing(),
         }
+
+    async def _orphan_listing(self) -> dict[str, Any]:
+        """Every host's orphan markers (ours too) for `status`: `orphans` (a list of records,
+        or None if the project did not answer in time), `orphans_error`, `orphans_skipped`."""
+        try:
+            with trio.fail_after(ORPHAN_READ_TIMEOUT):
+                listing = await trio.to_thread.run_sync(
+                    self.orphans.list, limiter=self._listing_limiter, abandon_on_cancel=True
+                )
+        except trio.TooSlowError:
+            error = f"{self.orphans.path} did not answer within {ORPHAN_READ_TIMEOUT:g} s"
+            return {"orphans": None, "orphans_error": error, "orphans_skipped": []}
+        except OSError as exc:
+            error = f"cannot read {self.orphans.path}: {exc.strerror or exc}"
+            return {"orphans": None, "orphans_error": error, "orphans_skipped": []}
+        records = []
+        for name, record in listing.records:
+            item = record.to_dict()
+            item.pop("v", None)
+            records.append({"name": name, **item})
+        skipped = [{"name": s.name, "error": s.error} for s in listing.skipped]
+        return {"orphans": records, "orphans_error": None, "orphans_skipped": skipped}
 
     async def sync(self, *, release: bool, timeout: float | None, progress: Any) -> dict[str, Any]:
         if self.keeper.role != "writer":
@@ -431,8 +590,13 @@ class Daemon:
 
     def _unwritten(self) -> tuple[int, int]:
         """(files, bytes) this cache holds that the project does not have."""
+        ops, files, nbytes = self._unwritten_counts()
+        return files + ops, nbytes
+
+    def _unwritten_counts(self) -> tuple[int, int, int]:
+        """(pending ops, dirty files, dirty bytes) this cache holds that the project does not have."""
         dirty = [i for i in self.fs.table.iter_dirty() if i.links]
-        return len(dirty) + len(self.fs.table.ops), sum(ranges.total(i.dirty) for i in dirty)
+        return len(self.fs.table.ops), len(dirty), sum(ranges.total(i.dirty) for i in dirty)
 
     def _refuse_if_orphaned(self) -> None:
         """A mount that lost its lease with changes unwritten must not report them safe (G4)."""
@@ -470,6 +634,7 @@ class Daemon:
         if took:
             await self.keeper.release()
             await self._take_role()
+        await self._update_orphan_marker_now()  # so that `recover` returning means the marker is gone
         return {
             "files": files, "bytes": nbytes, "epoch": self.keeper.epoch, "generation": receipt.generation,
             "conflicts": self.flusher.conflicts[conflicts_before:], "released": took,

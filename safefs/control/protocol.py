@@ -10,7 +10,9 @@ Progress payloads are free-form dicts; the CLI's progress bar understands `phase
 `bytes_done`, `bytes_total`, `files_done`, `files_total` (ints, totals may be absent).
 Results are dicts too; `ping` (answered by the server itself) gives `pid`, `version`,
 `protocol`; the CLI's sync receipt reads `epoch`, `generation`, `files_written`,
-`bytes_written`; `status` keys are listed in the shared contract.
+`bytes_written`; `status` keys are listed in the shared contract, plus `orphans` (every
+host's orphan markers in the project, safefs/orphans.py; null if they could not be read),
+`orphans_error` and `orphans_skipped`.
 
 Invariants:
 - Every decode either returns a well-formed message or raises `ProtocolError`; nothing else.
