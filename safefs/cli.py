@@ -537,18 +537,29 @@ def cmd_acquire(args: argparse.Namespace) -> int:
 def cmd_recover(args: argparse.Namespace) -> int:
     """Write back a mount's orphaned changes (see Daemon.recover), or list the mounts that have some."""
     if args.mnt is None:
-        orphans = []
+        statuses = []
         for sock in client.list_daemons(runtime_dir(os.environ, os.getuid())):
             try:
-                status = client.call(sock, "status", timeout=STATUS_TIMEOUT)
+                statuses.append(client.call(sock, "status", timeout=STATUS_TIMEOUT))
             except SafefsError:
                 continue
-            if status.get("dirty_files") or status.get("pending_ops"):
-                orphans.append(status)
-                print(f"{status['mnt']}: {status.get('dirty_files', 0)} files, {status.get('dirty_bytes', 0)} B "
-                      f"not in the project (role {status.get('role')}); run: safefs recover {status['mnt']}")
+        orphans = [s for s in statuses if s.get("dirty_files") or s.get("pending_ops")]
+        for status in orphans:
+            print(f"{status['mnt']}: {status.get('dirty_files', 0)} files, {status.get('dirty_bytes', 0)} B "
+                  f"not in the project (role {status.get('role')}); run: safefs recover {status['mnt']}")
         if not orphans:
             print("safefs: no mounted cache holds changes the project lacks")
+        # Markers of caches that are not mounted here, found in the projects of our mounts.
+        local = {(s.get("host"), s.get("cache_dir")) for s in statuses}
+        others: dict[tuple[Any, Any], str] = {}
+        for status in statuses:
+            for orphan in _orphan_records(status):
+                key = (orphan.get("host"), orphan.get("cache_dir"))
+                if key not in local and key not in others:
+                    others[key] = f"{status.get('src')}: {describe_orphan(orphan)}"
+        if others:
+            print("caches elsewhere hold changes the projects of these mounts lack:")
+            print("\n".join(f"  {line}" for line in others.values()))
         return int(ExitCode.OK)
     mnt = checks.resolve_mountpoint(args.mnt)
     result = call(mnt, "recover", {"timeout": args.timeout}, timeout=None)
@@ -777,6 +788,7 @@ _SHOWN_KEYS = frozenset(
     {
         "mnt", "src", "cache_dir", "pid", "role", "lease", "dirty_bytes", "dirty_files", "oldest_dirty_age",
         "pending_ops", "bytes_fetched", "bytes_written", "cache_bytes", "cache_limit", "errors", "conflicts",
+        "orphans", "orphans_error", "orphans_skipped",
     }
 )  # fmt: skip
 
@@ -830,12 +842,53 @@ def format_status(status: dict[str, Any]) -> str:
         if isinstance(items, list):
             row(key, len(items) if items else "none")
             details += [f"  {key[:-1]}: {_describe_item(item)}" for item in items]
+    if isinstance(status.get("orphans"), list):
+        row("orphans", len(status["orphans"]) if status["orphans"] else "none")
+        details += [f"  {describe_orphan(item, status)}" for item in _orphan_records(status)]
+    elif status.get("orphans_error"):
+        row("orphans", f"unknown: {status['orphans_error']}")
+    if isinstance(status.get("orphans_skipped"), list):
+        details += [f"  unreadable orphan marker: {_describe_item(item)}" for item in status["orphans_skipped"]]
     for key in sorted(status.keys() - _SHOWN_KEYS):
         value = status[key]
         row(key.replace("_", " "), json.dumps(value) if isinstance(value, (dict, list)) else value)
 
     width = max((len(key) for key, _ in rows), default=0) + 1
     return "\n".join([f"{key + ':':<{width}} {value}" for key, value in rows] + details)
+
+
+def _orphan_records(status: dict[str, Any]) -> list[dict[str, Any]]:
+    orphans = status.get("orphans")
+    return [o for o in orphans if isinstance(o, dict)] if isinstance(orphans, list) else []
+
+
+def _is_own_orphan(orphan: dict[str, Any], status: dict[str, Any]) -> bool:
+    """Whether `orphan` is the marker of the mount `status` describes (same host, same cache)."""
+    return orphan.get("host") == status.get("host") and orphan.get("cache_dir") == status.get("cache_dir")
+
+
+def describe_orphan(orphan: dict[str, Any], status: dict[str, Any] | None = None) -> str:
+    """One line for an orphan marker: whose, how much, since when, why, and what to do.
+
+    `status` is the mount that found it: its own marker gets the `safefs recover MNT` to run."""
+    host = orphan.get("host") or "an unknown host"
+    counts = []
+    ops, files, nbytes = (_number(orphan.get(k)) for k in ("pending_ops", "dirty_files", "dirty_bytes"))
+    if ops:
+        counts.append(plural(int(ops), "pending op"))
+    if files or nbytes:
+        counts.append(f"{human_bytes(nbytes or 0)} in {plural(int(files or 0), 'file')}")
+    text = f"orphaned changes: host {host} (cache {orphan.get('cache_dir')}) {' and '.join(counts) or 'changes'} unwritten"
+    if orphan.get("since") is not None:
+        text += f" since {_when(orphan['since'])}"
+    why = [str(orphan["reason"])] if orphan.get("reason") else []
+    if orphan.get("epoch") is not None:
+        why.append(f"epoch {orphan['epoch']}")
+    if why:
+        text += f" ({'; '.join(why)})"
+    if status is not None and _is_own_orphan(orphan, status) and status.get("mnt"):
+        return text + f"; run `safefs recover {status['mnt']}` on this host"
+    return text + f"; run `safefs recover` on {host}"
 
 
 def _describe_item(item: Any) -> str:

@@ -601,3 +601,58 @@ def test_status_formatting_shows_every_contract_key() -> None:
         "hit rate:     0.93",
         "  error: flush /a: EIO",
     ]
+
+
+ORPHAN_A = {
+    "name": "hostA-0123456789ab", "host": "hostA", "machine_id": "m", "cache_dir": "/var/tmp/ca", "pid": 9,
+    "user": "ann", "epoch": 4, "pending_ops": 3, "dirty_files": 2, "dirty_bytes": 12 << 10,
+    "since": 1_700_000_000.0, "updated": 1_700_000_100.0, "reason": "lease lost: epoch 5 was claimed by another mount",
+}  # fmt: skip
+
+
+def test_status_formatting_lists_orphans_and_says_where_to_recover() -> None:
+    own = {**ORPHAN_A, "host": "hostb", "cache_dir": "/var/tmp/c", "epoch": None, "pending_ops": 0, "reason": ""}
+    status = {**FULL_STATUS, "host": "hostb", "orphans": [ORPHAN_A, own], "orphans_error": None,
+              "orphans_skipped": [{"name": "x.json", "error": "not valid JSON"}]}  # fmt: skip
+    lines = cli.format_status(status).splitlines()
+    assert "orphans:      2" in lines
+    since = cli._when(ORPHAN_A["since"])
+    assert (
+        f"  orphaned changes: host hostA (cache /var/tmp/ca) 3 pending ops and 12.0 KiB in 2 files unwritten "
+        f"since {since} (lease lost: epoch 5 was claimed by another mount; epoch 4); run `safefs recover` on hostA"
+    ) in lines
+    assert (
+        f"  orphaned changes: host hostb (cache /var/tmp/c) 12.0 KiB in 2 files unwritten since {since}; "
+        "run `safefs recover /home/u/proj` on this host"
+    ) in lines
+    assert "  unreadable orphan marker: name=x.json, error=not valid JSON" in lines
+    assert not any(line.startswith("orphans error") or line.startswith("orphans skipped") for line in lines)
+
+
+def test_status_formatting_says_when_orphans_could_not_be_read() -> None:
+    status = {**FULL_STATUS, "orphans": None, "orphans_error": "/nfs/proj/.safefs/orphans did not answer within 3 s",
+              "orphans_skipped": []}  # fmt: skip
+    assert "orphans:      unknown: /nfs/proj/.safefs/orphans did not answer within 3 s" in cli.format_status(
+        status
+    ).splitlines()
+    assert "orphans:      none" in cli.format_status({**status, "orphans": []}).splitlines()
+
+
+def test_recover_without_a_mount_also_names_other_hosts_orphans(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli.client, "list_daemons", lambda _: ["/run/a.sock", "/run/b.sock"])
+    local = {**ORPHAN_A, "host": "here", "cache_dir": "/c/b"}  # the marker of a mount of ours
+    statuses = {
+        "/run/a.sock": {"mnt": "/m/a", "src": "/p", "host": "here", "cache_dir": "/c/a", "dirty_files": 0,
+                        "pending_ops": 0, "orphans": [ORPHAN_A, local]},
+        "/run/b.sock": {"mnt": "/m/b", "src": "/p", "host": "here", "cache_dir": "/c/b", "dirty_files": 1,
+                        "pending_ops": 0, "orphans": [ORPHAN_A, local]},
+    }  # fmt: skip
+    monkeypatch.setattr(cli.client, "call", lambda sock, op, **kw: statuses[sock])
+    assert cli.main(["recover"]) == ExitCode.OK
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("/m/b: 1 files") and out[0].endswith("safefs recover /m/b")
+    assert out[1] == "caches elsewhere hold changes the projects of these mounts lack:"
+    assert len(out) == 3 and out[2].startswith("  /p: orphaned changes: host hostA (cache /var/tmp/ca)")
+    assert out[2].endswith("run `safefs recover` on hostA")
