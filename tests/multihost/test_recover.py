@@ -2,16 +2,38 @@
 changes in its cache; after another host took over and released, `recover` on the first
 host writes them back under a fresh lease, and a file the other host changed meanwhile is
 kept side by side as a conflict copy, never overwritten.
+
+While such an orphan exists, `safefs status` on every host shows it (the host's marker in
+SRC/.safefs/orphans, see safefs/orphans.py), and it is gone once `recover` wrote it back:
+for a lost lease, and for a crashed writer whose cache comes back as a follower.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import time
 
 import pytest
 
 from tests.helpers import describe, wait_until
 from tests.multihost.test_takeover import fenced, pause_until_taken_over
+
+ORPHANS = (".safefs", "orphans")
+MARKER_BOUND = 10.0  # a resumed or restarted host publishes its marker within this (it retries every 0.5 s)
+
+
+def orphan_of(status: dict, host: str) -> dict | None:
+    """The orphan record of `host` in a status, or None."""
+    assert status.get("orphans_error") is None, status.get("orphans_error")
+    found = [o for o in status["orphans"] if o["host"] == host]
+    assert len(found) <= 1, status["orphans"]
+    return found[0] if found else None
+
+
+def markers(src) -> list[str]:
+    folder = src.joinpath(*ORPHANS)
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(180)]
 
@@ -54,3 +76,76 @@ def test_recover_refuses_while_another_host_holds_the_lease(cluster):
     assert done.returncode == 7, describe(done)  # LEASE_HELD: B is alive and holds it
     assert "lease" in done.stderr, describe(done)
     assert not (cluster.src / "stale-new").exists()
+
+
+def test_every_host_sees_an_orphan_until_it_is_recovered(cluster):
+    a, b, epoch = pause_until_taken_over(cluster, 600)
+    c = cluster.start("hostC")
+    assert orphan_of(b.status(), "hostA") is None, "no marker while A is paused: it cannot know yet"
+    a.cont()
+    wait_until(lambda: fenced(a), 5.0, interval=0.1, message="A to say it is no longer the writer")
+
+    for host in (b, c):
+        orphan = wait_until(lambda: orphan_of(host.status(), "hostA"), MARKER_BOUND, interval=0.2,
+                            message=f"{host.name} to show A's orphan")  # fmt: skip
+        assert orphan["cache_dir"] == str(a.cache_dir), orphan
+        assert orphan["pending_ops"] > 0 and orphan["dirty_bytes"] > 0 and orphan["dirty_files"] > 0, orphan
+        assert orphan["epoch"] == epoch and orphan["pid"] == a.pid, orphan
+        assert "lease lost" in orphan["reason"], orphan
+        assert orphan["since"] <= orphan["updated"] <= time.time() + 1, orphan
+    own = orphan_of(a.status(), "hostA")
+    assert own is not None and own["pending_ops"] == orphan["pending_ops"], own
+
+    # The CLI shows it too: JSON for every mount of the user (other tests' mounts may run too),
+    # and a line that says what to do.
+    listed = c.cli("status", "--json")
+    ours = [s for s in json.loads(listed.stdout) if s.get("src") == str(cluster.src)]
+    assert len(ours) == 3, describe(listed)
+    for status in ours:
+        assert orphan_of(status, "hostA") is not None, status
+    human = c.cli("status", c.mnt)
+    assert human.returncode == 0, describe(human)
+    line = [s for s in human.stdout.splitlines() if "orphaned changes: host hostA" in s]
+    assert line and "run `safefs recover` on hostA" in line[0], human.stdout
+
+    (marker,) = markers(cluster.src)
+    assert marker.startswith("hostA-") and marker.endswith(".json"), marker
+    # The marker is in SRC only: .safefs is hidden from every mount.
+    for host in (a, b, c):
+        assert ".safefs" not in host.listdir(), host.name
+        assert host.errno_of("stat", host.path(".safefs", "orphans", marker)) == errno.ENOENT, host.name
+
+    b.sync_ok("--release")  # recover needs the lease: B gives it up
+    done = a.cli("recover", a.mnt, timeout=120)
+    assert done.returncode == 0, describe(done)
+    assert markers(cluster.src) == [], "recover returned with A's marker still in SRC"
+    for host in (a, b, c):
+        assert orphan_of(host.status(), "hostA") is None, f"{host.name} still shows A's orphan"
+    assert (cluster.src / "stale-new").read_bytes() == b"STALE: A's unflushed new file\n"
+
+
+def test_a_crashed_writer_that_comes_back_as_a_follower_shows_its_orphan(cluster):
+    t = cluster.timings
+    a = cluster.start("hostA", writeback_delay=600)
+    epoch = a.wait_writable()["lease"]["epoch"]
+    b = cluster.start("hostB")
+    a.write("unsynced", "A acknowledged this, then crashed\n")
+    a.kill()
+    cluster.wait_new_writer([b], t.takeover_bound)
+    assert markers(cluster.src) == [], "a killed daemon publishes nothing"
+
+    a2 = cluster.start("hostA", writeback_delay=600)  # the same cache dir, now a follower
+    assert a2.status()["role"] == "follower"
+    orphan = wait_until(lambda: orphan_of(b.status(), "hostA"), MARKER_BOUND, interval=0.2,
+                        message="B to show the orphan A's cache holds")  # fmt: skip
+    assert orphan["dirty_bytes"] > 0 or orphan["pending_ops"] > 0, orphan
+    assert orphan["epoch"] is None and "earlier mount" in orphan["reason"], orphan
+    assert orphan["pid"] == a2.pid and orphan["cache_dir"] == str(a2.cache_dir), orphan
+    assert epoch >= 1
+
+    b.sync_ok("--release")
+    done = a2.cli("recover", a2.mnt, timeout=120)
+    assert done.returncode == 0, describe(done)
+    assert (cluster.src / "unsynced").read_bytes() == b"A acknowledged this, then crashed\n"
+    assert markers(cluster.src) == []
+    assert orphan_of(b.status(), "hostA") is None

@@ -36,8 +36,10 @@ pytestmark = [pytest.mark.fuse, pytest.mark.timeout(300)]
 
 QUIET = TIMINGS.t_break + 5 * TIMINGS.follower_poll  # how long a resumed writer gets to misbehave
 # Parts of SRC that legitimately change while only the new writer runs: its heartbeat and
-# lease temp files, and the generation record (checked on its own: its epoch must be the new one).
-CHANGING = [".safefs/lease", ".safefs/generation"]
+# lease temp files, and the generation record (checked on its own: its epoch must be the new one);
+# and the fenced writer's orphan marker, a status record that changes no project file (checked
+# on its own: only A's marker may be there).
+CHANGING = [".safefs/lease", ".safefs/generation", ".safefs/orphans"]
 LOG = "safety.log"
 LOG_LINE = re.compile(r"epoch=(\d+) seq=(\d+) host=(\S+)( after-resume)?\n")
 
@@ -129,6 +131,8 @@ def test_a_paused_writer_is_taken_over_and_publishes_nothing_after_resuming(clus
     assert status["dirty_bytes"] > 0 or in_cache(a, b"STALE: A's unflushed new file"), (
         f"A's unflushed data is gone from its cache: {status}"
     )
+    orphans = cluster.src / ".safefs" / "orphans"
+    assert [p.name.split("-")[0] for p in orphans.iterdir()] == ["hostA"], "only A's orphan marker"
 
 
 def test_sync_on_a_fenced_writer_does_not_report_its_data_safe(cluster):
