@@ -7,6 +7,8 @@ Layout in `<project>/.safefs/` (N zero-padded to 12 digits, so that `ls` sorts e
   lease/tmp/        uniquely named temp files, the sources of those links
   staging/N/        the flusher's staging files of epoch N (created by the flusher, not here)
   quarantine/N/     staging files of an epoch that was taken over, moved aside for recovery
+  orphans/          one marker per host cache holding changes it may not write back
+                    (safefs.orphans, not here; status records, replaced by rename)
 
 Invariants:
 - A name is claimed only by link()ing a complete, fsynced temp file to it: never taken with
