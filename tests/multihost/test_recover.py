@@ -115,7 +115,11 @@ def test_every_host_sees_an_orphan_until_it_is_recovered(cluster):
         assert ".safefs" not in host.listdir(), host.name
         assert host.errno_of("stat", host.path(".safefs", "orphans", marker)) == errno.ENOENT, host.name
 
-    b.sync_ok("--release")  # recover needs the lease: B gives it up
+    # recover needs a free lease. B gives it up; C, a follower that wants the lease, takes it
+    # as soon as it is free, and gives it up in turn (a released mount no longer wants it).
+    b.sync_ok("--release")
+    cluster.wait_new_writer([c], cluster.timings.takeover_bound)
+    c.sync_ok("--release")
     done = a.cli("recover", a.mnt, timeout=120)
     assert done.returncode == 0, describe(done)
     assert markers(cluster.src) == [], "recover returned with A's marker still in SRC"
