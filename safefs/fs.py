@@ -15,6 +15,9 @@ Invariants:
 - Fetched bytes never overwrite bytes written meanwhile: a fetch reads the backing tree
   without a lock, then writes only the ranges still missing, under the inode's lock.
 - The root of the project's `.safefs` control directory is invisible and cannot be created.
+- The kernel caches an absent name only while this module remembers it (`note_absent`); a
+  name that may have appeared behind the kernel's back (a refreshed or distrusted directory)
+  has its absence invalidated before anyone can act on it.
 
 Threading: methods are called on the trio thread (by fuse_ops) and touch memory only there.
 Blocking work runs in worker threads: the backing tree behind the `backing` limiter (it may
@@ -47,6 +50,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 FETCH_BLOCK = 128 * 1024  # reads fetch whole aligned blocks of this size
 NAME_MAX = 255
+NEGATIVE_NAMES_MAX = 100_000  # absences the kernel may cache at once (see note_absent)
 XATTR_CREATE, XATTR_REPLACE = 1, 2
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 
@@ -206,6 +210,8 @@ class Filesystem:
         self._last_access: dict[int, float] = {}
         self._cached_bytes_estimate = 0
         self.dropped_content: set[int] = set()  # content files to delete (see purge_dropped)
+        self._absent: dict[int, set[bytes]] = {}  # names the kernel may cache as absent
+        self._absent_count = 0
         self.follower = False  # no local changes at all; the kernel must not keep pages
         self.stats = FsStats()
         self.on_change: Callable[[], None] = lambda: None  # the flusher pokes itself here
@@ -351,6 +357,42 @@ class Filesystem:
         for inode in self.table.inodes.values():
             if inode.is_dir and inode.listed:
                 inode.stale = True
+        for parent in list(self._absent):
+            self._forget_absent(parent)
+
+    def note_absent(self, parent: int, name: bytes) -> bool:
+        """May the kernel cache that `name` is not in `parent`? Yes while we can take it back.
+
+        A negative entry spares a round trip per failed lookup (SQLite looks for its -journal
+        and -wal on every transaction; `open(O_CREAT)` looks before it creates). Names made
+        through the mount replace the kernel's negative entry themselves; names that appear
+        from the backing tree (a refresh, another host's generation) come through `_refresh`
+        or `mark_stale`, which invalidate what is remembered here.
+        """
+        names = self._absent.setdefault(parent, set())
+        if name not in names:
+            if self._absent_count >= NEGATIVE_NAMES_MAX:
+                return False  # cannot remember it, so the kernel must not keep it either
+            names.add(name)
+            self._absent_count += 1
+        return True
+
+    def _forget_absent(self, parent: int) -> None:
+        """Queue invalidations of every absence the kernel may cache in `parent`."""
+        for name in self._absent.pop(parent, ()):
+            self.invalidator.later_entry(parent, name)
+            self._absent_count -= 1
+
+    def _drop_absent(self, parent: int) -> None:
+        """`parent` is gone: its absences need no invalidation, only forgetting."""
+        self._absent_count -= len(self._absent.pop(parent, ()))
+
+    def _name_made(self, parent: int, name: bytes) -> None:
+        """`name` now exists in `parent`: the kernel's entry for it is positive again."""
+        names = self._absent.get(parent)
+        if names is not None and name in names:
+            names.discard(name)
+            self._absent_count -= 1
 
     async def ensure_listed(self, d: Inode) -> None:
         """Load a directory's entries from the backing tree the first time it is used, and
@@ -417,6 +459,7 @@ class Filesystem:
             for name, entry in found.items():
                 if table.child(d.ino, name) is None:
                     table.link(d.ino, name, self._inode_from_backing(d.ino, entry))
+            self._forget_absent(d.ino)
             d.stale = False
             table.mark(d)
             await table.commit()
@@ -457,6 +500,7 @@ class Filesystem:
         directory that is no longer known.
         """
         if child.is_dir:
+            self._drop_absent(child.ino)  # the kernel drops them with the directory's entry
             for sub_name, sub_ino in list(self.table.names(child.ino).items()):
                 sub = self.table.inodes.get(sub_ino)
                 if sub is not None:
@@ -560,6 +604,7 @@ class Filesystem:
 
     async def _add_new(self, d: Inode, name: bytes, inode: Inode, op: str = "create") -> Inode:
         self.table.link(d.ino, name, inode)
+        self._name_made(d.ino, name)
         self._dir_changed(d)
         self._log((op, d.ino, name, inode.ino))
         self.remember(inode)
@@ -600,6 +645,7 @@ class Filesystem:
         if not inode.links:
             raise FsError(errno.ENOENT)  # linking an unlinked file is not allowed
         self.table.link(new_parent, new_name, inode)
+        self._name_made(new_parent, new_name)
         self._changed(inode)
         self._dir_changed(d)
         self._log(("link", ino, new_parent, new_name))
@@ -637,6 +683,7 @@ class Filesystem:
         if self.table.names(inode.ino):
             raise FsError(errno.ENOTEMPTY)
         self.table.unlink(parent, name)
+        self._drop_absent(inode.ino)
         self._changed(inode)
         self._dir_changed(d)
         self._log(("rmdir", parent, name, inode.ino))
@@ -701,6 +748,7 @@ class Filesystem:
                 table.unlink(p_new, n_new)
                 self._changed(dst)
             table.link(p_new, n_new, src)
+        self._name_made(p_new, n_new)
         self._changed(src)
         self._dir_changed(d_old)
         self._dir_changed(d_new)

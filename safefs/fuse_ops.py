@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable, Sequence, TypeVar
 import pyfuse3
 import trio
 
-from safefs.errors import SafefsError
+from safefs.errors import FsError, SafefsError
 from safefs.fs import Filesystem
 from safefs.inodes import Inode
 
@@ -155,9 +155,23 @@ class SafeOperations(pyfuse3.Operations):
         e.st_ctime_ns = inode.ctime_ns
         return e
 
+    def _absent(self) -> pyfuse3.EntryAttributes:
+        """A negative entry: the kernel answers ENOENT itself until the timeout or until
+        `Filesystem` takes it back (see `Filesystem.note_absent`)."""
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = 0
+        e.entry_timeout = self.policy.entry_timeout
+        return e
+
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._entry(await self.fs.lookup(parent_inode, name))
+        try:
+            inode = await self.fs.lookup(parent_inode, name)
+        except FsError as exc:
+            if exc.errno == errno.ENOENT and self.fs.note_absent(parent_inode, name):
+                return self._absent()
+            raise
+        return self._entry(inode)
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:

@@ -358,6 +358,32 @@ async def test_file_changed_in_src_behind_our_back_is_dropped_at_next_open(stack
     assert f.ino in stack.invalidator.inodes
 
 
+async def test_an_absence_the_kernel_caches_is_taken_back_when_the_name_may_appear(stack: Stack) -> None:
+    (stack.src / "d").mkdir()
+    d = await stack.resolve("d")
+    # The kernel was told "d/new" and "d/made" do not exist, and may cache that.
+    for name in (b"new", b"made"):
+        assert await fails_with(stack.fs.lookup(d.ino, name)) == errno.ENOENT
+        assert stack.fs.note_absent(d.ino, name)
+    # A name made through the mount replaces the kernel's negative entry by itself.
+    await stack.create("d/made", b"x")
+    await stack.flusher.sync()  # (a directory with changes still to write back is not refreshed)
+    # Another host adds "d/new"; once the cache is distrusted (role change, new generation),
+    # the kernel must forget that "d/new" was absent, or it would go on answering ENOENT.
+    (stack.src / "d" / "new").write_bytes(b"from elsewhere")
+    stack.invalidator.entries.clear()
+    stack.fs.mark_stale()
+    assert stack.invalidator.entries == [(d.ino, b"new")]
+    assert await stack.read("d/new") == b"from elsewhere"
+    # A refresh of the directory takes back absences noted after the distrust, too.
+    assert stack.fs.note_absent(d.ino, b"later")
+    stack.fs.mark_stale()
+    stack.invalidator.entries.clear()
+    (stack.src / "d" / "later").write_bytes(b"y")
+    assert await stack.read("d/later") == b"y"
+    assert (d.ino, b"later") not in stack.invalidator.entries  # already taken back by mark_stale
+
+
 async def test_dirty_file_is_not_dropped_at_open(stack: Stack) -> None:
     """Revalidation never throws away dirty bytes (the flusher resolves the conflict)."""
     (stack.src / "f").write_bytes(b"version one")
