@@ -998,14 +998,18 @@ class Filesystem:
                 offset = inode.size
             end = offset + len(data)
             clean = ranges.missing(inode.dirty, offset, min(end, inode.size))
+            ahead = None
             if clean:
                 # Overwriting bytes the project already has: record them dirty before they
                 # change, so a kill between the cache write and its commit cannot leave the
-                # cache and the project different with nothing marked to write back.
+                # cache and the project different with nothing marked to write back. That
+                # commit rides in the same thread trip as the write when it can.
                 for lo, hi in clean:
                     inode.dirty = ranges.add(inode.dirty, lo, hi)
                 self.table.mark(inode)
-                await self.table.commit()
+                ahead = self.table.render_ahead()
+                if ahead is None:
+                    await self.table.commit()
             saved = (inode.present, inode.dirty, inode.size, inode.mtime_ns, inode.ctime_ns)
             if offset > inode.size:  # the gap reads as zeros; the backing file's grows alike
                 inode.present = ranges.add(inode.present, inode.size, offset)
@@ -1018,7 +1022,7 @@ class Filesystem:
             # it returns, reads of this inode wait for the lock (see `read`).
             inode.writing += 1
             try:
-                await self.table.commit_with(functools.partial(self.cache.pwrite, inode.ino, offset, data))
+                await self.table.commit_with(functools.partial(self.cache.pwrite, inode.ino, offset, data), ahead=ahead)
             except BaseException:
                 inode.present, inode.dirty, inode.size, inode.mtime_ns, inode.ctime_ns = saved
                 self.table.mark(inode)

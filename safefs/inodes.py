@@ -373,16 +373,28 @@ class InodeTable:
                 continue
             await self._commit_batch(None, None)
 
-    async def commit_with(self, action: Any = None, *, then: Any = None) -> None:
-        """Run `action` (a blocking cache write), commit, then run `then`, in one thread trip.
+    def render_ahead(self) -> Batch | None:
+        """Take what is marked now as a batch for `commit_with(ahead=...)` to commit before
+        its action, or return None while a commit is under way (then `await commit()`).
+
+        No await may come between this and that `commit_with`: a batch rendered by someone
+        else meanwhile could carry the later state into the journal before the action ran.
+        """
+        return None if self._committing else self._render()
+
+    async def commit_with(self, action: Any = None, *, then: Any = None, ahead: Batch | None = None) -> None:
+        """Commit `ahead`, run `action` (a blocking cache write), commit what is marked, then
+        run `then`, all in one thread trip.
 
         A thread hop costs more than a small write itself, so a write takes one, not two.
         The batch commits only if `action` succeeded; otherwise its keys stay marked and the
         error is raised (the caller restores what it changed in memory). While another commit
         is under way, it falls back to running `action` first, then joining the next batch.
         """
+        if ahead is not None:
+            assert not self._committing, "render_ahead() and commit_with() must not be apart"
         if not self._committing:
-            await self._commit_batch(action, then)
+            await self._commit_batch(action, then, ahead)
             return
         if action is not None:
             await trio.to_thread.run_sync(action, limiter=self._limiter)
@@ -390,7 +402,7 @@ class InodeTable:
         if then is not None:
             await trio.to_thread.run_sync(then, limiter=self._limiter)
 
-    async def _commit_batch(self, action: Any, then: Any) -> None:
+    async def _commit_batch(self, action: Any, then: Any, ahead: Batch | None = None) -> None:
         """Render what is marked and commit it in one worker-thread trip (see commit_with)."""
         self._committing = True
         self._batch_no += 1
@@ -398,6 +410,8 @@ class InodeTable:
         batch = self._render()
 
         def in_thread() -> None:
+            if ahead:
+                self._journal.commit(ahead)
             if action is not None:
                 action()
             self._journal.commit(batch)
@@ -407,6 +421,8 @@ class InodeTable:
         try:
             await trio.to_thread.run_sync(in_thread, limiter=self._limiter)
         except BaseException:
+            if ahead:
+                self._remark(ahead)  # committed or not, carrying it again is harmless
             self._remark(batch)
             raise
         finally:
