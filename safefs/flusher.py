@@ -34,6 +34,7 @@ import dataclasses
 import errno
 import functools
 import logging
+import math
 import os
 import stat
 import time
@@ -92,6 +93,7 @@ class Flusher:
         self.config = fs.config
         self.host_name = host_name
         self._wake = trio.Event()
+        self._wake_at = math.inf  # when run() looks next by itself (see poke)
         self._flush_lock = trio.Lock()
         self._backoff = 0.0
         self._next_try = 0.0
@@ -111,16 +113,22 @@ class Flusher:
         fs.on_change = self.poke
 
     def poke(self) -> None:
-        self._wake.set()
+        """A change was made. Wake the service only if it would otherwise look too late: a
+        change is due `writeback_delay` from now, never before what is already pending, so
+        under a stream of writes this is a comparison, not a wake-up and a pass per write."""
+        if self.clock.monotonic() + self.config.writeback_delay < self._wake_at:
+            self._wake.set()
 
     # -- the background service ----------------------------------------------------------
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
             delay = self._next_wake()
+            self._wake_at = self.clock.monotonic() + delay
             with trio.move_on_after(delay):
                 await self._wake.wait()
             self._wake = trio.Event()
+            self._wake_at = -math.inf  # the pass below and the next _next_wake see every change
             await trio.sleep(0.02)  # a burst of changes costs one pass, not one per change
             if self.clock.monotonic() < self._next_try:
                 continue
