@@ -166,7 +166,7 @@ class Daemon:
         config = self.config
         limiters = Limiters.create()
         table = InodeTable(self.journal, limiters.journal)
-        table.load(await trio.to_thread.run_sync(self.journal.load, limiter=limiters.journal))
+        table.load(await limiters.journal.run(self.journal.load))
         try:
             backing = Backing(config.src)
         except OSError as exc:

@@ -44,6 +44,7 @@ from safefs.clock import Clock
 from safefs.config import CONTROL_DIR_NAME, MountConfig
 from safefs.errors import CacheFull, FsError, SafefsError
 from safefs.inodes import ROOT_INO, Inode, InodeTable
+from safefs.lanes import ThreadLane
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +102,13 @@ class NoInvalidator:
 
 @dataclasses.dataclass
 class Limiters:
-    backing: trio.CapacityLimiter
-    cache: trio.CapacityLimiter
-    journal: trio.CapacityLimiter
+    backing: trio.CapacityLimiter  # may hang on NFS: abandonable calls, with timeouts
+    cache: trio.CapacityLimiter  # cache files, several at once (reads)
+    journal: ThreadLane  # LMDB and the writes acknowledged with it, one at a time, in order
 
     @classmethod
     def create(cls) -> "Limiters":
-        return cls(trio.CapacityLimiter(8), trio.CapacityLimiter(8), trio.CapacityLimiter(1))
+        return cls(trio.CapacityLimiter(8), trio.CapacityLimiter(8), ThreadLane("journal"))
 
 
 @dataclasses.dataclass

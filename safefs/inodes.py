@@ -18,7 +18,7 @@ Invariants:
   kernel lookup, no open handle (`collectable`).
 
 Threading: all state is touched only on the trio thread. `commit()` hands a rendered batch
-to one worker thread behind the journal limiter (one slot, FIFO), so batches commit in order.
+to the journal's thread lane (one thread, FIFO; see lanes.py), so batches commit in order.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import trio
 from safefs import ranges
 from safefs.errors import FsError
 from safefs.journal import Batch, Journal, Snapshot
+from safefs.lanes import ThreadLane
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +149,9 @@ class Inode:
 
 
 class InodeTable:
-    def __init__(self, journal: Journal, limiter: trio.CapacityLimiter) -> None:
+    def __init__(self, journal: Journal, lane: ThreadLane) -> None:
         self._journal = journal
-        self._limiter = limiter
+        self._lane = lane
         self.inodes: dict[int, Inode] = {}
         self.children: dict[int, dict[bytes, int]] = {}
         self.ops: dict[int, tuple[Any, ...]] = {}  # seq -> op not yet replayed
@@ -397,10 +398,10 @@ class InodeTable:
             await self._commit_batch(action, then, ahead)
             return
         if action is not None:
-            await trio.to_thread.run_sync(action, limiter=self._limiter)
+            await self._lane.run(action)
         await self.commit()
         if then is not None:
-            await trio.to_thread.run_sync(then, limiter=self._limiter)
+            await self._lane.run(then)
 
     async def _commit_batch(self, action: Any, then: Any, ahead: Batch | None = None) -> None:
         """Render what is marked and commit it in one worker-thread trip (see commit_with)."""
@@ -419,7 +420,7 @@ class InodeTable:
                 then()  # after the commit: it may count on the batch being in the journal
 
         try:
-            await trio.to_thread.run_sync(in_thread, limiter=self._limiter)
+            await self._lane.run(in_thread)
         except BaseException:
             if ahead:
                 self._remark(ahead)  # committed or not, carrying it again is harmless
@@ -446,7 +447,7 @@ class InodeTable:
         """
         if self._synced_at == self.commits and not self.has_uncommitted:
             if also is not None:  # the journal is durable already: only the file is left
-                await trio.to_thread.run_sync(also, limiter=self._limiter)
+                await self._lane.run(also)
             return
 
         def flush_to_disk() -> None:
