@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.helpers import Mount, MountFactory, is_mounted, sweep_stale_mounts
+from tests.helpers import Mount, MountFactory, is_mounted, sweep_stale_mounts, wait_until
 
 
 def test_write_read_umount_reaches_src(mounted: Mount) -> None:
@@ -70,3 +70,16 @@ def _dead_pid() -> int:
     child = subprocess.Popen(["true"])
     child.wait()
     return child.pid
+
+
+def test_the_mount_reads_ahead_a_mebibyte(mounted: Mount) -> None:
+    """Cold sequential reads come in 1 MiB requests, not the kernel's 128 KiB (fuse_ops)."""
+    from safefs.fuse_ops import READAHEAD_KIB, mount_device
+
+    device = mount_device(str(mounted.mnt))
+    assert device is not None, "the mount is not in /proc/self/mountinfo"
+    setting = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
+    if os.geteuid() != 0:
+        return  # only root may raise it; the daemon leaves it alone then
+    # Raised just after the kernel's INIT, which may come a moment after the mount is ready.
+    wait_until(lambda: int(setting.read_text()) >= READAHEAD_KIB, 5.0, message=f"{setting} to be raised")
