@@ -543,7 +543,8 @@ def cmd_recover(args: argparse.Namespace) -> int:
                 statuses.append(client.call(sock, "status", timeout=STATUS_TIMEOUT))
             except SafefsError:
                 continue
-        orphans = [s for s in statuses if s.get("dirty_files") or s.get("pending_ops")]
+        # A writer writes back by itself; only a mount that may not holds an orphan.
+        orphans = [s for s in statuses if (s.get("dirty_files") or s.get("pending_ops")) and s.get("role") != "writer"]
         for status in orphans:
             print(f"{status['mnt']}: {status.get('dirty_files', 0)} files, {status.get('dirty_bytes', 0)} B "
                   f"not in the project (role {status.get('role')}); run: safefs recover {status['mnt']}")

@@ -191,11 +191,14 @@ def test_recover_without_a_mount_lists_mounts_holding_unwritten_changes(
     statuses = {
         "/run/a.sock": {"mnt": "/m/a", "dirty_files": 2, "dirty_bytes": 10, "pending_ops": 1, "role": "follower"},
         "/run/b.sock": {"mnt": "/m/b", "dirty_files": 0, "dirty_bytes": 0, "pending_ops": 0, "role": "writer"},
+        # A writer with write-back still to do is not an orphan: it writes back by itself.
+        "/run/c.sock": {"mnt": "/m/c", "dirty_files": 3, "dirty_bytes": 30, "pending_ops": 2, "role": "writer"},
     }
+    monkeypatch.setattr(cli.client, "list_daemons", lambda _: list(statuses))
     monkeypatch.setattr(cli.client, "call", lambda sock, op, **kw: statuses[sock])
     assert cli.main(["recover"]) == ExitCode.OK
     out = capsys.readouterr().out
-    assert "safefs recover /m/a" in out and "/m/b" not in out
+    assert "safefs recover /m/a" in out and "/m/b" not in out and "/m/c" not in out
 
 
 def test_recover_with_nothing_to_recover_says_so(
