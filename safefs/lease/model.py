@@ -222,6 +222,7 @@ class LeaseMachine:
         self.quarantine_pending = False  # holding after a takeover: old staging not moved yet
         self.last_renewal: float | None = None  # holding: start of the last successful renewal
         self.lost_reason: str | None = None
+        self.lost_epoch = 0  # the epoch this mount held when it lost the lease
         self.last_error: str | None = None
         self._beats = 0
         self._watch: _Watch | None = None
@@ -254,8 +255,12 @@ class LeaseMachine:
     def refusal(self, now: float) -> ReadOnly:
         """Why this mount may not write now, naming the holder (for when writable(now) is False)."""
         if self.state is State.LOST:
+            holder = self.current_holder()
+            now_held = "" if holder is None or self.epoch == self.lost_epoch else \
+                f"; epoch {self.epoch} is held by {holder.describe()} since {_human_time(holder.since)}"
             return LeaseLost(
-                f"this mount lost the write lease (epoch {self.epoch}): {self.lost_reason}; it stopped writing",
+                f"this mount lost the write lease (epoch {self.lost_epoch}): {self.lost_reason}; "
+                f"it stopped writing{now_held}",
                 hint="dirty data stays in the cache; `safefs status` shows it, `safefs acquire MNT --wait` "
                 "takes the lease again",
             )
@@ -437,6 +442,7 @@ class LeaseMachine:
 
     def _lose(self, reason: str) -> None:
         self.state = State.LOST
+        self.lost_epoch = self.epoch  # self.epoch moves on to the newest epoch seen
         self.lost_reason = reason
         self.deadline = -math.inf
         # A lost writer stays read-only until asked to acquire again: its dirty data belongs

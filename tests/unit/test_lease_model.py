@@ -111,6 +111,12 @@ def test_a_superseded_holder_stops_at_once() -> None:
     m.renewed(started=1.0, superseded=True, now=1.1)
     assert m.state is State.LOST and not m.writable(1.2)
     assert "epoch 2" in (m.lost_reason or "")
+    # Once the new holder is seen, the refusal still names the epoch this mount lost, and who
+    # holds the lease now.
+    poll(m, held(3, ident("b")), now=2.0)
+    refusal = str(m.refusal(2.0))
+    assert "lost the write lease (epoch 1)" in refusal, refusal
+    assert "epoch 3 is held by" in refusal and "b" in refusal, refusal
 
 
 def test_takeover_only_after_t_break_of_unchanged_heartbeat_on_the_observers_clock() -> None:
