@@ -17,9 +17,38 @@ Systems (one directory tree each, all on the same local disk, under --dir):
 Workloads (`--workloads`, default all): seq (write + fsync, cold read), fetch (cold read of a
 file safefs/rclone have not cached yet), rand (fio 4 KiB random write and cold random read;
 a Python loop when fio is missing), tar (extract, find, stat cold/warm, rm -r), sqlite
-(single-row transactions, synchronous=FULL, rollback journal and WAL), git (clone over
-file://, status twice), writeback (safefs only: bytes written to SRC for 1 MiB dirty in the
-middle of a big file).
+(single-row transactions, synchronous=FULL, rollback journal and WAL), busy (applications
+while safefs writes a big file back, below), git (clone over file://, status twice),
+writeback (safefs only: bytes written to SRC for 1 MiB dirty in the middle of a big file),
+tree (find and read a big tree that was on SRC before mounting, and the daemon's memory, below).
+
+busy (local, safefs and safefs-nfs only): does write-back stall the applications using the
+mount? In one worker: SQLite single-row transactions (rollback journal, synchronous=FULL) for
+a few seconds (2 s quick, 5 s full), then creating 4 KiB files (create, write, close) for as
+long: the "idle" rows. Then, twice (once for SQLite, once for creates): `safefs sync` so
+nothing else is pending, write a big file (1 GiB, --quick too: here safefs wrote 256 MiB back
+in 0.2-1 s, often before `safefs status` could show it under way) into the mount, start
+`safefs sync` in the background, poll `safefs status --json` until bytes_written moves (or
+flushing is set), and from then on run the same loop until that `safefs sync` returns (at most
+max(60 s, 4 x the idle window)): the "during a write-back" rows, counted over exactly the
+time the write-back was under way. One write-back may last under the idle window, so this
+repeats (a new big file each time, at most 10) until the windows add up to the idle window;
+the rate is all operations over all windows. An extra line gives, per system, the total
+window, how many write-backs, and the least of the file still to write when measuring
+started; a write-back that ended before measuring could start is not counted (and said so),
+and if every one did the step fails rather than report an idle number as a busy one. Local
+has no write-back: its "during" cells are the same loop run again for the idle window, the
+baseline the ratios compare with (the big file is not written there).
+
+tree (every system but nfs sim, which reads about 13 ms a file; one run whatever --runs,
+since a second would find everything cached): 100,000 files of 0-8 KiB (quick 10,000) in 100
+directories, made once with Python and copied (`cp -a`, not through any mount) into each
+system's backing tree before mounting, so safefs has to list and fetch all of it, as for a
+project already on NFS. Then: `find` cold (drop caches; on safefs also the first listing of
+that tree since mounting), `find` again (warm), drop caches and read every file once (Python
+open/read, total bytes checked), then VmRSS and VmHWM of the daemon from /proc/PID/status,
+printed as "<system> daemon RSS after reading 100,000 files". The issue's targets: RSS under
+200 MiB, warm find within 2x of local.
 
 How it measures: every cell is the median of --runs runs; systems take turns inside each
 run, so the ratio to local compares numbers taken minutes apart, not hours. Each workload
@@ -33,7 +62,8 @@ Cleanup: everything mounted is unmounted in a finally block (daemon's own unmoun
 then `fusermount3 -u -z`), SIGTERM included, and the scratch directory is removed unless
 --keep or something is still mounted.
 
-Single-threaded; blocking subprocess calls throughout.
+Single-threaded; blocking subprocess calls throughout (busy's background `safefs sync` is a
+Popen that the worker waits for, or kills on the way out).
 """
 
 from __future__ import annotations
@@ -60,7 +90,10 @@ PY = sys.executable
 MIB = 1024 * 1024
 DEFAULT_SYSTEMS = ("local", "safefs", "rclone", "nfs")
 ALL_SYSTEMS = (*DEFAULT_SYSTEMS, "safefs-nfs")
-WORKLOADS = ("seq", "fetch", "rand", "tar", "sqlite", "git", "writeback")
+WORKLOADS = ("seq", "fetch", "rand", "tar", "sqlite", "busy", "git", "writeback", "tree")
+BUSY_SYSTEMS = ("local", "safefs", "safefs-nfs")  # busy needs a write-back; local is its baseline
+TREE_SKIPS = ("nfs",)  # nfs sim reads about 13 ms a file: 100,000 files would add over 20 minutes
+TREE_DIRS = 100
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,12 +105,15 @@ class Sizes:
     transactions: int
     big_bytes: int  # the writeback file; above safefs's 64 MiB atomic-publish threshold
     worker_timeout: float
+    busy_bytes: int  # the file whose write-back busy measures applications during (lasts seconds)
+    busy_seconds: float  # the idle (and local) measuring window of the busy workload
+    tree_files: int  # the tree workload's tree, TREE_DIRS directories
 
     @classmethod
     def pick(cls, quick: bool) -> "Sizes":
         if quick:
-            return cls(64 * MIB, 32 * MIB, 2.0, 300, 200, 128 * MIB, 300.0)
-        return cls(512 * MIB, 256 * MIB, 10.0, 3000, 2000, 1024 * MIB, 1800.0)
+            return cls(64 * MIB, 32 * MIB, 2.0, 300, 200, 128 * MIB, 300.0, 1024 * MIB, 2.0, 10_000)
+        return cls(512 * MIB, 256 * MIB, 10.0, 3000, 2000, 1024 * MIB, 1800.0, 1024 * MIB, 5.0, 100_000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +125,8 @@ class Row:
 
 
 def rows_for(sizes: Sizes) -> dict[str, list[Row]]:
-    seq, rnd = human(sizes.seq_bytes), human(sizes.rand_bytes)
-    n, tx = f"{sizes.files:,}", f"{sizes.transactions:,}"
+    seq, rnd, busy = human(sizes.seq_bytes), human(sizes.rand_bytes), human(sizes.busy_bytes)
+    n, tx, tree = f"{sizes.files:,}", f"{sizes.transactions:,}", f"{sizes.tree_files:,}"
     return {
         "seq": [Row("seq_write", f"seq write {seq} + fsync", "MiB/s", True),
                 Row("seq_read_cold", f"seq read {seq}, cold", "MiB/s", True)],
@@ -104,9 +140,16 @@ def rows_for(sizes: Sizes) -> dict[str, list[Row]]:
                 Row("rm", "rm -r them", "s", False)],
         "sqlite": [Row("sqlite_delete", f"SQLite {tx} tx, rollback journal", "tx/s", True),
                    Row("sqlite_wal", f"SQLite {tx} tx, WAL", "tx/s", True)],
+        "busy": [Row("busy_sqlite_idle", "SQLite tx for a while, rollback journal, idle", "tx/s", True),
+                 Row("busy_sqlite", f"the same during a {busy} write-back", "tx/s", True),
+                 Row("busy_create_idle", "create 4 KiB files for a while, idle", "files/s", True),
+                 Row("busy_create", f"the same during a {busy} write-back", "files/s", True)],
         "git": [Row("git_clone", f"git clone, {n} files", "s", False),
                 Row("git_status1", "git status, 1st", "s", False),
                 Row("git_status2", "git status, 2nd", "s", False)],
+        "tree": [Row("tree_find_cold", f"find over {tree} files, cold", "s", False),
+                 Row("tree_find_warm", f"find over {tree} files, warm", "s", False),
+                 Row("tree_read", f"read all {tree} files, cold", "s", False)],
     }
 
 
@@ -149,13 +192,14 @@ def drop_caches() -> bool:
         return False
 
 
-def vm_hwm(pid: int | None) -> int | None:
-    """Peak resident memory of a process in bytes (VmHWM), or None if it is gone."""
+def vm_hwm(pid: int | None, field: str = "VmHWM") -> int | None:
+    """Peak resident memory of a process in bytes (VmHWM; or another /proc/PID/status field
+    in kB, such as VmRSS), or None if it is gone."""
     if pid is None:
         return None
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -375,6 +419,28 @@ def make_data(data: Path, sizes: Sizes, runs: int, workloads: set[str]) -> None:
         run(["git", "init", "-q", repo])
         run([*git, "add", "-A"])
         run([*git, "commit", "-q", "-m", "bench tree"])
+    if "tree" in workloads:
+        make_big_tree(data / "bigtree", sizes.tree_files, block)
+
+
+def tree_names(files: int) -> list[str]:
+    """The tree workload's files: TREE_DIRS directories of files/TREE_DIRS files each."""
+    per = -(-files // TREE_DIRS)
+    return [f"d{i // per:03d}/f{i:06d}.txt" for i in range(files)]
+
+
+def make_big_tree(tree: Path, files: int, block: bytes) -> None:
+    """Small files, 0 to 8 KiB (mean 4 KiB), written directly (not through any mount)."""
+    rng, total = random.Random(43), 0
+    for name in tree_names(files):
+        path = tree / name
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True)
+        size = rng.randrange(0, 8192)
+        with open(path, "wb") as f:
+            f.write(block[rng.randrange(0, MIB - size):][:size])
+        total += size
+    (tree.parent / f"{tree.name}.bytes").write_text(str(total))
 
 
 def write_file(path: Path, size: int, block: bytes) -> None:
@@ -389,6 +455,7 @@ def prefill(system: System, data: Path, sizes: Sizes, runs: int, workloads: set[
     The read-only fetch files are hard links (no copy; a distinct inode per run, so a cache
     cannot reuse one run's fetch). The writeback file is changed, so each system gets its own:
     a shared inode changed by one mount would be an out-of-band change (a conflict) to another.
+    The tree workload's tree is copied (`cp -a`) into each system's backing tree.
     """
     pre = system.backing / "prefill"
     pre.mkdir()
@@ -397,6 +464,10 @@ def prefill(system: System, data: Path, sizes: Sizes, runs: int, workloads: set[
             os.link(data / f"fetch-{i}", pre / f"fetch-{i}")
     if "writeback" in workloads and isinstance(system, (Safefs, SafefsOverNfs)):
         write_file(pre / "big", sizes.big_bytes, os.urandom(MIB))
+    if "tree" in workloads and system.name not in TREE_SKIPS:
+        # A real copy per system (not hard links: a project on NFS has nlink 1), in SRC before
+        # mounting, so safefs has to list and fetch all of it, as for a project already on NFS.
+        run(["cp", "-a", data / "bigtree", pre / "tree"], timeout=1800)
 
 
 # --- workers: one workload step in a child process -------------------------------------------
@@ -499,11 +570,7 @@ def timed(fn: Callable[[], Any]) -> float:
 def worker_sqlite(d: Path, p: dict[str, Any]) -> dict[str, float]:
     out = {}
     for mode, key in (("delete", "sqlite_delete"), ("wal", "sqlite_wal")):
-        path = d / f"{mode}.db"
-        con = sqlite3.connect(path, isolation_level=None)
-        con.execute(f"pragma journal_mode={mode}")
-        con.execute("pragma synchronous=FULL")
-        con.execute("create table t (id integer primary key, v text)")
+        con = sqlite_open(d / f"{mode}.db", mode)
         start = time.perf_counter()
         for i in range(p["transactions"]):
             con.execute("begin")
@@ -515,6 +582,161 @@ def worker_sqlite(d: Path, p: dict[str, Any]) -> dict[str, float]:
         con.close()
         if ok != "ok" or rows != p["transactions"]:
             raise RuntimeError(f"sqlite {mode}: integrity {ok}, {rows} rows")
+    return out
+
+
+def sqlite_open(path: Path, mode: str) -> sqlite3.Connection:
+    con = sqlite3.connect(path, isolation_level=None)
+    con.execute(f"pragma journal_mode={mode}")
+    con.execute("pragma synchronous=FULL")
+    con.execute("create table t (id integer primary key, v text)")
+    return con
+
+
+def sqlite_loop(con: sqlite3.Connection, go_on: Callable[[], bool]) -> tuple[int, float]:
+    """Single-row transactions while go_on(): (how many, seconds)."""
+    count, start = 0, time.perf_counter()
+    while go_on():
+        con.execute("begin")
+        con.execute("insert into t (v) values (?)", (f"row {count} " + "x" * 100,))
+        con.execute("commit")
+        count += 1
+    return count, time.perf_counter() - start
+
+
+def create_loop(d: Path, go_on: Callable[[], bool]) -> tuple[int, float]:
+    """New 4 KiB files in d (create, write, close; no fsync), 1,000 a directory, while
+    go_on(): (how many, seconds)."""
+    block, count, start = os.urandom(4096), 0, time.perf_counter()
+    while go_on():
+        if count % 1000 == 0:
+            (d / f"{count // 1000:04d}").mkdir(parents=True)
+        fd = os.open(d / f"{count // 1000:04d}" / f"c{count:07d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, block)
+        finally:
+            os.close(fd)
+        count += 1
+    return count, time.perf_counter() - start
+
+
+def for_seconds(seconds: float) -> Callable[[], bool]:
+    end = time.perf_counter() + seconds
+    return lambda: time.perf_counter() < end
+
+
+def safefs_cli(*args: Any, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return run([PY, "-m", "safefs", *args], timeout=timeout, cwd=REPO)
+
+
+def safefs_status(mnt: str) -> dict[str, Any]:
+    return json.loads(safefs_cli("status", mnt, "--json", timeout=60).stdout)
+
+
+def writeback_started(mnt: str, sync: subprocess.Popen[bytes], before: int, size: int) -> int | None:
+    """Wait until `safefs status` shows the write-back under way; the bytes of the big file
+    still to write then, or None if it finished before we could look."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        status = safefs_status(mnt)
+        written = status["bytes_written"] - before
+        if sync.poll() is not None:
+            return None
+        if status["flushing"] or written > 0:
+            return size - written if written < size else None
+        time.sleep(0.02)
+    raise RuntimeError("`safefs sync` ran 60 s and `safefs status` never showed a write-back under way")
+
+
+def worker_busy(d: Path, p: dict[str, Any]) -> dict[str, float]:
+    """Application throughput while safefs writes a big file back (see the module docstring)."""
+    mnt, seconds, size = p["safefs_mnt"], p["busy_seconds"], p["busy_bytes"]
+    cap = max(60.0, 4 * seconds)  # the longest one write-back is measured
+    con = sqlite_open(d / "busy.db", "delete")
+    out: dict[str, float] = {}
+    if mnt:
+        safefs_cli("sync", mnt)  # the database's creation is not part of what is measured
+    count, took = sqlite_loop(con, for_seconds(seconds))
+    out["busy_sqlite_idle"] = count / took
+    count, took = create_loop(d / "idle", for_seconds(seconds))
+    out["busy_create_idle"] = count / took
+    shutil.rmtree(d / "idle")
+    loops: list[tuple[str, Callable[[int, Callable[[], bool]], tuple[int, float]]]] = [
+        ("busy_sqlite", lambda cycle, go_on: sqlite_loop(con, go_on)),
+        ("busy_create", lambda cycle, go_on: create_loop(d / "busy" / str(cycle), go_on))]
+    for key, loop in loops:
+        if not mnt:  # local: no write-back, the same measurement again
+            count, took = loop(0, for_seconds(seconds))
+            out[key] = count / took
+            continue
+        # One write-back of `size` may be over in well under a second: measure during as many
+        # as it takes to have `seconds` of write-back under way (at most 10).
+        total, window, pending, cut, early = 0, 0.0, [], 0, 0
+        for cycle in range(10):
+            if window >= seconds:
+                break
+            safefs_cli("sync", mnt)  # nothing else pending: what the sync below writes is the big file
+            big = d / f"big-{key}-{cycle}"
+            write_file(big, size, os.urandom(MIB))  # closed: in safefs's cache, not on SRC yet
+            before = safefs_status(mnt)["bytes_written"]
+            sync = subprocess.Popen([PY, "-m", "safefs", "sync", mnt], cwd=REPO, stdin=subprocess.DEVNULL,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            try:
+                left = writeback_started(mnt, sync, before, size)
+                if left is None:
+                    early += 1
+                else:
+                    start = time.perf_counter()
+                    count, took = loop(cycle, lambda: sync.poll() is None and time.perf_counter() - start < cap)
+                    total, window = total + count, window + took
+                    pending.append(left)
+                    cut += sync.poll() is None  # the cap ended this window, not the write-back
+                _, err = sync.communicate(timeout=p["worker_timeout"])
+            finally:
+                if sync.poll() is None:
+                    sync.kill()
+                    sync.communicate()
+            if sync.returncode != 0:
+                raise RuntimeError(f"safefs sync exited {sync.returncode}: {err.decode().strip()[-500:]}")
+            os.unlink(big)
+        if not pending:
+            raise RuntimeError(f"each of {early} write-backs of {human(size)} finished before "
+                               "the measurement could start")
+        out.update({key: total / window, f"{key}_window": window, f"{key}_cycles": len(pending),
+                    f"{key}_pending": min(pending), f"{key}_cut": cut, f"{key}_early": early})
+    ok = con.execute("pragma integrity_check").fetchone()[0]
+    con.close()
+    if ok != "ok":
+        raise RuntimeError(f"sqlite after busy: integrity {ok}")
+    return out
+
+
+def worker_tree(d: Path, p: dict[str, Any]) -> dict[str, float]:
+    """find cold and warm, then read every file, over a tree that was in SRC before mounting."""
+    tree, files, timeout = Path(p["root"]) / "prefill" / "tree", p["tree_files"], p["worker_timeout"]
+    names = [tree / n for n in tree_names(files)]
+    drop_caches()
+    out = {"tree_find_cold": timed(lambda: run(["find", tree], timeout=timeout))}
+    found: list[str] = []
+    out["tree_find_warm"] = timed(lambda: found.append(run(["find", tree], timeout=timeout).stdout))
+    if found[0].count("\n") != files + TREE_DIRS + 1:
+        raise RuntimeError(f"find listed {found[0].count(chr(10))} entries, not {files + TREE_DIRS + 1}")
+    total = 0
+
+    def read_all() -> None:
+        nonlocal total
+        for name in names:
+            with open(name, "rb") as f:
+                total += len(f.read())
+
+    drop_caches()
+    out["tree_read"] = timed(read_all)
+    if total != int((Path(p["data"]) / "bigtree.bytes").read_text()):
+        raise RuntimeError(f"read {total:,} bytes, the tree has {(Path(p['data']) / 'bigtree.bytes').read_text()}")
+    for field, key in (("VmRSS", "tree_rss"), ("VmHWM", "tree_hwm")):
+        value = vm_hwm(p["daemon_pid"], field)
+        if value is not None:
+            out[key] = value
     return out
 
 
@@ -531,7 +753,7 @@ def worker_git(d: Path, p: dict[str, Any]) -> dict[str, float]:
 
 
 WORKERS = {"seq": worker_seq, "fetch": worker_fetch, "rand": worker_rand, "tar": worker_tar,
-           "sqlite": worker_sqlite, "git": worker_git}
+           "sqlite": worker_sqlite, "busy": worker_busy, "git": worker_git, "tree": worker_tree}
 
 
 def worker_main(name: str, directory: str, params: str) -> int:
@@ -561,7 +783,9 @@ class Bench:
     def run_step(self, system: System, workload: str, run_index: int) -> None:
         scratch = system.root / "w" / f"{workload}-{run_index}"
         scratch.mkdir(parents=True)
-        params = {**dataclasses.asdict(self.sizes), "data": str(self.base / "data"), "root": str(system.root), "run": run_index}
+        safefs_mnt = str(system.root) if isinstance(system, (Safefs, SafefsOverNfs)) else None
+        params = {**dataclasses.asdict(self.sizes), "data": str(self.base / "data"), "root": str(system.root),
+                  "run": run_index, "safefs_mnt": safefs_mnt, "daemon_pid": system.daemon_pid()}
         cmd = [PY, __file__, "--worker", workload, str(scratch), json.dumps(params)]
         try:
             done = run(cmd, timeout=self.sizes.worker_timeout, check=False)
@@ -602,6 +826,44 @@ class Bench:
             f"write-back, {human(self.sizes.big_bytes)} file with 1 MiB dirty in the middle ({system.name}): "
             f"{written:,.0f} bytes written to SRC = {written / MIB:.2f} x 1 MiB; `safefs sync` took {seconds:.2f} s "
             f"(median of {len(results)})")
+
+    def median(self, key: str, system: str) -> float | None:
+        values = self.samples.get((key, system))
+        return statistics.median(values) if values else None
+
+    def busy_report(self) -> None:
+        """How much write-back each busy measurement overlapped, and what it cost."""
+        size = human(self.sizes.busy_bytes)
+        for system in self.systems:
+            if system.name not in BUSY_SYSTEMS or system.name == "local":
+                continue
+            parts = []
+            for key, what, unit in (("busy_sqlite", "SQLite", "tx/s"), ("busy_create", "creates", "files/s")):
+                busy, idle = self.median(key, system.name), self.median(f"{key}_idle", system.name)
+                window = self.median(f"{key}_window", system.name)
+                cycles = self.median(f"{key}_cycles", system.name)
+                pending = self.samples.get((f"{key}_pending", system.name))
+                if busy is None or idle is None or window is None or cycles is None or not pending:
+                    continue
+                cut = sum(self.samples.get((f"{key}_cut", system.name), []))
+                early = sum(self.samples.get((f"{key}_early", system.name), []))
+                parts.append(
+                    f"{what} {fmt(busy, unit)} {unit} = {busy / idle:.2f}x idle, over {window:.2f} s of write-back "
+                    f"in {cycles:.0f} write-back(s), each measured from when at least {min(pending) / MIB:.0f} MiB "
+                    f"were still to write until `safefs sync` returned"
+                    + (f"; {cut:.0f} outlasted the window cap" if cut else "")
+                    + (f"; {early:.0f} finished before measuring could start (not counted)" if early else ""))
+            if parts:
+                self.extra.append(f"busy ({system.name}), applications while {size} files are written back "
+                                  f"(`safefs sync` in the background; medians of runs): " + "; ".join(parts))
+
+    def tree_report(self) -> None:
+        files = f"{self.sizes.tree_files:,}"
+        for system in self.systems:
+            rss, hwm = self.median("tree_rss", system.name), self.median("tree_hwm", system.name)
+            if rss is not None and hwm is not None:
+                self.extra.append(f"{system.name} daemon RSS after reading {files} files: {rss / MIB:.0f} MiB "
+                                  f"(peak {hwm / MIB:.0f} MiB so far; VmRSS and VmHWM of /proc/PID/status)")
 
 
 def machine_description(base: Path) -> list[str]:
@@ -742,17 +1004,35 @@ def main(argv: Sequence[str]) -> int:
         for system in bench.systems:
             bench.say(f"bench: mounting {system.name}")
             system.mount()
-        for workload in [w for w in args.workload_list if w in WORKERS]:
-            for run_index in range(args.runs):
-                for system in bench.systems:
-                    bench.say(f"bench: {workload} run {run_index + 1}/{args.runs} on {system.name}")
+        for workload in args.workload_list:
+            if workload == "writeback":
+                checked = [s for s in bench.systems if isinstance(s, (Safefs, SafefsOverNfs))]
+                for system in checked:
+                    bench.writeback_check(system)
+                if not checked:
+                    notes.append("writeback measures safefs only; no safefs system was selected")
+                continue
+            systems = [s for s in bench.systems if (workload != "busy" or s.name in BUSY_SYSTEMS)
+                       and (workload != "tree" or s.name not in TREE_SKIPS)]
+            runs = 1 if workload == "tree" else args.runs  # a 2nd run would find the tree cached
+            for run_index in range(runs):
+                for system in systems:
+                    bench.say(f"bench: {workload} run {run_index + 1}/{runs} on {system.name}")
                     bench.run_step(system, workload, run_index)
-        if "writeback" in workloads:
-            checked = [s for s in bench.systems if isinstance(s, (Safefs, SafefsOverNfs))]
-            for system in checked:
-                bench.writeback_check(system)
-            if not checked:
-                notes.append("writeback measures safefs only; no safefs system was selected")
+        if "busy" in workloads:
+            bench.busy_report()
+            skipped = [s.name for s in bench.systems if s.name not in BUSY_SYSTEMS]
+            if skipped:
+                notes.append(f"busy runs on local and safefs only (it measures safefs's write-back): "
+                             f"not on {', '.join(skipped)}")
+        if "tree" in workloads:
+            bench.tree_report()
+            skipped = [s.name for s in bench.systems if s.name in TREE_SKIPS]
+            if skipped:
+                notes.append(f"tree skips {', '.join(skipped)}: the simulated NFS reads about 13 ms a file, "
+                             f"{sizes.tree_files:,} files would take {sizes.tree_files * 0.013 / 60:.0f} min")
+            if args.runs > 1:
+                notes.append("tree runs once whatever --runs: a second run would find the tree cached")
         for system in bench.systems:
             peak = vm_hwm(system.daemon_pid())
             if peak is not None:
