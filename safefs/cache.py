@@ -10,7 +10,8 @@ Invariants:
 - Open file descriptors are kept in a small table so hot files are not reopened on every
   request; a descriptor is closed when the file is deleted or the table is full.
 
-Threading: every method except `path` blocks on the local disk and runs in a worker thread
+Threading: every method except `path`, `free_space_stale`, `free_bytes` and `charge` blocks on
+the local disk and runs in a worker thread
 behind the cache limiter. The descriptor table is guarded by a threading lock, so methods may
 run concurrently from several worker threads.
 """
@@ -115,16 +116,22 @@ class ContentCache:
         """Drop the content of a file whose bytes are all clean (eviction)."""
         self.delete(ino)
 
-    def free_bytes(self, max_age: float = 0.5) -> int:
-        """Bytes the cache may still use on its disk (free space minus the floor)."""
-        now = time.monotonic()
-        if now - self._free_checked_at > max_age:
-            st = os.statvfs(self.data_dir)
-            self._free_bytes = st.f_bavail * st.f_frsize
-            # The floor keeps the disk usable for everyone else, but on a small disk a fixed
-            # floor would refuse every write: at most a tenth of the disk.
-            self._effective_floor = min(self._floor, st.f_blocks * st.f_frsize // 10)
-            self._free_checked_at = now
+    def free_space_stale(self, max_age: float = 0.5) -> bool:
+        """Is the free-space estimate older than `max_age` seconds (see refresh_free_space)?"""
+        return time.monotonic() - self._free_checked_at > max_age
+
+    def refresh_free_space(self) -> None:
+        """Ask the disk how much space is free (blocks: statvfs)."""
+        st = os.statvfs(self.data_dir)
+        self._free_bytes = st.f_bavail * st.f_frsize
+        # The floor keeps the disk usable for everyone else, but on a small disk a fixed
+        # floor would refuse every write: at most a tenth of the disk.
+        self._effective_floor = min(self._floor, st.f_blocks * st.f_frsize // 10)
+        self._free_checked_at = time.monotonic()
+
+    def free_bytes(self) -> int:
+        """Bytes the cache may still use on its disk (free space minus the floor), as of the
+        last refresh_free_space and the writes charged since. Never blocks."""
         return self._free_bytes - self._effective_floor
 
     def charge(self, nbytes: int) -> None:

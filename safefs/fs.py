@@ -991,8 +991,11 @@ class Filesystem:
         if handle is None:
             raise FsError(errno.EBADF)
         inode = self.table.get(handle.ino)
+        if self.cache.free_space_stale():  # at most twice a second
+            await self.in_cache(self.cache.refresh_free_space)
         if self.cache.free_bytes() < len(data):
             await self.maybe_evict(force=True)
+            await self.in_cache(self.cache.refresh_free_space)  # count what eviction freed
         self._reserve(len(data))
         async with self.inode_locks(inode.ino):
             if handle.flags & os.O_APPEND:

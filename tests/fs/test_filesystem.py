@@ -439,7 +439,7 @@ async def test_a_full_cache_disk_refuses_writes_with_enospc(make_stack: Callable
     stack = await make_stack()
     # A full disk: no room left above the floor (the floor itself is capped at a tenth of
     # the disk, so a huge floor no longer simulates one).
-    stack.cache.free_bytes = lambda max_age=0.5: 0  # type: ignore[method-assign]
+    stack.cache.free_bytes = lambda: 0  # type: ignore[method-assign]
     (stack.src / "f").write_bytes(b"0123")
     fh = await stack.open("f", os.O_WRONLY)
     try:
