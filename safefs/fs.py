@@ -208,7 +208,6 @@ class Filesystem:
         self._dir_handles: dict[int, DirHandle] = {}
         self._next_fh = 1
         self._by_backing_ino: dict[int, int] = {}  # backing st_ino -> inode, for hard links
-        self._last_access: dict[int, float] = {}
         self._cached_bytes_estimate = 0
         self.dropped_content: set[int] = set()  # content files to delete (see purge_dropped)
         self._absent: dict[int, set[bytes]] = {}  # names the kernel may cache as absent
@@ -584,7 +583,6 @@ class Filesystem:
     async def collect(self, inode: Inode) -> None:
         if self.table.collectable(inode):
             self.table.drop(inode)
-            self._last_access.pop(inode.ino, None)
             self._cached_bytes_estimate -= ranges.total(inode.present)
             await self.in_cache(self.cache.delete, inode.ino)
             await self.table.commit()
@@ -939,7 +937,7 @@ class Filesystem:
         end = min(offset + size, inode.size)
         if offset >= end:
             return b""
-        self._last_access[inode.ino] = self.clock.monotonic()
+        inode.accessed_at = self.clock.monotonic()
         if inode.writing:  # a write's bytes may still be on their way into the cache file
             async with self.inode_locks(inode.ino):
                 pass
@@ -1096,7 +1094,7 @@ class Filesystem:
             i for i in table.inodes.values()
             if i.is_reg and i.present and not i.dirty and not i.new and i.opens <= 0 and not i.attr_dirty
         ]  # fmt: skip
-        candidates.sort(key=lambda i: self._last_access.get(i.ino, 0.0))
+        candidates.sort(key=lambda i: i.accessed_at)
         target = limit * 0.9 if not force else max(0, total - 64 * (1 << 20))
         for inode in candidates:
             if total <= target:
