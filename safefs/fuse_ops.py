@@ -168,16 +168,18 @@ class SafeOperations(pyfuse3.Operations):
         self.initialized.set()
 
     def _entry(self, inode: Inode) -> pyfuse3.EntryAttributes:
+        # Hot: `find` makes one per name. Fields left at EntryAttributes' zero default are not
+        # set: `generation` (inode numbers are never reused, see inodes.py) and a zero rdev.
         e = pyfuse3.EntryAttributes()
         e.st_ino = inode.ino
-        e.generation = 0  # inode numbers are never reused (see inodes.py)
         e.entry_timeout = self.policy.entry_timeout
         e.attr_timeout = self.policy.attr_timeout
         e.st_mode = inode.mode
         e.st_nlink = inode.nlink
         e.st_uid = inode.uid
         e.st_gid = inode.gid
-        e.st_rdev = inode.rdev
+        if inode.rdev:
+            e.st_rdev = inode.rdev
         e.st_size = inode.size
         e.st_blksize = 128 * 1024
         e.st_blocks = (inode.size + 511) // 512
@@ -291,10 +293,12 @@ class SafeOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entry, reply, remember = self._entry, pyfuse3.readdir_reply, self.fs.remember
         for name, inode, next_id in self.fs.readdir(fh, start_id):
-            if not pyfuse3.readdir_reply(token, name, self._entry(inode), next_id):
+            if not reply(token, name, entry(inode), next_id):
                 break
-            self.fs.remember(inode)
+            if name != b"." and name != b"..":  # the kernel takes no reference to these two
+                remember(inode)
 
     @fuse_errors
     async def releasedir(self, fh: int) -> None:

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from tests.helpers import run_safefs
+from tests.helpers import run_safefs, wait_until
 
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(120)]
 
@@ -78,3 +78,28 @@ def test_status_answers_and_cached_reads_work_while_the_project_hangs(mount_fact
     assert not reader.is_alive(), "a read of a hung project never returned"
     assert outcome["result"] == errno.EIO
     assert 2 <= outcome["seconds"] < 20  # it waited for the timeout, not for ever
+
+
+def test_removed_directories_are_forgotten_once_the_kernel_lets_go(mounted):
+    """Listing a directory hands the kernel "." and "..", which it takes no reference to; if
+    safefs counted them, removed directories would stay in memory for the life of the mount."""
+    top = mounted.mnt / "top"
+    top.mkdir()
+    for i in range(40):
+        (top / f"d{i}").mkdir()
+        (top / f"d{i}" / "f").write_bytes(b"x")
+    for d in os.listdir(top):
+        os.listdir(top / d)  # "." of d, ".." = top
+    assert mounted.sync().returncode == 0
+    for i in range(40):
+        os.unlink(top / f"d{i}" / "f")
+        os.rmdir(top / f"d{i}")
+    os.rmdir(top)
+    assert mounted.sync().returncode == 0
+
+    def forgotten() -> bool:
+        with open("/proc/sys/vm/drop_caches", "w") as f:  # the kernel sends FORGET for what it drops
+            f.write("2")
+        return mounted.status()["inodes"] <= 2  # the root and .safefs's place-holder at most
+
+    wait_until(forgotten, 10.0, interval=0.2, message="removed directories to be forgotten")
