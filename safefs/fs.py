@@ -774,6 +774,8 @@ class Filesystem:
                 raise FsError(errno.EISDIR)
             if not inode.is_reg:
                 raise FsError(errno.EINVAL)
+            if size:
+                await self._whole_before_diverging(inode)
             async with self.inode_locks(ino):
                 await self._truncate(inode, size)
         if mode is not None:
@@ -975,6 +977,18 @@ class Filesystem:
         if inode.is_reg and not inode.complete:
             await self.fetch(inode, 0, inode.size)
 
+    async def _whole_before_diverging(self, inode: Inode) -> None:
+        """Fetch the rest of a small file before a change through the mount.
+
+        Once our version differs from the project's, the project's may change too (someone
+        edits it on NFS). The conflict copy must then be our version, and bytes we never
+        fetched would have to come from theirs: after that edit the original is nowhere.
+        Files above `publish_threshold` are written back by ranges and stay lazily fetched;
+        a conflict copy of one may mix in their bytes where ours were never read.
+        """
+        if inode.is_reg and not inode.new and not inode.complete and inode.size <= self.config.publish_threshold:
+            await self.fill(inode)
+
     def _reserve(self, nbytes: int, *, sparse: bool = False) -> None:
         """Refuse a write with ENOSPC before it could fill the cache disk."""
         if sparse:
@@ -989,6 +1003,7 @@ class Filesystem:
         if handle is None:
             raise FsError(errno.EBADF)
         inode = self.table.get(handle.ino)
+        await self._whole_before_diverging(inode)
         if self.cache.free_space_stale():  # at most twice a second
             await self.in_cache(self.cache.refresh_free_space)
         if self.cache.free_bytes() < len(data):

@@ -132,6 +132,35 @@ def test_file_changed_in_src_while_dirty_keeps_both(
     assert user_tree(src) == sorted(["report.txt", copies[0].name])
 
 
+def test_a_file_patched_without_being_read_keeps_its_own_bytes_in_the_conflict_copy(
+    mount_factory: MountFactory, tmp_path: Path
+) -> None:
+    """A few bytes written into the middle of a file nobody read through the mount: when the
+    file changes on NFS meanwhile, the conflict copy must be the original with our patch, not
+    our patch over their bytes (the original exists nowhere else by then)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    original = bytes(range(256)) * 4096  # 1 MiB, more than one fetch block
+    (src / "image.raw").write_bytes(original)
+    m = mount_factory(src, None, None, *LONG_DELAY, host_id=HOST)
+
+    fd = os.open(m.mnt / "image.raw", os.O_WRONLY)  # no read, no O_TRUNC
+    try:
+        os.pwrite(fd, b"PATCH", 600_000)
+    finally:
+        os.close(fd)
+    theirs = b"rewritten on NFS by someone else\n" * 40_000
+    change_behind_back(src / "image.raw", theirs)
+
+    code, out = sync(m)
+    assert code == 0, out
+    assert (src / "image.raw").read_bytes() == theirs, "safefs overwrote the out-of-band version"
+    copies = conflict_copies(src, "image.raw")
+    assert len(copies) == 1, user_tree(src)
+    ours = original[:600_000] + b"PATCH" + original[600_005:]
+    assert copies[0].read_bytes() == ours, "the conflict copy mixes their bytes into ours"
+
+
 def test_two_conflicts_on_one_file_get_distinct_copies(
     mount_factory: MountFactory, tmp_path: Path
 ) -> None:
