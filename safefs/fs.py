@@ -892,6 +892,8 @@ class Filesystem:
         keep = not self.follower  # a follower's files change under it: no stale pages
         if inode.is_reg and inode.present and not inode.needs_flush and not inode.new:
             keep = not await self._revalidate(inode)
+        if self.follower and inode.is_reg and not inode.complete and inode.size <= self.config.publish_threshold:
+            await self._snapshot(inode)
         if flags & os.O_TRUNC and inode.is_reg:
             # libfuse negotiates atomic O_TRUNC: the kernel leaves the truncation to us.
             async with self.inode_locks(ino):
@@ -899,6 +901,25 @@ class Filesystem:
             await self.table.commit()
             self.on_change()
         return self._open_handle(inode, flags), keep
+
+    async def _snapshot(self, inode: Inode) -> None:
+        """A follower opening a file: fetch all of it now, from one version.
+
+        The writer publishes a file by renaming a whole new one over it (G5). Fetched lazily,
+        an open file could get some blocks from the old version and later ones from the new:
+        a torn file. Fetched whole at open, with the backing file's fingerprint the same before
+        and after, the open file is one version for as long as it stays open (a newer one gets
+        a new inode at the next refresh; this one lives on until released, as on a local disk).
+        Files above `publish_threshold` are written back in place, by ranges, and not fetched
+        whole here: nothing atomic is promised for them.
+        """
+        for _ in range(3):
+            await self._revalidate(inode)  # take the file as it is now
+            await self.fill(inode)
+            if not await self._revalidate(inode):
+                return  # unchanged while we fetched: one version
+        log.warning("fs: %r kept changing while fetched; serving the last fetch",
+                    self.table.backing_path(inode.ino))  # fmt: skip
 
     async def _revalidate(self, inode: Inode) -> bool:
         """Drop clean cached bytes of a file changed on the backing tree. True if dropped."""

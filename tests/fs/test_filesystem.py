@@ -384,6 +384,28 @@ async def test_an_absence_the_kernel_caches_is_taken_back_when_the_name_may_appe
     assert (d.ino, b"later") not in stack.invalidator.entries  # already taken back by mark_stale
 
 
+async def test_a_follower_keeps_reading_the_version_it_opened_while_the_writer_republishes(stack: Stack) -> None:
+    """G5: the writer publishes by renaming a whole new file over the old one. A reader on a
+    follower that opened the old one goes on reading the old one, never a mix of the two."""
+    stack.fs.follower = True
+    old = bytes(range(256)) * 2048  # 512 KiB: several fetch blocks
+    new = b"N" * len(old)
+    (stack.src / "data.bin").write_bytes(old)
+    fh = await stack.open("data.bin")
+    try:
+        assert await stack.fs.read(fh, 0, 4096) == old[:4096]
+        # The writer's publish: a new file renamed over the name, then a new generation.
+        (stack.src / "tmp").write_bytes(new)
+        os.rename(stack.src / "tmp", stack.src / "data.bin")
+        stack.fs.mark_stale()
+        assert await stack.listdir() == [b"data.bin"]  # the refresh sees the new file
+        rest = await stack.fs.read(fh, 4096, len(old))
+        assert rest == old[4096:], "the open file mixed in the new version"
+    finally:
+        await stack.fs.release(fh)
+    assert await stack.read("data.bin") == new  # a new open sees the new version
+
+
 async def test_dirty_file_is_not_dropped_at_open(stack: Stack) -> None:
     """Revalidation never throws away dirty bytes (the flusher resolves the conflict)."""
     (stack.src / "f").write_bytes(b"version one")
