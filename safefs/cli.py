@@ -37,6 +37,7 @@ from safefs.control import client
 from safefs.control.protocol import error_from_wire, error_to_wire
 from safefs.errors import (
     EXIT_CODE_MEANING,
+    BackingFailed,
     Busy,
     DaemonFailed,
     ExitCode,
@@ -447,14 +448,28 @@ def cmd_umount(args: argparse.Namespace) -> int:
     pid = int(call(mnt, "ping", timeout=ping_timeout)["pid"])
     # Watch the daemon from before the unmount, so a recycled pid can never be mistaken for it.
     with ProcessWatch(pid) as daemon:
-        with ProgressBar("writing back") as bar:
-            result = call(
-                mnt,
-                "prepare_unmount",
-                {"timeout": _remaining(deadline)},
-                timeout=_client_timeout(deadline),
-                on_progress=bar.update,
-            )
+        try:
+            with ProgressBar("writing back") as bar:
+                result = call(
+                    mnt,
+                    "prepare_unmount",
+                    {"timeout": _remaining(deadline)},
+                    timeout=_client_timeout(deadline),
+                    on_progress=bar.update,
+                )
+        except (SyncTimeout, BackingFailed) as exc:
+            # The sync's words ("run safefs sync again") would be wrong here.
+            if isinstance(exc, SyncTimeout):
+                within = "in time" if args.timeout is None else f"within {args.timeout:g} s"
+                why = f"the write-back did not finish {within}"
+            else:
+                why = f"the project failed ({exc.message})"
+            raise type(exc)(
+                f"{mnt} is still mounted: {why}; the dirty data stays safe in the cache",
+                hint=f"run `safefs umount {mnt}` again once the project answers; or unmount it "
+                f"anyway with `fusermount3 -u {mnt}`: the next mount on this host with the same "
+                "cache writes the data back",
+            ) from None
         fusermount_unmount(mnt, lazy=args.lazy)
         if not daemon.wait_exit(_remaining(deadline)):
             raise SyncTimeout(

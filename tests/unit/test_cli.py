@@ -28,7 +28,7 @@ import trio
 
 from safefs import cli, config
 from safefs.control.server import serve
-from safefs.errors import Busy, ExitCode, SafefsError, SyncTimeout
+from safefs.errors import BackingFailed, Busy, ExitCode, SafefsError, SyncTimeout
 from tests.helpers import REPO
 from tests.unit.test_control import FakeHandler, short_dir  # noqa: F401 (short_dir is a fixture)
 
@@ -488,6 +488,29 @@ def test_umount_times_out_if_the_daemon_does_not_exit(
     monkeypatch.setattr(cli, "ProcessWatch", type("StuckWatch", (FakeWatch,), {"exits": False}))
     assert cli.main(["umount", str(mnt), "--timeout", "2"]) == ExitCode.SYNC_TIMEOUT
     assert "is still running after 2 s" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "error, why",
+    [
+        (SyncTimeout("sync timed out; dirty data stays safe in the cache"), "the write-back did not finish within 2 s"),
+        (BackingFailed("EIO on a/b"), "the project failed (EIO on a/b)"),
+    ],
+)
+def test_umount_that_cannot_write_back_says_the_mount_stays_and_the_data_is_kept(
+    daemon: tuple[FakeHandler, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    error: SafefsError, why: str,
+) -> None:
+    handler, mnt = daemon
+    handler.fail_with = error
+    unmounted: list[Path] = []
+    monkeypatch.setattr(cli, "fusermount_unmount", lambda m, *, lazy: unmounted.append(m))
+    monkeypatch.setattr(cli, "ProcessWatch", FakeWatch)
+    assert cli.main(["umount", str(mnt), "--timeout", "2"]) == error.exit_code
+    assert unmounted == [], "unmounted although the write-back failed"
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == f"safefs: error: {mnt} is still mounted: {why}; the dirty data stays safe in the cache"
+    assert f"run `safefs umount {mnt}` again" in err[1] and "next mount on this host" in err[1]
 
 
 def test_a_busy_mount_is_a_busy_error_with_a_hint(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
