@@ -449,6 +449,11 @@ class Filesystem:
                         else (d.ino, name) in child.blinks  # put there by us (older caches)
                     )
                 )
+                if same_object and child.opens > 0 and child.is_reg:
+                    assert entry is not None
+                    # Changed in place while open: the open version stays whole with its
+                    # openers (see _split_open_version); the name gets a new inode below.
+                    same_object = same_content(child.origin, fingerprint_tuple(Fingerprint.of(entry.st)))
                 if same_object:
                     assert entry is not None
                     self._take_backing_state(child, entry)
@@ -921,6 +926,24 @@ class Filesystem:
         log.warning("fs: %r kept changing while fetched; serving the last fetch",
                     self.table.backing_path(inode.ino))  # fmt: skip
 
+    def _split_open_version(self, inode: Inode) -> None:
+        """The backing file changed while `inode` is open: the open version stays with those
+        who have it open, as after a rename over it on a local disk, and its names go to the
+        new file, which a lookup (of the refreshed directory) gives a new inode.
+
+        Dropping the cached bytes instead would let an open reader continue in the new
+        version: a torn file. A follower fetched the whole file at open (`_snapshot`); bytes
+        this version never fetched now fail with EIO rather than come from the new one.
+        """
+        log.info("fs: %r changed on the backing tree while open; its names move to the new file",
+                 self.table.backing_path(inode.ino))  # fmt: skip
+        for parent, name in list(inode.links):
+            parent_inode = self.table.inodes.get(parent)
+            if parent_inode is not None:
+                parent_inode.stale = True
+            self._forget_name(parent, name, inode)
+        inode.blinks.clear()  # it is nowhere on the backing tree any more
+
     async def _revalidate(self, inode: Inode) -> bool:
         """Drop clean cached bytes of a file changed on the backing tree. True if dropped."""
         path = self.table.backing_path(inode.ino)
@@ -944,6 +967,9 @@ class Filesystem:
         async with self.inode_locks(inode.ino):
             if inode.needs_flush:
                 return False
+            if inode.opens > 0:
+                self._split_open_version(inode)
+                raise FsError(errno.ESTALE, "replaced on the project")  # the kernel looks again
             log.info("fs: %r changed on the backing tree; dropping its cached bytes", path)
             self._cached_bytes_estimate -= ranges.total(inode.present)
             await self.in_cache(self.cache.delete, inode.ino)

@@ -406,6 +406,28 @@ async def test_a_follower_keeps_reading_the_version_it_opened_while_the_writer_r
     assert await stack.read("data.bin") == new  # a new open sees the new version
 
 
+async def test_an_open_through_a_stale_kernel_entry_leaves_the_open_version_alone(stack: Stack) -> None:
+    """The kernel may still map the name to the old inode (its entry timeout has not run
+    out) when the next process opens it after a publish: that open must not take the old
+    version away from a reader who has it open. It fails with ESTALE (the kernel then looks
+    the name up again) and the name leads to the new version."""
+    stack.fs.follower = True
+    old = bytes(range(256)) * 2048
+    new = b"N" * len(old)
+    (stack.src / "data.bin").write_bytes(old)
+    inode = await stack.resolve("data.bin")
+    reader = await stack.open("data.bin")
+    try:
+        (stack.src / "tmp").write_bytes(new)
+        os.rename(stack.src / "tmp", stack.src / "data.bin")
+        assert await fails_with(stack.fs.open(inode.ino, os.O_RDONLY)) == errno.ESTALE
+        assert await stack.read("data.bin") == new
+        assert (await stack.resolve("data.bin")).ino != inode.ino
+        assert await stack.read_fh(reader) == old, "the open version changed under its reader"
+    finally:
+        await stack.fs.release(reader)
+
+
 async def test_dirty_file_is_not_dropped_at_open(stack: Stack) -> None:
     """Revalidation never throws away dirty bytes (the flusher resolves the conflict)."""
     (stack.src / "f").write_bytes(b"version one")

@@ -264,3 +264,58 @@ def test_a_returning_writer_does_not_resurrect_names_removed_in_between(cluster,
     assert not resurrected, f"names B removed are still served by A after it acquired: {resurrected}"
     assert a.listdir() == ["new-name"]
     assert a.read("new-name") == b"B renames this\n"
+
+
+READER_SCRIPT = r"""
+import hashlib, sys
+with open(sys.argv[1], "rb") as f:
+    first = f.read(4096)
+    print("opened", flush=True)
+    sys.stdin.readline()  # the test says when the writer's next version is visible
+    rest = f.read()
+print(hashlib.sha256(first + rest).hexdigest(), len(first + rest), flush=True)
+"""
+
+
+def test_a_reader_on_a_follower_keeps_the_version_it_opened(cluster):
+    """G5: the writer publishes a new version while a process on a follower has the old one
+    open and half read. That process reads the old version to its end, whole; a new open
+    sees the new version. Never a mix of the two."""
+    import hashlib
+    import subprocess
+    import sys
+
+    a = cluster.start("hostA")
+    a.wait_writable()
+    b = cluster.start("hostB")
+    old = bytes(range(256)) * 4096  # 1 MiB: many fetch blocks, below the atomic-publish limit
+    new = bytes(reversed(range(256))) * 4096
+    versions = cluster.src.parent / "versions"
+    versions.mkdir()
+    (versions / "old").write_bytes(old)
+    (versions / "new").write_bytes(new)
+    a.call("copy", versions / "old", a.path("stack"))
+    a.sync_ok()
+    wait_for_view(b, {"stack": old}, TIMINGS.follower_poll + SEEN_MARGIN)
+
+    reader = subprocess.Popen(
+        b._enter() + [sys.executable, "-I", "-c", READER_SCRIPT, str(b.path("stack"))],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=b.env,
+    )  # fmt: skip
+    try:
+        assert reader.stdout.readline().strip() == "opened", reader.stderr.read()
+        a.call("copy", versions / "new", a.path("stack"))
+        a.sync_ok()
+        wait_for_view(b, {"stack": new}, TIMINGS.follower_poll + SEEN_MARGIN)  # B saw the publish
+        out, err = reader.communicate("go\n", timeout=30)
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    digest, size = out.split()
+    assert int(size) == len(old), f"the open file changed size under the reader: {out} {err}"
+    assert digest == hashlib.sha256(old).hexdigest(), (
+        "the reader got a mix of versions" if digest != hashlib.sha256(new).hexdigest()
+        else "the reader's open file switched to the new version"
+    )
+    assert b.read("stack") == new
