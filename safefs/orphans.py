@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from safefs.config import CONTROL_DIR_NAME
-from safefs.lease.store import DIR_MODE, FILE_MODE
+from safefs.lease.store import FILE_MODE, control_dir_fd
 
 DIR_NAME = "orphans"
 SUFFIX = ".json"
@@ -60,7 +60,6 @@ MAX_TEXT = 4096  # longest string kept from a record
 RECORD_VERSION = 1
 
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,200}")
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _CREATE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -236,33 +235,7 @@ class OrphanStore:
 
     def _dir_fd(self, *, create: bool = False) -> int:
         """An fd of `<project>/.safefs/orphans`, never through a symlink (created if asked)."""
-        fd = os.open(self.project, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for part in (os.fsdecode(CONTROL_DIR_NAME), DIR_NAME):
-                if create:
-                    self._ensure_dir_at(fd, part)
-                child = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = child
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
-
-    def _ensure_dir_at(self, dir_fd: int, name: str) -> None:
-        try:
-            os.mkdir(name, DIR_MODE, dir_fd=dir_fd)
-        except FileExistsError:
-            return
-        try:
-            shared = os.stat(self.project).st_mode & (stat.S_ISGID | stat.S_IWGRP)
-        except OSError:
-            shared = 0
-        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
-        try:
-            os.fchmod(fd, DIR_MODE | shared)
-        finally:
-            os.close(fd)
+        return control_dir_fd(self.project, DIR_NAME, create=create)
 
     @staticmethod
     def _remove_stale_temps(dir_fd: int, name: str) -> None:

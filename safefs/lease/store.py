@@ -157,19 +157,7 @@ class DirLeaseStore:
         return f"DirLeaseStore({str(self.lease_dir)!r})"
 
     def _dir_fd(self, *parts: str, create: bool = False) -> int:
-        """An fd of `<project>/.safefs/<parts...>`, never through a symlink."""
-        fd = os.open(self.project, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for part in (os.fsdecode(CONTROL_DIR_NAME), *parts):
-                if create:
-                    self._ensure_dir_at(fd, part)
-                child = os.open(part, _NOFOLLOW_DIR, dir_fd=fd)
-                os.close(fd)
-                fd = child
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return control_dir_fd(self.project, *parts, create=create)
 
     def observe(self) -> Observation:
         try:
@@ -286,18 +274,35 @@ class DirLeaseStore:
     def pid_alive(self, pid: int) -> bool:
         return process_alive(pid)
 
-    # -- helpers ------------------------------------------------------------------------------
 
-    def _ensure_dir_at(self, dir_fd: int, name: str) -> None:
-        try:
-            os.mkdir(name, DIR_MODE, dir_fd=dir_fd)
-        except FileExistsError:
-            return
-        try:
-            shared = os.stat(self.project).st_mode & (stat.S_ISGID | stat.S_IWGRP)
-        except OSError:
-            shared = 0
-        _chmod_dir_at(dir_fd, name, DIR_MODE | shared)
+def control_dir_fd(project: Path, *parts: str, create: bool = False) -> int:
+    """An fd of `<project>/.safefs/<parts...>`, opened one name at a time, never through a
+    symlink. With `create`, missing directories are made 0755 plus the project root's
+    group-write and setgid bits (a group-shared project stays usable by the group)."""
+    fd = os.open(project, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in (os.fsdecode(CONTROL_DIR_NAME), *parts):
+            if create:
+                _ensure_dir_at(project, fd, part)
+            child = os.open(part, _NOFOLLOW_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _ensure_dir_at(project: Path, dir_fd: int, name: str) -> None:
+    try:
+        os.mkdir(name, DIR_MODE, dir_fd=dir_fd)
+    except FileExistsError:
+        return
+    try:
+        shared = os.stat(project).st_mode & (stat.S_ISGID | stat.S_IWGRP)
+    except OSError:
+        shared = 0
+    _chmod_dir_at(dir_fd, name, DIR_MODE | shared)
 
 
 def _chmod_dir_at(dir_fd: int, name: str, mode: int) -> None:
