@@ -51,7 +51,7 @@ from safefs.errors import DaemonFailed, ExitCode, LeaseHeldElsewhere, LeaseLost,
 from safefs.flusher import Flusher
 from safefs.fs import Filesystem, Limiters
 from safefs.fuse_ops import CachePolicy, KernelNotifier, SafeOperations, Session
-from safefs.inodes import InodeTable
+from safefs.inodes import ROOT_INO, InodeTable
 from safefs.journal import Journal
 from safefs.lease.keeper import LeaseKeeper
 from safefs.lease.store import DirLeaseStore, local_identity
@@ -595,7 +595,8 @@ class Daemon:
 
     def _unwritten_counts(self) -> tuple[int, int, int]:
         """(pending ops, dirty files, dirty bytes) this cache holds that the project does not have."""
-        dirty = [i for i in self.fs.table.iter_dirty() if i.links]
+        # The same count as the flusher's status: the root has no name, its attributes count.
+        dirty = [i for i in self.fs.table.iter_dirty() if i.links or i.ino == ROOT_INO]
         return len(self.fs.table.ops), len(dirty), sum(ranges.total(i.dirty) for i in dirty)
 
     def _refuse_if_orphaned(self) -> None:
