@@ -1033,7 +1033,8 @@ class Filesystem:
         Files above `publish_threshold` are written back by ranges and stay lazily fetched;
         a conflict copy of one may mix in their bytes where ours were never read.
         """
-        if inode.is_reg and not inode.new and not inode.complete and inode.size <= self.config.publish_threshold:
+        # Cheap tests first: this runs on every write.
+        if inode.is_reg and not inode.new and inode.size <= self.config.publish_threshold and not inode.complete:
             await self.fill(inode)
 
     def _reserve(self, nbytes: int, *, sparse: bool = False) -> None:
