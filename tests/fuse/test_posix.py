@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fuse.test_security import open_root  # noqa: F401 (a fixture)
+
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(120)]
 
 MIB = 1 << 20
@@ -832,3 +834,57 @@ def test_mkfifo(mounted):
     os.close(r)
     mounted.umount()
     assert stat.S_ISFIFO(os.lstat(mounted.src / "pipe").st_mode)
+
+
+# --------------------------------------------------------------------------- the local disk as oracle
+
+PROBE = Path(__file__).with_name("posix_probe.py")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the probe chowns and acts as nobody")
+def test_posix_probe_gives_the_same_answers_as_the_local_disk(open_root, mount_factory):
+    """About 65 operations (which times each one updates, modes and umask, setgid directories,
+    sticky and suid rules, fifo/device/socket nodes, errnos of bad renames and removals, xattr
+    flags, permission checks as nobody) answer on the mount exactly as on the local disk; and
+    after unmount the project holds the same tree (modes, owners, xattrs, bytes) as the disk."""
+    from tests.fuse.test_security import make_layout
+
+    src, mnt, cache = make_layout(open_root)
+    local = open_root / "local"
+    local.mkdir()
+    m = mount_factory(src, mnt, cache, "--allow-other")
+    (m.mnt / "t").mkdir()
+    os.chmod(m.mnt / "t", 0o755)
+    local.chmod(0o755)
+
+    def probe(where: Path) -> list[str]:
+        done = subprocess.run([sys.executable, str(PROBE), str(where)], capture_output=True, text=True, timeout=90)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.splitlines()
+
+    expected, got = probe(local), probe(m.mnt / "t")
+    assert len(expected) > 60
+    differ = [f"disk: {a}\n  mount: {b}" for a, b in zip(expected, got) if a != b]
+    assert not differ and len(got) == len(expected), "\n".join(differ)
+    m.umount()
+    assert tree_facts(src / "t") == tree_facts(local)
+
+
+def tree_facts(root: Path) -> dict[str, tuple[object, ...]]:
+    """Everything but timestamps: the two trees were made at different times."""
+    facts = {}
+    for dirpath, dirs, names in os.walk(root):
+        for name in dirs + names:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            xattrs = sorted((k, os.getxattr(path, k, follow_symlinks=False)) for k in os.listxattr(path, follow_symlinks=False))
+            if stat.S_ISREG(st.st_mode):
+                content: object = Path(path).read_bytes()
+            elif stat.S_ISLNK(st.st_mode):
+                content = os.readlink(path)
+            else:
+                content = None
+            facts[os.path.relpath(path, root)] = (
+                oct(st.st_mode), st.st_uid, st.st_gid, st.st_nlink, st.st_size, st.st_rdev, xattrs, content
+            )
+    return facts
