@@ -38,7 +38,6 @@ class ThreadLane:
         self.name = name
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self.calls = 0
 
     def __repr__(self) -> str:
         return f"ThreadLane({self.name!r})"
@@ -48,7 +47,6 @@ class ThreadLane:
         if self._thread is None:
             self._thread = threading.Thread(target=self._serve, name=f"safefs-{self.name}", daemon=True)
             self._thread.start()
-        self.calls += 1
         task = trio.lowlevel.current_task()
         self._jobs.put((fn, args, task, trio.lowlevel.current_trio_token()))
         return await trio.lowlevel.wait_task_rescheduled(_cannot_abort)  # type: ignore[no-any-return]
