@@ -17,6 +17,7 @@ Single-threaded; blocking calls are fine here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -31,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable, Sequence, TextIO
 
-from safefs import __version__, checks
+from safefs import __version__, checks, options, settings
 from safefs.config import LeaseTimings, MountConfig, default_cache_dir, runtime_dir, socket_path
 from safefs.control import client
 from safefs.control.protocol import error_from_wire, error_to_wire
@@ -58,6 +59,11 @@ LOG_TAIL_LINES = 20
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    try:
+        argv = options.translate(sys.argv[1:] if argv is None else argv, COMMANDS, _subparser(parser, "mount"))
+    except options.OptionError as exc:
+        print(f"safefs: error: {exc}", file=sys.stderr)
+        return int(ExitCode.USAGE)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version and usage errors (code 2, ExitCode.USAGE)
@@ -105,6 +111,15 @@ def parse_seconds(text: str) -> float:
     return value
 
 
+COMMANDS = ("mount", "umount", "sync", "status", "acquire", "recover", "config", "history")
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+    sub: argparse.ArgumentParser = commands.choices[name]
+    return sub
+
+
 def build_parser() -> argparse.ArgumentParser:
     codes = "\n".join(f"  {int(code)}  {meaning}" for code, meaning in EXIT_CODE_MEANING.items())
     parser = argparse.ArgumentParser(
@@ -116,7 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"safefs {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
 
-    mount = commands.add_parser("mount", help="mount a project", description="Mount the project SRC at MNT.")
+    mount = commands.add_parser(
+        "mount",
+        help="mount a project",
+        description="Mount the project SRC at MNT. Defaults come from /etc/safefs/config.toml and "
+        "~/.config/safefs/config.toml ([mount] table; `safefs config` shows them); options given "
+        "here win. mount(8) form: `safefs SRC MNT -o cache_dir=DIR,writeback_delay=5,allow_other`: "
+        "every long option has an -o spelling with underscores; `ro` mounts as a follower; "
+        "defaults, rw, _netdev, nofail, noauto, user and x-* are ignored (fstab type: fuse.safefs).",
+    )
     mount.set_defaults(command=cmd_mount)
     mount.add_argument("src", metavar="SRC", help="the project directory (on NFS)")
     mount.add_argument("mnt", metavar="MNT", help="an empty directory to mount it on")
@@ -141,6 +164,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--host-id", metavar="NAME", help="human-readable host name in the lease (default: hostname)"
     )
     mount.add_argument("--debug", action="store_true", help="log debug messages")
+    mount.add_argument(
+        "--cache-root",
+        metavar="DIR",
+        help="make the cache dir under this (DIR/NAME-KEY), e.g. node-local scratch",
+    )
+    mount.add_argument(
+        "--follower", action="store_true", help="never take the write lease by itself (-o ro)"
+    )
+    mount.add_argument(
+        "--log-file", metavar="FILE", help="log here, rotated (default: daemon.log in the cache dir)"
+    )
+    mount.add_argument(
+        "--log-level", choices=settings.LOG_LEVELS, help="least severe messages logged (default info)"
+    )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     advanced = mount.add_argument_group("advanced options (mostly for tests)")
     advanced.add_argument("--lease-renew", type=parse_seconds, metavar="S", help="heartbeat interval")
@@ -217,6 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     recover.set_defaults(command=cmd_recover)
     recover.add_argument("mnt", nargs="?", metavar="MNT", help="the mount; without it, list mounts that hold such changes")
     recover.add_argument("--timeout", type=parse_seconds, metavar="S")
+
+    config = commands.add_parser(
+        "config",
+        help="show the settings `safefs mount` would use, and where each comes from",
+        description="Show the effective defaults of `safefs mount` and where each comes from: "
+        "/etc/safefs/config.toml, then $XDG_CONFIG_HOME/safefs/config.toml (~/.config if unset), "
+        "[mount] table, keys named like the long options with underscores; the command line wins.",
+    )
+    config.set_defaults(command=cmd_config)
+    config.add_argument("--json", action="store_true", help="print JSON")
     return parser
 
 
@@ -225,9 +272,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def mount_config(args: argparse.Namespace) -> MountConfig:
     """The resolved MountConfig for `safefs mount` arguments; defaults come from MountConfig itself."""
+    settings.fill(args, settings.load(os.environ))
     src = Path(os.path.realpath(args.src))
     mnt = checks.resolve_mountpoint(args.mnt)
-    cache_dir = Path(os.path.realpath(args.cache_dir or default_cache_dir(src, os.environ)))
+    cache_dir = default_cache_dir(src, os.environ)
+    if args.cache_root:
+        cache_dir = Path(args.cache_root) / cache_dir.name
+    cache_dir = Path(os.path.realpath(args.cache_dir or cache_dir))
     lease_options = {
         "renew": args.lease_renew,
         "t_break": args.lease_break,
@@ -248,6 +299,9 @@ def mount_config(args: argparse.Namespace) -> MountConfig:
         cache_dir=cache_dir,
         allow_other=args.allow_other,
         wait_for_lease=args.wait_lease,
+        follower=args.follower,
+        log_level=args.log_level or "info",
+        log_file=Path(os.path.realpath(args.log_file)) if args.log_file else None,
         lease=LeaseTimings(**{k: v for k, v in lease_options.items() if v is not None}),
         **{k: v for k, v in options.items() if v is not None},
     )
@@ -267,6 +321,58 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from safefs import daemon  # only here: the daemon imports trio, pyfuse3 and lmdb
 
     return int(daemon.run(config, ready_fd=args.ready_fd, debug=args.debug))
+
+
+def setting_defaults() -> dict[str, Any]:
+    """What `safefs mount` uses for each config-file key that no file and no option sets."""
+    mount, lease = MountConfig(src=Path("/"), mnt=Path("/"), cache_dir=Path("/")), LeaseTimings()
+    return {
+        "cache_root": os.fspath(default_cache_dir(Path("/x"), os.environ).parent),
+        "cache_dir": "NAME-KEY under cache_root",
+        "writeback_delay": mount.writeback_delay,
+        "cache_size": mount.cache_size,
+        "allow_other": mount.allow_other,
+        "host_id": "this host's name",
+        "lease_renew": lease.renew,
+        "lease_break": lease.t_break,
+        "lease_epsilon": lease.epsilon,
+        "lock_delay": lease.lock_delay,
+        "lease_poll": lease.poll,
+        "follower_poll": mount.follower_poll,
+        "backing_timeout": mount.backing_timeout,
+        "log_level": mount.log_level,
+        "log_file": "daemon.log in the cache dir",
+    }
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    files = settings.config_files(os.environ)
+    loaded = settings.load(os.environ)
+    defaults = setting_defaults()
+    rows = {}
+    for key in settings.KEYS:
+        if key in loaded:
+            rows[key] = {"value": loaded[key].value, "source": loaded[key].source}
+        else:
+            rows[key] = {"value": defaults.get(key), "source": "default"}
+    if args.json:
+        listing = [{"path": os.fspath(f), "exists": f.exists()} for f in files]
+        print(json.dumps({"files": listing, "settings": rows}, indent=2))
+        return int(ExitCode.OK)
+    print("safefs: settings of `safefs mount` (options given to it win); files read, in order:")
+    for file in files:
+        print(f"  {file}" + ("" if file.exists() else " (none)"))
+    width = max(map(len, rows))
+    for key, row in rows.items():
+        value = row["value"]
+        if key == "cache_size" and isinstance(value, int):
+            value = human_bytes(value)
+        elif isinstance(value, bool):
+            value = "yes" if value else "no"
+        elif isinstance(value, float):
+            value = f"{value:g} s"
+        print(f"{key:<{width}}  {value}  ({row['source']})")
+    return int(ExitCode.OK)
 
 
 def daemon_argv(config: MountConfig, *, ready_fd: int, debug: bool) -> list[str]:
@@ -292,6 +398,11 @@ def daemon_argv(config: MountConfig, *, ready_fd: int, debug: bool) -> list[str]
         argv += ["--host-id", config.host_id]
     if config.wait_for_lease:
         argv.append("--wait-lease")
+    if config.follower:
+        argv.append("--follower")
+    argv += ["--log-level", config.log_level]
+    if config.log_file is not None:
+        argv += ["--log-file", os.fspath(config.log_file)]
     if debug:
         argv.append("--debug")
     return argv
@@ -305,7 +416,14 @@ def spawn_daemon(config: MountConfig, *, debug: bool) -> int:
         raise Refused(
             f"cannot create cache dir {config.cache_dir}: {exc.strerror}", hint="give another --cache-dir"
         ) from None
-    log_path = config.cache_dir / "daemon.log"
+    if config.log_file is None:
+        config = dataclasses.replace(config, log_file=config.cache_dir / "daemon.log")
+    assert config.log_file is not None
+    log_path = config.log_file
+    try:
+        log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise Refused(f"cannot create the log's directory {log_path.parent}: {exc.strerror}") from None
     read_fd, write_fd = os.pipe()
     try:
         try:

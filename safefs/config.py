@@ -52,6 +52,9 @@ class MountConfig:
     lease: LeaseTimings = dataclasses.field(default_factory=LeaseTimings)
     backing_timeout: float = 60.0  # reads of uncached data fail with EIO after this long
     wait_for_lease: bool = False
+    follower: bool = False  # never take the write lease by itself (`-o ro`); `safefs acquire` still can
+    log_level: str = "info"  # debug, info, warning or error
+    log_file: Path | None = None  # rotated; None: stderr (the journal under systemd)
 
 
 def project_key(src: Path) -> str:

@@ -35,13 +35,12 @@ import logging
 import os
 import signal
 import socket
-import sys
 from pathlib import Path
 from typing import Any
 
 import trio
 
-from safefs import checks, generation, orphans, ranges
+from safefs import __version__, checks, generation, logs, orphans, ranges
 from safefs.backing import Backing, FaultPlan
 from safefs.cache import ContentCache
 from safefs.clock import SystemClock
@@ -77,14 +76,6 @@ def _boot_id() -> str:
         return "unknown"
 
 
-def _setup_logging(debug: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-
-
 class _Ready:
     """The one-line message that tells `safefs mount` how start-up went."""
 
@@ -111,7 +102,8 @@ class _Ready:
 
 def run(config: MountConfig, *, ready_fd: int | None = None, debug: bool = False) -> int:
     """Serve one mount until it is unmounted; return an ExitCode."""
-    _setup_logging(debug)
+    where = logs.setup("debug" if debug else config.log_level, config.log_file)
+    log.info("daemon: safefs %s pid %d logging to %s", __version__, os.getpid(), where)
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     ready = _Ready(ready_fd)
@@ -174,6 +166,7 @@ class Daemon:
         self.identity = identity = local_identity(config.host_id)
         self.keeper = keeper = LeaseKeeper(
             DirLeaseStore(config.src), self.clock, config.lease, identity, trio.CapacityLimiter(2),
+            want_write=not config.follower,
         )  # fmt: skip
         self.orphan_name = orphans.record_name(identity.host, identity.machine_id, str(config.cache_dir))
         # One marker change at a time, even after a thread stuck in NFS was abandoned (it keeps
@@ -538,6 +531,7 @@ class Daemon:
             "internal_errors": self.ops.bugs,
             "writeback_delay": config.writeback_delay,
             "lease": lease,
+            "warnings": logs.recent(),
             **await self._orphan_listing(),
         }
 

@@ -29,6 +29,11 @@ from tests.helpers import (
     sweep_stale_mounts,
 )
 
+# A developer's own /etc/safefs/config.toml or ~/.config/safefs/config.toml must never change
+# what a test sees: every safefs the tests run (inheriting this environment) reads none.
+os.environ["SAFEFS_SITE_CONFIG"] = "/nonexistent/safefs-tests/site-config.toml"
+os.environ["SAFEFS_CONFIG"] = "/nonexistent/safefs-tests/user-config.toml"
+
 MOUNT_FIXTURES = {"mount_factory", "mounted"}
 FUSE_DIRS = {"fuse", "multihost"}  # tests/<dir>/ whose every test needs a real mount
 FACTORY_KEY = pytest.StashKey[MountFactory]()
