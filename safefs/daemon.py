@@ -40,7 +40,7 @@ from typing import Any
 
 import trio
 
-from safefs import __version__, checks, generation, logs, orphans, ranges
+from safefs import __version__, checks, generation, logs, orphans, ranges, sdnotify
 from safefs.backing import Backing, FaultPlan
 from safefs.cache import ContentCache
 from safefs.clock import SystemClock
@@ -66,6 +66,7 @@ ORPHAN_IO_TIMEOUT = 10.0  # one marker publish or removal on the project; abando
 ORPHAN_RETRY_MAX = 30.0  # the longest wait between two failed marker updates
 ORPHAN_READ_TIMEOUT = 3.0  # `status` waits this long for the list of markers (the CLI waits 10 s)
 ORPHAN_EXIT_TIMEOUT = 5.0  # the last marker update at exit, and the one after `recover`
+SYSTEMD_STATUS_INTERVAL = 2.0  # how often STATUS= is refreshed under systemd (when it changed)
 MARKER_UNKNOWN = ("unknown",)  # Daemon._marker before we looked: a marker of ours may exist
 
 
@@ -153,6 +154,7 @@ class Daemon:
         self._orphan_reason: str | None = None
         self._held_epoch: int | None = None  # the last epoch this process held the lease in
         self._exit_detail: str | None = None  # why the final write-back left changes behind
+        self.systemd = sdnotify.Notifier()  # a no-op unless started by systemd with Type=notify
 
     async def serve(self) -> int:
         config = self.config
@@ -220,6 +222,9 @@ class Daemon:
                 log.info("daemon: serving %s at %s as %s (cache %s)", config.src, config.mnt, self.role, config.cache_dir)
                 self.ready.send({"ok": True, "pid": os.getpid(), "role": self.role,
                                  "holder": self.keeper.statistics()["holder"]})  # fmt: skip
+                self.systemd.send(READY=1, STATUS=self._systemd_status())
+                if self.systemd.enabled:
+                    nursery.start_soon(self._report_to_systemd)
                 await session.serve()
                 self.notifier.enabled = False
                 nursery.cancel_scope.cancel()
@@ -228,6 +233,8 @@ class Daemon:
             # After a kernel unmount the session is over; after a signal or an error we
             # must take the mount down ourselves so nobody hangs on a dead mountpoint.
             session.close(unmount=self.terminated or not clean_exit)
+            files, nbytes = self._unwritten()
+            self.systemd.send(STOPPING=1, STATUS=f"unmounted; writing back {files} changes, {nbytes / (1 << 20):.1f} MiB")
             with trio.CancelScope(shield=True):
                 code = await self._final_flush_until_signalled()
         return code
@@ -495,6 +502,16 @@ class Daemon:
                 log.info("daemon: %s received; writing back and unmounting", signal.Signals(signum).name)
                 self.terminated = True
                 self.session.terminate()
+
+    def _systemd_status(self) -> str:
+        files, nbytes = self._unwritten()
+        dirty = f"unwritten: {files} changes, {nbytes / (1 << 20):.1f} MiB" if files else "nothing unwritten"
+        return f"{self.keeper.role} of {self.config.src} at {self.config.mnt}, epoch {self.keeper.epoch}; {dirty}"
+
+    async def _report_to_systemd(self) -> None:
+        while True:
+            await trio.sleep(SYSTEMD_STATUS_INTERVAL)
+            self.systemd.status(self._systemd_status())
 
     async def _sync_journal_periodically(self) -> None:
         """Bound what a host crash can take: committed changes reach the disk within a second."""
