@@ -922,7 +922,7 @@ _SHOWN_KEYS = frozenset(
     {
         "mnt", "src", "cache_dir", "pid", "role", "lease", "dirty_bytes", "dirty_files", "oldest_dirty_age",
         "pending_ops", "bytes_fetched", "bytes_written", "cache_bytes", "cache_limit", "errors", "conflicts",
-        "orphans", "orphans_error", "orphans_skipped",
+        "orphans", "orphans_error", "orphans_skipped", "warnings",
     }
 )  # fmt: skip
 
@@ -976,6 +976,9 @@ def format_status(status: dict[str, Any]) -> str:
         if isinstance(items, list):
             row(key, len(items) if items else "none")
             details += [f"  {key[:-1]}: {_describe_item(item)}" for item in items]
+    if isinstance(status.get("warnings"), list):  # recent WARNING/ERROR log messages (safefs.logs)
+        row("warnings", len(status["warnings"]) if status["warnings"] else "none")
+        details += [f"  {_describe_warning(item)}" for item in status["warnings"] if isinstance(item, dict)]
     if isinstance(status.get("orphans"), list):
         row("orphans", len(status["orphans"]) if status["orphans"] else "none")
         details += [f"  {describe_orphan(item, status)}" for item in _orphan_records(status)]
@@ -1023,6 +1026,12 @@ def describe_orphan(orphan: dict[str, Any], status: dict[str, Any] | None = None
     if status is not None and _is_own_orphan(orphan, status) and status.get("mnt"):
         return text + f"; run `safefs recover {status['mnt']}` on this host"
     return text + f"; run `safefs recover` on {host}"
+
+
+def _describe_warning(item: dict[str, Any]) -> str:
+    repeats = f" ({item['count']} times, last at {_when(item.get('time'))})" if _number(item.get("count")) and item["count"] > 1 else ""
+    when = "" if repeats else f" at {_when(item.get('time'))}"
+    return f"{item.get('level', 'warning')}: {item.get('message')}{when}{repeats}"
 
 
 def _describe_item(item: Any) -> str:

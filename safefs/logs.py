@@ -42,6 +42,11 @@ class _RotatingFile(logging.handlers.RotatingFileHandler):
         super().__init__(path, maxBytes=ROTATE_BYTES, backupCount=ROTATE_KEEP, encoding="utf-8")
         self.owns_stderr = owns_stderr
 
+    def _open(self) -> Any:
+        # 0600 also for the files rotation creates: the log names files of the project.
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return open(fd, "a", encoding=self.encoding, errors=self.errors)
+
     def doRollover(self) -> None:  # noqa: N802 (logging's name)
         super().doRollover()
         if self.owns_stderr and self.stream is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_safefs
+from tests.helpers import MountFactory, run_safefs
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -175,3 +175,18 @@ def test_status_after_the_daemon_was_killed_exits_4(mount_factory):
     result = run_safefs("status", str(m.mnt), "--json")
     assert result.returncode == NOT_MOUNTED, f"exited {result.returncode}: {result.stderr}"
     assert len(error_lines(result.stderr)) == 1, result.stderr
+
+
+def test_log_file_and_level_options_and_warnings_in_status(mount_factory: MountFactory, tmp_path: Path) -> None:
+    """Issue 11 item 6: --log-file/--log-level are honoured, and a WARNING shows in `status`."""
+    log_file = tmp_path / "logs" / "safefs.log"
+    log_file.parent.mkdir()
+    mount = mount_factory(None, None, None, "--log-file", log_file, "--log-level", "warning",
+                          env={"SAFEFS_FAULTS": "[]"})  # fmt: skip
+    text = log_file.read_text()
+    assert "WARNING safefs.daemon: daemon: fault injection on: []" in text
+    assert " INFO " not in text  # below --log-level
+    status = mount.status()
+    assert any(w["message"] == "daemon: fault injection on: []" and w["level"] == "warning" for w in status["warnings"])
+    done = mount.cli("status", mount.mnt)
+    assert "warnings:" in done.stdout and "warning: daemon: fault injection on: []" in done.stdout, done.stdout
