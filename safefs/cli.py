@@ -32,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable, Sequence, TextIO
 
-from safefs import __version__, checks, options, settings
+from safefs import __version__, checks, history, options, settings
 from safefs.config import LeaseTimings, MountConfig, default_cache_dir, runtime_dir, socket_path
 from safefs.control import client
 from safefs.control.protocol import error_from_wire, error_to_wire
@@ -264,6 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.set_defaults(command=cmd_config)
     config.add_argument("--json", action="store_true", help="print JSON")
+
+    history_cmd = commands.add_parser(
+        "history",
+        help="who held the write lease of a project, from where, and when it changed hands",
+        description="Print the project's lease history (acquire, release, takeover, self-fence, "
+        "recover, conflicts) from every host, oldest first. Read from PROJECT/.safefs/history/, "
+        "so it works without a mount, from any host that can read the project.",
+    )
+    history_cmd.set_defaults(command=cmd_history)
+    history_cmd.add_argument("path", metavar="MNT|SRC", help="a safefs mount, or the project directory")
+    history_cmd.add_argument("--json", action="store_true", help="print JSON lines, one record each")
     return parser
 
 
@@ -701,6 +712,41 @@ def cmd_recover(args: argparse.Namespace) -> int:
     for conflict in result.get("conflicts", []):
         kept = conflict.get("kept_as")
         print(f"  conflict: {conflict.get('path') or conflict.get('op')}" + (f" kept as {kept}" if kept else ""))
+    return int(ExitCode.OK)
+
+
+def project_of(path: str) -> Path:
+    """The project directory for `path`: a safefs mount's SRC (asked from its daemon), else `path`."""
+    resolved = Path(os.path.realpath(path))
+    fstype = checks.mount_type_at(resolved)
+    if fstype is not None and fstype.startswith("fuse"):
+        status = call(resolved, "status", timeout=STATUS_TIMEOUT)
+        return Path(str(status["src"]))
+    if not resolved.is_dir():
+        raise NotMounted(f"{resolved} is neither a safefs mount nor a project directory")
+    return resolved
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    project = project_of(args.path)
+    try:
+        found = history.read(project)
+    except OSError as exc:
+        raise BackingFailed(f"cannot read the history of {project}: {exc.strerror or exc}") from None
+    if args.json:
+        for record in found.records:
+            print(json.dumps(record, sort_keys=True))
+        return int(ExitCode.OK)
+    if not found.records:
+        print(f"safefs: no history recorded in {project} yet")
+    for record in found.records:
+        epoch = f"epoch {record['epoch']}" if record.get("epoch") is not None else ""
+        who = f"{record.get('user', '?')}@{record.get('host', '?')}"
+        detail = f"  {record['detail']}" if record.get("detail") else ""
+        print(f"{_when(record['time'])}  {str(record.get('event', '?')):<10} {epoch:<9} {who}{detail}")
+    if found.bad_lines:
+        print(f"safefs: {plural(found.bad_lines, 'line')} of {project}/.safefs/history were not records "
+              "(skipped)", file=sys.stderr)  # fmt: skip
     return int(ExitCode.OK)
 
 

@@ -48,6 +48,8 @@ from safefs.config import MountConfig, socket_path
 from safefs.control.server import serve as serve_control
 from safefs.errors import DaemonFailed, ExitCode, LeaseHeldElsewhere, LeaseLost, SafefsError, SyncTimeout
 from safefs.flusher import Flusher
+from safefs.history import Event as HistoryEvent
+from safefs.history import HistoryLog
 from safefs.fs import Filesystem, Limiters
 from safefs.fuse_ops import CachePolicy, KernelNotifier, SafeOperations, Session
 from safefs.inodes import ROOT_INO, InodeTable
@@ -67,6 +69,8 @@ ORPHAN_RETRY_MAX = 30.0  # the longest wait between two failed marker updates
 ORPHAN_READ_TIMEOUT = 3.0  # `status` waits this long for the list of markers (the CLI waits 10 s)
 ORPHAN_EXIT_TIMEOUT = 5.0  # the last marker update at exit, and the one after `recover`
 SYSTEMD_STATUS_INTERVAL = 2.0  # how often STATUS= is refreshed under systemd (when it changed)
+HISTORY_QUEUE = 100  # lease events waiting to be appended to the project's history
+HISTORY_CHECK_INTERVAL = 1.0  # how often new conflicts are looked for, to record them
 MARKER_UNKNOWN = ("unknown",)  # Daemon._marker before we looked: a marker of ours may exist
 
 
@@ -166,9 +170,12 @@ class Daemon:
         except OSError as exc:
             raise DaemonFailed(f"cannot open the project {config.src}: {exc.strerror}") from exc
         self.identity = identity = local_identity(config.host_id)
+        self.history = HistoryLog(config.src, identity.host, identity.machine_id)
+        self._history_send, history_receive = trio.open_memory_channel[HistoryEvent](HISTORY_QUEUE)
+        self._conflicts_recorded = 0
         self.keeper = keeper = LeaseKeeper(
             DirLeaseStore(config.src), self.clock, config.lease, identity, trio.CapacityLimiter(2),
-            want_write=not config.follower,
+            want_write=not config.follower, on_event=self._record_event,
         )  # fmt: skip
         self.orphan_name = orphans.record_name(identity.host, identity.machine_id, str(config.cache_dir))
         # One marker change at a time, even after a thread stuck in NFS was abandoned (it keeps
@@ -189,6 +196,8 @@ class Daemon:
         self.flusher = Flusher(fs, self.host_name)
         try:
             async with trio.open_nursery() as services:
+                history_done = trio.Event()
+                services.start_soon(self._write_history, history_receive, history_done)
                 role = await services.start(keeper.run)
                 if role != "writer" and config.wait_for_lease:
                     log.info("daemon: waiting for the lease (%s)", keeper.statistics()["holder"])
@@ -198,6 +207,9 @@ class Daemon:
                 if self.role == "writer":
                     await self.flusher.settle()
                 code = await self._serve_mount(services)
+                self._history_send.close()  # the writer appends what is queued, then ends
+                with trio.move_on_after(ORPHAN_EXIT_TIMEOUT):
+                    await history_done.wait()
                 services.cancel_scope.cancel()
         finally:
             cache.close()
@@ -218,6 +230,7 @@ class Daemon:
                 nursery.start_soon(self._sync_journal_periodically)
                 nursery.start_soon(self._follow)
                 nursery.start_soon(self._keep_orphan_marker)
+                nursery.start_soon(self._watch_conflicts)
                 self.notifier.enabled = True
                 log.info("daemon: serving %s at %s as %s (cache %s)", config.src, config.mnt, self.role, config.cache_dir)
                 self.ready.send({"ok": True, "pid": os.getpid(), "role": self.role,
@@ -255,6 +268,7 @@ class Daemon:
                 async def flush() -> None:
                     nonlocal code
                     code = await self._final_flush()
+                    self._record_conflicts()
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(stop_on_signal)
@@ -503,6 +517,44 @@ class Daemon:
                 self.terminated = True
                 self.session.terminate()
 
+    # -- the project's history (safefs/history.py) ----------------------------------------
+    def _record_event(self, kind: str, epoch: int | None, detail: str) -> None:
+        """Queue one history record (the keeper calls this on the trio thread; never blocks)."""
+        event = HistoryEvent(kind, self.identity.host, self.identity.user, os.getpid(), epoch,
+                             str(self.config.mnt), detail, self.clock.wall())  # fmt: skip
+        try:
+            self._history_send.send_nowait(event)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            log.warning("history: dropped the %s record of epoch %s (the project is not keeping up)", kind, epoch)
+
+    def _record_conflicts(self) -> None:
+        for conflict in self.flusher.conflicts[self._conflicts_recorded :]:
+            what = conflict.get("path") or conflict.get("op") or "?"
+            kept = f" kept as {conflict['kept_as']}" if conflict.get("kept_as") else ""
+            self._record_event("conflict", self.keeper.epoch, f"{what}{kept}: {conflict.get('error', '')}".rstrip(": "))
+        self._conflicts_recorded = len(self.flusher.conflicts)
+
+    async def _watch_conflicts(self) -> None:
+        while True:
+            await trio.sleep(HISTORY_CHECK_INTERVAL)
+            self._record_conflicts()
+
+    async def _write_history(self, events: trio.MemoryReceiveChannel[HistoryEvent], done: trio.Event) -> None:
+        """Append queued events in a worker thread each, ORPHAN_IO_TIMEOUT at most (a hung
+        project delays the history, never the mount); a failure is logged, the record dropped."""
+        limiter = trio.CapacityLimiter(1)
+        try:
+            async for event in events:
+                with trio.move_on_after(ORPHAN_IO_TIMEOUT) as scope:
+                    try:
+                        await trio.to_thread.run_sync(self.history.append, event, limiter=limiter, abandon_on_cancel=True)
+                    except OSError as exc:
+                        log.warning("history: cannot append the %s record to %s: %s", event.event, self.history.path, exc)
+                if scope.cancelled_caught:
+                    log.warning("history: %s did not answer; the %s record may be missing", self.history.path, event.event)
+        finally:
+            done.set()
+
     def _systemd_status(self) -> str:
         files, nbytes = self._unwritten()
         dirty = f"unwritten: {files} changes, {nbytes / (1 << 20):.1f} MiB" if files else "nothing unwritten"
@@ -647,6 +699,8 @@ class Daemon:
             await self.keeper.release()
             await self._take_role()
         await self._update_orphan_marker_now()  # so that `recover` returning means the marker is gone
+        self._record_conflicts()
+        self._record_event("recover", self.keeper.epoch, f"{files} changes ({nbytes} bytes) written back")
         return {
             "files": files, "bytes": nbytes, "epoch": self.keeper.epoch, "generation": receipt.generation,
             "conflicts": self.flusher.conflicts[conflicts_before:], "released": took,

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Runner = Callable[..., Awaitable[Any]]  # await runner(sync_fn, *args) -> sync_fn(*args)
+EventHook = Callable[[str, int, str], None]  # on_event(kind, epoch, detail); see LeaseKeeper
 
 
 class TrioClock:
@@ -86,6 +87,9 @@ class LeaseKeeper:
 
     `want_write`: take the lease whenever it is free or its holder is dead. `release()` and a
     lost lease clear it; `acquire()` sets it. `runner` replaces the worker threads (tests).
+    `on_event(kind, epoch, detail)` is told, on the trio thread, of "acquire", "takeover",
+    "release" and "self-fence" (this mount lost the lease it held); it must not block, and an
+    exception it raises is logged and ignored.
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class LeaseKeeper:
         *,
         want_write: bool = True,
         runner: Runner | None = None,
+        on_event: EventHook | None = None,
     ) -> None:
         self._store = store
         self._clock = clock
@@ -108,6 +113,8 @@ class LeaseKeeper:
         self._step_lock = trio.Lock()
         self._changed = trio.Event()  # set (and replaced) whenever the machine may have moved
         self._kick = trio.Event()  # wakes the main loop early (acquire, release)
+        self._on_event = on_event
+        self._told_lost: int | None = None  # the epoch whose loss on_event was told of
 
     # -- the WriteGate the filesystem and flusher ask -----------------------------------------
 
@@ -227,6 +234,7 @@ class LeaseKeeper:
             if self._m.state is State.RELEASING:
                 self._m.release_done()
                 log.info("lease: released epoch %d", epoch)
+                self._event("release", epoch, "")
             self._notify()
         self._kick.set()
 
@@ -274,6 +282,7 @@ class LeaseKeeper:
 
     async def _claim(self, claim: Claim, *, first: bool) -> None:
         m = self._m
+        previous = m.current_holder()  # the holder taken over from, for on_event
         record = m.record_for(claim, wall=self._clock.wall())
         sent_at = self._clock.monotonic()
         try:
@@ -285,6 +294,8 @@ class LeaseKeeper:
             return
         if m.claimed(winner, sent_at=sent_at, now=self._clock.monotonic()):
             log.info("lease: %s epoch %d", "took over" if claim.kind == "takeover" else "acquired", claim.epoch)
+            detail = f"from {previous.describe()}" if claim.kind == "takeover" and previous is not None else ""
+            self._event("takeover" if claim.kind == "takeover" else "acquire", claim.epoch, detail)
             await self._hold()  # the first heartbeat at once, so observers see a live holder
         else:
             log.info("lease: epoch %d went to %s", winner.epoch, winner.holder.describe())
@@ -345,7 +356,18 @@ class LeaseKeeper:
             return t
         return trio.current_time() + (t - self._clock.monotonic())
 
+    def _event(self, kind: str, epoch: int, detail: str) -> None:
+        if self._on_event is None:
+            return
+        try:
+            self._on_event(kind, epoch, detail)
+        except Exception:  # noqa: BLE001 (a history record must never break the lease)
+            log.exception("lease: the %s event hook failed", kind)
+
     def _notify(self) -> None:
+        if self._m.state is State.LOST and self._told_lost != self._m.lost_epoch:
+            self._told_lost = self._m.lost_epoch  # self._m.epoch moves on to the newest epoch seen
+            self._event("self-fence", self._m.lost_epoch, self._m.lost_reason or "")
         self._changed.set()
         self._changed = trio.Event()
 
