@@ -19,6 +19,7 @@ run concurrently from several worker threads.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import threading
 import time
@@ -26,6 +27,8 @@ from collections import OrderedDict
 from pathlib import Path
 
 from safefs.errors import CacheFull
+
+log = logging.getLogger(__name__)
 
 MAX_OPEN_FILES = 256
 
@@ -40,6 +43,7 @@ class ContentCache:
         self._free_checked_at = 0.0
         self._free_bytes = 0
         self._effective_floor = free_space_floor
+        self._nearly_full = False  # warned that the disk is nearly full (re-armed once it is not)
 
     def path(self, ino: int) -> Path:
         return self.data_dir / f"{ino:x}"
@@ -128,6 +132,12 @@ class ContentCache:
         # floor would refuse every write: at most a tenth of the disk.
         self._effective_floor = min(self._floor, st.f_blocks * st.f_frsize // 10)
         self._free_checked_at = time.monotonic()
+        nearly_full = self._free_bytes < 2 * self._effective_floor
+        if nearly_full and not self._nearly_full:
+            log.warning("cache: the cache disk of %s is nearly full (%d MiB free); writes fail with "
+                        "ENOSPC below %d MiB free until the write-back or freed space makes room",
+                        self.data_dir.parent, self._free_bytes >> 20, self._effective_floor >> 20)  # fmt: skip
+        self._nearly_full = nearly_full
 
     def free_bytes(self) -> int:
         """Bytes the cache may still use on its disk (free space minus the floor), as of the

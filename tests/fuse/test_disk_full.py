@@ -162,6 +162,7 @@ def test_writers_get_enospc_and_nothing_acknowledged_is_lost(full_rig, tmp_path)
     st = status(m)
     assert st["role"] == "writer", st
     assert st["dirty_bytes"] >= len(big), st
+    assert any("cache disk" in w["message"] and "nearly full" in w["message"] for w in st["warnings"]), st["warnings"]
 
     # Namespace changes while full: refused with ENOSPC, or acknowledged and kept.
     for name in ("made-while-full", "dir-while-full"):
