@@ -20,6 +20,11 @@ journal holds nothing unwritten any more. Publishing is best effort: a backgroun
 retries with backoff, every call runs in a worker thread with a timeout, and nothing else
 (the mount, the control socket, the lease) ever waits for it.
 
+History and systemd: lease events (from the keeper's on_event), conflicts and recoveries are
+queued and appended to `<project>/.safefs/history/` by a background task, each append in a
+worker thread with a timeout (safefs/history.py); under systemd the daemon sends READY=1 once
+it serves, STATUS= while it runs, STOPPING=1 before the final write-back (safefs/sdnotify.py).
+
 Invariants:
 - This is the only module that opens the long-lived nursery or drives the kernel session
   (fuse_ops.Session: mount, serve, close).
@@ -48,10 +53,10 @@ from safefs.config import MountConfig, socket_path
 from safefs.control.server import serve as serve_control
 from safefs.errors import DaemonFailed, ExitCode, LeaseHeldElsewhere, LeaseLost, SafefsError, SyncTimeout
 from safefs.flusher import Flusher
-from safefs.history import Event as HistoryEvent
-from safefs.history import HistoryLog
 from safefs.fs import Filesystem, Limiters
 from safefs.fuse_ops import CachePolicy, KernelNotifier, SafeOperations, Session
+from safefs.history import Event as HistoryEvent
+from safefs.history import HistoryLog
 from safefs.inodes import ROOT_INO, InodeTable
 from safefs.journal import Journal
 from safefs.lease.keeper import LeaseKeeper
@@ -108,7 +113,8 @@ class _Ready:
 def run(config: MountConfig, *, ready_fd: int | None = None, debug: bool = False) -> int:
     """Serve one mount until it is unmounted; return an ExitCode."""
     where = logs.setup("debug" if debug else config.log_level, config.log_file)
-    log.info("daemon: safefs %s pid %d logging to %s", __version__, os.getpid(), where)
+    if config.log_file is not None:  # on a terminal, a refusal must stay one error line and a hint
+        log.info("daemon: safefs %s pid %d logging to %s", __version__, os.getpid(), where)
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     ready = _Ready(ready_fd)
@@ -246,8 +252,9 @@ class Daemon:
             # After a kernel unmount the session is over; after a signal or an error we
             # must take the mount down ourselves so nobody hangs on a dead mountpoint.
             session.close(unmount=self.terminated or not clean_exit)
-            files, nbytes = self._unwritten()
-            self.systemd.send(STOPPING=1, STATUS=f"unmounted; writing back {files} changes, {nbytes / (1 << 20):.1f} MiB")
+            if self.systemd.enabled:
+                files, nbytes = self._unwritten()
+                self.systemd.send(STOPPING=1, STATUS=f"unmounted; writing back {files} changes, {nbytes / (1 << 20):.1f} MiB")
             with trio.CancelScope(shield=True):
                 code = await self._final_flush_until_signalled()
         return code

@@ -76,7 +76,10 @@ def translate(
     `mount SRC MNT --long-options...`, and `-o OPTS` of `safefs mount` expanded. Any other
     command line is returned as it is. Raises OptionError."""
     argv = list(argv)
-    mount8 = bool(argv) and argv[0] not in commands and not argv[0].startswith("-")
+    # A path first (mount(8) passes SRC as written in fstab), or an -o anywhere; a mistyped
+    # command (`safefs stauts`) stays what it is, for argparse to name.
+    mount8 = bool(argv) and argv[0] not in commands and not argv[0].startswith("-") and \
+        ("/" in argv[0] or any(a.startswith("-o") for a in argv))  # fmt: skip
     if not mount8 and (not argv or argv[0] != "mount"):
         return argv
     rest = argv if mount8 else argv[1:]

@@ -131,7 +131,7 @@ def test_mount8_form_becomes_safefs_mount(tmp_path: Path) -> None:
 
 
 def test_other_command_lines_pass_through() -> None:
-    for argv in (["status"], ["sync", "/m", "--timeout", "3"], ["--version"], []):
+    for argv in (["status"], ["sync", "/m", "--timeout", "3"], ["--version"], [], ["stauts", "/m"]):
         assert options.translate(argv, cli.COMMANDS, mount_parser()) == argv  # type: ignore[arg-type]
     out = options.translate(["mount", "/a", "/b", "-o", "cache_size=2G", "--debug"], cli.COMMANDS, mount_parser())  # type: ignore[arg-type]
     assert out == ["mount", "/a", "/b", "--cache-size", "2G", "--debug"]
