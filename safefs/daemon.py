@@ -702,11 +702,11 @@ class Daemon:
             await self._take_role()
         conflicts_before = len(self.flusher.conflicts)
         receipt = await self._write_back(timeout)
+        self._record_conflicts()  # in the history before the release, where they happened
         if took:
             await self.keeper.release()
             await self._take_role()
         await self._update_orphan_marker_now()  # so that `recover` returning means the marker is gone
-        self._record_conflicts()
         self._record_event("recover", self.keeper.epoch, f"{files} changes ({nbytes} bytes) written back")
         return {
             "files": files, "bytes": nbytes, "epoch": self.keeper.epoch, "generation": receipt.generation,

@@ -67,6 +67,22 @@ def test_recover_writes_back_what_a_lost_lease_left_and_keeps_both_versions(clus
     generation = json.loads((src / ".safefs" / "generation").read_bytes())
     assert generation["epoch"] > epoch + 1, "recover published under a fresh epoch"
 
+    # The project's history tells the story (issue 11 item 11), read from SRC on either host.
+    def story() -> list[tuple[str, str]]:
+        done = b.cli("history", src, "--json")
+        assert done.returncode == 0, describe(done)
+        return [(r["event"], r["host"]) for r in map(json.loads, done.stdout.splitlines())]
+
+    # A notices its lost lease only once resumed, after B took over and released.
+    want = [("acquire", a.name), ("takeover", b.name), ("release", b.name), ("self-fence", a.name),
+            ("acquire", a.name), ("conflict", a.name), ("release", a.name), ("recover", a.name)]  # fmt: skip
+
+    def told() -> bool:
+        events = iter(story())
+        return all(step in events for step in want)  # in this order, other events between
+
+    wait_until(told, 30, interval=0.2, message=f"the history to hold {want}")
+
 
 def test_recover_refuses_while_another_host_holds_the_lease(cluster):
     a, b, _ = pause_until_taken_over(cluster, 600)
