@@ -98,8 +98,12 @@ class LeaseKeeper:
         *,
         want_write: bool = True,
         runner: Runner | None = None,
+        follow_if_unreachable: bool = False,
     ) -> None:
         self._store = store
+        # Start as a follower (and keep trying) when the store cannot be read at start-up,
+        # instead of failing the mount: for a lease service other than the project itself.
+        self._follow_if_unreachable = follow_if_unreachable
         self._clock = clock
         self._timings = timings
         self._limiter = limiter
@@ -168,7 +172,12 @@ class LeaseKeeper:
         # Outside the nursery, so that a failure reaches the caller of nursery.start() as itself,
         # not wrapped in an ExceptionGroup. writable() needs no timer to be right meanwhile.
         async with self._step_lock:
-            await self._look(first=True)
+            try:
+                await self._look(first=True)
+            except BackingFailed as e:
+                if not self._follow_if_unreachable:
+                    raise
+                log.warning("lease: %s; following read-only until it answers", e.message)
         log.info("lease: %s of %r, epoch %d", self._m.role, self._store, self._m.epoch)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._timer)
