@@ -269,3 +269,18 @@ def test_a_follower_refreshes_only_the_directories_a_generation_names(etcd_clust
     # `safefs sync` on a follower means "show me the latest": everything is refreshed.
     b.sync_ok()
     assert b.listdir("quiet") == ["old", "out-of-band"]
+
+
+def test_a_mount_that_cannot_reach_etcd_follows_read_only_and_says_why(etcd_cluster):
+    etcd_cluster.etcd.stop()
+    a = etcd_cluster.start("hostA")
+    status = a.status()
+    assert status["role"] == "follower", status["lease"]
+    assert "etcd" in (status["lease"].get("last_error") or ""), status["lease"]
+    assert "following read-only" in a.log_tail(50)
+    assert a.errno_of("write", a.path("f"), "x", "x") == errno.EROFS
+    etcd_cluster.etcd.start()
+    a.wait_writable(timeout=20)
+    a.write("f", "written once etcd answered\n")
+    a.sync_ok()
+    assert (etcd_cluster.src / "f").read_bytes() == b"written once etcd answered\n"
