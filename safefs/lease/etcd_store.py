@@ -38,15 +38,20 @@ import math
 from pathlib import Path
 from typing import Any
 
+from safefs.clock import Clock, SystemClock
 from safefs.etcd import Client, EtcdError, KeyValue, create_is_absent, create_revision_is, delete, get, \
     mod_revision_is, put  # fmt: skip
 from safefs.lease.model import CorruptLease, EpochRecord, Heartbeat, Observation
 from safefs.lease.store import DirLeaseStore
 
 
+MAX_GENERATION_BYTES = 256 << 10  # a longer list of changed paths goes to etcd as "all" (etcd's limit is 1.5 MiB)
+
+
 class EtcdLeaseStore:
-    def __init__(self, project: Path, client: Client, prefix: str, ttl: float) -> None:
+    def __init__(self, project: Path, client: Client, prefix: str, ttl: float, clock: Clock | None = None) -> None:
         self.project = project
+        self.clock = clock or SystemClock()
         self.client = client
         self.prefix = prefix.rstrip("/")
         self.ttl = max(2, int(math.ceil(ttl)))  # etcd counts whole seconds; never shorter than T_break
@@ -58,15 +63,24 @@ class EtcdLeaseStore:
         self._lease_id = 0
         self._epoch = 0
         self._polls = itertools.count(1)
-        self.expires_in: float | None = None  # seconds left on the holder's etcd lease, last we asked
+        self._expires_at: float | None = None  # our clock: when the holder's etcd lease ends, as etcd last said
 
     def __repr__(self) -> str:
         return f"EtcdLeaseStore({','.join(self.client.endpoints)!r}, {self.prefix!r})"
 
     def describe(self) -> dict[str, Any]:
         return {"backend": "etcd", "endpoints": list(self.client.endpoints), "prefix": self.prefix,
-                "ttl": self.ttl, "expires_in": self.expires_in, "revision": self.client.revision,
+                "ttl": self.ttl, "expires_in": self.expires_in(), "revision": self.client.revision,
                 "etcd_requests": self.client.calls}  # fmt: skip
+
+    def expires_in(self) -> float | None:
+        """Seconds left on the holder's etcd lease, counted down from what etcd last said."""
+        if self._expires_at is None:
+            return None
+        return max(0.0, self._expires_at - self.clock.monotonic())
+
+    def _etcd_says(self, ttl: float | None, asked_at: float) -> None:
+        self._expires_at = None if ttl is None or ttl <= 0 else asked_at + ttl
 
     @staticmethod
     def _record(kv: KeyValue, epoch: int) -> EpochRecord:
@@ -77,15 +91,16 @@ class EtcdLeaseStore:
     def observe(self) -> Observation:
         kv = self.client.range(self.lease_key)
         if kv is None:
-            self.expires_in = None
+            self._expires_at = None
             last = self.client.range(self.last_key)
             if last is None:
                 return Observation(0, None, False, None)
             # Free: released, or expired by etcd (claim() tells which, for the lock delay).
             return Observation(last.mod_revision, self._record(last, last.mod_revision), True, None)
         record = self._record(kv, kv.create_revision)
+        asked_at = self.clock.monotonic()
         ttl = self.client.time_to_live(kv.lease) if kv.lease else -1
-        self.expires_in = float(ttl) if ttl >= 0 else None
+        self._etcd_says(ttl, asked_at)
         beat = Heartbeat(0, 0, 0, 0, f"{next(self._polls)} {ttl}".encode())  # never the same twice
         return Observation(kv.create_revision, record, False, beat)
 
@@ -93,6 +108,7 @@ class EtcdLeaseStore:
         last = self.client.range(self.last_key)
         released = self.client.range(self.released_key)
         expired = last is not None and (released is None or released.value != str(last.mod_revision).encode())
+        asked_at = self.clock.monotonic()
         lease_id = self.client.grant(self.ttl)
         value = record.to_bytes()
         result = self.client.txn(
@@ -102,7 +118,7 @@ class EtcdLeaseStore:
         )
         if result.succeeded:
             self._lease_id, self._epoch = lease_id, result.revision
-            self.expires_in = float(self.ttl)
+            self._etcd_says(self.ttl, asked_at)
             return dataclasses.replace(record, epoch=result.revision, kind="takeover" if expired else record.kind)
         self._revoke(lease_id)
         holder = result.ranges[0] if result.ranges else None
@@ -114,8 +130,9 @@ class EtcdLeaseStore:
         """One keepalive. True ("superseded") when etcd no longer has our lease: it expired."""
         if epoch != self._epoch or not self._lease_id:
             return True
+        asked_at = self.clock.monotonic()
         ttl = self.client.keepalive(self._lease_id)
-        self.expires_in = float(ttl) if ttl > 0 else None
+        self._etcd_says(ttl, asked_at)
         return ttl <= 0
 
     def release(self, epoch: int, note: bytes) -> None:
@@ -126,7 +143,7 @@ class EtcdLeaseStore:
         if epoch == self._epoch and self._lease_id:
             self._revoke(self._lease_id)
             self._lease_id = 0
-        self.expires_in = None
+        self._expires_at = None
 
     def quarantine(self, epoch: int) -> int:
         return self._dir.quarantine(epoch)
@@ -145,6 +162,8 @@ class EtcdLeaseStore:
     def publish_generation(self, epoch: int, record: dict[str, Any]) -> bool:
         """Put the generation record if `epoch` still holds the lease (etcd checks). False if not."""
         data = json.dumps(record).encode()
+        if len(data) > MAX_GENERATION_BYTES:
+            data = json.dumps({**record, "all": True, "changed": []}).encode()
         result = self.client.txn([create_revision_is(self.lease_key, epoch)], [put(self.generation_key, data)])
         return result.succeeded
 

@@ -156,3 +156,13 @@ async def test_holder_fences_itself_before_the_ttl_when_etcd_goes_silent(
         await trio.sleep(2 * timings.renew)
         assert not keeper.writable(), "a lost lease stays lost when etcd answers again"
         nursery.cancel_scope.cancel()
+
+
+def test_a_generation_too_big_for_etcd_is_published_as_all(etcd_server: EtcdServer, tmp_path: Path) -> None:
+    a = store(etcd_server, tmp_path)
+    won = a.claim(record("a"))
+    changed = [f"dir-{i:05d}/" + "x" * 100 for i in range(5000)]  # about 550 KiB of JSON
+    assert a.publish_generation(won.epoch, {"epoch": won.epoch, "generation": 1, "all": False, "changed": changed})
+    got, _ = a.read_generation()
+    assert got["all"] is True and got["changed"] == [] and got["generation"] == 1
+    assert 0 < a.describe()["expires_in"] <= TTL
