@@ -69,10 +69,10 @@ ORPHAN_IO_TIMEOUT = 10.0  # one marker publish or removal on the project; abando
 ORPHAN_RETRY_MAX = 30.0  # the longest wait between two failed marker updates
 ORPHAN_READ_TIMEOUT = 3.0  # `status` waits this long for the list of markers (the CLI waits 10 s)
 ORPHAN_EXIT_TIMEOUT = 5.0  # the last marker update at exit, and the one after `recover`
-MARKER_UNKNOWN = ("unknown",)
+MARKER_UNKNOWN = ("unknown",)  # Daemon._marker before we looked: a marker of ours may exist
 ETCD_CALL_TIMEOUT = 5.0  # one etcd request (publish, read) from the daemon; abandoned after this
 ETCD_WATCH_WAIT = 10.0  # a follower's long-poll watch of the generation key lasts this long
-ETCD_FALLBACK_POLL = 30.0  # while etcd tells followers of generations, they read the NFS file this often  # Daemon._marker before we looked: a marker of ours may exist
+ETCD_FALLBACK_POLL = 30.0  # while etcd tells followers of generations, they read the NFS file this often
 
 
 def _boot_id() -> str:
@@ -422,7 +422,8 @@ class Daemon:
         """A follower learnt of `record` (from the project's file or from etcd): refresh what it
         names when it directly follows the one we saw last, else everything."""
         prev = self.seen_generation
-        if self._generation_order(record) <= self._generation_order(prev):
+        if prev is not None and prev.get("epoch") == record.get("epoch") and \
+                self._generation_number(record) <= self._generation_number(prev):  # fmt: skip
             return  # seen already (the other source told us first), or older
         log.info("follow: generation %s of epoch %s (from %s)", record.get("generation"), record.get("epoch"), source)
         self.seen_generation, self.generation_seen_at = record, self.clock.wall()
@@ -437,13 +438,13 @@ class Daemon:
             self._invalidate_kernel()
 
     @staticmethod
-    def _generation_order(record: dict[str, Any] | None) -> tuple[int, int]:
-        if record is None:
-            return (-1, -1)
+    def _generation_number(record: dict[str, Any]) -> int:
+        # Epochs are only compared for equality: after `safefs init` switched backends, the new
+        # backend's epochs (etcd revisions) may be smaller than the old one's.
         try:
-            return (int(record.get("epoch") or 0), int(record.get("generation") or 0))
+            return int(record.get("generation") or 0)
         except (TypeError, ValueError):
-            return (0, 0)
+            return 0
 
     def _invalidate_dirs(self, paths: list[Any]) -> None:
         """Distrust the listed directories only, here and in the kernel (queued). A directory
@@ -536,10 +537,6 @@ class Daemon:
             failing, self._etcd_ok_at = False, trio.current_time()
             if record is not None and self.role != "writer":
                 self._see_generation(record, "etcd")
-
-    @staticmethod
-    def _generation_key(record: dict[str, Any] | None) -> tuple[Any, Any]:
-        return (None, None) if record is None else (record.get("epoch"), record.get("generation"))
 
     # -- orphan markers ------------------------------------------------------------------
     async def _keep_orphan_marker(self) -> None:

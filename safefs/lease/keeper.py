@@ -293,7 +293,7 @@ class LeaseKeeper:
                 raise BackingFailed(f"cannot claim the lease of {self._store!r}: {e}") from e
             return
         if m.claimed(winner, sent_at=sent_at, now=self._clock.monotonic()):
-            log.info("lease: %s epoch %d", "took over" if claim.kind == "takeover" else "acquired", m.epoch)
+            log.info("lease: %s epoch %d", "took over" if winner.kind == "takeover" else "acquired", m.epoch)
             await self._hold()  # the first heartbeat at once, so observers see a live holder
         else:
             log.info("lease: epoch %d went to %s", winner.epoch, winner.holder.describe())
