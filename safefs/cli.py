@@ -1,4 +1,4 @@
-"""The `safefs` command: mount, umount, sync, status, acquire, recover.
+"""The `safefs` command: init, mount, umount, sync, status, acquire, recover.
 
 Every command but `mount --foreground` talks to a running daemon over its control socket
 (safefs.control.client); `mount` spawns the daemon as `python -m safefs mount ...
@@ -42,6 +42,7 @@ from safefs.errors import (
     Busy,
     DaemonFailed,
     ExitCode,
+    LeaseHeldElsewhere,
     NotMounted,
     Refused,
     SafefsError,
@@ -130,6 +131,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"safefs {__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
+
+    init = commands.add_parser(
+        "init",
+        help="choose the project's lease backend",
+        description="Write SRC/.safefs/config.toml: which lease backend every mount of the project uses. "
+        "Refused while any mount holds the lease.",
+    )
+    init.set_defaults(command=cmd_init)
+    init.add_argument("src", metavar="SRC", help="the project directory (on NFS)")
+    init.add_argument(
+        "--lease-backend", choices=("dir", "etcd"), default="dir",
+        help="dir: files in SRC/.safefs/lease (default); etcd: an etcd cluster",
+    )  # fmt: skip
+    init.add_argument("--etcd-endpoints", metavar="URL[,URL...]", help="etcd client URLs, e.g. http://etcd1:2379")
+    init.add_argument(
+        "--etcd-prefix", metavar="P", help="key prefix of this project in etcd (default: kept, or a new random one)"
+    )
 
     mount = commands.add_parser(
         "mount",
@@ -276,6 +294,59 @@ def build_parser() -> argparse.ArgumentParser:
     history_cmd.add_argument("path", metavar="MNT|SRC", help="a safefs mount, or the project directory")
     history_cmd.add_argument("--json", action="store_true", help="print JSON lines, one record each")
     return parser
+
+
+# ---- init -----------------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Fix the project's lease backend, only while the lease is free under the old and the new one."""
+    from safefs import projectconf  # reads TOML; the etcd client loads httpx, needed only here
+
+    src = Path(os.path.realpath(args.src))
+    if not src.is_dir():
+        raise Refused(f"{src} is not a directory", hint="give the project directory")
+    old = projectconf.read(src)
+    prefix = args.etcd_prefix
+    if prefix is None and args.lease_backend == "etcd" and old.lease_backend == "etcd":
+        prefix = old.etcd_prefix  # same project, same keys
+    new = projectconf.make(args.lease_backend, args.etcd_endpoints, prefix)
+    for conf in (old, new) if new != old else (old,):
+        _refuse_if_held(src, conf)
+    if new != old:
+        projectconf.write(src, new)
+        # A mount that read the old config just before we wrote it may have claimed meanwhile;
+        # mounts check the config again after a claim, so one of us sees the other.
+        try:
+            _refuse_if_held(src, old)
+        except SafefsError:
+            projectconf.write(src, old)
+            raise
+    print(f"safefs: {src} uses {new.describe()}")
+    return int(ExitCode.OK)
+
+
+def _refuse_if_held(src: Path, conf: Any) -> None:
+    from safefs.lease import backends
+
+    store = backends.open_store(src, conf, LeaseTimings().t_break)
+    try:
+        obs = store.observe()
+    except (OSError, SafefsError) as exc:
+        raise BackingFailed(
+            f"cannot read the lease in {conf.describe()}: {exc}",
+            hint="the lease backend must answer to prove nobody holds the lease",
+        ) from exc
+    finally:
+        if store.etcd is not None:
+            store.etcd.client.close()
+    if not obs.free:
+        holder = obs.record.holder.describe() if obs.record is not None else "another mount"
+        raise LeaseHeldElsewhere(
+            f"the lease of {src} in {conf.describe()} is held by {holder} (epoch {obs.epoch}); "
+            "the backend can change only while nobody holds it",
+            hint="run `safefs sync --release MNT` or `safefs umount MNT` on that host first",
+        )
 
 
 # ---- mount ----------------------------------------------------------------------------------------
@@ -1000,6 +1071,13 @@ def format_status(status: dict[str, Any]) -> str:
         row("lease holder", "nobody")
     if isinstance(lease.get("deadline"), (int, float)):
         row("lease deadline", f"in {human_seconds(lease['deadline'])}")
+    if lease.get("backend") == "etcd":
+        text = f"etcd {','.join(lease.get('endpoints') or [])}, prefix {lease.get('prefix')}, TTL {lease.get('ttl')} s"
+        if isinstance(lease.get("expires_in"), (int, float)):
+            text += f", expires in {human_seconds(lease['expires_in'])}"
+        row("lease backend", text + f", revision {lease.get('revision')}")
+    elif lease.get("backend"):
+        row("lease backend", lease["backend"])
     if status.get("dirty_bytes") is not None:
         dirty = f"{human_bytes(status['dirty_bytes'])} in {plural(status.get('dirty_files', '?'), 'file')}"
         if isinstance(status.get("oldest_dirty_age"), (int, float)):

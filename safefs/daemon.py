@@ -33,6 +33,7 @@ Invariants:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import faulthandler
 import json
@@ -45,7 +46,7 @@ from typing import Any
 
 import trio
 
-from safefs import __version__, checks, generation, logs, orphans, ranges, sdnotify
+from safefs import __version__, checks, generation, logs, orphans, projectconf, ranges, sdnotify
 from safefs.backing import Backing, FaultPlan
 from safefs.cache import ContentCache
 from safefs.clock import SystemClock
@@ -59,8 +60,9 @@ from safefs.history import Event as HistoryEvent
 from safefs.history import HistoryLog
 from safefs.inodes import ROOT_INO, InodeTable
 from safefs.journal import Journal
+from safefs.lease import backends
 from safefs.lease.keeper import LeaseKeeper
-from safefs.lease.store import DirLeaseStore, local_identity
+from safefs.lease.store import local_identity
 from safefs.orphans import OrphanRecord, OrphanStore
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,9 @@ SYSTEMD_STATUS_INTERVAL = 2.0  # how often STATUS= is refreshed under systemd (w
 HISTORY_QUEUE = 100  # lease events waiting to be appended to the project's history
 HISTORY_CHECK_INTERVAL = 1.0  # how often new conflicts are looked for, to record them
 MARKER_UNKNOWN = ("unknown",)  # Daemon._marker before we looked: a marker of ours may exist
+ETCD_CALL_TIMEOUT = 5.0  # one etcd request (publish, read) from the daemon; abandoned after this
+ETCD_WATCH_WAIT = 10.0  # a follower's long-poll watch of the generation key lasts this long
+ETCD_FALLBACK_POLL = 30.0  # while etcd tells followers of generations, they read the NFS file this often
 
 
 def _boot_id() -> str:
@@ -156,6 +161,12 @@ class Daemon:
         self.notifier = KernelNotifier()
         self.role = "unknown"
         self.seen_generation: dict[str, Any] | None = None
+        self.generation_seen_at: float | None = None  # wall time this follower learnt of seen_generation
+        self.generation_reads = 0  # reads of .safefs/generation on the project (status: project_polls)
+        self._etcd_ok_at: float | None = None  # trio time of the last answer of a follower's etcd watch
+        self._etcd_pending: dict[str, Any] | None = None  # the newest generation not yet in etcd
+        self._etcd_wake = trio.Event()
+        self._etcd_limiter = trio.CapacityLimiter(4)
         self.orphans = OrphanStore(config.src)
         # What our orphan marker on the project says: None (there is none), MARKER_UNKNOWN, or
         # the (counts, reason, epoch) key of the version we published. Changed under _marker_lock.
@@ -179,9 +190,18 @@ class Daemon:
         self.history = HistoryLog(config.src, identity.host, identity.machine_id)
         self._history_send, history_receive = trio.open_memory_channel[HistoryEvent](HISTORY_QUEUE)
         self._conflicts_recorded = 0
+        try:
+            conf = await trio.to_thread.run_sync(projectconf.read, config.src)
+        except OSError as exc:
+            raise DaemonFailed(f"cannot read the project's configuration: {exc}") from exc
+        self.lease_store = store = backends.open_store(config.src, conf, config.lease.t_break)
+        timings = config.lease
+        if store.etcd is not None:  # keepalive at a quarter of the etcd lease's TTL at most
+            timings = dataclasses.replace(timings, renew=min(timings.renew, timings.t_break / 4))
         self.keeper = keeper = LeaseKeeper(
-            DirLeaseStore(config.src), self.clock, config.lease, identity, trio.CapacityLimiter(2),
+            store, self.clock, timings, identity, trio.CapacityLimiter(2),
             want_write=not config.follower, on_event=self._record_event,
+            follow_if_unreachable=store.etcd is not None,
         )  # fmt: skip
         self.orphan_name = orphans.record_name(identity.host, identity.machine_id, str(config.cache_dir))
         # One marker change at a time, even after a thread stuck in NFS was abandoned (it keeps
@@ -200,6 +220,8 @@ class Daemon:
             fs.inject_bug_name = os.fsencode(bug)
         self.fs, self.backing, self.cache = fs, backing, cache
         self.flusher = Flusher(fs, self.host_name)
+        if store.etcd is not None:
+            self.flusher.announce = self._announce_generation
         try:
             async with trio.open_nursery() as services:
                 history_done = trio.Event()
@@ -237,6 +259,9 @@ class Daemon:
                 nursery.start_soon(self._follow)
                 nursery.start_soon(self._keep_orphan_marker)
                 nursery.start_soon(self._watch_conflicts)
+                if self.lease_store.etcd is not None:
+                    nursery.start_soon(self._publish_generations)
+                    nursery.start_soon(self._watch_etcd)
                 self.notifier.enabled = True
                 log.info("daemon: serving %s at %s as %s (cache %s)", config.src, config.mnt, self.role, config.cache_dir)
                 self.ready.send({"ok": True, "pid": os.getpid(), "role": self.role,
@@ -390,6 +415,7 @@ class Daemon:
                 self.notifier.later_inode(inode.ino)
 
     async def _read_generation(self) -> dict[str, Any] | None:
+        self.generation_reads += 1
         try:
             return await self.fs.read_backing(generation.read, self.backing)
         except (OSError, SafefsError) as exc:
@@ -405,17 +431,133 @@ class Daemon:
             await self._take_role()
             if self.role == "writer" or trio.current_time() < next_poll:
                 continue
-            next_poll = trio.current_time() + poll
+            # While etcd tells us of generations, the NFS file is only the fallback.
+            etcd_ok = self._etcd_ok_at is not None and \
+                trio.current_time() - self._etcd_ok_at < ETCD_WATCH_WAIT + ETCD_CALL_TIMEOUT + 2  # fmt: skip
+            next_poll = trio.current_time() + (max(poll, ETCD_FALLBACK_POLL) if etcd_ok else poll)
             record = await self._read_generation()
-            if record is not None and self._generation_key(record) != self._generation_key(self.seen_generation):
-                log.info("follow: generation %s of epoch %s", record.get("generation"), record.get("epoch"))
-                self.seen_generation = record
-                self.fs.mark_stale()
-                self._invalidate_kernel()
+            if record is not None:
+                self._see_generation(record, "project")
+
+    def _see_generation(self, record: dict[str, Any], source: str) -> None:
+        """A follower learnt of `record` (from the project's file or from etcd): refresh what it
+        names when it directly follows the one we saw last, else everything."""
+        prev = self.seen_generation
+        if prev is not None and prev.get("epoch") == record.get("epoch") and \
+                self._generation_number(record) <= self._generation_number(prev):  # fmt: skip
+            return  # seen already (the other source told us first), or older
+        log.info("follow: generation %s of epoch %s (from %s)", record.get("generation"), record.get("epoch"), source)
+        self.seen_generation, self.generation_seen_at = record, self.clock.wall()
+        paths = record.get("changed")
+        follows = prev is not None and prev.get("epoch") == record.get("epoch") and \
+            record.get("generation") == (prev.get("generation") or 0) + 1  # fmt: skip
+        # An empty list says nothing about what changed (a sync after attribute-only changes).
+        if follows and not record.get("all") and isinstance(paths, list) and paths:
+            self._invalidate_dirs(paths)
+        else:
+            self.fs.mark_stale()
+            self._invalidate_kernel()
 
     @staticmethod
-    def _generation_key(record: dict[str, Any] | None) -> tuple[Any, Any]:
-        return (None, None) if record is None else (record.get("epoch"), record.get("generation"))
+    def _generation_number(record: dict[str, Any]) -> int:
+        # Epochs are only compared for equality: after `safefs init` switched backends, the new
+        # backend's epochs (etcd revisions) may be smaller than the old one's.
+        try:
+            return int(record.get("generation") or 0)
+        except (TypeError, ValueError):
+            return 0
+
+    def _invalidate_dirs(self, paths: list[Any]) -> None:
+        """Distrust the listed directories only, here and in the kernel (queued). A directory
+        this mount never looked up needs nothing: it is read fresh when first used."""
+        table = self.fs.table
+        for path in paths:
+            ino: int | None = ROOT_INO
+            if isinstance(path, str) and path not in (".", ""):
+                for part in os.fsencode(path).split(b"/"):
+                    ino = table.child(ino, part) if ino is not None else None
+            if ino is None or ino not in table.inodes:
+                continue
+            self.fs.mark_dir_stale(ino)
+            self.notifier.later_inode(ino)
+            for name, child_ino in list(table.names(ino).items()):
+                child = table.inodes.get(child_ino)
+                if child is not None and child.lookups > 0:
+                    self.notifier.later_entry(ino, name)
+                    self.notifier.later_inode(child_ino)
+
+    # -- generations through etcd ----------------------------------------------------------
+    def _announce_generation(self, record: dict[str, Any]) -> None:
+        """The flusher published `record` on the project: hand it to etcd in the background."""
+        self._etcd_pending = record
+        self._etcd_wake.set()
+
+    async def _etcd_call(self, fn: Any, *args: Any, timeout: float = ETCD_CALL_TIMEOUT) -> Any:
+        """`fn(*args)` in a worker thread behind the "etcd" limiter; TimeoutError after `timeout`."""
+        with trio.move_on_after(timeout):
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._etcd_limiter, abandon_on_cancel=True,
+                                                 thread_name=f"safefs etcd {fn.__name__}")  # fmt: skip
+        raise TimeoutError(errno.ETIMEDOUT, f"etcd did not answer within {timeout:g} s")
+
+    async def _publish_generations(self) -> None:
+        """Writer: put each generation into etcd as well (best effort; only the newest matters).
+        etcd refuses it unless our epoch still holds the lease, and we do not send it unless
+        the lease keeper says we may still write."""
+        etcd = self.lease_store.etcd
+        backoff = 0.0
+        while True:
+            await self._etcd_wake.wait()
+            self._etcd_wake = trio.Event()
+            record = self._etcd_pending
+            if record is None:
+                continue
+            epoch = int(record.get("epoch") or 0)
+            if epoch != self.keeper.epoch or not self.keeper.writable():
+                self._etcd_pending = None
+                continue
+            try:
+                accepted = await self._etcd_call(etcd.publish_generation, epoch, record)
+            except OSError as exc:
+                backoff = min(5.0, max(0.5, backoff * 2))
+                log.warning("follow: cannot publish generation %s to etcd: %s; retrying", record.get("generation"), exc)
+                await trio.sleep(backoff)
+                self._etcd_wake.set()
+                continue
+            backoff = 0.0
+            if self._etcd_pending is record:
+                self._etcd_pending = None
+            if not accepted:
+                log.warning("follow: etcd refused generation %s: epoch %d no longer holds the lease",
+                            record.get("generation"), epoch)  # fmt: skip
+
+    async def _watch_etcd(self) -> None:
+        """Follower: learn of generations from etcd (a long-poll watch), not by polling NFS."""
+        etcd = self.lease_store.etcd
+        revision = 0
+        failing = False
+        while True:
+            if self.role == "writer":
+                self._etcd_ok_at, revision = None, 0
+                await trio.sleep(0.5)
+                continue
+            try:
+                if revision == 0:
+                    record, revision = await self._etcd_call(etcd.read_generation)
+                else:
+                    got = await self._etcd_call(etcd.watch_generation, revision, ETCD_WATCH_WAIT,
+                                                timeout=ETCD_WATCH_WAIT + ETCD_CALL_TIMEOUT)  # fmt: skip
+                    record, revision = got if got is not None else (None, revision)
+            except (OSError, SafefsError) as exc:
+                if not failing:
+                    log.warning("follow: etcd does not answer (%s); reading the project's generation file", exc)
+                failing, self._etcd_ok_at, revision = True, None, 0
+                await trio.sleep(1.0)
+                continue
+            if failing:
+                log.info("follow: etcd answers again")
+            failing, self._etcd_ok_at = False, trio.current_time()
+            if record is not None and self.role != "writer":
+                self._see_generation(record, "etcd")
 
     # -- orphan markers ------------------------------------------------------------------
     async def _keep_orphan_marker(self) -> None:
@@ -588,6 +730,9 @@ class Daemon:
         lease = self.keeper.statistics()
         lease["generation"] = self.flusher.generation if self.role == "writer" else \
             (self.seen_generation or {}).get("generation")  # fmt: skip
+        lease.update(self.lease_store.describe())
+        lease["project_polls"] = self.lease_store.project_requests + self.generation_reads
+        lease["generation_seen_at"] = self.generation_seen_at if self.role != "writer" else None
         return {
             "src": str(config.src),
             "mnt": str(config.mnt),

@@ -38,7 +38,7 @@ import math
 import os
 import stat
 import time
-from typing import Any
+from typing import Any, Callable
 
 import trio
 
@@ -109,6 +109,7 @@ class Flusher:
         self._receipt: Receipt | None = None  # the flush pass under way
         self.generation = 0  # the last generation this mount published
         self._generation_pending = False  # a sync must publish a generation before it returns
+        self.announce: Callable[[dict[str, Any]], None] | None = None  # told of every published generation
         self.busy = False
         fs.on_change = self.poke
 
@@ -191,12 +192,14 @@ class Flusher:
         epoch = self.fs.gate.require_writable()
         number = max(self.generation, int(self.table.meta.get("generation", 0))) + 1
         self._generation_pending = True  # until the record is out
-        await self._call(
+        record = await self._call(
             functools.partial(
                 generation.write, self.backing, self._staging(), epoch=epoch, generation=number,
                 host=self.host_name, changed=changed,
             )
         )  # fmt: skip
+        if self.announce is not None:
+            self.announce(record)  # must not block: the daemon hands it to etcd in the background
         self.generation = number
         self._generation_pending = False
         self.table.set_meta("generation", number)

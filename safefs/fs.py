@@ -360,6 +360,13 @@ class Filesystem:
         for parent in list(self._absent):
             self._forget_absent(parent)
 
+    def mark_dir_stale(self, ino: int) -> None:
+        """`mark_stale` for one directory (a generation record named it as changed)."""
+        inode = self.table.inodes.get(ino)
+        if inode is not None and inode.is_dir and inode.listed:
+            inode.stale = True
+        self._forget_absent(ino)
+
     def note_absent(self, parent: int, name: bytes) -> bool:
         """May the kernel cache that `name` is not in `parent`? Yes while we can take it back.
 

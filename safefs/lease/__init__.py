@@ -4,6 +4,8 @@
 - `store`  (resource)  blocking, NFS-safe file operations in `<project>/.safefs/lease/`, and an
                        in-memory twin for tests.
 - `keeper` (service)   the trio task that acquires, renews or watches, and fences itself on time.
+- `etcd_store` (resource) the same store interface on etcd (safefs.etcd), for clusters.
+- `backends` (resource)   picks the store the project's `.safefs/config.toml` names.
 
 This package __init__ imports nothing: its modules sit in different layers, and importing the
 pure model must not load trio.

@@ -103,8 +103,12 @@ class LeaseKeeper:
         want_write: bool = True,
         runner: Runner | None = None,
         on_event: EventHook | None = None,
+        follow_if_unreachable: bool = False,
     ) -> None:
         self._store = store
+        # Start as a follower (and keep trying) when the store cannot be read at start-up,
+        # instead of failing the mount: for a lease service other than the project itself.
+        self._follow_if_unreachable = follow_if_unreachable
         self._clock = clock
         self._timings = timings
         self._limiter = limiter
@@ -175,7 +179,12 @@ class LeaseKeeper:
         # Outside the nursery, so that a failure reaches the caller of nursery.start() as itself,
         # not wrapped in an ExceptionGroup. writable() needs no timer to be right meanwhile.
         async with self._step_lock:
-            await self._look(first=True)
+            try:
+                await self._look(first=True)
+            except BackingFailed as e:
+                if not self._follow_if_unreachable:
+                    raise
+                log.warning("lease: %s; following read-only until it answers", e.message)
         log.info("lease: %s of %r, epoch %d", self._m.role, self._store, self._m.epoch)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._timer)
@@ -293,9 +302,10 @@ class LeaseKeeper:
                 raise BackingFailed(f"cannot claim the lease of {self._store!r}: {e}") from e
             return
         if m.claimed(winner, sent_at=sent_at, now=self._clock.monotonic()):
-            log.info("lease: %s epoch %d", "took over" if claim.kind == "takeover" else "acquired", claim.epoch)
-            detail = f"from {previous.describe()}" if claim.kind == "takeover" and previous is not None else ""
-            self._event("takeover" if claim.kind == "takeover" else "acquire", claim.epoch, detail)
+            kind = "takeover" if winner.kind == "takeover" else "acquire"
+            log.info("lease: %s epoch %d", "took over" if kind == "takeover" else "acquired", m.epoch)
+            detail = f"from {previous.describe()}" if kind == "takeover" and previous is not None else ""
+            self._event(kind, m.epoch, detail)
             await self._hold()  # the first heartbeat at once, so observers see a live holder
         else:
             log.info("lease: epoch %d went to %s", winner.epoch, winner.holder.describe())
