@@ -51,6 +51,10 @@ from safefs.inodes import ROOT_INO, Inode, op_inodes
 
 log = logging.getLogger(__name__)
 
+
+def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
+    return fingerprint_tuple(Fingerprint.of(st))
+
 BPath = tuple[bytes, ...]
 MAX_BACKOFF = 60.0
 CREATE_PATIENCE = 12  # see Flusher._ripe
@@ -499,13 +503,15 @@ class Flusher:
             return
         path = dpath + (name,)
         try:
-            await self._call(self.backing.link, src, path)
+            self._moved_by_us(inode, *await self._call(self.backing.link, src, path))
         except FileExistsError:
             st = await self._call(self.backing.lstat, path)
             src_st = await self._call(self.backing.lstat, src)
             if st.st_ino != src_st.st_ino:
                 await self._move_aside(path, parent)
-                await self._call(self.backing.link, src, path)
+                self._moved_by_us(inode, *await self._call(self.backing.link, src, path))
+            else:
+                self._linked_before_crash(inode, st)
         if (parent, name) not in inode.blinks:
             inode.blinks.append((parent, name))
         self.table.mark(inode)
@@ -521,16 +527,18 @@ class Flusher:
         # fingerprint never recorded) is recognised here too.
         return await self._unchanged_behind_us(inode, path) is None
 
-    async def _exchanged_already(self, src: BPath, dst: BPath) -> bool:
-        """An exchange cannot tell by itself whether it ran; remember the inodes it swaps."""
+    async def _exchanged_already(self, src: BPath, dst: BPath) -> tuple[bool, os.stat_result]:
+        """An exchange cannot tell by itself whether it ran; remember the inodes it swaps.
+        Also returns the stat of what is at `dst` now."""
         a = (await self._call(self.backing.lstat, src)).st_ino
-        b = (await self._call(self.backing.lstat, dst)).st_ino
+        dst_st = await self._call(self.backing.lstat, dst)
+        b = dst_st.st_ino
         before = self.table.meta.get("exchange")
         if self._maybe_done and before is not None and [self._seq, b, a] == list(before):
-            return True
+            return True, dst_st
         self.table.set_meta("exchange", [self._seq, a, b])
         await self.table.commit()
-        return False
+        return False, dst_st
 
     async def _keep_content(self, inode: Inode | None) -> None:
         """Before a file loses a name on the backing tree, fetch what an open fd may still read."""
@@ -559,9 +567,12 @@ class Flusher:
             await self._move_aside(dpath + (name,), parent)  # their version stays, beside
         else:
             try:
-                await self._call(self.backing.unlink, dpath + (name,))
+                before = await self._call(self.backing.unlink, dpath + (name,))
             except FileNotFoundError:
-                pass
+                before = None  # replayed before a crash, or removed behind our back
+            if len(inode.blinks) > 1:  # another name of it stays on the project
+                inode.blinks.remove((parent, name))
+                await self._other_links_moved(inode, before)
         await self._forget_blink(inode, (parent, name))
         self._dirs_to_sync.add(dpath)
 
@@ -615,17 +626,27 @@ class Flusher:
             # The other side never reached the backing tree: a plain move is what remains.
             exchange = False
         rename_flags = 2 if exchange else (0 if dst_known else 1)
-        if done_before_crash or (exchange and await self._exchanged_already(src, dst)):
+        # What the rename swaps or replaces: its ctime moves too (if it has other links).
+        other_before = None
+        if exchange:
+            done, other_before = await self._exchanged_already(src, dst)
+            rename_flags = -1 if done else rename_flags
+        elif dst_known and len(dst_inode.blinks) > 1:  # type: ignore[union-attr]
+            other_before = await self._call(self.backing.lstat, dst)
+        if done_before_crash:
             rename_flags = -1
         try:
             if rename_flags >= 0:
-                await self._call(self.backing.rename, src, dst, rename_flags)
+                self._moved_by_us(src_inode, *await self._call(self.backing.rename, src, dst, rename_flags))
+            else:
+                self._linked_before_crash(src_inode, await self._call(self.backing.lstat, dst))
         except FileNotFoundError:
             if await self._call(self.backing.exists, src):
                 raise  # the destination directory is missing: a real inconsistency
             if not await self._call(self.backing.exists, dst):
                 raise  # the source vanished behind our back and never arrived
             # replayed already before a crash: just record where things are
+            self._linked_before_crash(src_inode, await self._call(self.backing.lstat, dst))
         except OSError as exc:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
                 raise
@@ -641,7 +662,40 @@ class Flusher:
                 self.table.mark(dst_inode)
             else:
                 await self._forget_blink(dst_inode, (p_new, n_new))
+            await self._other_links_moved(dst_inode, other_before if rename_flags >= 0 else None)
         self._dirs_to_sync.update((d_old, d_new))
+
+    def _moved_by_us(self, inode: Inode | None, before: os.stat_result, after: os.stat_result) -> None:
+        """safefs itself just renamed or linked this object on the project, which moved its
+        ctime: if it was what we had recorded just before, record what it is now."""
+        if inode is not None and inode.origin is not None and same_content(inode.origin, _fingerprint(before)):
+            inode.origin = _fingerprint(after)
+            self.table.mark(inode)
+
+    def _linked_before_crash(self, inode: Inode | None, st: os.stat_result) -> None:
+        """The op had already taken effect when the daemon died, before the fingerprint after
+        it was recorded: only the ctime may differ, and that change was ours."""
+        if self._maybe_done and inode is not None and inode.origin is not None:
+            if tuple(inode.origin[:3]) == _fingerprint(st)[:3]:
+                inode.origin = _fingerprint(st)
+                self.table.mark(inode)
+
+    async def _other_links_moved(self, inode: Inode | None, before: os.stat_result | None) -> None:
+        """A name of `inode` went (replaced or unlinked by us): re-record the fingerprint from
+        a name it still has, whose ctime moved with it."""
+        if inode is None or not inode.is_reg or not inode.blinks:
+            return
+        path = self.table.backing_path(inode.ino)
+        if path is None:
+            return
+        try:
+            after = await self._call(self.backing.lstat, path)
+        except OSError:
+            return  # the publish or the next op sees what is there
+        if before is not None:
+            self._moved_by_us(inode, before, after)
+        else:
+            self._linked_before_crash(inode, after)
 
     # -- publishing ----------------------------------------------------------------------
     async def _publish(self, inode: Inode, receipt: Receipt) -> None:

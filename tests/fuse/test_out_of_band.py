@@ -20,6 +20,7 @@ import os
 import re
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +32,7 @@ LONG_DELAY = ("--writeback-delay", "600")
 HOST = "oobhost"
 # NAME.safefs-conflict-<host>-<time>[-n]; <time> is whatever stamp safefs chose.
 CONFLICT_RE = r"\.safefs-conflict-" + re.escape(HOST) + r"-\S+"
+CONFLICTS = 0  # sync's exit code when it made conflict copies
 
 
 # --------------------------------------------------------------------------- helpers
@@ -303,3 +305,77 @@ def test_unlink_through_mount_after_src_changed_keeps_theirs(
     m.umount()
     assert [p.read_bytes() for p in conflict_copies(src, "f")] == [theirs]
     assert user_tree(src) == [copies[0].name]
+
+
+# --------------------------------------------------------------------------- size and mtime kept
+
+
+def rewrite_keeping_size_and_mtime(path: Path, data: bytes) -> None:
+    """`rsync --inplace -t`: new bytes of the same length, the old mtime put back."""
+    before = os.stat(path)
+    assert len(data) == before.st_size
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+
+
+def replace_keeping_size_and_mtime(path: Path, data: bytes) -> None:
+    """An editor's save: a new file of the same length, the old mtime, renamed over the name."""
+    before = os.stat(path)
+    assert len(data) == before.st_size
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.utime(tmp, ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.rename(tmp, path)
+
+
+@pytest.mark.parametrize("edit", [rewrite_keeping_size_and_mtime, replace_keeping_size_and_mtime],
+                         ids=["rewrite-in-place", "replace-by-rename"])  # fmt: skip
+def test_edit_in_src_keeping_size_and_mtime_is_not_overwritten(
+    mount_factory: MountFactory, tmp_path: Path, edit: Any
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    original = b"o" * 5000
+    (src / "data.bin").write_bytes(original)
+    m = mount_factory(src, None, None, *LONG_DELAY, host_id=HOST)
+    assert (m.mnt / "data.bin").read_bytes() == original
+    ours = b"m" * 5000
+    write_through(m.mnt / "data.bin", ours)
+    theirs = b"t" * 5000
+    edit(src / "data.bin", theirs)
+
+    code, out = sync(m)
+    assert code == CONFLICTS, out
+    assert (src / "data.bin").read_bytes() == theirs, "safefs overwrote the project's version"
+    copies = conflict_copies(src, "data.bin")
+    assert [p.read_bytes() for p in copies] == [ours], f"SRC has {user_tree(src)}"
+    assert (m.mnt / "data.bin").read_bytes() == theirs
+    assert (m.mnt / copies[0].name).read_bytes() == ours
+
+
+def test_own_renames_links_and_chmods_are_no_conflict(mount_factory: MountFactory, tmp_path: Path) -> None:
+    """safefs's own changes on the project move the file's ctime; they must not look foreign."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "f").write_bytes(b"first")
+    m = mount_factory(src, None, None, *LONG_DELAY, host_id=HOST)
+    assert (m.mnt / "f").read_bytes() == b"first"
+    steps = [  # (where the file is, what the mount does to it while it is dirty, where it is then)
+        ("f", lambda: os.rename(m.mnt / "f", m.mnt / "d" / "g"), "d/g"),
+        ("d/g", lambda: os.link(m.mnt / "d" / "g", m.mnt / "h"), "d/g"),
+        ("d/g", lambda: os.chmod(m.mnt / "h", 0o604), "d/g"),
+        ("d/g", lambda: os.unlink(m.mnt / "h"), "d/g"),
+        ("d/g", lambda: os.rename(m.mnt / "d" / "g", m.mnt / "g"), "g"),
+    ]
+    for n, (before, step, where) in enumerate(steps):
+        data = f"version {n} ".encode() * (n + 1)
+        write_through(m.mnt / before, data)
+        step()
+        code, out = sync(m)
+        assert code == 0, f"step {n}: {out}"
+        assert m.status()["conflicts"] == [], f"step {n}: SRC has {user_tree(src)}"
+        assert (src / where).read_bytes() == data, f"step {n}: SRC has {user_tree(src)}"
+    assert user_tree(src) == ["d", "g"]
