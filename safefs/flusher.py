@@ -50,10 +50,33 @@ from safefs.fs import Filesystem, fingerprint_tuple, same_content
 from safefs.inodes import ROOT_INO, Inode, op_inodes
 
 log = logging.getLogger(__name__)
+_CREATED_TOO = "made in the mount while the project got another object of that name"
+
+
+def _utc(wall: float) -> str:
+    """A wall time for status and receipts, readable by humans."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(wall))
 
 
 def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
     return fingerprint_tuple(Fingerprint.of(st))
+
+
+def _with_copy_name(op: tuple[Any, ...], parent: int, name: bytes, ino: int, copy: bytes) -> tuple[Any, ...]:
+    """`op` with inode `ino`'s name (parent, name) replaced by (parent, copy)."""
+    kind = op[0]
+    if kind in ("create", "mkdir", "unlink", "rmdir") and tuple(op[1:4]) == (parent, name, ino):
+        return (kind, parent, copy, ino)
+    if kind == "link" and tuple(op[1:4]) == (ino, parent, name):
+        return (kind, ino, parent, copy)
+    if kind == "rename":
+        new = list(op)
+        if (op[1], op[2]) == (parent, name) and ino in (op[6], op[7]):  # it moves (or swaps) away
+            new[2] = copy
+        if (op[3], op[4], op[6]) == (parent, name, ino):  # it arrives here
+            new[4] = copy
+        return tuple(new)
+    return op
 
 BPath = tuple[bytes, ...]
 MAX_BACKOFF = 60.0
@@ -314,7 +337,8 @@ class Flusher:
             # directory is gone, say). Skipping it loses no data: file contents are published
             # by inode, at wherever the backing view says they are, or kept as conflict copies.
             log.warning("flush: conflict: cannot replay %s (%s); the project changed behind us", op[0], exc)
-            self.conflicts.append({"op": op[0], "error": str(exc), "time": self.clock.wall()})
+            self.conflicts.append({"op": op[0], "error": str(exc), "why": "the project changed so that the mount's "
+                                   f"{op[0]} cannot apply", "time": _utc(self.clock.wall())})  # fmt: skip
         finally:
             self.table.view_busy = False
             self.table.view_version += 1
@@ -394,21 +418,59 @@ class Flusher:
         return (CONTROL_DIR_NAME, b"staging", str(epoch).encode())
 
     def _conflict_name(self, name: bytes) -> bytes:
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.clock.wall()))
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(self.clock.wall()))  # UTC
         host = self.host_name.encode(errors="replace").replace(b"/", b"_")
         return name[:150] + b".safefs-conflict-" + host[:40] + b"-" + stamp.encode()
 
-    async def _free_conflict_path(self, path: BPath) -> BPath:
-        """A conflict name beside `path` that nothing uses yet."""
+    async def _free_conflict_path(self, path: BPath, parent: int | None = None) -> BPath:
+        """A conflict name beside `path` that nothing uses yet (nor, with `parent`, the mount)."""
         base = self._conflict_name(path[-1])
         for n in range(10_000):
             candidate = path[:-1] + (base if n == 0 else base + b"-%d" % n,)
+            if parent is not None and self.table.child(parent, candidate[-1]) is not None:
+                continue
             if not await self._call(self.backing.exists, candidate):
                 return candidate
         raise FileExistsError(errno.EEXIST, "no free conflict name", os.fsdecode(b"/".join(path)))
 
-    async def _move_aside(self, path: BPath, parent: int | None = None) -> BPath:
-        """Rename an unexpected object on the backing tree out of the way, keeping it.
+    def _record_conflict(self, path: BPath, copy: BPath, why: str) -> None:
+        log.warning("flush: conflict: %r: %s; the mount's version is %r", path, why, copy)
+        self.conflicts.append({"path": os.fsdecode(b"/".join(path)), "kept_as": os.fsdecode(b"/".join(copy)),
+                               "why": why, "time": _utc(self.clock.wall())})  # fmt: skip
+
+    async def _divert(self, parent: int, name: bytes, inode: Inode, why: str) -> bytes:
+        """The project has its own object at (parent, name), where the op being replayed would
+        put the mount's `inode`: theirs keeps the name, ours goes beside it as a conflict copy.
+
+        The copy's name goes into this op and the later ones naming it, and into the mount's
+        view, in one commit before anything is written to the project: a replay after a crash
+        uses the same name. Returns that name.
+        """
+        dpath = self._dir_path(parent)
+        assert dpath is not None
+        copy = (await self._free_conflict_path(dpath + (name,), parent))[-1]
+        for seq in sorted(s for s in self.table.ops if s >= self._seq):
+            op = self.table.ops[seq]
+            amended = _with_copy_name(op, parent, name, inode.ino, copy)
+            if amended != op:
+                self.table.amend_op(seq, amended)
+        moved = self.table.child(parent, name) == inode.ino
+        if moved:  # the name shows the project's object (after a refresh); ours the copy
+            self.table.unlink(parent, name)
+            self.table.link(parent, copy, inode)
+            self.fs._name_made(parent, copy)
+        if parent in self.table.inodes:
+            self.table.inodes[parent].stale = True
+        self._record_conflict(dpath + (name,), dpath + (copy,), why)
+        await self.table.commit()
+        if moved:
+            await self.fs.invalidator.invalidate_entry(parent, name)
+            await self.fs.invalidator.invalidate_entry(parent, copy)
+        return copy
+
+    async def _move_aside(self, path: BPath, parent: int | None, why: str) -> BPath:
+        """Rename an object the mount removed, which changed on the project, out of the way,
+        keeping it. (An object in the way of one of ours keeps its name: see `_divert`.)
 
         With `parent` (the directory's inode), the directory is marked stale so the kept
         object shows up in the mount too.
@@ -425,7 +487,7 @@ class Flusher:
         log.warning("flush: conflict: kept %r as %r", path, candidate)
         self.conflicts.append(
             {"path": os.fsdecode(b"/".join(path)), "kept_as": os.fsdecode(b"/".join(candidate)),
-             "time": self.clock.wall()}
+             "why": why, "time": _utc(self.clock.wall())}
         )  # fmt: skip
         return candidate
 
@@ -442,8 +504,7 @@ class Flusher:
         except FileExistsError:
             st = await self._call(self.backing.lstat, path)
             if not stat.S_ISDIR(st.st_mode) or (inode.blinks and not self._maybe_done):
-                await self._move_aside(path, parent)
-                st = await self._call(self.backing.mkdir, path, attrs)
+                return await self._op_mkdir(parent, await self._divert(parent, name, inode, _CREATED_TOO), ino)
         inode.origin = fingerprint_tuple(Fingerprint.of(st))  # so a refresh knows it as ours
         inode.blinks = [(parent, name)]
         inode.new = False
@@ -463,7 +524,9 @@ class Flusher:
         path = dpath + (name,)
         if inode.is_reg:
             if not self._maybe_done and await self._call(self.backing.exists, path):
-                await self._move_aside(path, parent)  # someone else's object: never publish over it
+                # Someone else's object: never publish over it.
+                name = await self._divert(parent, name, inode, _CREATED_TOO)
+                path = dpath + (name,)
             await self._publish_file(inode, path, (parent, name), atomic=True, receipt=None)
         else:
             attrs = await self._attrs(inode)
@@ -474,8 +537,7 @@ class Flusher:
                     st = await self._call(self.backing.mknod, path, inode.mode, inode.rdev, attrs)
             except FileExistsError:
                 if not await self._made_by_us(inode, path):
-                    await self._move_aside(path, parent)
-                    return await self._op_create(parent, name, ino)
+                    return await self._op_create(parent, await self._divert(parent, name, inode, _CREATED_TOO), ino)
                 st = await self._call(self.backing.lstat, path)
             inode.origin = fingerprint_tuple(Fingerprint.of(st))
             inode.blinks = [(parent, name)]
@@ -508,8 +570,8 @@ class Flusher:
             st = await self._call(self.backing.lstat, path)
             src_st = await self._call(self.backing.lstat, src)
             if st.st_ino != src_st.st_ino:
-                await self._move_aside(path, parent)
-                self._moved_by_us(inode, *await self._call(self.backing.link, src, path))
+                why = "linked in the mount while the project got another object of that name"
+                return await self._op_link(ino, parent, await self._divert(parent, name, inode, why))
             else:
                 self._linked_before_crash(inode, st)
         if (parent, name) not in inode.blinks:
@@ -564,7 +626,8 @@ class Flusher:
             return
         await self._keep_content(inode)
         if await self._changed_behind_us(inode, dpath + (name,)):
-            await self._move_aside(dpath + (name,), parent)  # their version stays, beside
+            why = "changed in the project, removed in the mount: the project's version is kept beside"
+            await self._move_aside(dpath + (name,), parent, why)  # their version stays, beside
         else:
             try:
                 before = await self._call(self.backing.unlink, dpath + (name,))
@@ -589,7 +652,8 @@ class Flusher:
         except OSError as exc:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
-            await self._move_aside(path, parent)  # someone put files there behind our back: keep them
+            why = "filled in the project, removed in the mount: the project's directory is kept beside"
+            await self._move_aside(path, parent, why)  # someone put files there behind our back: keep them
         await self._forget_blink(inode, (parent, name))
         self._dirs_to_sync.add(dpath)
 
@@ -618,10 +682,12 @@ class Flusher:
         if not exchange and not done_before_crash:
             await self._keep_content(dst_inode)
             if dst_known and await self._changed_behind_us(dst_inode, dst):
-                await self._move_aside(dst, p_new)  # their version stays, beside; ours replaces it
+                # Their version keeps the name; ours goes beside it.
                 assert dst_inode is not None
                 await self._forget_blink(dst_inode, (p_new, n_new))
-                dst_known = False
+                why = "changed in the project, replaced by a rename in the mount"
+                n_new = await self._divert(p_new, n_new, src_inode, why)
+                dst, dst_known = d_new + (n_new,), False
         if exchange and not dst_known:
             # The other side never reached the backing tree: a plain move is what remains.
             exchange = False
@@ -650,8 +716,15 @@ class Flusher:
         except OSError as exc:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
                 raise
-            await self._move_aside(dst, p_new)
-            await self._call(self.backing.rename, src, dst, 1)
+            # The project holds another object there (or filled the directory we replace):
+            # it keeps the name, ours goes beside it.
+            if dst_known:
+                await self._forget_blink(dst_inode, (p_new, n_new))
+                dst_known = False
+            why = "renamed in the mount onto a name the project gave another object"
+            n_new = await self._divert(p_new, n_new, src_inode, why)
+            dst = d_new + (n_new,)
+            self._moved_by_us(src_inode, *await self._call(self.backing.rename, src, dst, 1))
         src_inode.blinks.remove((p_old, n_old))
         src_inode.blinks.insert(0, (p_new, n_new))
         self.table.mark(src_inode)
@@ -717,7 +790,8 @@ class Flusher:
             # was below it is published or kept by inode); say so and move on.
             log.warning("flush: conflict: cannot set attributes of %r: %s", path, exc)
             self.conflicts.append({"path": os.fsdecode(b"/".join(path)), "error": str(exc),
-                                   "time": self.clock.wall()})  # fmt: skip
+                                   "why": "removed or replaced in the project; the mount's attributes are not applied",
+                                   "time": _utc(self.clock.wall())})  # fmt: skip
         if inode.version == version:
             inode.attr_dirty = False
             self.table.mark(inode)
@@ -850,11 +924,7 @@ class Flusher:
         except (OSError, Exception):  # the original may be gone; publish what we have
             pass
         st = await self._call(self.backing.publish_atomic, aside, self._staging(), fd, inode.size, attrs)
-        log.warning("flush: conflict: %r changed on the backing tree; our version is %r", path, aside)
-        self.conflicts.append(
-            {"path": os.fsdecode(b"/".join(path)), "kept_as": os.fsdecode(b"/".join(aside)),
-             "time": self.clock.wall()}
-        )  # fmt: skip
+        self._record_conflict(path, aside, "changed in the project and in the mount")
         # Our version now lives under the conflict name; the original name shows the backing
         # tree's version again (or goes, if the backing tree no longer has it).
         copy = self.table.new_inode(stat.S_IFREG | stat.S_IMODE(inode.mode), inode.uid, inode.gid, st.st_ctime_ns)
