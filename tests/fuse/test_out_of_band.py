@@ -379,3 +379,55 @@ def test_own_renames_links_and_chmods_are_no_conflict(mount_factory: MountFactor
         assert m.status()["conflicts"] == [], f"step {n}: SRC has {user_tree(src)}"
         assert (src / where).read_bytes() == data, f"step {n}: SRC has {user_tree(src)}"
     assert user_tree(src) == ["d", "g"]
+
+
+# --------------------------------------------------------------------------- one-way conflicts
+
+
+def _mount_creates(m: Mount) -> None:
+    write_through(m.mnt / "x", b"ours")
+
+
+def _mount_mkdirs(m: Mount) -> None:
+    os.mkdir(m.mnt / "x")
+    write_through(m.mnt / "x" / "inside", b"ours")
+
+
+def _mount_links(m: Mount) -> None:
+    os.link(m.mnt / "a", m.mnt / "x")
+
+
+def _mount_renames(m: Mount) -> None:
+    os.rename(m.mnt / "a", m.mnt / "x")
+
+
+@pytest.mark.parametrize("op", [_mount_creates, _mount_mkdirs, _mount_links, _mount_renames],
+                         ids=["create", "mkdir", "link", "rename"])  # fmt: skip
+def test_a_name_taken_in_src_keeps_their_object(mount_factory: MountFactory, tmp_path: Path, op: Any) -> None:
+    """The mount makes x; before write-back the project gets its own x. The project's x keeps
+    the name, the mount's goes beside it as x.safefs-conflict-<host>-<YYYYmmdd-HHMMSS>."""
+    src = tmp_path / "src"
+    src.mkdir()
+    if op in (_mount_links, _mount_renames):
+        (src / "a").write_bytes(b"ours")
+    m = mount_factory(src, None, None, *LONG_DELAY, host_id=HOST)
+    assert "x" not in os.listdir(m.mnt)
+    op(m)
+    (src / "x").write_bytes(b"theirs")  # behind safefs's back, before write-back
+
+    code, out = sync(m)
+    assert code == CONFLICTS, out
+    assert (src / "x").read_bytes() == b"theirs", f"the project's x lost its name; SRC has {user_tree(src)}"
+    copies = conflict_copies(src, "x")
+    assert len(copies) == 1, user_tree(src)
+    assert re.fullmatch(r"x\.safefs-conflict-" + HOST + r"-\d{8}-\d{6}", copies[0].name), copies[0].name
+    ours = copies[0] / "inside" if op is _mount_mkdirs else copies[0]
+    assert ours.read_bytes() == b"ours"
+    listed = [c for c in m.status()["conflicts"] if c.get("kept_as") == copies[0].name]
+    assert listed and listed[0]["path"] == "x" and listed[0]["why"], m.status()["conflicts"]
+    # The mount shows what the project has.
+    assert sorted(os.listdir(m.mnt)) == sorted(n for n in os.listdir(src) if n != ".safefs")
+    assert (m.mnt / "x").read_bytes() == b"theirs"
+    assert (m.mnt / ours.relative_to(src)).read_bytes() == b"ours"
+    m.umount()
+    assert (src / "x").read_bytes() == b"theirs"
