@@ -126,6 +126,7 @@ class Flusher:
         self._next_try = 0.0
         self.last_error: FlushError | None = None
         self.conflicts: list[dict[str, Any]] = []
+        self._conflicts_reported = 0  # how many of them a sync receipt listed already
         self.flushes = 0
         self.published_files = 0
         self._dirs_to_sync: set[BPath] = set()
@@ -436,7 +437,8 @@ class Flusher:
     def _record_conflict(self, path: BPath, copy: BPath, why: str) -> None:
         log.warning("flush: conflict: %r: %s; the mount's version is %r", path, why, copy)
         self.conflicts.append({"path": os.fsdecode(b"/".join(path)), "kept_as": os.fsdecode(b"/".join(copy)),
-                               "why": why, "time": _utc(self.clock.wall())})  # fmt: skip
+                               "copy_holds": "the mount's version", "why": why,
+                               "time": _utc(self.clock.wall())})  # fmt: skip
 
     async def _divert(self, parent: int, name: bytes, inode: Inode, why: str) -> bytes:
         """The project has its own object at (parent, name), where the op being replayed would
@@ -487,7 +489,7 @@ class Flusher:
         log.warning("flush: conflict: kept %r as %r", path, candidate)
         self.conflicts.append(
             {"path": os.fsdecode(b"/".join(path)), "kept_as": os.fsdecode(b"/".join(candidate)),
-             "why": why, "time": _utc(self.clock.wall())}
+             "copy_holds": "the project's version", "why": why, "time": _utc(self.clock.wall())}
         )  # fmt: skip
         return candidate
 
@@ -626,7 +628,7 @@ class Flusher:
             return
         await self._keep_content(inode)
         if await self._changed_behind_us(inode, dpath + (name,)):
-            why = "changed in the project, removed in the mount: the project's version is kept beside"
+            why = "changed in the project, removed in the mount"
             await self._move_aside(dpath + (name,), parent, why)  # their version stays, beside
         else:
             try:
@@ -652,7 +654,7 @@ class Flusher:
         except OSError as exc:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
-            why = "filled in the project, removed in the mount: the project's directory is kept beside"
+            why = "filled in the project, removed in the mount"
             await self._move_aside(path, parent, why)  # someone put files there behind our back: keep them
         await self._forget_blink(inode, (parent, name))
         self._dirs_to_sync.add(dpath)
@@ -924,7 +926,7 @@ class Flusher:
         except (OSError, Exception):  # the original may be gone; publish what we have
             pass
         st = await self._call(self.backing.publish_atomic, aside, self._staging(), fd, inode.size, attrs)
-        self._record_conflict(path, aside, "changed in the project and in the mount")
+        self._record_conflict(path, aside, "changed in the mount, and changed, replaced or removed in the project")
         # Our version now lives under the conflict name; the original name shows the backing
         # tree's version again (or goes, if the backing tree no longer has it).
         copy = self.table.new_inode(stat.S_IFREG | stat.S_IMODE(inode.mode), inode.uid, inode.gid, st.st_ctime_ns)
@@ -972,6 +974,12 @@ class Flusher:
                 await self._call(self.backing.fsync_dir, path)
             except FileNotFoundError:
                 pass
+
+    def report_conflicts(self) -> list[dict[str, Any]]:
+        """The conflicts since the last call: a sync receipt lists each one once."""
+        new = self.conflicts[self._conflicts_reported :]
+        self._conflicts_reported = len(self.conflicts)
+        return new
 
     # -- status --------------------------------------------------------------------------
     def statistics(self) -> dict[str, Any]:
