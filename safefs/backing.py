@@ -598,6 +598,17 @@ class Backing:
                     os.close(fd)
             return os.fstat(pin.fd)
 
+    @_names_paths
+    def set_times(self, path: Path, atime_ns: int, mtime_ns: int) -> None:
+        """Set only the atime and mtime of `path` (a directory whose times a rename into it
+        moved). Not fsynced: the caller fsyncs the directory afterwards."""
+        self._begin("set_times", path)
+        with self._pin(path) as pin:
+            if pin.is_link:
+                os.utime(pin.name, ns=(atime_ns, mtime_ns), dir_fd=pin.parent_fd, follow_symlinks=False)
+            else:
+                os.utime(_proc(pin.fd), ns=(atime_ns, mtime_ns))
+
     def _open_readable(self, pin: _Pinned) -> int | None:
         try:
             return self._reopen(pin, os.O_RDONLY)

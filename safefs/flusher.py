@@ -22,6 +22,10 @@ Invariants:
 - Dirty state is cleared only if the inode did not change while it was being published;
   otherwise it stays dirty and is published again.
 - Before each change to the backing tree the lease is asked (`gate.require_writable()`).
+- safefs's own renames, links and unlinks move a file's ctime: its fingerprint is re-recorded
+  after each (when the stat just before was the one recorded). A staging rename moves its
+  directory's times: after the publishes of a pass, each such directory gets back the times
+  the mount shows.
 
 Threading: runs on the trio thread; backing calls run in threads behind the backing limiter.
 Only one flush runs at a time (`_flush_lock`).
@@ -130,6 +134,7 @@ class Flusher:
         self.flushes = 0
         self.published_files = 0
         self._dirs_to_sync: set[BPath] = set()
+        self._renamed_into: set[int] = set()  # directories a staging rename moved the times of
         self._staging_cleaned = False
         self._maybe_done = False  # the op being replayed may have taken effect before a crash
         self._seq = 0  # the op being replayed
@@ -197,6 +202,7 @@ class Flusher:
                         continue
                     if everything or now - inode.changed_at >= self.config.writeback_delay:
                         await self._publish(inode, receipt)
+                await self._restore_dir_times()
                 changed = set(self._dirs_to_sync)
                 await self._sync_dirs()
                 if changed or (everything and self._generation_pending):
@@ -824,6 +830,7 @@ class Flusher:
             tmp = b"publish-%x-%x-%s.tmp" % (inode.ino, version, os.urandom(6).hex().encode())
             await self._record_publishing(inode, staging + (tmp,))
             st = await self._call(self.backing.publish_atomic, path, staging, fd, inode.size, attrs, tmp)
+            self._renamed_into.add(blink[0])
             written = inode.size
         elif inode.dirty or inode.attr_dirty:
             dirty = list(inode.dirty)
@@ -966,6 +973,21 @@ class Flusher:
         await fs.invalidator.invalidate_inode(inode.ino)
         if parent in self.table.inodes:
             await fs.invalidator.invalidate_entry(parent, name)
+
+    async def _restore_dir_times(self) -> None:
+        """A staging rename into a directory moved its times on the project: give it back the
+        times the mount shows, once per directory per pass, after the last rename into it."""
+        dirs, self._renamed_into = self._renamed_into, set()
+        for ino in sorted(dirs):
+            d, path = self.table.inodes.get(ino), self._dir_path(ino)
+            if d is None or path is None:
+                continue
+            self.fs.gate.require_writable()
+            try:
+                await self._call(self.backing.set_times, path, d.atime_ns, d.mtime_ns)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # gone from the project meanwhile: nothing to restore
+            self._dirs_to_sync.add(path)
 
     async def _sync_dirs(self) -> None:
         dirs, self._dirs_to_sync = self._dirs_to_sync, set()

@@ -294,7 +294,7 @@ class Filesystem:
 
     # -- helpers -------------------------------------------------------------------------
     def now_ns(self) -> int:
-        return int(self.clock.wall() * 1e9)
+        return self.clock.wall_ns()  # the kernel's clock for UTIME_NOW (see clock.py)
 
     def _writable(self) -> None:
         self.gate.require_writable()
