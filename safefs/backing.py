@@ -19,6 +19,9 @@ Invariants:
 - Namespace operations (mkdir, symlink, mknod, link, unlink, rmdir, rename) do not fsync the
   directories they change; the caller calls `fsync_dir`, and may batch. `publish_atomic`,
   `write_ranges` and `set_attrs` fsync what they wrote (and the parent, for a publish).
+- `rename`, `link` and `unlink` return the object's stat taken just before the change (and
+  just after, where a name still reaches it): they move its ctime, and the caller re-records
+  the fingerprint when the stat before was the one it knew (DESIGN.md section 5).
 
 Threading: every method is synchronous and may block for a long time on NFS; callers run them
 in worker threads. The only shared mutable state is the byte counters (under `_lock`) and the
@@ -523,18 +526,24 @@ class Backing:
             os.close(fd)
 
     @_names_paths
-    def link(self, src: Path, dst: Path) -> os.stat_result:
+    def link(self, src: Path, dst: Path) -> tuple[os.stat_result, os.stat_result]:
+        """Link `src` as `dst`; the object's stat just before and just after (its ctime moves)."""
         self._begin("link", src, dst)
         with self._parent(src) as (src_fd, src_name), self._parent(dst) as (dst_fd, dst_name):
+            before = os.stat(src_name, dir_fd=src_fd, follow_symlinks=False)
             # follow_symlinks=False: a link to a symlink links the symlink itself.
             os.link(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd, follow_symlinks=False)
-            return os.stat(dst_name, dir_fd=dst_fd, follow_symlinks=False)
+            return before, os.stat(dst_name, dir_fd=dst_fd, follow_symlinks=False)
 
     @_names_paths
-    def unlink(self, path: Path) -> None:
+    def unlink(self, path: Path) -> os.stat_result:
+        """Remove `path`; the stat of what it named just before (another hard link of it, if
+        any, has a new ctime now: the caller looks there for the stat after)."""
         self._begin("unlink", path)
         with self._parent(path) as (parent_fd, name):
+            before = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
             os.unlink(name, dir_fd=parent_fd)
+            return before
 
     @_names_paths
     def rmdir(self, path: Path) -> None:
@@ -543,17 +552,22 @@ class Backing:
             os.rmdir(name, dir_fd=parent_fd)
 
     @_names_paths
-    def rename(self, src: Path, dst: Path, flags: int = 0) -> None:
-        """Rename `src` to `dst`. Flags need renameat2 support; NFS answers EINVAL to any."""
+    def rename(self, src: Path, dst: Path, flags: int = 0) -> tuple[os.stat_result, os.stat_result]:
+        """Rename `src` to `dst`. Flags need renameat2 support; NFS answers EINVAL to any.
+
+        Returns the moved object's stat just before and just after (a rename moves its ctime).
+        """
         self._begin("rename", src, dst)
         if flags not in (0, RENAME_NOREPLACE, RENAME_EXCHANGE):
             raise OSError(errno.EINVAL, f"unsupported rename flags {flags:#x}")
         with self._parent(src) as (src_fd, src_name), self._parent(dst) as (dst_fd, dst_name):
+            before = os.stat(src_name, dir_fd=src_fd, follow_symlinks=False)
             if flags == 0:
                 os.rename(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
             elif _renameat2(src_fd, src_name, dst_fd, dst_name, flags) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err), _show(src), None, _show(dst))
+            return before, os.stat(dst_name, dir_fd=dst_fd, follow_symlinks=False)
 
     # ------------------------------------------------------------------ attributes and data
 
@@ -583,6 +597,17 @@ class Backing:
                 if fd is not None:
                     os.close(fd)
             return os.fstat(pin.fd)
+
+    @_names_paths
+    def set_times(self, path: Path, atime_ns: int, mtime_ns: int) -> None:
+        """Set only the atime and mtime of `path` (a directory whose times a rename into it
+        moved). Not fsynced: the caller fsyncs the directory afterwards."""
+        self._begin("set_times", path)
+        with self._pin(path) as pin:
+            if pin.is_link:
+                os.utime(pin.name, ns=(atime_ns, mtime_ns), dir_fd=pin.parent_fd, follow_symlinks=False)
+            else:
+                os.utime(_proc(pin.fd), ns=(atime_ns, mtime_ns))
 
     def _open_readable(self, pin: _Pinned) -> int | None:
         try:

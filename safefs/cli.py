@@ -238,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     sync = commands.add_parser(
         "sync",
         help="write everything back to the project",
-        description="Return once everything written to MNT so far is on the project.",
+        description="Return once everything written to MNT so far is on the project. Conflict copies made "
+        "since the last sync are listed, and the exit code is then 10.",
     )
     sync.set_defaults(command=cmd_sync)
     sync.add_argument("mnt", metavar="MNT")
@@ -248,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument(
         "--timeout", type=parse_seconds, metavar="S", help="give up after this long (default: no limit)"
     )
+    sync.add_argument("--json", action="store_true", help="print the receipt as JSON")
 
     status = commands.add_parser(
         "status",
@@ -712,8 +714,8 @@ def cmd_sync(args: argparse.Namespace) -> int:
             timeout=_client_timeout(deadline),
             on_progress=bar.update,
         )
-    print(sync_receipt(mnt, result, released=args.release))
-    return int(ExitCode.OK)
+    print(json.dumps(result, indent=2, sort_keys=True) if args.json else sync_receipt(mnt, result, released=args.release))
+    return int(ExitCode.SYNC_CONFLICTS if result.get("conflicts") else ExitCode.OK)
 
 
 def sync_receipt(mnt: Path, result: dict[str, Any], *, released: bool) -> str:
@@ -732,7 +734,23 @@ def sync_receipt(mnt: Path, result: dict[str, Any], *, released: bool) -> str:
     line = f"safefs: synced {mnt}" + (f": {', '.join(parts)}" if parts else "")
     if released:
         line += "; write lease released, the mount is read-only now"
+    conflicts = result.get("conflicts") or []
+    if conflicts:
+        line += f"\n{plural(len(conflicts), 'conflict')} (both versions kept side by side):"
+        line += "".join(f"\n  {describe_conflict(c)}" for c in conflicts)
     return line
+
+
+def describe_conflict(item: dict[str, Any]) -> str:
+    """One line for a conflict record: which name, why, and where the other version went."""
+    text = f"{item.get('path') or item.get('op')}: {item.get('why') or 'conflict'}"
+    if item.get("kept_as"):
+        text += f"; {item.get('copy_holds') or 'the other version'} is {item['kept_as']}"
+    if item.get("error"):
+        text += f" ({item['error']})"
+    if item.get("time") is not None:
+        text += f", at {_when(item['time'])}"
+    return text
 
 
 def _first_present(result: dict[str, Any], *keys: str) -> Any:
@@ -781,8 +799,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
     result = call(mnt, "recover", {"timeout": args.timeout}, timeout=None)
     print(f"safefs: recovered {result['files']} changes ({result['bytes']} B) from {mnt}")
     for conflict in result.get("conflicts", []):
-        kept = conflict.get("kept_as")
-        print(f"  conflict: {conflict.get('path') or conflict.get('op')}" + (f" kept as {kept}" if kept else ""))
+        print(f"  conflict: {describe_conflict(conflict)}")
     return int(ExitCode.OK)
 
 
@@ -1099,7 +1116,8 @@ def format_status(status: dict[str, Any]) -> str:
     for key, items in (("errors", status.get("errors")), ("conflicts", status.get("conflicts"))):
         if isinstance(items, list):
             row(key, len(items) if items else "none")
-            details += [f"  {key[:-1]}: {_describe_item(item)}" for item in items]
+            describe = describe_conflict if key == "conflicts" else _describe_item
+            details += [f"  {key[:-1]}: {describe(item) if isinstance(item, dict) else item}" for item in items]
     if isinstance(status.get("warnings"), list):  # recent WARNING/ERROR log messages (safefs.logs)
         row("warnings", len(status["warnings"]) if status["warnings"] else "none")
         details += [f"  {_describe_warning(item)}" for item in status["warnings"] if isinstance(item, dict)]

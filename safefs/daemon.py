@@ -801,6 +801,7 @@ class Daemon:
             "bytes": receipt.bytes,
             "ops": receipt.ops,
             "released": release,
+            "conflicts": self.flusher.report_conflicts(),  # since the last sync, background ones too
         }
 
     def _unwritten(self) -> tuple[int, int]:

@@ -27,6 +27,7 @@ class ExitCode(enum.IntEnum):
     LEASE_HELD = 7  # another host holds the write lease
     BACKING_FAILED = 8  # the backing tree (NFS) failed; dirty data is kept in the cache
     DAEMON_FAILED = 9  # the daemon died or never became ready
+    SYNC_CONFLICTS = 10  # synced, with conflicts: some versions were kept as conflict copies
 
 
 EXIT_CODE_MEANING = {
@@ -40,6 +41,8 @@ EXIT_CODE_MEANING = {
     ExitCode.LEASE_HELD: "another host holds the write lease",
     ExitCode.BACKING_FAILED: "the project (NFS) failed; dirty data stays safe in the cache",
     ExitCode.DAEMON_FAILED: "the daemon exited or never became ready",
+    ExitCode.SYNC_CONFLICTS: "synced, with conflicts: both versions are kept side by side, one as "
+    "NAME.safefs-conflict-HOST-TIME (the receipt lists them)",
 }
 
 

@@ -22,6 +22,10 @@ Invariants:
 - Dirty state is cleared only if the inode did not change while it was being published;
   otherwise it stays dirty and is published again.
 - Before each change to the backing tree the lease is asked (`gate.require_writable()`).
+- safefs's own renames, links and unlinks move a file's ctime: its fingerprint is re-recorded
+  after each (when the stat just before was the one recorded). A staging rename moves its
+  directory's times: after the publishes of a pass, each such directory gets back the times
+  the mount shows.
 
 Threading: runs on the trio thread; backing calls run in threads behind the backing limiter.
 Only one flush runs at a time (`_flush_lock`).
@@ -50,6 +54,33 @@ from safefs.fs import Filesystem, fingerprint_tuple, same_content
 from safefs.inodes import ROOT_INO, Inode, op_inodes
 
 log = logging.getLogger(__name__)
+_CREATED_TOO = "made in the mount while the project got another object of that name"
+
+
+def _utc(wall: float) -> str:
+    """A wall time for status and receipts, readable by humans."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(wall))
+
+
+def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
+    return fingerprint_tuple(Fingerprint.of(st))
+
+
+def _with_copy_name(op: tuple[Any, ...], parent: int, name: bytes, ino: int, copy: bytes) -> tuple[Any, ...]:
+    """`op` with inode `ino`'s name (parent, name) replaced by (parent, copy)."""
+    kind = op[0]
+    if kind in ("create", "mkdir", "unlink", "rmdir") and tuple(op[1:4]) == (parent, name, ino):
+        return (kind, parent, copy, ino)
+    if kind == "link" and tuple(op[1:4]) == (ino, parent, name):
+        return (kind, ino, parent, copy)
+    if kind == "rename":
+        new = list(op)
+        if (op[1], op[2]) == (parent, name) and ino in (op[6], op[7]):  # it moves (or swaps) away
+            new[2] = copy
+        if (op[3], op[4], op[6]) == (parent, name, ino):  # it arrives here
+            new[4] = copy
+        return tuple(new)
+    return op
 
 BPath = tuple[bytes, ...]
 MAX_BACKOFF = 60.0
@@ -99,9 +130,11 @@ class Flusher:
         self._next_try = 0.0
         self.last_error: FlushError | None = None
         self.conflicts: list[dict[str, Any]] = []
+        self._conflicts_reported = 0  # how many of them a sync receipt listed already
         self.flushes = 0
         self.published_files = 0
         self._dirs_to_sync: set[BPath] = set()
+        self._renamed_into: set[int] = set()  # directories a staging rename moved the times of
         self._staging_cleaned = False
         self._maybe_done = False  # the op being replayed may have taken effect before a crash
         self._seq = 0  # the op being replayed
@@ -170,6 +203,7 @@ class Flusher:
                         continue
                     if everything or now - inode.changed_at >= self.config.writeback_delay:
                         await self._publish(inode, receipt)
+                await self._restore_dir_times()
                 changed = set(self._dirs_to_sync)
                 await self._sync_dirs()
                 if changed or (everything and self._generation_pending):
@@ -313,7 +347,8 @@ class Flusher:
             # directory is gone, say). Skipping it loses no data: file contents are published
             # by inode, at wherever the backing view says they are, or kept as conflict copies.
             log.warning("flush: conflict: cannot replay %s (%s); the project changed behind us", op[0], exc)
-            self.conflicts.append({"op": op[0], "error": str(exc), "time": self.clock.wall()})
+            self.conflicts.append({"op": op[0], "error": str(exc), "why": "the project changed so that the mount's "
+                                   f"{op[0]} cannot apply", "time": _utc(self.clock.wall())})  # fmt: skip
         finally:
             self.table.view_busy = False
             self.table.view_version += 1
@@ -393,21 +428,60 @@ class Flusher:
         return (CONTROL_DIR_NAME, b"staging", str(epoch).encode())
 
     def _conflict_name(self, name: bytes) -> bytes:
-        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(self.clock.wall()))
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(self.clock.wall()))  # UTC
         host = self.host_name.encode(errors="replace").replace(b"/", b"_")
         return name[:150] + b".safefs-conflict-" + host[:40] + b"-" + stamp.encode()
 
-    async def _free_conflict_path(self, path: BPath) -> BPath:
-        """A conflict name beside `path` that nothing uses yet."""
+    async def _free_conflict_path(self, path: BPath, parent: int | None = None) -> BPath:
+        """A conflict name beside `path` that nothing uses yet (nor, with `parent`, the mount)."""
         base = self._conflict_name(path[-1])
         for n in range(10_000):
             candidate = path[:-1] + (base if n == 0 else base + b"-%d" % n,)
+            if parent is not None and self.table.child(parent, candidate[-1]) is not None:
+                continue
             if not await self._call(self.backing.exists, candidate):
                 return candidate
         raise FileExistsError(errno.EEXIST, "no free conflict name", os.fsdecode(b"/".join(path)))
 
-    async def _move_aside(self, path: BPath, parent: int | None = None) -> BPath:
-        """Rename an unexpected object on the backing tree out of the way, keeping it.
+    def _record_conflict(self, path: BPath, copy: BPath, why: str) -> None:
+        log.warning("flush: conflict: %r: %s; the mount's version is %r", path, why, copy)
+        self.conflicts.append({"path": os.fsdecode(b"/".join(path)), "kept_as": os.fsdecode(b"/".join(copy)),
+                               "copy_holds": "the mount's version", "why": why,
+                               "time": _utc(self.clock.wall())})  # fmt: skip
+
+    async def _divert(self, parent: int, name: bytes, inode: Inode, why: str) -> bytes:
+        """The project has its own object at (parent, name), where the op being replayed would
+        put the mount's `inode`: theirs keeps the name, ours goes beside it as a conflict copy.
+
+        The copy's name goes into this op and the later ones naming it, and into the mount's
+        view, in one commit before anything is written to the project: a replay after a crash
+        uses the same name. Returns that name.
+        """
+        dpath = self._dir_path(parent)
+        assert dpath is not None
+        copy = (await self._free_conflict_path(dpath + (name,), parent))[-1]
+        for seq in sorted(s for s in self.table.ops if s >= self._seq):
+            op = self.table.ops[seq]
+            amended = _with_copy_name(op, parent, name, inode.ino, copy)
+            if amended != op:
+                self.table.amend_op(seq, amended)
+        moved = self.table.child(parent, name) == inode.ino
+        if moved:  # the name shows the project's object (after a refresh); ours the copy
+            self.table.unlink(parent, name)
+            self.table.link(parent, copy, inode)
+            self.fs._name_made(parent, copy)
+        if parent in self.table.inodes:
+            self.table.inodes[parent].stale = True
+        self._record_conflict(dpath + (name,), dpath + (copy,), why)
+        await self.table.commit()
+        if moved:
+            await self.fs.invalidator.invalidate_entry(parent, name)
+            await self.fs.invalidator.invalidate_entry(parent, copy)
+        return copy
+
+    async def _move_aside(self, path: BPath, parent: int | None, why: str) -> BPath:
+        """Rename an object the mount removed, which changed on the project, out of the way,
+        keeping it. (An object in the way of one of ours keeps its name: see `_divert`.)
 
         With `parent` (the directory's inode), the directory is marked stale so the kept
         object shows up in the mount too.
@@ -424,7 +498,7 @@ class Flusher:
         log.warning("flush: conflict: kept %r as %r", path, candidate)
         self.conflicts.append(
             {"path": os.fsdecode(b"/".join(path)), "kept_as": os.fsdecode(b"/".join(candidate)),
-             "time": self.clock.wall()}
+             "copy_holds": "the project's version", "why": why, "time": _utc(self.clock.wall())}
         )  # fmt: skip
         return candidate
 
@@ -441,8 +515,7 @@ class Flusher:
         except FileExistsError:
             st = await self._call(self.backing.lstat, path)
             if not stat.S_ISDIR(st.st_mode) or (inode.blinks and not self._maybe_done):
-                await self._move_aside(path, parent)
-                st = await self._call(self.backing.mkdir, path, attrs)
+                return await self._op_mkdir(parent, await self._divert(parent, name, inode, _CREATED_TOO), ino)
         inode.origin = fingerprint_tuple(Fingerprint.of(st))  # so a refresh knows it as ours
         inode.blinks = [(parent, name)]
         inode.new = False
@@ -462,7 +535,9 @@ class Flusher:
         path = dpath + (name,)
         if inode.is_reg:
             if not self._maybe_done and await self._call(self.backing.exists, path):
-                await self._move_aside(path, parent)  # someone else's object: never publish over it
+                # Someone else's object: never publish over it.
+                name = await self._divert(parent, name, inode, _CREATED_TOO)
+                path = dpath + (name,)
             await self._publish_file(inode, path, (parent, name), atomic=True, receipt=None)
         else:
             attrs = await self._attrs(inode)
@@ -473,8 +548,7 @@ class Flusher:
                     st = await self._call(self.backing.mknod, path, inode.mode, inode.rdev, attrs)
             except FileExistsError:
                 if not await self._made_by_us(inode, path):
-                    await self._move_aside(path, parent)
-                    return await self._op_create(parent, name, ino)
+                    return await self._op_create(parent, await self._divert(parent, name, inode, _CREATED_TOO), ino)
                 st = await self._call(self.backing.lstat, path)
             inode.origin = fingerprint_tuple(Fingerprint.of(st))
             inode.blinks = [(parent, name)]
@@ -502,13 +576,15 @@ class Flusher:
             return
         path = dpath + (name,)
         try:
-            await self._call(self.backing.link, src, path)
+            self._moved_by_us(inode, *await self._call(self.backing.link, src, path))
         except FileExistsError:
             st = await self._call(self.backing.lstat, path)
             src_st = await self._call(self.backing.lstat, src)
             if st.st_ino != src_st.st_ino:
-                await self._move_aside(path, parent)
-                await self._call(self.backing.link, src, path)
+                why = "linked in the mount while the project got another object of that name"
+                return await self._op_link(ino, parent, await self._divert(parent, name, inode, why))
+            else:
+                self._linked_before_crash(inode, st)
         if (parent, name) not in inode.blinks:
             inode.blinks.append((parent, name))
         self.table.mark(inode)
@@ -524,16 +600,18 @@ class Flusher:
         # fingerprint never recorded) is recognised here too.
         return await self._unchanged_behind_us(inode, path) is None
 
-    async def _exchanged_already(self, src: BPath, dst: BPath) -> bool:
-        """An exchange cannot tell by itself whether it ran; remember the inodes it swaps."""
+    async def _exchanged_already(self, src: BPath, dst: BPath) -> tuple[bool, os.stat_result]:
+        """An exchange cannot tell by itself whether it ran; remember the inodes it swaps.
+        Also returns the stat of what is at `dst` now."""
         a = (await self._call(self.backing.lstat, src)).st_ino
-        b = (await self._call(self.backing.lstat, dst)).st_ino
+        dst_st = await self._call(self.backing.lstat, dst)
+        b = dst_st.st_ino
         before = self.table.meta.get("exchange")
         if self._maybe_done and before is not None and [self._seq, b, a] == list(before):
-            return True
+            return True, dst_st
         self.table.set_meta("exchange", [self._seq, a, b])
         await self.table.commit()
-        return False
+        return False, dst_st
 
     async def _keep_content(self, inode: Inode | None) -> None:
         """Before a file loses a name on the backing tree, fetch what an open fd may still read."""
@@ -559,12 +637,16 @@ class Flusher:
             return
         await self._keep_content(inode)
         if await self._changed_behind_us(inode, dpath + (name,)):
-            await self._move_aside(dpath + (name,), parent)  # their version stays, beside
+            why = "changed in the project, removed in the mount"
+            await self._move_aside(dpath + (name,), parent, why)  # their version stays, beside
         else:
             try:
-                await self._call(self.backing.unlink, dpath + (name,))
+                before = await self._call(self.backing.unlink, dpath + (name,))
             except FileNotFoundError:
-                pass
+                before = None  # replayed before a crash, or removed behind our back
+            if len(inode.blinks) > 1:  # another name of it stays on the project
+                inode.blinks.remove((parent, name))
+                await self._other_links_moved(inode, before)
         await self._forget_blink(inode, (parent, name))
         self._dirs_to_sync.add(dpath)
 
@@ -581,7 +663,8 @@ class Flusher:
         except OSError as exc:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
-            await self._move_aside(path, parent)  # someone put files there behind our back: keep them
+            why = "filled in the project, removed in the mount"
+            await self._move_aside(path, parent, why)  # someone put files there behind our back: keep them
         await self._forget_blink(inode, (parent, name))
         self._dirs_to_sync.add(dpath)
 
@@ -610,30 +693,49 @@ class Flusher:
         if not exchange and not done_before_crash:
             await self._keep_content(dst_inode)
             if dst_known and await self._changed_behind_us(dst_inode, dst):
-                await self._move_aside(dst, p_new)  # their version stays, beside; ours replaces it
+                # Their version keeps the name; ours goes beside it.
                 assert dst_inode is not None
                 await self._forget_blink(dst_inode, (p_new, n_new))
-                dst_known = False
+                why = "changed in the project, replaced by a rename in the mount"
+                n_new = await self._divert(p_new, n_new, src_inode, why)
+                dst, dst_known = d_new + (n_new,), False
         if exchange and not dst_known:
             # The other side never reached the backing tree: a plain move is what remains.
             exchange = False
         rename_flags = 2 if exchange else (0 if dst_known else 1)
-        if done_before_crash or (exchange and await self._exchanged_already(src, dst)):
+        # What the rename swaps or replaces: its ctime moves too (if it has other links).
+        other_before = None
+        if exchange:
+            done, other_before = await self._exchanged_already(src, dst)
+            rename_flags = -1 if done else rename_flags
+        elif dst_known and len(dst_inode.blinks) > 1:  # type: ignore[union-attr]
+            other_before = await self._call(self.backing.lstat, dst)
+        if done_before_crash:
             rename_flags = -1
         try:
             if rename_flags >= 0:
-                await self._call(self.backing.rename, src, dst, rename_flags)
+                self._moved_by_us(src_inode, *await self._call(self.backing.rename, src, dst, rename_flags))
+            else:
+                self._linked_before_crash(src_inode, await self._call(self.backing.lstat, dst))
         except FileNotFoundError:
             if await self._call(self.backing.exists, src):
                 raise  # the destination directory is missing: a real inconsistency
             if not await self._call(self.backing.exists, dst):
                 raise  # the source vanished behind our back and never arrived
             # replayed already before a crash: just record where things are
+            self._linked_before_crash(src_inode, await self._call(self.backing.lstat, dst))
         except OSError as exc:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
                 raise
-            await self._move_aside(dst, p_new)
-            await self._call(self.backing.rename, src, dst, 1)
+            # The project holds another object there (or filled the directory we replace):
+            # it keeps the name, ours goes beside it.
+            if dst_known:
+                await self._forget_blink(dst_inode, (p_new, n_new))
+                dst_known = False
+            why = "renamed in the mount onto a name the project gave another object"
+            n_new = await self._divert(p_new, n_new, src_inode, why)
+            dst = d_new + (n_new,)
+            self._moved_by_us(src_inode, *await self._call(self.backing.rename, src, dst, 1))
         src_inode.blinks.remove((p_old, n_old))
         src_inode.blinks.insert(0, (p_new, n_new))
         self.table.mark(src_inode)
@@ -644,7 +746,40 @@ class Flusher:
                 self.table.mark(dst_inode)
             else:
                 await self._forget_blink(dst_inode, (p_new, n_new))
+            await self._other_links_moved(dst_inode, other_before if rename_flags >= 0 else None)
         self._dirs_to_sync.update((d_old, d_new))
+
+    def _moved_by_us(self, inode: Inode | None, before: os.stat_result, after: os.stat_result) -> None:
+        """safefs itself just renamed or linked this object on the project, which moved its
+        ctime: if it was what we had recorded just before, record what it is now."""
+        if inode is not None and inode.origin is not None and same_content(inode.origin, _fingerprint(before)):
+            inode.origin = _fingerprint(after)
+            self.table.mark(inode)
+
+    def _linked_before_crash(self, inode: Inode | None, st: os.stat_result) -> None:
+        """The op had already taken effect when the daemon died, before the fingerprint after
+        it was recorded: only the ctime may differ, and that change was ours."""
+        if self._maybe_done and inode is not None and inode.origin is not None:
+            if tuple(inode.origin[:3]) == _fingerprint(st)[:3]:
+                inode.origin = _fingerprint(st)
+                self.table.mark(inode)
+
+    async def _other_links_moved(self, inode: Inode | None, before: os.stat_result | None) -> None:
+        """A name of `inode` went (replaced or unlinked by us): re-record the fingerprint from
+        a name it still has, whose ctime moved with it."""
+        if inode is None or not inode.is_reg or not inode.blinks:
+            return
+        path = self.table.backing_path(inode.ino)
+        if path is None:
+            return
+        try:
+            after = await self._call(self.backing.lstat, path)
+        except OSError:
+            return  # the publish or the next op sees what is there
+        if before is not None:
+            self._moved_by_us(inode, before, after)
+        else:
+            self._linked_before_crash(inode, after)
 
     # -- publishing ----------------------------------------------------------------------
     async def _publish(self, inode: Inode, receipt: Receipt) -> None:
@@ -666,7 +801,8 @@ class Flusher:
             # was below it is published or kept by inode); say so and move on.
             log.warning("flush: conflict: cannot set attributes of %r: %s", path, exc)
             self.conflicts.append({"path": os.fsdecode(b"/".join(path)), "error": str(exc),
-                                   "time": self.clock.wall()})  # fmt: skip
+                                   "why": "removed or replaced in the project; the mount's attributes are not applied",
+                                   "time": _utc(self.clock.wall())})  # fmt: skip
         if inode.version == version:
             inode.attr_dirty = False
             self.table.mark(inode)
@@ -697,6 +833,7 @@ class Flusher:
             tmp = b"publish-%x-%x-%s.tmp" % (inode.ino, version, os.urandom(6).hex().encode())
             await self._record_publishing(inode, staging + (tmp,))
             st = await self._call(self.backing.publish_atomic, path, staging, fd, inode.size, attrs, tmp)
+            self._renamed_into.add(blink[0])
             written = inode.size
         elif inode.dirty or inode.attr_dirty:
             dirty = list(inode.dirty)
@@ -799,11 +936,7 @@ class Flusher:
         except (OSError, Exception):  # the original may be gone; publish what we have
             pass
         st = await self._call(self.backing.publish_atomic, aside, self._staging(), fd, inode.size, attrs)
-        log.warning("flush: conflict: %r changed on the backing tree; our version is %r", path, aside)
-        self.conflicts.append(
-            {"path": os.fsdecode(b"/".join(path)), "kept_as": os.fsdecode(b"/".join(aside)),
-             "time": self.clock.wall()}
-        )  # fmt: skip
+        self._record_conflict(path, aside, "changed in the mount, and changed, replaced or removed in the project")
         # Our version now lives under the conflict name; the original name shows the backing
         # tree's version again (or goes, if the backing tree no longer has it).
         copy = self.table.new_inode(stat.S_IFREG | stat.S_IMODE(inode.mode), inode.uid, inode.gid, st.st_ctime_ns)
@@ -844,6 +977,21 @@ class Flusher:
         if parent in self.table.inodes:
             await fs.invalidator.invalidate_entry(parent, name)
 
+    async def _restore_dir_times(self) -> None:
+        """A staging rename into a directory moved its times on the project: give it back the
+        times the mount shows, once per directory per pass, after the last rename into it."""
+        dirs, self._renamed_into = self._renamed_into, set()
+        for ino in sorted(dirs):
+            d, path = self.table.inodes.get(ino), self._dir_path(ino)
+            if d is None or path is None:
+                continue
+            self.fs.gate.require_writable()
+            try:
+                await self._call(self.backing.set_times, path, d.atime_ns, d.mtime_ns)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # gone from the project meanwhile: nothing to restore
+            self._dirs_to_sync.add(path)
+
     async def _sync_dirs(self) -> None:
         dirs, self._dirs_to_sync = self._dirs_to_sync, set()
         for path in dirs:
@@ -851,6 +999,12 @@ class Flusher:
                 await self._call(self.backing.fsync_dir, path)
             except FileNotFoundError:
                 pass
+
+    def report_conflicts(self) -> list[dict[str, Any]]:
+        """The conflicts since the last call: a sync receipt lists each one once."""
+        new = self.conflicts[self._conflicts_reported :]
+        self._conflicts_reported = len(self.conflicts)
+        return new
 
     # -- status --------------------------------------------------------------------------
     def statistics(self) -> dict[str, Any]:

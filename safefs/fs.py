@@ -175,11 +175,11 @@ def fingerprint_tuple(fp: Fingerprint) -> tuple[int, int, int, int]:
 def same_content(seen: tuple[int, ...] | None, now: tuple[int, ...]) -> bool:
     """Is a backing file still the one safefs fetched or published (by its fingerprint)?
 
-    The ctime is recorded but not compared: safefs's own renames and links on the backing
-    tree move it, while every change of content by anyone else moves the mtime or the size
-    (or, when a file is replaced, the inode).
+    The ctime is compared too: a rewrite that keeps the size and puts the mtime back
+    (`rsync --inplace -t`, `touch -r`) still moves it. safefs's own renames, links and
+    unlinks move it as well, so the flusher re-records the fingerprint after each of them.
     """
-    return seen is not None and tuple(seen[:3]) == tuple(now[:3])
+    return seen is not None and tuple(seen[:4]) == tuple(now[:4])
 
 
 class Filesystem:
@@ -294,7 +294,7 @@ class Filesystem:
 
     # -- helpers -------------------------------------------------------------------------
     def now_ns(self) -> int:
-        return int(self.clock.wall() * 1e9)
+        return self.clock.wall_ns()  # the kernel's clock for UTIME_NOW (see clock.py)
 
     def _writable(self) -> None:
         self.gate.require_writable()

@@ -308,6 +308,13 @@ class InodeTable:
         self.set_meta("next_seq", self.next_seq)
         return seq
 
+    def amend_op(self, seq: int, op: tuple[Any, ...]) -> None:
+        """Rewrite a pending op with the same inodes (the flusher records a conflict copy's
+        name in it before it writes anything, so a replay after a crash uses that name)."""
+        assert op_inodes(op) == op_inodes(self.ops[seq])
+        self.ops[seq] = op
+        self._marked_ops.add(seq)
+
     def _count_refs(self, op: tuple[Any, ...], delta: int) -> None:
         for ino in op_inodes(op):
             count = self._op_refs.get(ino, 0) + delta

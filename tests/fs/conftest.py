@@ -100,7 +100,7 @@ class _DeadJournal:
 BACKING_METHODS = (
     "lstat", "listdir", "read", "readlink", "getxattrs", "statvfs", "exists", "mkdir", "symlink",
     "mknod", "link", "unlink", "rmdir", "rename", "set_attrs", "publish_atomic", "write_ranges",
-    "fsync_dir",
+    "fsync_dir", "set_times",
 )  # fmt: skip
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -880,3 +881,83 @@ async def test_writes_while_the_flusher_runs_in_the_background(make_stack: Calla
             await trio.sleep(0.001)
         nursery.cancel_scope.cancel()
     assert await synced(stack) == expected
+
+
+# ---------------------------------------------------------------------------- one-way conflicts
+
+
+def _one_copy(src: Path, name: str) -> Path:
+    copies = [Path(p) for p in conflict_copies(src) if os.path.basename(p).startswith(name + ".")]
+    assert len(copies) == 1, f"want one conflict copy of {name}: {conflict_copies(src)}"
+    assert re.fullmatch(re.escape(name) + rf"\.safefs-conflict-{HOST}-\d{{8}}-\d{{6}}", copies[0].name)
+    return copies[0]
+
+
+async def _their_x_appears(stack: Stack) -> None:
+    await stack.resolve("")
+    await stack.listdir()  # the mount listed the directory; then the project gets an x
+    (stack.src / "x").write_bytes(b"theirs")
+
+
+async def _create(stack: Stack) -> None:
+    await stack.create("x", b"ours")
+
+
+async def _symlink(stack: Stack) -> None:
+    await stack.symlink("ours", "x")
+
+
+async def _mkdir(stack: Stack) -> None:
+    await stack.mkdir("x")
+    await stack.create("x/inside", b"ours")
+
+
+async def _link(stack: Stack) -> None:
+    await stack.link("a", "x")
+
+
+async def _rename(stack: Stack) -> None:
+    await stack.rename("a", "x")
+
+
+@pytest.mark.parametrize("op", [_create, _symlink, _mkdir, _link, _rename], ids=lambda f: f.__name__[1:])
+@pytest.mark.parametrize("crash_at", [None, 1])
+async def test_the_projects_object_keeps_its_name(stack: Stack, op: Any, crash_at: int | None) -> None:
+    """A name taken in the project before the mount's op reached it: the project's object
+    stays; the mount's goes beside it, under the same name even after a crash mid-replay."""
+    (stack.src / "a").write_bytes(b"ours")
+    await _their_x_appears(stack)
+    await op(stack)
+    if crash_at is not None:
+        # Crash right after the conflict copy's name was committed, before the project sees it.
+        assert await stack.crash_during(lambda: stack.flusher.sync(timeout=30), crash_at,
+                                        only={"_create": "publish_atomic", "_symlink": "symlink", "_mkdir": "mkdir",
+                                              "_link": "link", "_rename": "rename"}[op.__name__])  # fmt: skip
+    await stack.flusher.sync(timeout=30)
+    assert (stack.src / "x").read_bytes() == b"theirs"
+    copy = _one_copy(stack.src, "x")
+    if op is _mkdir:
+        assert (copy / "inside").read_bytes() == b"ours"
+    elif op is _symlink:
+        assert os.readlink(copy) == "ours"
+    else:
+        assert copy.read_bytes() == b"ours"
+    assert src_tree(stack.src) == await stack.view()
+    if crash_at is None:
+        conflict = stack.flusher.statistics()["conflicts"]
+        assert [(c["path"], c["kept_as"]) for c in conflict] == [("x", copy.name)]
+        assert conflict[0]["why"] and not isinstance(conflict[0]["time"], (int, float))
+
+
+async def test_rename_over_a_file_changed_in_the_project_keeps_theirs_under_the_name(stack: Stack) -> None:
+    (stack.src / "f").write_bytes(b"original")
+    (stack.src / "g").write_bytes(b"ours")
+    assert await stack.read("f") == b"original"
+    await stack.resolve("g")
+    (stack.src / "f").write_bytes(b"theirs!!")
+    await stack.rename("g", "f")
+    await stack.flusher.sync(timeout=30)
+    assert (stack.src / "f").read_bytes() == b"theirs!!"
+    assert _one_copy(stack.src, "f").read_bytes() == b"ours"
+    assert not (stack.src / "g").exists()
+    assert src_tree(stack.src) == await stack.view()

@@ -220,9 +220,9 @@ def test_mknod_device(backing):
 
 def test_link(backing, tree):
     src, _ = tree
-    st = backing.link((b"f",), (b"d", b"hard"))
-    assert st.st_nlink == 2 and st.st_ino == os.lstat(src / "f").st_ino
-    st = backing.link((b"out_file",), (b"hardlink_to_link",))  # links the symlink itself
+    before, st = backing.link((b"f",), (b"d", b"hard"))
+    assert before.st_nlink == 1 and st.st_nlink == 2 and st.st_ino == os.lstat(src / "f").st_ino
+    _, st = backing.link((b"out_file",), (b"hardlink_to_link",))  # links the symlink itself
     assert stat.S_ISLNK(st.st_mode)
 
 
@@ -241,8 +241,9 @@ def test_unlink_and_rmdir(backing, tree):
 
 def test_rename_plain_noreplace_exchange(backing, tree):
     src, _ = tree
-    backing.rename((b"f",), (b"d", b"f2"))
+    before, after = backing.rename((b"f",), (b"d", b"f2"))
     assert (src / "d" / "f2").read_bytes() == b"hello world"
+    assert before.st_ino == after.st_ino == os.lstat(src / "d" / "f2").st_ino
     with pytest.raises(FileExistsError):
         backing.rename((b"d", b"f2"), (b"d", b"g"), RENAME_NOREPLACE)
     assert (src / "d" / "g").read_bytes() == b"0123456789"

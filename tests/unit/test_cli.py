@@ -682,3 +682,27 @@ def test_recover_without_a_mount_also_names_other_hosts_orphans(
     assert out[1] == "caches elsewhere hold changes the projects of these mounts lack:"
     assert len(out) == 3 and out[2].startswith("  /p: orphaned changes: host hostA (cache /var/tmp/ca)")
     assert out[2].endswith("run `safefs recover` on hostA")
+
+
+CONFLICT = {"path": "d/x", "kept_as": "d/x.safefs-conflict-h-20261207-101500", "copy_holds": "the mount's version",
+            "why": "made in the mount while the project got another object of that name",
+            "time": "2026-12-07 10:15:00 UTC"}  # fmt: skip
+
+
+def test_sync_receipt_lists_conflicts_by_name_copy_and_reason() -> None:
+    receipt = cli.sync_receipt(Path("/m"), {"files": 1, "bytes": 4, "generation": 5, "epoch": 1,
+                                            "conflicts": [CONFLICT]}, released=False)  # fmt: skip
+    assert receipt.splitlines() == [
+        "safefs: synced /m: 1 file, 4 B written, generation 5 (epoch 1) published",
+        "1 conflict (both versions kept side by side):",
+        "  d/x: made in the mount while the project got another object of that name; the mount's version is "
+        "d/x.safefs-conflict-h-20261207-101500, at 2026-12-07 10:15:00 UTC",
+    ]
+    assert "conflict" not in cli.sync_receipt(Path("/m"), {"files": 0, "conflicts": []}, released=False)
+
+
+def test_status_formatting_shows_conflicts_with_readable_times() -> None:
+    lines = cli.format_status({**FULL_STATUS, "conflicts": [CONFLICT]}).splitlines()
+    assert "conflicts:    1" in lines
+    assert f"  conflict: {cli.describe_conflict(CONFLICT)}" in lines
+    assert "time=" not in "\n".join(lines)
