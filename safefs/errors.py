@@ -27,6 +27,7 @@ class ExitCode(enum.IntEnum):
     LEASE_HELD = 7  # another host holds the write lease
     BACKING_FAILED = 8  # the backing tree (NFS) failed; dirty data is kept in the cache
     DAEMON_FAILED = 9  # the daemon died or never became ready
+    UNWRITTEN = 11  # changes stay in the cache, not written back (safefs recover); see Unwritten
 
 
 EXIT_CODE_MEANING = {
@@ -40,6 +41,7 @@ EXIT_CODE_MEANING = {
     ExitCode.LEASE_HELD: "another host holds the write lease",
     ExitCode.BACKING_FAILED: "the project (NFS) failed; dirty data stays safe in the cache",
     ExitCode.DAEMON_FAILED: "the daemon exited or never became ready",
+    ExitCode.UNWRITTEN: "changes stay in the cache, not in the project (message says where); run `safefs recover`",
 }
 
 
@@ -116,6 +118,14 @@ class BackingFailed(SafefsError):
 
     errno = _errno.EIO
     exit_code = ExitCode.BACKING_FAILED
+
+
+class Unwritten(SafefsError):
+    """This mount holds changes it cannot write back (its lease was lost, or it followed over a
+    crashed writer's cache): they stay in its cache dir for `safefs recover`."""
+
+    errno = _errno.EROFS
+    exit_code = ExitCode.UNWRITTEN
 
 
 class DaemonFailed(SafefsError):
