@@ -498,10 +498,12 @@ def unwritten_error(mnt: Path, result: dict[str, Any]) -> Unwritten:
     """After an unmount that left changes in the cache: how many, where, why, what to run."""
     cache_dir, src = result.get("cache_dir") or "?", result.get("src") or "?"
     why = f" ({result['unwritten_reason']})" if result.get("unwritten_reason") else ""
+    what = f"{plural(result['unwritten'], 'change')} ({human_bytes(result.get('unwritten_bytes') or 0)})"
+    if isinstance(result.get("unwritten_files"), int) and isinstance(result.get("unwritten_ops"), int):
+        what = f"{plural(result['unwritten_files'], 'file')} ({human_bytes(result.get('unwritten_bytes') or 0)}) " \
+            f"and {plural(result['unwritten_ops'], 'pending operation')}"  # fmt: skip
     return Unwritten(
-        f"unmounted {mnt}, but {plural(result['unwritten'], 'change')} "
-        f"({human_bytes(result.get('unwritten_bytes') or 0)}) were not written back: they stay in the "
-        f"cache {cache_dir}{why}",
+        f"unmounted {mnt}, but {what} were not written back: they stay in the cache {cache_dir}{why}",
         hint=f"run `safefs recover --cache-dir {shlex.quote(cache_dir)} {shlex.quote(src)}` on this host "
         "to write them back (a file changed meanwhile is kept beside as a conflict copy)",
     )

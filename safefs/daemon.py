@@ -730,7 +730,7 @@ class Daemon:
         return {
             "src": str(self.config.src), "cache_dir": str(self.config.cache_dir), "pid": os.getpid(),
             "role": self.keeper.role, "state": self.state, "unmounted": True,
-            "unwritten": ops + files, "unwritten_bytes": nbytes,
+            "unwritten": ops + files, "unwritten_files": files, "unwritten_ops": ops, "unwritten_bytes": nbytes,
             "unwritten_reason": (self._exit_detail or self._orphan_reason or self._why_orphaned()) if ops + files else None,
         }  # fmt: skip
 
@@ -747,27 +747,34 @@ class Daemon:
 
     def _refuse_if_orphaned(self, *, unmounted: bool = False) -> None:
         """A mount holding changes it cannot write back must not report them safe (G4)."""
-        files, nbytes = self._unwritten()
-        if files:
+        ops, files, nbytes = self._unwritten_counts()
+        if ops or files:
             recover = f"safefs recover --cache-dir {self.config.cache_dir} {self.config.src}"
             if not unmounted:
                 recover = f"safefs recover {self.config.mnt}` (or, once unmounted, `{recover}"
             raise Unwritten(
-                f"{files} changes ({nbytes} bytes) stay in the cache {self.config.cache_dir} and are "
-                f"not in the project {self.config.src} ({self._orphan_reason or self._why_orphaned()})",
+                f"{files} files ({nbytes} bytes) and {ops} pending operations stay in the cache "
+                f"{self.config.cache_dir} and are not in the project {self.config.src} "
+                f"({self._orphan_reason or self._why_orphaned()})",
                 hint=f"run `{recover}` on this host to write them back (a file changed meanwhile "
                 "is kept beside as a conflict copy)",
             )
 
     async def acquire(self, *, wait: bool, timeout: float | None, progress: Any = None) -> dict[str, Any]:
-        """Become the writer. Without `wait` a live holder is refused at once; a holder whose
-        heartbeat stands still is being taken over, and that is waited for (T_break and the
-        lock delay), telling the client each second what it waits for."""
+        """Become the writer. Without `wait` a live holder is refused (once its heartbeat was
+        seen to move: up to one renewal); a holder whose heartbeat stands still is taken over,
+        and that is waited for (T_break, then the lock delay). Meanwhile the client is told
+        each second what this waits for."""
         timings = self.config.lease
-        if not wait and self.keeper.role != "writer" and self._holder_silent():
-            wait = True
-            bound = timings.t_break + timings.lock_delay + 2 * timings.poll + 2 * timings.renew
-            timeout = bound if timeout is None else min(timeout, bound)
+        if not wait and self.keeper.role != "writer":
+            try:
+                await self.keeper.acquire(wait=False)  # a free lease, or this host's dead process
+            except LeaseHeldElsewhere:
+                if not await self._holder_looks_dead(progress):
+                    raise
+                wait = True
+                bound = timings.t_break + timings.lock_delay + 2 * timings.poll + 2 * timings.renew
+                timeout = bound if timeout is None else min(timeout, bound)
         result: list[Any] = []
         done = trio.Event()
 
@@ -791,11 +798,34 @@ class Daemon:
             "gave up waiting for the lease", hint="see `safefs status` for who holds it"
         )
 
-    def _holder_silent(self) -> bool:
-        """Whether the holder's heartbeat stood still for more than two renewals (it may be dead)."""
-        holder = self.keeper.statistics()["holder"]
-        age = holder.get("heartbeat_age") if isinstance(holder, dict) else None
-        return isinstance(age, (int, float)) and age > 2 * self.config.lease.renew
+    async def _holder_looks_dead(self, progress: Any) -> bool:
+        """Watch the holder's heartbeat until it moves (alive: False) or stands still for a
+        renewal and two polls (True: it is being taken over, or the lease was freed)."""
+        timings = self.config.lease
+        silence = timings.renew + 2 * timings.poll
+        started = reported = trio.current_time()
+        first_seen: float | None = None  # when the heartbeat last moved, as first seen here
+        while True:
+            holder = self.keeper.statistics()["holder"]
+            if not isinstance(holder, dict) or self.keeper.role == "writer":
+                return True
+            age = holder.get("heartbeat_age")
+            if isinstance(age, (int, float)):
+                moved_at = trio.current_time() - age
+                if first_seen is None:
+                    first_seen = moved_at
+                elif moved_at > first_seen + min(0.1, timings.poll):
+                    return False  # it moved while we watched: alive
+                if age > silence:
+                    return True
+            elif trio.current_time() - started > silence + timings.t_break:
+                return False  # nothing to go by; refuse as before
+            if progress is not None and trio.current_time() - reported >= WAIT_REPORT_INTERVAL:
+                reported = trio.current_time()
+                await progress({"phase": "waiting", "waiting_for": f"a sign of life from the lease holder "
+                                f"{holder.get('host')} (pid {holder.get('pid')})",
+                                "detail": f"its heartbeat moves every {timings.renew:g} s while it lives"})  # fmt: skip
+            await trio.sleep(min(0.1, timings.poll))
 
     def _lease_wait(self) -> tuple[str, str]:
         lease, timings = self.keeper.statistics(), self.config.lease
