@@ -172,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     umount = commands.add_parser(
         "umount",
         help="write everything back and unmount",
-        description="Write everything back, release the lease and unmount MNT.",
+        description="Write everything back, unmount MNT, release the lease and wait for the daemon to exit. "
+        "A busy mount (open files) is refused and nothing changes; changes that cannot be written back "
+        "are reported with where they stay (exit 11).",
     )
     umount.set_defaults(command=cmd_umount)
     umount.add_argument("mnt", metavar="MNT")
@@ -207,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON")
 
     acquire = commands.add_parser(
-        "acquire", help="make a follower the writer", description="Take the write lease for the mount at MNT."
-    )
+        "acquire", help="make a follower the writer",
+        description="Take the write lease for the mount at MNT. A live holder is refused (exit 7); a holder "
+        "whose heartbeat stopped is taken over, and that is waited for (T_break, then the lock delay).",
+    )  # fmt: skip
     acquire.set_defaults(command=cmd_acquire)
     acquire.add_argument("mnt", metavar="MNT")
     acquire.add_argument("--wait", action="store_true", help="wait until the lease is free")
@@ -328,8 +332,12 @@ def spawn_daemon(config: MountConfig, *, debug: bool) -> int:
                 )
         finally:
             os.close(write_fd)  # the daemon has its copy; EOF on read_fd now means it is gone
+        what = "the write lease (--wait-lease)" if config.wait_for_lease else f"the daemon (pid {process.pid}) to mount"
         try:
-            line = _read_line(read_fd, None if config.wait_for_lease else READY_TIMEOUT)
+            line = _read_line(
+                read_fd, None if config.wait_for_lease else READY_TIMEOUT,
+                on_slow=lambda: print(f"safefs: waiting for {what} (its log: {log_path})", file=sys.stderr, flush=True),
+            )  # fmt: skip
         except TimeoutError:
             _stop(process)
             _print_log_tail(log_path, log_start)
@@ -391,16 +399,24 @@ def _daemon_environment() -> dict[str, str]:
     return env
 
 
-def _read_line(fd: int, timeout: float | None) -> bytes:
-    """The first line written to `fd` (b"" if it is closed first). TimeoutError after `timeout`."""
+def _read_line(fd: int, timeout: float | None, on_slow: Callable[[], None] | None = None) -> bytes:
+    """The first line written to `fd` (b"" if it is closed first). TimeoutError after `timeout`.
+    `on_slow` is called once if that takes longer than WAIT_REPORT_DELAY."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    slow_at = time.monotonic() + WAIT_REPORT_DELAY
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     data = bytearray()
     while b"\n" not in data:
+        if on_slow is not None and time.monotonic() >= slow_at:
+            on_slow()
+            on_slow = None
         wait_ms = None if deadline is None else max(deadline - time.monotonic(), 0) * 1000
         if wait_ms == 0:
             raise TimeoutError
+        if on_slow is not None:
+            wait_ms = max(0.0, slow_at - time.monotonic()) * 1000 if wait_ms is None else \
+                min(wait_ms, max(0.0, slow_at - time.monotonic()) * 1000 + 1)  # fmt: skip
         if not poller.poll(wait_ms):
             continue
         chunk = os.read(fd, 4096)

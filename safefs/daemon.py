@@ -648,7 +648,7 @@ class Daemon:
         async def write_back() -> None:
             try:
                 outcome.append(await self._write_back(timeout))
-            except SafefsError as exc:
+            except Exception as exc:  # answered to the caller below, never a crash of the services
                 outcome.append(exc)
             finally:
                 done.set()
@@ -658,7 +658,7 @@ class Daemon:
             await self._wait_reporting(done, progress, self._write_back_wait)
         if not outcome or isinstance(outcome[0], SyncTimeout):
             raise self._sync_timeout(timeout)
-        if isinstance(outcome[0], SafefsError):
+        if isinstance(outcome[0], Exception):
             raise outcome[0]
         return outcome[0]
 
