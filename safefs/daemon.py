@@ -867,10 +867,14 @@ class Daemon:
         and say what it left. A refused (busy) unmount raises Busy before anything was
         released: the mount stays the writer and its open files keep working."""
         deadline = trio.current_time() + (float("inf") if timeout is None else timeout)
-        if self.state == "mounted":
-            if self.keeper.role == "writer":
-                await self._write_back_reported(timeout, progress)
-            await trio.to_thread.run_sync(functools.partial(unmount.fusermount, self.config.mnt, lazy=lazy))
-            log.info("daemon: %s unmounted (safefs umount); writing back the rest", self.config.mnt)
-        remaining = deadline - trio.current_time()
-        return await self._wait_final(None if remaining == float("inf") else max(0.0, remaining), progress)
+        self._final_waiters += 1  # from here: the session may end before fusermount3 returns
+        try:
+            if self.state == "mounted":
+                if self.keeper.role == "writer":
+                    await self._write_back_reported(timeout, progress)
+                await trio.to_thread.run_sync(functools.partial(unmount.fusermount, self.config.mnt, lazy=lazy))
+                log.info("daemon: %s unmounted (safefs umount); writing back the rest", self.config.mnt)
+            remaining = deadline - trio.current_time()
+            return await self._wait_final(None if remaining == float("inf") else max(0.0, remaining), progress)
+        finally:
+            self._final_waiters -= 1
