@@ -687,11 +687,10 @@ class Daemon:
     def _sync_timeout(self, timeout: float | None) -> SyncTimeout:
         """The timeout of a sync, naming why: the project fails, or the write-back is not done."""
         within = "in time" if timeout is None else f"within {timeout:g} s"
-        ops, files, nbytes = self._unwritten_counts()
         waiting_for, detail = self._write_back_wait()
         if self.flusher.last_error is not None:
             return SyncTimeout(
-                f"sync did not finish {within}: {waiting_for[4:]} ({detail}); the dirty data stays safe in the cache",
+                f"sync did not finish {within}: the project fails ({detail}); the dirty data stays safe in the cache",
                 hint="check the project's NFS server; the write-back goes on by itself, run `safefs sync` again",
             )
         return SyncTimeout(
@@ -766,21 +765,21 @@ class Daemon:
         and that is waited for (T_break, then the lock delay). Meanwhile the client is told
         each second what this waits for."""
         timings = self.config.lease
-        if not wait and self.keeper.role != "writer":
-            try:
-                await self.keeper.acquire(wait=False)  # a free lease, or this host's dead process
-            except LeaseHeldElsewhere:
-                if not await self._holder_looks_dead(progress):
-                    raise
-                wait = True
-                bound = timings.t_break + timings.lock_delay + 2 * timings.poll + 2 * timings.renew
-                timeout = bound if timeout is None else min(timeout, bound)
+        if not wait:
+            bound = timings.renew + timings.t_break + timings.lock_delay + 4 * timings.poll + 2 * timings.renew
+            timeout = bound if timeout is None else min(timeout, bound)
         result: list[Any] = []
         done = trio.Event()
 
         async def take() -> None:
             try:
-                result.append(await self.keeper.acquire(wait=wait))
+                try:
+                    epoch = await self.keeper.acquire(wait=wait)  # without wait: a free lease, or
+                except LeaseHeldElsewhere:  # this host's dead process; else is the holder alive?
+                    if wait or not await self._holder_looks_dead():
+                        raise
+                    epoch = await self.keeper.acquire(wait=True)
+                result.append(epoch)
                 await self._take_role()
             except SafefsError as exc:  # raised below, not as an exception group
                 result.append(exc)
@@ -798,12 +797,12 @@ class Daemon:
             "gave up waiting for the lease", hint="see `safefs status` for who holds it"
         )
 
-    async def _holder_looks_dead(self, progress: Any) -> bool:
+    async def _holder_looks_dead(self) -> bool:
         """Watch the holder's heartbeat until it moves (alive: False) or stands still for a
         renewal and two polls (True: it is being taken over, or the lease was freed)."""
         timings = self.config.lease
         silence = timings.renew + 2 * timings.poll
-        started = reported = trio.current_time()
+        started = trio.current_time()
         first_seen: float | None = None  # when the heartbeat last moved, as first seen here
         while True:
             holder = self.keeper.statistics()["holder"]
@@ -820,11 +819,6 @@ class Daemon:
                     return True
             elif trio.current_time() - started > silence + timings.t_break:
                 return False  # nothing to go by; refuse as before
-            if progress is not None and trio.current_time() - reported >= WAIT_REPORT_INTERVAL:
-                reported = trio.current_time()
-                await progress({"phase": "waiting", "waiting_for": f"a sign of life from the lease holder "
-                                f"{holder.get('host')} (pid {holder.get('pid')})",
-                                "detail": f"its heartbeat moves every {timings.renew:g} s while it lives"})  # fmt: skip
             await trio.sleep(min(0.1, timings.poll))
 
     def _lease_wait(self) -> tuple[str, str]:
@@ -835,8 +829,8 @@ class Daemon:
         if isinstance(holder, dict):
             age = holder.get("heartbeat_age") or 0.0
             return f"the lease held by {holder.get('host')} (pid {holder.get('pid')})", \
-                f"its heartbeat stood still for {age:.0f} s; it is taken over after {timings.t_break:g} s " \
-                f"and a lock delay of {timings.lock_delay:g} s"  # fmt: skip
+                f"its heartbeat, renewed every {timings.renew:g} s while it lives, stood still for {age:.0f} s; " \
+                f"a dead holder is taken over after {timings.t_break:g} s and a lock delay of {timings.lock_delay:g} s"  # fmt: skip
         return "the lease", "looking for a free epoch"
 
     async def recover(self, *, timeout: float | None) -> dict[str, Any]:

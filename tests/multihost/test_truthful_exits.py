@@ -62,3 +62,15 @@ def test_acquire_after_a_crash_waits_for_the_takeover_and_exits_0(cluster):
         assert "safefs: waiting for" in done.stderr, describe(done)
     b.write("g", "from b")
     assert b.read("f") == b"from a"
+
+
+def test_acquire_still_refuses_a_live_holder_at_once(cluster):
+    a = cluster.start("a")
+    a.wait_writable()
+    b = cluster.start("b")
+    started = time.monotonic()
+    done = b.cli("acquire", b.mnt, timeout=60)
+    took = time.monotonic() - started
+    assert done.returncode == 7, describe(done)  # LEASE_HELD: its heartbeat moves
+    assert took < TIMINGS.renew + 2 * TIMINGS.poll + 5, f"the refusal took {took:.1f} s"
+    assert a.status()["role"] == "writer" and b.status()["role"] == "follower"
