@@ -332,11 +332,13 @@ def spawn_daemon(config: MountConfig, *, debug: bool) -> int:
                 )
         finally:
             os.close(write_fd)  # the daemon has its copy; EOF on read_fd now means it is gone
-        what = "the write lease (--wait-lease)" if config.wait_for_lease else f"the daemon (pid {process.pid}) to mount"
+        what = "the write lease before mounting (--wait-lease)" if config.wait_for_lease else \
+            f"the daemon (pid {process.pid}) to mount"  # fmt: skip
         try:
             line = _read_line(
                 read_fd, None if config.wait_for_lease else READY_TIMEOUT,
-                on_slow=lambda: print(f"safefs: waiting for {what} (its log: {log_path})", file=sys.stderr, flush=True),
+                on_slow=lambda: print(f"safefs: waiting for {what} (its log: {log_path})",
+                                      file=sys.stderr, flush=True),
             )  # fmt: skip
         except TimeoutError:
             _stop(process)

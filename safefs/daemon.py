@@ -690,7 +690,8 @@ class Daemon:
         waiting_for, detail = self._write_back_wait()
         if self.flusher.last_error is not None:
             return SyncTimeout(
-                f"sync did not finish {within}: the project fails ({detail}); the dirty data stays safe in the cache",
+                f"sync did not finish {within}: the project fails ({detail}); the dirty data stays "
+                "safe in the cache",
                 hint="check the project's NFS server; the write-back goes on by itself, run `safefs sync` again",
             )
         return SyncTimeout(
@@ -730,7 +731,8 @@ class Daemon:
             "src": str(self.config.src), "cache_dir": str(self.config.cache_dir), "pid": os.getpid(),
             "role": self.keeper.role, "state": self.state, "unmounted": True,
             "unwritten": ops + files, "unwritten_files": files, "unwritten_ops": ops, "unwritten_bytes": nbytes,
-            "unwritten_reason": (self._exit_detail or self._orphan_reason or self._why_orphaned()) if ops + files else None,
+            "unwritten_reason": self._exit_detail or self._orphan_reason or self._why_orphaned()
+            if ops + files else None,
         }  # fmt: skip
 
     def _unwritten(self) -> tuple[int, int]:
@@ -829,8 +831,9 @@ class Daemon:
         if isinstance(holder, dict):
             age = holder.get("heartbeat_age") or 0.0
             return f"the lease held by {holder.get('host')} (pid {holder.get('pid')})", \
-                f"its heartbeat, renewed every {timings.renew:g} s while it lives, stood still for {age:.0f} s; " \
-                f"a dead holder is taken over after {timings.t_break:g} s and a lock delay of {timings.lock_delay:g} s"  # fmt: skip
+                f"its heartbeat, renewed every {timings.renew:g} s while it lives, stood still for " \
+                f"{age:.0f} s; a dead holder is taken over after {timings.t_break:g} s and a lock delay " \
+                f"of {timings.lock_delay:g} s"  # fmt: skip
         return "the lease", "looking for a free epoch"
 
     async def recover(self, *, timeout: float | None) -> dict[str, Any]:
@@ -856,7 +859,9 @@ class Daemon:
             "conflicts": self.flusher.conflicts[conflicts_before:], "released": took,
         }  # fmt: skip
 
-    async def prepare_unmount(self, *, timeout: float | None, lazy: bool = False, progress: Any = None) -> dict[str, Any]:
+    async def prepare_unmount(
+        self, *, timeout: float | None, lazy: bool = False, progress: Any = None
+    ) -> dict[str, Any]:
         """Write back, unmount (here, in our own mount namespace), wait for the final write-back
         and say what it left. A refused (busy) unmount raises Busy before anything was
         released: the mount stays the writer and its open files keep working."""

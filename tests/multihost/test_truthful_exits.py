@@ -74,3 +74,20 @@ def test_acquire_still_refuses_a_live_holder_at_once(cluster):
     assert done.returncode == 7, describe(done)  # LEASE_HELD: its heartbeat moves
     assert took < TIMINGS.renew + 2 * TIMINGS.poll + 5, f"the refusal took {took:.1f} s"
     assert a.status()["role"] == "writer" and b.status()["role"] == "follower"
+
+
+def test_umount_of_a_writer_that_lost_its_lease_names_what_it_leaves(cluster):
+    a = cluster.start("a", writeback_delay=600)
+    a.wait_writable()
+    b = cluster.start("b")
+    a.write("pending", "p" * 500)
+    a.stop()
+    cluster.wait_new_writer([b], TIMINGS.takeover_bound)
+    a.cont()
+    wait_until(lambda: a.status()["role"] != "writer", 10, interval=0.1, message="a to notice it was fenced")
+    done = a.umount(check=False)
+    assert done.returncode == UNWRITTEN, describe(done)
+    assert "everything was written back" not in done.stdout + done.stderr, describe(done)
+    assert "(500 B)" in done.stderr and f"safefs recover --cache-dir {a.cache_dir} {a.src}" in done.stderr
+    wait_until(lambda: not a.alive, 30, message="the daemon to exit")
+    assert not (cluster.src / "pending").exists()
