@@ -176,6 +176,7 @@ class Daemon:
         self._final_done = trio.Event()  # the final write-back is over (see _wait_final)
         self._final_waiters = 0  # control calls waiting for it, still to answer
         self._mount_gone = False  # _watch_mount ended the session: nothing left to unmount
+        self._final_receipt: Any = None  # what the final write-back wrote, for `sync` after it
 
     async def serve(self) -> int:
         config = self.config
@@ -327,6 +328,7 @@ class Daemon:
                 self.config.cache_dir,
             )
             return int(ExitCode.BACKING_FAILED)
+        self._final_receipt = receipt
         try:
             await self.keeper.release()
         except SafefsError as exc:
@@ -613,7 +615,10 @@ class Daemon:
         if self.state != "mounted":  # unmounted: sync means "wait for the final write-back"
             outcome = await self._wait_final(timeout, progress)
             self._refuse_if_orphaned(unmounted=True)
-            return {**outcome, "files": 0, "bytes": 0, "ops": 0, "released": True}
+            final = self._final_receipt
+            return {**outcome, "files": getattr(final, "files", 0), "bytes": getattr(final, "bytes", 0),
+                    "ops": getattr(final, "ops", 0), "generation": getattr(final, "generation", None),
+                    "epoch": self._held_epoch, "released": True}  # fmt: skip
         if self.keeper.role != "writer":
             self._refuse_if_orphaned()
             # A follower has nothing to write back; sync means "show me the latest".

@@ -75,6 +75,8 @@ def test_after_fusermount_u_the_mount_stays_visible_until_written_back(mount_fac
         assert (m.src / name).read_bytes() == data, name
     if time.monotonic() - started > 2:
         assert "safefs: waiting for" in done.stderr, describe(done)
+    if command == "sync":
+        assert "4 files" in done.stdout, describe(done)  # the receipt of the final write-back
     if command == "umount":
         assert "everything was written back" in done.stdout, describe(done)
         assert not m.alive
