@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import select
@@ -32,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable, Sequence, TextIO
 
-from safefs import __version__, checks, history, options, settings
+from safefs import __version__, checks, history, options, settings, unmount
 from safefs.config import LeaseTimings, MountConfig, default_cache_dir, runtime_dir, socket_path
 from safefs.control import client
 from safefs.control.protocol import error_from_wire, error_to_wire
@@ -47,6 +48,7 @@ from safefs.errors import (
     Refused,
     SafefsError,
     SyncTimeout,
+    Unwritten,
 )
 
 INTERRUPTED = 130  # the shell's code for "killed by SIGINT"
@@ -55,6 +57,7 @@ STATUS_TIMEOUT = 10.0  # ping and status answer from memory; longer means the da
 CALL_GRACE = 15.0  # the daemon enforces an op's timeout; the client waits this much longer
 STOP_TIMEOUT = 10.0
 PROGRESS_DELAY = 0.5  # operations quicker than this show no progress bar
+WAIT_REPORT_DELAY = 1.0  # a command that waits longer than this says what it waits for
 LOG_TAIL_LINES = 20
 
 
@@ -224,7 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     umount = commands.add_parser(
         "umount",
         help="write everything back and unmount",
-        description="Write everything back, release the lease and unmount MNT.",
+        description="Write everything back, unmount MNT, release the lease and wait for the daemon to exit. "
+        "A busy mount (open files) is refused and nothing changes; changes that cannot be written back "
+        "are reported with where they stay (exit 11).",
     )
     umount.set_defaults(command=cmd_umount)
     umount.add_argument("mnt", metavar="MNT")
@@ -261,8 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON")
 
     acquire = commands.add_parser(
-        "acquire", help="make a follower the writer", description="Take the write lease for the mount at MNT."
-    )
+        "acquire", help="make a follower the writer",
+        description="Take the write lease for the mount at MNT. A live holder is refused (exit 7); a holder "
+        "whose heartbeat stopped is taken over, and that is waited for (T_break, then the lock delay).",
+    )  # fmt: skip
     acquire.set_defaults(command=cmd_acquire)
     acquire.add_argument("mnt", metavar="MNT")
     acquire.add_argument("--wait", action="store_true", help="wait until the lease is free")
@@ -527,8 +534,14 @@ def spawn_daemon(config: MountConfig, *, debug: bool) -> int:
                 )
         finally:
             os.close(write_fd)  # the daemon has its copy; EOF on read_fd now means it is gone
+        what = "the write lease before mounting (--wait-lease)" if config.wait_for_lease else \
+            f"the daemon (pid {process.pid}) to mount"  # fmt: skip
         try:
-            line = _read_line(read_fd, None if config.wait_for_lease else READY_TIMEOUT)
+            line = _read_line(
+                read_fd, None if config.wait_for_lease else READY_TIMEOUT,
+                on_slow=lambda: print(f"safefs: waiting for {what} (its log: {log_path})",
+                                      file=sys.stderr, flush=True),
+            )  # fmt: skip
         except TimeoutError:
             _stop(process)
             _print_log_tail(log_path, log_start)
@@ -590,16 +603,24 @@ def _daemon_environment() -> dict[str, str]:
     return env
 
 
-def _read_line(fd: int, timeout: float | None) -> bytes:
-    """The first line written to `fd` (b"" if it is closed first). TimeoutError after `timeout`."""
+def _read_line(fd: int, timeout: float | None, on_slow: Callable[[], None] | None = None) -> bytes:
+    """The first line written to `fd` (b"" if it is closed first). TimeoutError after `timeout`.
+    `on_slow` is called once if that takes longer than WAIT_REPORT_DELAY."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    slow_at = time.monotonic() + WAIT_REPORT_DELAY
     poller = select.poll()
     poller.register(fd, select.POLLIN)
     data = bytearray()
     while b"\n" not in data:
+        if on_slow is not None and time.monotonic() >= slow_at:
+            on_slow()
+            on_slow = None
         wait_ms = None if deadline is None else max(deadline - time.monotonic(), 0) * 1000
         if wait_ms == 0:
             raise TimeoutError
+        if on_slow is not None:
+            wait_ms = max(0.0, slow_at - time.monotonic()) * 1000 if wait_ms is None else \
+                min(wait_ms, max(0.0, slow_at - time.monotonic()) * 1000 + 1)  # fmt: skip
         if not poller.poll(wait_ms):
             continue
         chunk = os.read(fd, 4096)
@@ -648,18 +669,25 @@ def cmd_umount(args: argparse.Namespace) -> int:
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     ping_timeout = STATUS_TIMEOUT if deadline is None else min(STATUS_TIMEOUT, args.timeout)
     pid = int(call(mnt, "ping", timeout=ping_timeout)["pid"])
+    waits = WaitReport()
     # Watch the daemon from before the unmount, so a recycled pid can never be mistaken for it.
     with ProcessWatch(pid) as daemon:
         try:
             with ProgressBar("writing back") as bar:
+                # The daemon writes back, unmounts (refused if busy, before it releases
+                # anything), waits for its final write-back and says what that left.
                 result = call(
                     mnt,
                     "prepare_unmount",
-                    {"timeout": _remaining(deadline)},
+                    {"timeout": _remaining(deadline), "lazy": args.lazy},
                     timeout=_client_timeout(deadline),
-                    on_progress=bar.update,
+                    on_progress=_report_to(bar, waits),
                 )
+        except Busy:
+            raise busy_error(mnt) from None
         except (SyncTimeout, BackingFailed) as exc:
+            if exc.message.startswith(f"{mnt} is unmounted"):
+                raise  # the unmount happened; the daemon's words are the right ones
             # The sync's words ("run safefs sync again") would be wrong here.
             if isinstance(exc, SyncTimeout):
                 within = "in time" if args.timeout is None else f"within {args.timeout:g} s"
@@ -672,35 +700,51 @@ def cmd_umount(args: argparse.Namespace) -> int:
                 f"anyway with `fusermount3 -u {mnt}`: the next mount on this host with the same "
                 "cache writes the data back",
             ) from None
-        fusermount_unmount(mnt, lazy=args.lazy)
-        if not daemon.wait_exit(_remaining(deadline)):
+        if not result.get("unmounted"):
+            fusermount_unmount(mnt, lazy=args.lazy)  # a daemon that leaves the unmount to us
+        if not waits.wait_exit(daemon, _remaining(deadline), f"the daemon (pid {pid}) to exit"):
             raise SyncTimeout(
                 f"{mnt} is unmounted, but its daemon (pid {pid}) is still running after {args.timeout:g} s",
                 hint="it is finishing up; its log is daemon.log in the cache dir",
             )
     project = result.get("src") or "the project"
+    if result.get("unwritten"):
+        raise unwritten_error(mnt, result)
     print(f"safefs: unmounted {mnt}; everything was written back to {project}")
     return int(ExitCode.OK)
 
 
+def unwritten_error(mnt: Path, result: dict[str, Any]) -> Unwritten:
+    """After an unmount that left changes in the cache: how many, where, why, what to run."""
+    cache_dir, src = result.get("cache_dir") or "?", result.get("src") or "?"
+    why = f" ({result['unwritten_reason']})" if result.get("unwritten_reason") else ""
+    what = f"{plural(result['unwritten'], 'change')} ({human_bytes(result.get('unwritten_bytes') or 0)})"
+    if isinstance(result.get("unwritten_files"), int) and isinstance(result.get("unwritten_ops"), int):
+        what = f"{plural(result['unwritten_files'], 'file')} ({human_bytes(result.get('unwritten_bytes') or 0)}) " \
+            f"and {plural(result['unwritten_ops'], 'pending operation')}"  # fmt: skip
+    return Unwritten(
+        f"unmounted {mnt}, but {what} were not written back: they stay in the cache {cache_dir}{why}",
+        hint=f"run `safefs recover --cache-dir {shlex.quote(cache_dir)} {shlex.quote(src)}` on this host "
+        "to write them back (a file changed meanwhile is kept beside as a conflict copy)",
+    )
+
+
 def fusermount_unmount(mnt: Path, *, lazy: bool) -> None:
-    command = ["fusermount3", "-u", *(["-z"] if lazy else []), os.fspath(mnt)]
     try:
-        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise SafefsError("fusermount3 is not installed", hint="install the fuse3 package") from None
-    if done.returncode == 0:
-        return
-    message = done.stderr.strip() or f"fusermount3 exited with status {done.returncode}"
-    if "busy" in message.lower():
-        inside = Path(os.getcwd()) == mnt or mnt in Path(os.getcwd()).parents
-        who = "your shell's current directory is inside it" if inside else f"`fuser -vm {mnt}` lists who"
-        raise Busy(
-            f"{mnt} is busy: files or directories in it are still open ({who})",
-            hint=f"close them and run `safefs umount {mnt}` again, or use --lazy "
-            "(meanwhile the mount is read-only, with everything written back)",
-        )
-    raise SafefsError(f"fusermount3 could not unmount {mnt}: {message}")
+        unmount.fusermount(mnt, lazy=lazy)
+    except Busy:
+        raise busy_error(mnt) from None
+
+
+def busy_error(mnt: Path) -> Busy:
+    """A refused unmount: who keeps `mnt` busy, and that nothing changed."""
+    inside = Path(os.getcwd()) == mnt or mnt in Path(os.getcwd()).parents
+    who = "your shell's current directory is inside it" if inside else f"`fuser -vm {mnt}` lists who"
+    return Busy(
+        f"{mnt} is busy: files or directories in it are still open ({who}); nothing was changed",
+        hint=f"close them and run `safefs umount {mnt}` again, or use --lazy "
+        "(detach now; the daemon writes back and exits once the last file is closed)",
+    )
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
@@ -712,7 +756,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
             "sync",
             {"release": args.release, "timeout": args.timeout},
             timeout=_client_timeout(deadline),
-            on_progress=bar.update,
+            on_progress=_report_to(bar, WaitReport()),
         )
     print(json.dumps(result, indent=2, sort_keys=True) if args.json else sync_receipt(mnt, result, released=args.release))
     return int(ExitCode.SYNC_CONFLICTS if result.get("conflicts") else ExitCode.OK)
@@ -760,8 +804,12 @@ def _first_present(result: dict[str, Any], *keys: str) -> Any:
 def cmd_acquire(args: argparse.Namespace) -> int:
     mnt = checks.resolve_mountpoint(args.mnt)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    wait_timeout = _client_timeout(deadline) if args.wait else STATUS_TIMEOUT + CALL_GRACE
-    result = call(mnt, "acquire", {"wait": args.wait, "timeout": args.timeout}, timeout=wait_timeout)
+    # Without --wait a live holder is refused at once, but a takeover of a dead one (T_break,
+    # then the lock delay) is waited for: as long as the daemon reports, each second, on it.
+    result = call(
+        mnt, "acquire", {"wait": args.wait, "timeout": args.timeout}, timeout=_client_timeout(deadline),
+        on_progress=WaitReport().update, idle_timeout=STATUS_TIMEOUT + CALL_GRACE,
+    )  # fmt: skip
     epoch = f" (epoch {result['epoch']})" if result.get("epoch") is not None else ""
     print(f"safefs: {mnt} is the writer now{epoch}")
     return int(ExitCode.OK)
@@ -869,6 +917,7 @@ def call(
     *,
     timeout: float | None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
+    idle_timeout: float | None = None,
 ) -> dict[str, Any]:
     """`client.call` on the daemon serving `mnt`, saying which mountpoint is not mounted."""
     try:
@@ -879,6 +928,7 @@ def call(
             timeout=timeout,
             on_progress=on_progress,
             label=f"for {mnt}",
+            idle_timeout=idle_timeout,
         )
     except NotMounted:
         raise not_mounted(mnt) from None
@@ -995,6 +1045,43 @@ class ProgressBar:
             self.stream.flush()
 
 
+class WaitReport:
+    """Says on stderr (terminal or not) what a command waits for, once it has waited longer
+    than WAIT_REPORT_DELAY: one line per new reason, from the daemon's `waiting_for` progress
+    or from the command itself (`wait_exit`)."""
+
+    def __init__(self, stream: TextIO | None = None, *, delay: float = WAIT_REPORT_DELAY) -> None:
+        self.stream = stream or sys.stderr
+        self.delay = delay
+        self.started = time.monotonic()
+        self.said: str | None = None
+
+    def update(self, progress: dict[str, Any]) -> None:
+        what = progress.get("waiting_for")
+        if not isinstance(what, str) or what == self.said or time.monotonic() - self.started < self.delay:
+            return
+        self.said = what
+        detail = progress.get("detail")
+        print(f"safefs: waiting for {what}" + (f" ({detail})" if detail else ""), file=self.stream, flush=True)
+
+    def wait_exit(self, watch: ProcessWatch, timeout: float | None, what: str) -> bool:
+        """`watch.wait_exit(timeout)`, saying what it waits for after the first second."""
+        first = self.delay if timeout is None else min(self.delay, timeout)
+        if watch.wait_exit(first):
+            return True
+        self.started = -math.inf
+        self.update({"waiting_for": what})
+        return watch.wait_exit(None if timeout is None else max(0.0, timeout - first))
+
+
+def _report_to(bar: ProgressBar, waits: WaitReport) -> Callable[[dict[str, Any]], None]:
+    def report(progress: dict[str, Any]) -> None:
+        bar.update(progress)
+        waits.update(progress)
+
+    return report
+
+
 def render_progress(label: str, progress: dict[str, Any]) -> str:
     """`syncing [#######-----------------]  31% 1.2 GiB of 3.9 GiB, 4/12 files`."""
     bytes_done, bytes_total = _number(progress.get("bytes_done")), _number(progress.get("bytes_total"))
@@ -1054,7 +1141,7 @@ def _when(value: Any) -> str:
 # Keys format_status shows itself; any other key is shown as it comes, so new fields are never hidden.
 _SHOWN_KEYS = frozenset(
     {
-        "mnt", "src", "cache_dir", "pid", "role", "lease", "dirty_bytes", "dirty_files", "oldest_dirty_age",
+        "mnt", "src", "cache_dir", "pid", "role", "state", "lease", "dirty_bytes", "dirty_files", "oldest_dirty_age",
         "pending_ops", "bytes_fetched", "bytes_written", "cache_bytes", "cache_limit", "errors", "conflicts",
         "orphans", "orphans_error", "orphans_skipped", "warnings",
     }
@@ -1073,6 +1160,12 @@ def format_status(status: dict[str, Any]) -> str:
     row("mount", status.get("mnt"))
     row("project", status.get("src"))
     row("role", status.get("role"))
+    if status.get("state") == "unmounted":
+        changes = (_number(status.get("dirty_files")) or 0) + (_number(status.get("pending_ops")) or 0)
+        row("state", f"unmounted, writing back {plural(int(changes), 'file')} / "
+                     f"{human_bytes(status.get('dirty_bytes') or 0)}")  # fmt: skip
+    else:
+        row("state", status.get("state"))
     lease = status["lease"] if isinstance(status.get("lease"), dict) else {}
     row("epoch", lease.get("epoch"))
     row("generation", lease.get("generation"))

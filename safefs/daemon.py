@@ -10,7 +10,13 @@ Start-up, in the order a reader of DESIGN.md expects:
 Shut-down (kernel unmount, `safefs umount`, SIGTERM/SIGINT): stop serving requests,
 unmount, then write back everything (shielded, retried until the backing tree accepts it or
 the final-flush time runs out, in which case the dirty data stays in the cache for the next
-mount), close the journal, exit.
+mount), close the journal, exit. `state` says where this is: "mounted", "unmounted" (the
+final write-back runs), "exiting". The control socket answers until the end, so `status`
+lists an unmounted mount that still writes back, and `umount`/`sync` on it wait for the
+outcome. `safefs umount` makes the daemon run the unmount itself before it releases anything
+(prepare_unmount): a refused (busy) unmount leaves the mount the writer it was. The session
+also ends when the mount vanishes from this namespace's mount table while the kernel keeps
+the connection open (a copy in another mount namespace; see safefs/unmount.py).
 
 Orphans (safefs/orphans.py): while this mount holds changes the project lacks and is not the
 writer (it lost its lease, or started as a follower with changes an earlier mount left), or
@@ -36,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import faulthandler
+import functools
 import json
 import logging
 import os
@@ -46,16 +53,16 @@ from typing import Any
 
 import trio
 
-from safefs import __version__, checks, generation, logs, orphans, projectconf, ranges, sdnotify
+from safefs import __version__, checks, generation, logs, orphans, projectconf, ranges, sdnotify, unmount
 from safefs.backing import Backing, FaultPlan
 from safefs.cache import ContentCache
 from safefs.clock import SystemClock
 from safefs.config import MountConfig, socket_path
 from safefs.control.server import serve as serve_control
-from safefs.errors import DaemonFailed, ExitCode, LeaseHeldElsewhere, LeaseLost, SafefsError, SyncTimeout
+from safefs.errors import DaemonFailed, ExitCode, LeaseHeldElsewhere, SafefsError, SyncTimeout, Unwritten
 from safefs.flusher import Flusher
 from safefs.fs import Filesystem, Limiters
-from safefs.fuse_ops import CachePolicy, KernelNotifier, SafeOperations, Session
+from safefs.fuse_ops import CachePolicy, KernelNotifier, SafeOperations, Session, mount_device
 from safefs.history import Event as HistoryEvent
 from safefs.history import HistoryLog
 from safefs.inodes import ROOT_INO, InodeTable
@@ -82,6 +89,10 @@ MARKER_UNKNOWN = ("unknown",)  # Daemon._marker before we looked: a marker of ou
 ETCD_CALL_TIMEOUT = 5.0  # one etcd request (publish, read) from the daemon; abandoned after this
 ETCD_WATCH_WAIT = 10.0  # a follower's long-poll watch of the generation key lasts this long
 ETCD_FALLBACK_POLL = 30.0  # while etcd tells followers of generations, they read the NFS file this often
+MOUNT_WATCH_INTERVAL = 0.5  # how often the mount table is read for our mount (Daemon._watch_mount)
+WAIT_REPORT_INTERVAL = 1.0  # a control call that waits tells its client why, this often
+SYNC_GRACE = 0.5  # a timed-out write-back gets this long to say so itself
+REPLY_GRACE = 10.0  # at exit, calls waiting for the final write-back get this long to answer
 
 
 def _boot_id() -> str:
@@ -176,6 +187,11 @@ class Daemon:
         self._held_epoch: int | None = None  # the last epoch this process held the lease in
         self._exit_detail: str | None = None  # why the final write-back left changes behind
         self.systemd = sdnotify.Notifier()  # a no-op unless started by systemd with Type=notify
+        self.state = "mounted"  # -> "unmounted" (final write-back) -> "exiting"
+        self._final_done = trio.Event()  # the final write-back is over (see _wait_final)
+        self._final_waiters = 0  # control calls waiting for it, still to answer
+        self._mount_gone = False  # _watch_mount ended the session: nothing left to unmount
+        self._final_receipt: Any = None  # what the final write-back wrote, for `sync` after it
 
     async def serve(self) -> int:
         config = self.config
@@ -234,7 +250,11 @@ class Daemon:
                 await self._take_role()
                 if self.role == "writer":
                     await self.flusher.settle()
+                self._services = services
                 code = await self._serve_mount(services)
+                with trio.move_on_after(REPLY_GRACE):
+                    while self._final_waiters:  # let `umount`/`sync` callers have the outcome
+                        await trio.sleep(0.05)
                 self._history_send.close()  # the writer appends what is queued, then ends
                 with trio.move_on_after(ORPHAN_EXIT_TIMEOUT):
                     await history_done.wait()
@@ -250,11 +270,13 @@ class Daemon:
         session = self.session = Session(ops, str(config.mnt), allow_other=config.allow_other)
         clean_exit = False
         try:
+            # In the services nursery: the socket answers during the final write-back too.
+            await services.start(serve_control, socket_path(config.mnt, os.environ, os.getuid()), self)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.flusher.run)
                 await nursery.start(self.notifier.run)
-                await nursery.start(serve_control, socket_path(config.mnt, os.environ, os.getuid()), self)
                 nursery.start_soon(self._watch_signals)
+                nursery.start_soon(self._watch_mount)
                 nursery.start_soon(self._sync_journal_periodically)
                 nursery.start_soon(self._follow)
                 nursery.start_soon(self._keep_orphan_marker)
@@ -276,13 +298,37 @@ class Daemon:
         finally:
             # After a kernel unmount the session is over; after a signal or an error we
             # must take the mount down ourselves so nobody hangs on a dead mountpoint.
-            session.close(unmount=self.terminated or not clean_exit)
+            session.close(unmount=(self.terminated or not clean_exit) and not self._mount_gone)
+            self.state = "unmounted"
             if self.systemd.enabled:
                 files, nbytes = self._unwritten()
                 self.systemd.send(STOPPING=1, STATUS=f"unmounted; writing back {files} changes, {nbytes / (1 << 20):.1f} MiB")
             with trio.CancelScope(shield=True):
-                code = await self._final_flush_until_signalled()
+                try:
+                    code = await self._final_flush_until_signalled()
+                finally:
+                    self.state = "exiting"
+                    self._final_done.set()
         return code
+
+    async def _watch_mount(self) -> None:
+        """End the session once our mount is gone from this namespace's mount table, even if
+        the kernel keeps the connection open for a copy of it in another mount namespace
+        (which would keep us serving, silent, until that namespace dies). A lazily detached
+        mount is served until its last open file is closed."""
+        device = mount_device(os.fspath(self.config.mnt))
+        if device is None:
+            log.warning("fuse: %s is not in the mount table; not watching it", self.config.mnt)
+            return
+        while True:
+            await trio.sleep(MOUNT_WATCH_INTERVAL)
+            if self.fs.open_files() or unmount.mount_present(device):
+                continue
+            log.info("fuse: %s is no longer mounted here; ending the session (a copy of it in "
+                     "another mount namespace may still hold the kernel connection)", self.config.mnt)  # fmt: skip
+            self._mount_gone = True
+            self.session.terminate()
+            return
 
     async def _final_flush_until_signalled(self) -> int:
         """The final write-back, cut short by SIGTERM/SIGINT (the dirty data stays in the cache
@@ -328,6 +374,7 @@ class Daemon:
                 self.config.cache_dir,
             )
             return int(ExitCode.BACKING_FAILED)
+        self._final_receipt = receipt
         try:
             await self.keeper.release()
         except SafefsError as exc:
@@ -740,6 +787,7 @@ class Daemon:
             "pid": os.getpid(),
             "host": self.host_name,
             "role": self.keeper.role,
+            "state": self.state,
             **stats,
             "bytes_fetched": self.backing.bytes_read,
             "bytes_written": self.backing.bytes_written,
@@ -779,6 +827,13 @@ class Daemon:
         return {"orphans": records, "orphans_error": None, "orphans_skipped": skipped}
 
     async def sync(self, *, release: bool, timeout: float | None, progress: Any) -> dict[str, Any]:
+        if self.state != "mounted":  # unmounted: sync means "wait for the final write-back"
+            outcome = await self._wait_final(timeout, progress)
+            self._refuse_if_orphaned(unmounted=True)
+            final = self._final_receipt
+            return {**outcome, "files": getattr(final, "files", 0), "bytes": getattr(final, "bytes", 0),
+                    "ops": getattr(final, "ops", 0), "generation": getattr(final, "generation", None),
+                    "epoch": self._held_epoch, "released": True}  # fmt: skip
         if self.keeper.role != "writer":
             self._refuse_if_orphaned()
             # A follower has nothing to write back; sync means "show me the latest".
@@ -788,7 +843,7 @@ class Daemon:
             self.seen_generation = record or self.seen_generation
             return {"role": "follower", "epoch": self.keeper.epoch, "generation": (record or {}).get("generation"),
                     "files": 0, "bytes": 0, "ops": 0, "released": False}  # fmt: skip
-        receipt = await self._write_back(timeout)
+        receipt = await self._write_back_reported(timeout, progress)
         epoch = self.keeper.epoch
         if release:
             await self.keeper.release()
@@ -804,6 +859,103 @@ class Daemon:
             "conflicts": self.flusher.report_conflicts(),  # since the last sync, background ones too
         }
 
+    async def _write_back_reported(self, timeout: float | None, progress: Any) -> Any:
+        """_write_back in the background, answering within about `timeout` whatever a backing
+        call in flight does, and telling the client each second what it waits for. On a
+        timeout the write-back goes on by itself; the SyncTimeout names the real cause."""
+        outcome: list[Any] = []
+        done = trio.Event()
+
+        async def write_back() -> None:
+            try:
+                outcome.append(await self._write_back(timeout))
+            except Exception as exc:  # answered to the caller below, never a crash of the services
+                outcome.append(exc)
+            finally:
+                done.set()
+
+        self._services.start_soon(write_back)
+        with trio.move_on_after(float("inf") if timeout is None else timeout + SYNC_GRACE):
+            await self._wait_reporting(done, progress, self._write_back_wait)
+        if not outcome or isinstance(outcome[0], SyncTimeout):
+            raise self._sync_timeout(timeout)
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
+
+    async def _wait_reporting(self, event: trio.Event, progress: Any, what: Any) -> None:
+        """Wait for `event`; meanwhile send `what()` = (waiting_for, detail) every second."""
+        while True:
+            with trio.move_on_after(WAIT_REPORT_INTERVAL):
+                await event.wait()
+                return
+            if progress is not None:
+                waiting_for, detail = what()
+                await progress({"phase": "waiting", "waiting_for": waiting_for, "detail": detail})
+
+    def _write_back_wait(self) -> tuple[str, str]:
+        ops, files, nbytes = self._unwritten_counts()
+        left = f"{ops + files} changes, {nbytes} bytes left"
+        lock_delay = self.keeper.statistics().get("lock_delay")
+        if lock_delay:
+            return "the lock delay after taking over the lease, before writing to the project", \
+                f"{lock_delay:.0f} s left; {left}"  # fmt: skip
+        error = self.flusher.last_error
+        if error is not None:
+            return "the project, which fails (retrying)", f"{error.op} {error.path}: {error.error}; {left}"
+        return "the write-back to the project", left
+
+    def _sync_timeout(self, timeout: float | None) -> SyncTimeout:
+        """The timeout of a sync, naming why: the project fails, or the write-back is not done."""
+        within = "in time" if timeout is None else f"within {timeout:g} s"
+        waiting_for, detail = self._write_back_wait()
+        if self.flusher.last_error is not None:
+            return SyncTimeout(
+                f"sync did not finish {within}: the project fails ({detail}); the dirty data stays "
+                "safe in the cache",
+                hint="check the project's NFS server; the write-back goes on by itself, run `safefs sync` again",
+            )
+        return SyncTimeout(
+            f"sync did not finish {within}: waiting for {waiting_for} ({detail}); the project answers, the "
+            "write-back was simply not finished; the dirty data stays safe in the cache",
+            hint="it goes on in the background; run `safefs sync` again to wait for it",
+        )
+
+    async def _wait_final(self, timeout: float | None, progress: Any) -> dict[str, Any]:
+        """Wait for the final write-back of an unmounted mount; what it left, for the caller."""
+        self._final_waiters += 1
+        try:
+            with trio.move_on_after(float("inf") if timeout is None else timeout):
+                await self._wait_reporting(self._final_done, progress, self._final_wait)
+            if not self._final_done.is_set():
+                ops, files, nbytes = self._unwritten_counts()
+                raise SyncTimeout(
+                    f"{self.config.mnt} is unmounted, but its daemon (pid {os.getpid()}) is still writing "
+                    f"back after {timeout:g} s ({ops + files} changes, {nbytes} bytes left)",
+                    hint="it goes on by itself; `safefs status` shows how far it is",
+                )
+            return self._outcome()
+        finally:
+            self._final_waiters -= 1
+
+    def _final_wait(self) -> tuple[str, str]:
+        if self.state == "mounted":
+            return f"the files still open in the detached mount {self.config.mnt} to be closed", \
+                f"{self.fs.open_files()} open"  # fmt: skip
+        waiting_for, detail = self._write_back_wait()
+        return f"{waiting_for} (final, after the unmount)", detail
+
+    def _outcome(self) -> dict[str, Any]:
+        """What an unmount left: everything written back, or how much stays in which cache."""
+        ops, files, nbytes = self._unwritten_counts()
+        return {
+            "src": str(self.config.src), "cache_dir": str(self.config.cache_dir), "pid": os.getpid(),
+            "role": self.keeper.role, "state": self.state, "unmounted": True,
+            "unwritten": ops + files, "unwritten_files": files, "unwritten_ops": ops, "unwritten_bytes": nbytes,
+            "unwritten_reason": self._exit_detail or self._orphan_reason or self._why_orphaned()
+            if ops + files else None,
+        }  # fmt: skip
+
     def _unwritten(self) -> tuple[int, int]:
         """(files, bytes) this cache holds that the project does not have."""
         ops, files, nbytes = self._unwritten_counts()
@@ -815,24 +967,95 @@ class Daemon:
         dirty = [i for i in self.fs.table.iter_dirty() if i.links or i.ino == ROOT_INO]
         return len(self.fs.table.ops), len(dirty), sum(ranges.total(i.dirty) for i in dirty)
 
-    def _refuse_if_orphaned(self) -> None:
-        """A mount that lost its lease with changes unwritten must not report them safe (G4)."""
-        files, nbytes = self._unwritten()
-        if files:
-            raise LeaseLost(
-                f"this mount lost its write lease; {files} changes ({nbytes} bytes) are kept in its "
-                f"cache {self.config.cache_dir} but are not in the project",
-                hint="run `safefs recover` on this host to write them back or keep them as conflict copies",
+    def _refuse_if_orphaned(self, *, unmounted: bool = False) -> None:
+        """A mount holding changes it cannot write back must not report them safe (G4)."""
+        ops, files, nbytes = self._unwritten_counts()
+        if ops or files:
+            recover = f"safefs recover --cache-dir {self.config.cache_dir} {self.config.src}"
+            if not unmounted:
+                recover = f"safefs recover {self.config.mnt}` (or, once unmounted, `{recover}"
+            raise Unwritten(
+                f"{files} files ({nbytes} bytes) and {ops} pending operations stay in the cache "
+                f"{self.config.cache_dir} and are not in the project {self.config.src} "
+                f"({self._orphan_reason or self._why_orphaned()})",
+                hint=f"run `{recover}` on this host to write them back (a file changed meanwhile "
+                "is kept beside as a conflict copy)",
             )
 
-    async def acquire(self, *, wait: bool, timeout: float | None) -> dict[str, Any]:
+    async def acquire(self, *, wait: bool, timeout: float | None, progress: Any = None) -> dict[str, Any]:
+        """Become the writer. Without `wait` a live holder is refused (once its heartbeat was
+        seen to move: up to one renewal); a holder whose heartbeat stands still is taken over,
+        and that is waited for (T_break, then the lock delay). Meanwhile the client is told
+        each second what this waits for."""
+        timings = self.config.lease
+        if not wait:
+            bound = timings.renew + timings.t_break + timings.lock_delay + 4 * timings.poll + 2 * timings.renew
+            timeout = bound if timeout is None else min(timeout, bound)
+        result: list[Any] = []
+        done = trio.Event()
+
+        async def take() -> None:
+            try:
+                try:
+                    epoch = await self.keeper.acquire(wait=wait)  # without wait: a free lease, or
+                except LeaseHeldElsewhere:  # this host's dead process; else is the holder alive?
+                    if wait or not await self._holder_looks_dead():
+                        raise
+                    epoch = await self.keeper.acquire(wait=True)
+                result.append(epoch)
+                await self._take_role()
+            except SafefsError as exc:  # raised below, not as an exception group
+                result.append(exc)
+            finally:
+                done.set()
+
         with trio.move_on_after(timeout if timeout is not None else float("inf")):
-            epoch = await self.keeper.acquire(wait=wait)
-            await self._take_role()
-            return {"role": self.keeper.role, "epoch": epoch}
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(take)
+                await self._wait_reporting(done, progress, self._lease_wait)
+            if isinstance(result[0], SafefsError):
+                raise result[0]
+            return {"role": self.keeper.role, "epoch": result[0]}
         raise LeaseHeldElsewhere(
             "gave up waiting for the lease", hint="see `safefs status` for who holds it"
         )
+
+    async def _holder_looks_dead(self) -> bool:
+        """Watch the holder's heartbeat until it moves (alive: False) or stands still for a
+        renewal and two polls (True: it is being taken over, or the lease was freed)."""
+        timings = self.config.lease
+        silence = timings.renew + 2 * timings.poll
+        started = trio.current_time()
+        first_seen: float | None = None  # when the heartbeat last moved, as first seen here
+        while True:
+            holder = self.keeper.statistics()["holder"]
+            if not isinstance(holder, dict) or self.keeper.role == "writer":
+                return True
+            age = holder.get("heartbeat_age")
+            if isinstance(age, (int, float)):
+                moved_at = trio.current_time() - age
+                if first_seen is None:
+                    first_seen = moved_at
+                elif moved_at > first_seen + min(0.1, timings.poll):
+                    return False  # it moved while we watched: alive
+                if age > silence:
+                    return True
+            elif trio.current_time() - started > silence + timings.t_break:
+                return False  # nothing to go by; refuse as before
+            await trio.sleep(min(0.1, timings.poll))
+
+    def _lease_wait(self) -> tuple[str, str]:
+        lease, timings = self.keeper.statistics(), self.config.lease
+        if lease["role"] == "writer":
+            return "the lock delay after taking over the lease", f"{lease.get('lock_delay') or 0:.0f} s left"
+        holder = lease["holder"]
+        if isinstance(holder, dict):
+            age = holder.get("heartbeat_age") or 0.0
+            return f"the lease held by {holder.get('host')} (pid {holder.get('pid')})", \
+                f"its heartbeat, renewed every {timings.renew:g} s while it lives, stood still for " \
+                f"{age:.0f} s; a dead holder is taken over after {timings.t_break:g} s and a lock delay " \
+                f"of {timings.lock_delay:g} s"  # fmt: skip
+        return "the lease", "looking for a free epoch"
 
     async def recover(self, *, timeout: float | None) -> dict[str, Any]:
         """Write back what this cache holds and the project does not (an orphan of a lost
@@ -859,10 +1082,21 @@ class Daemon:
             "conflicts": self.flusher.conflicts[conflicts_before:], "released": took,
         }  # fmt: skip
 
-    async def prepare_unmount(self, *, timeout: float | None) -> dict[str, Any]:
-        if self.keeper.role == "writer":
-            result = await self.sync(release=True, timeout=timeout, progress=None)
-        else:
-            result = {"role": "follower", "released": False}
-        result["pid"] = os.getpid()
-        return result
+    async def prepare_unmount(
+        self, *, timeout: float | None, lazy: bool = False, progress: Any = None
+    ) -> dict[str, Any]:
+        """Write back, unmount (here, in our own mount namespace), wait for the final write-back
+        and say what it left. A refused (busy) unmount raises Busy before anything was
+        released: the mount stays the writer and its open files keep working."""
+        deadline = trio.current_time() + (float("inf") if timeout is None else timeout)
+        self._final_waiters += 1  # from here: the session may end before fusermount3 returns
+        try:
+            if self.state == "mounted":
+                if self.keeper.role == "writer":
+                    await self._write_back_reported(timeout, progress)
+                await trio.to_thread.run_sync(functools.partial(unmount.fusermount, self.config.mnt, lazy=lazy))
+                log.info("daemon: %s unmounted (safefs umount); writing back the rest", self.config.mnt)
+            remaining = deadline - trio.current_time()
+            return await self._wait_final(None if remaining == float("inf") else max(0.0, remaining), progress)
+        finally:
+            self._final_waiters -= 1

@@ -28,6 +28,7 @@ class ExitCode(enum.IntEnum):
     BACKING_FAILED = 8  # the backing tree (NFS) failed; dirty data is kept in the cache
     DAEMON_FAILED = 9  # the daemon died or never became ready
     SYNC_CONFLICTS = 10  # synced, with conflicts: some versions were kept as conflict copies
+    UNWRITTEN = 11  # changes stay in the cache, not written back (safefs recover); see Unwritten
 
 
 EXIT_CODE_MEANING = {
@@ -43,6 +44,7 @@ EXIT_CODE_MEANING = {
     ExitCode.DAEMON_FAILED: "the daemon exited or never became ready",
     ExitCode.SYNC_CONFLICTS: "synced, with conflicts: both versions are kept side by side, one as "
     "NAME.safefs-conflict-HOST-TIME (the receipt lists them)",
+    ExitCode.UNWRITTEN: "changes stay in the cache, not in the project (message says where); run `safefs recover`",
 }
 
 
@@ -119,6 +121,14 @@ class BackingFailed(SafefsError):
 
     errno = _errno.EIO
     exit_code = ExitCode.BACKING_FAILED
+
+
+class Unwritten(SafefsError):
+    """This mount holds changes it cannot write back (its lease was lost, or it followed over a
+    crashed writer's cache): they stay in its cache dir for `safefs recover`."""
+
+    errno = _errno.EROFS
+    exit_code = ExitCode.UNWRITTEN
 
 
 class DaemonFailed(SafefsError):

@@ -1121,6 +1121,10 @@ class Filesystem:
             inode.opens -= 1
             await self.collect(inode)
 
+    def open_files(self) -> int:
+        """How many files the kernel holds open through this mount (a lazy unmount waits for them)."""
+        return len(self._handles)
+
     # -- directories ---------------------------------------------------------------------
     async def opendir(self, ino: int) -> int:
         d = self._dir(ino)

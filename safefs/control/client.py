@@ -38,19 +38,23 @@ def call(
     timeout: float | None = None,
     on_progress: Callable[[dict[str, Any]], None] | None = None,
     label: str | None = None,
+    idle_timeout: float | None = None,
 ) -> dict[str, Any]:
     """Run `op` on the daemon listening at `sock_path`; wait at most `timeout` seconds (None: forever).
 
+    With `idle_timeout` (and no `timeout`) the wait has no bound as long as the daemon sends a
+    line (progress) at least that often: for operations whose length only the daemon knows.
     `label` names the daemon in error messages (e.g. "for /home/u/proj"); default: its socket.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
+    idle = idle_timeout if timeout is None else None
     request = protocol.encode(Request(op, dict(args or {})))
     daemon = f"the safefs daemon {label or f'at {sock_path}'}"
     with _connect(Path(sock_path), timeout, daemon) as sock:
         # The daemon may have answered (a refusal) and closed already: the reply is read below.
         with contextlib.suppress(BrokenPipeError):
             sock.sendall(request)
-        for line in _lines(sock, deadline, daemon):
+        for line in _lines(sock, deadline, daemon, idle):
             reply = protocol.decode_reply(line)
             if isinstance(reply, Progress):
                 if on_progress is not None:
@@ -111,10 +115,13 @@ def _connect(path: Path, timeout: float | None, daemon: str) -> socket.socket:
     return sock
 
 
-def _lines(sock: socket.socket, deadline: float | None, daemon: str) -> Iterator[bytes]:
-    """Yield each complete line the daemon sends, until it closes the connection."""
+def _lines(sock: socket.socket, deadline: float | None, daemon: str, idle: float | None = None) -> Iterator[bytes]:
+    """Yield each complete line the daemon sends, until it closes the connection. With `idle`,
+    the deadline is that long after the last data received."""
     buffer = bytearray()
     while True:
+        if idle is not None:
+            deadline = time.monotonic() + idle
         if deadline is not None:
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
         try:

@@ -7,7 +7,8 @@ Wire format (each message one line of UTF-8 JSON ending in b"\\n"):
 - error:    {"v": 1, "ok": false, "error": {"type", "message", "hint", "exit_code", "errno"}}
 
 Progress payloads are free-form dicts; the CLI's progress bar understands `phase` (str),
-`bytes_done`, `bytes_total`, `files_done`, `files_total` (ints, totals may be absent).
+`bytes_done`, `bytes_total`, `files_done`, `files_total` (ints, totals may be absent); a
+call that waits sends `waiting_for` and `detail` (str) each second, which the CLI prints.
 Results are dicts too; `ping` (answered by the server itself) gives `pid`, `version`,
 `protocol`; the CLI's sync receipt reads `epoch`, `generation`, `files_written`,
 `bytes_written`; `status` keys are listed in the shared contract, plus `orphans` (every
@@ -63,6 +64,7 @@ class AcquireArgs:
 @dataclasses.dataclass(frozen=True)
 class PrepareUnmountArgs:
     timeout: float | None = None
+    lazy: bool = False  # detach now even if files are open (fusermount3 -z)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,8 @@ Invariants:
 - A connection never takes the server down: any exception while answering becomes an
   error reply (unexpected ones are logged with their traceback) and the server keeps serving.
 - An operation that started runs to its end even if the client goes away (a half-done sync
-  is harmless but pointless); progress lines are then dropped.
+  is harmless but pointless); progress lines are then dropped. A reply that is ready is sent
+  even while the server is being cancelled (bounded by PROGRESS_SEND_TIMEOUT).
 
 Threading: everything here runs in the trio thread and never blocks it, apart from a few
 calls on the local runtime dir at start and exit (mkdir, chmod, unlink); the handler's
@@ -57,9 +58,9 @@ class ControlHandler(Protocol):
 
     async def sync(self, *, release: bool, timeout: float | None, progress: ProgressFn) -> dict[str, Any]: ...
 
-    async def acquire(self, *, wait: bool, timeout: float | None) -> dict[str, Any]: ...
+    async def acquire(self, *, wait: bool, timeout: float | None, progress: ProgressFn) -> dict[str, Any]: ...
 
-    async def prepare_unmount(self, *, timeout: float | None) -> dict[str, Any]: ...
+    async def prepare_unmount(self, *, timeout: float | None, lazy: bool, progress: ProgressFn) -> dict[str, Any]: ...
 
     async def recover(self, *, timeout: float | None) -> dict[str, Any]: ...
 
@@ -235,7 +236,8 @@ async def _answer(handler: ControlHandler, stream: trio.SocketStream) -> None:
     except Exception as exc:
         log.exception("control: %s failed with an unexpected error", op)
         data = protocol.encode(ErrorReply.from_exception(exc))
-    await connection.send(data)
+    with trio.CancelScope(shield=True):  # an answer is sent even while the daemon shuts down
+        await connection.send(data)
 
 
 async def _receive_line(stream: trio.SocketStream) -> bytes | None:
@@ -263,9 +265,9 @@ async def _dispatch(handler: ControlHandler, request: Request, connection: _Conn
     elif isinstance(args, protocol.SyncArgs):
         result = await handler.sync(release=args.release, timeout=args.timeout, progress=connection.progress)
     elif isinstance(args, protocol.AcquireArgs):
-        result = await handler.acquire(wait=args.wait, timeout=args.timeout)
+        result = await handler.acquire(wait=args.wait, timeout=args.timeout, progress=connection.progress)
     elif isinstance(args, protocol.PrepareUnmountArgs):
-        result = await handler.prepare_unmount(timeout=args.timeout)
+        result = await handler.prepare_unmount(timeout=args.timeout, lazy=args.lazy, progress=connection.progress)
     elif isinstance(args, protocol.RecoverArgs):
         result = await handler.recover(timeout=args.timeout)
     else:

@@ -474,7 +474,7 @@ def test_umount_writes_back_unmounts_and_waits_for_the_daemon(
     monkeypatch.setattr(cli, "ProcessWatch", FakeWatch)
     FakeWatch.watched.clear()
     assert cli.main(["umount", str(mnt), "--lazy"]) == ExitCode.OK
-    assert handler.calls == [("prepare_unmount", {"timeout": None})]
+    assert handler.calls == [("prepare_unmount", {"timeout": None, "lazy": True})]
     assert unmounted == [(mnt, True)]
     assert FakeWatch.watched == [os.getpid()]  # the pid the server answered ping with
     assert capsys.readouterr().out == f"safefs: unmounted {mnt}; everything was written back to /s\n"

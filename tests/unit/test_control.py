@@ -61,12 +61,12 @@ class FakeHandler:
             await progress({"phase": "flushing", "files_done": done, "files_total": 3})
         return {"epoch": 2, "generation": 7, "files_written": 3, "bytes_written": 300}
 
-    async def acquire(self, *, wait: bool, timeout: float | None) -> dict[str, Any]:
+    async def acquire(self, *, wait: bool, timeout: float | None, progress: ProgressFn) -> dict[str, Any]:
         self._record("acquire", wait=wait, timeout=timeout)
         return {"epoch": 3}
 
-    async def prepare_unmount(self, *, timeout: float | None) -> dict[str, Any]:
-        self._record("prepare_unmount", timeout=timeout)
+    async def prepare_unmount(self, *, timeout: float | None, lazy: bool, progress: ProgressFn) -> dict[str, Any]:
+        self._record("prepare_unmount", timeout=timeout, lazy=lazy)
         return {"src": "/s", "pid": os.getpid()}
 
 
@@ -230,7 +230,7 @@ async def test_acquire_and_prepare_unmount_get_their_arguments(served: tuple[Fak
     assert (await call(path, "prepare_unmount", {"timeout": 9}))["src"] == "/s"
     assert handler.calls == [
         ("acquire", {"wait": True, "timeout": None}),
-        ("prepare_unmount", {"timeout": 9.0}),
+        ("prepare_unmount", {"timeout": 9.0, "lazy": False}),
     ]
 
 
