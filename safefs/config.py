@@ -52,6 +52,7 @@ class MountConfig:
     lease: LeaseTimings = dataclasses.field(default_factory=LeaseTimings)
     backing_timeout: float = 60.0  # reads of uncached data fail with EIO after this long
     wait_for_lease: bool = False
+    follower: bool = False  # never take the lease by itself (`safefs recover --cache-dir` lists)
 
 
 def project_key(src: Path) -> str:

@@ -174,6 +174,7 @@ class Daemon:
         self.identity = identity = local_identity(config.host_id)
         self.keeper = keeper = LeaseKeeper(
             DirLeaseStore(config.src), self.clock, config.lease, identity, trio.CapacityLimiter(2),
+            want_write=not config.follower,
         )  # fmt: skip
         self.orphan_name = orphans.record_name(identity.host, identity.machine_id, str(config.cache_dir))
         # One marker change at a time, even after a thread stuck in NFS was abandoned (it keeps

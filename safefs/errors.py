@@ -27,6 +27,7 @@ class ExitCode(enum.IntEnum):
     LEASE_HELD = 7  # another host holds the write lease
     BACKING_FAILED = 8  # the backing tree (NFS) failed; dirty data is kept in the cache
     DAEMON_FAILED = 9  # the daemon died or never became ready
+    UNWRITTEN = 11  # changes stay in the cache, not written back (safefs recover)
 
 
 EXIT_CODE_MEANING = {
@@ -40,6 +41,7 @@ EXIT_CODE_MEANING = {
     ExitCode.LEASE_HELD: "another host holds the write lease",
     ExitCode.BACKING_FAILED: "the project (NFS) failed; dirty data stays safe in the cache",
     ExitCode.DAEMON_FAILED: "the daemon exited or never became ready",
+    ExitCode.UNWRITTEN: "changes stay in the cache, not in the project (message says where); run `safefs recover`",
 }
 
 
