@@ -241,6 +241,11 @@ def test_recover_cache_dir_refuses_what_it_cannot_do(mount_factory, tmp_path):
 
     done = recover_cache(m.cache_dir, m.src)
     assert done.returncode == 0 and "holds nothing" in done.stdout, describe(done)
+    other = tmp_path / "other-project"
+    other.mkdir()
+    wrong = recover_cache(m.cache_dir, other, "--write")
+    assert wrong.returncode == REFUSED and "belongs to the project" in wrong.stderr, describe(wrong)
+    assert os.listdir(other) == [], "a cache was replayed onto another project"
     not_a_cache = tmp_path / "not-a-cache"
     not_a_cache.mkdir()
     refused = recover_cache(not_a_cache, m.src, "--write")
