@@ -232,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--write", action="store_true", help="with --cache-dir: write the changes back (default: list them)"
     )
     recover.add_argument(
-        "--host-id", metavar="NAME", help="with --cache-dir: the --host-id the gone mount used (default: hostname)"
-    )
+        "--host-id", metavar="NAME",
+        help="with --cache-dir: the --host-id the gone mount used (default: from its orphan marker, else hostname)",
+    )  # fmt: skip
     recover.add_argument("--timeout", type=parse_seconds, metavar="S", help="give up the write-back after this long")
     return parser
 

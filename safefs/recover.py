@@ -18,6 +18,8 @@ Invariants:
 - A listing writes nothing to the project's tree and nothing to the cache's contents; like
   any mount holding changes it may not write, the private daemon leaves (or refreshes) the
   cache's orphan marker in `SRC/.safefs/orphans`, so every host's `safefs status` shows it.
+  Without --host-id it takes the host id from the marker this machine left for DIR, so that
+  the marker is the daemon's own and goes once everything is written back.
 - CLI layer: imports none of trio, pyfuse3, lmdb (the daemon is a separate process).
 Single-threaded; blocking calls are fine here.
 """
@@ -37,6 +39,8 @@ from typing import Any
 from safefs import checks, cli
 from safefs.config import MountConfig
 from safefs.errors import ExitCode, Refused, SafefsError
+from safefs.lease.store import local_identity
+from safefs.orphans import OrphanStore
 
 EXIT_WAIT = 3.0  # the private daemon exits by itself this soon after its unmount, normally
 STOP_TIMEOUT = 60.0  # then after SIGTERM (its last orphan marker update may take a few seconds)
@@ -62,9 +66,12 @@ def run(args: argparse.Namespace) -> int:
             hint="give the --cache-dir the lost mount used (`safefs status` names it in the orphan line)",
         )
     command = f"safefs recover --cache-dir {shlex.quote(str(cache_dir))} {shlex.quote(str(src))}"
+    host_id = args.host_id or _marker_host(src, cache_dir)
+    if host_id is not None and args.host_id is None:
+        _note(f"host id {host_id}, from the orphan marker of {cache_dir} in the project")
     mnt = Path(tempfile.mkdtemp(prefix="safefs-recover-"))
     try:
-        config = MountConfig(src=src, mnt=mnt, cache_dir=cache_dir, host_id=args.host_id, follower=True)
+        config = MountConfig(src=src, mnt=mnt, cache_dir=cache_dir, host_id=host_id, follower=True)
         checks.check_setup(config)
         _note(f"reading {cache_dir} through a private mount at {mnt}")
         cli.spawn_daemon(config, debug=False, announce=False)
@@ -118,6 +125,18 @@ def _write_back(mnt: Path, cache_dir: Path, src: Path, timeout: float | None, co
         print(f"  try again with: {command} --write")
         return int(ExitCode.UNWRITTEN)
     return int(ExitCode.OK)
+
+
+def _marker_host(src: Path, cache_dir: Path) -> str | None:
+    """The --host-id the lost mount used, read from its orphan marker (this machine, this cache
+    dir), so that the private daemon's marker is the same one and goes once all is written."""
+    try:
+        listing = OrphanStore(src).list()
+    except OSError:
+        return None  # no marker to match: the default host id will do
+    machine_id = local_identity().machine_id
+    hosts = {r.host for _, r in listing.records if r.cache_dir == str(cache_dir) and r.machine_id == machine_id}
+    return hosts.pop() if len(hosts) == 1 else None
 
 
 def _unwritten(status: dict[str, Any]) -> bool:
