@@ -8,7 +8,11 @@ Invariants:
 - Bytes written with `pwrite` are in the OS page cache when it returns (they survive a killed
   daemon); `fsync` makes them durable.
 - Open file descriptors are kept in a small table so hot files are not reopened on every
-  request; a descriptor is closed when the file is deleted or the table is full.
+  request; a descriptor leaves the table when the file is deleted or the table is full
+  (least recently used first).
+- A descriptor is closed only when it is out of the table and no one has it pinned: a
+  descriptor in use (`pin`/`unpin`, `pinned`, and every method here) is never closed, so its
+  number is never reused for another file under its user.
 
 Threading: every method except `path`, `free_space_stale`, `free_bytes` and `charge` blocks on
 the local disk and runs in a worker thread
@@ -18,12 +22,14 @@ run concurrently from several worker threads.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
 
 from safefs.errors import CacheFull
@@ -39,6 +45,8 @@ class ContentCache:
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         self._floor = free_space_floor
         self._fds: OrderedDict[int, int] = OrderedDict()
+        self._pins: dict[int, int] = {}  # fd -> how many users have it pinned
+        self._retired: set[int] = set()  # pinned fds out of the table: closed at the last unpin
         self._lock = threading.Lock()
         self._free_checked_at = 0.0
         self._free_bytes = 0
@@ -51,22 +59,61 @@ class ContentCache:
     def fd(self, ino: int) -> int:
         """An open read-write descriptor of the inode's content file (created if missing).
 
-        The caller must not close it; it stays valid until `delete(ino)` or `close()`.
+        The caller must not close it. It stays valid only until another call may push it out
+        of the table: a caller that uses it across other cache calls pins it (`pinned`).
         """
         with self._lock:
-            fd = self._fds.get(ino)
-            if fd is not None:
-                self._fds.move_to_end(ino)
-                return fd
-            fd = os.open(self.path(ino), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._fds[ino] = fd
-            while len(self._fds) > MAX_OPEN_FILES:
-                _, old = self._fds.popitem(last=False)
-                os.close(old)
+            return self._fd_locked(ino)
+
+    def _fd_locked(self, ino: int) -> int:
+        fd = self._fds.get(ino)
+        if fd is not None:
+            self._fds.move_to_end(ino)
+            return fd
+        fd = os.open(self.path(ino), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self._fds[ino] = fd
+        while len(self._fds) > MAX_OPEN_FILES:
+            _, old = self._fds.popitem(last=False)
+            self._retire_locked(old)
+        return fd
+
+    def _retire_locked(self, fd: int) -> None:
+        """`fd` has left the table: close it now, or at its last unpin if it is in use."""
+        if fd in self._pins:
+            self._retired.add(fd)
+        else:
+            os.close(fd)
+
+    def pin(self, ino: int) -> int:
+        """The inode's descriptor, kept open until the matching `unpin(fd)`."""
+        with self._lock:
+            fd = self._fd_locked(ino)
+            self._pins[fd] = self._pins.get(fd, 0) + 1
             return fd
 
+    def unpin(self, fd: int) -> None:
+        with self._lock:
+            count = self._pins.pop(fd) - 1
+            if count:
+                self._pins[fd] = count
+            elif fd in self._retired:
+                self._retired.discard(fd)
+                os.close(fd)
+
+    @contextlib.contextmanager
+    def pinned(self, ino: int) -> Iterator[int]:
+        fd = self.pin(ino)
+        try:
+            yield fd
+        finally:
+            self.unpin(fd)
+
     def pread(self, ino: int, offset: int, size: int) -> bytes:
-        fd = self.fd(ino)
+        with self.pinned(ino) as fd:
+            return self._pread(fd, offset, size)
+
+    @staticmethod
+    def _pread(fd: int, offset: int, size: int) -> bytes:
         chunks = []
         while size > 0:
             chunk = os.pread(fd, size, offset)
@@ -79,26 +126,32 @@ class ContentCache:
         return b"".join(chunks)
 
     def pwrite(self, ino: int, offset: int, data: bytes) -> None:
-        fd = self.fd(ino)
         view = memoryview(data)
         try:
-            while view:
-                n = os.pwrite(fd, view, offset)
-                view = view[n:]
-                offset += n
+            with self.pinned(ino) as fd:
+                while view:
+                    n = os.pwrite(fd, view, offset)
+                    view = view[n:]
+                    offset += n
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise CacheFull("cache: local disk full") from exc
             raise
 
     def truncate(self, ino: int, size: int) -> None:
-        os.ftruncate(self.fd(ino), size)
+        with self.pinned(ino) as fd:
+            os.ftruncate(fd, size)
 
     def fsync(self, ino: int) -> None:
         with self._lock:
             fd = self._fds.get(ino)
+            if fd is not None:
+                self._pins[fd] = self._pins.get(fd, 0) + 1
         if fd is not None:
-            os.fsync(fd)
+            try:
+                os.fsync(fd)
+            finally:
+                self.unpin(fd)
         elif self.path(ino).exists():
             fd = os.open(self.path(ino), os.O_RDONLY | os.O_CLOEXEC)
             try:
@@ -109,8 +162,8 @@ class ContentCache:
     def delete(self, ino: int) -> None:
         with self._lock:
             fd = self._fds.pop(ino, None)
-        if fd is not None:
-            os.close(fd)
+            if fd is not None:
+                self._retire_locked(fd)
         try:
             os.unlink(self.path(ino))
         except FileNotFoundError:
@@ -161,5 +214,5 @@ class ContentCache:
     def close(self) -> None:
         with self._lock:
             for fd in self._fds.values():
-                os.close(fd)
+                self._retire_locked(fd)
             self._fds.clear()

@@ -276,11 +276,29 @@ def build_parser() -> argparse.ArgumentParser:
     acquire.add_argument("--timeout", type=parse_seconds, metavar="S", help="give up after this long")
 
     recover = commands.add_parser(
-        "recover", help="write back changes a mount holds that the project lacks (after a lost lease)"
+        "recover",
+        help="write back changes a mount holds that the project lacks (after a lost lease)",
+        description="Write back what the mount at MNT holds and its project lacks (after a lost "
+        "lease or a crash), under a fresh lease; a file changed in the project meanwhile keeps "
+        "its name and ours goes beside it as a conflict copy. Without MNT, list the mounts that "
+        "hold such changes. With --cache-dir DIR SRC, do it for a cache dir whose mount is gone: "
+        "list what DIR holds that the project SRC lacks (exit 11 if anything), or write it back "
+        "with --write.",
     )
     recover.set_defaults(command=cmd_recover)
-    recover.add_argument("mnt", nargs="?", metavar="MNT", help="the mount; without it, list mounts that hold such changes")
-    recover.add_argument("--timeout", type=parse_seconds, metavar="S")
+    recover.add_argument(
+        "mnt", nargs="?", metavar="MNT|SRC",
+        help="the mount (without it, list mounts that hold such changes); with --cache-dir, the project",
+    )  # fmt: skip
+    recover.add_argument("--cache-dir", metavar="DIR", help="the cache dir of a mount that is gone")
+    recover.add_argument(
+        "--write", action="store_true", help="with --cache-dir: write the changes back (default: list them)"
+    )
+    recover.add_argument(
+        "--host-id", metavar="NAME",
+        help="with --cache-dir: the --host-id the gone mount used (default: from its orphan marker, else hostname)",
+    )  # fmt: skip
+    recover.add_argument("--timeout", type=parse_seconds, metavar="S", help="give up the write-back after this long")
 
     config = commands.add_parser(
         "config",
@@ -499,8 +517,9 @@ def daemon_argv(config: MountConfig, *, ready_fd: int, debug: bool) -> list[str]
     return argv
 
 
-def spawn_daemon(config: MountConfig, *, debug: bool) -> int:
-    """Start the daemon in its own session, wait until its mount is ready, say where it is."""
+def spawn_daemon(config: MountConfig, *, debug: bool, announce: bool = True) -> int:
+    """Start the daemon in its own session, wait until its mount is ready, say where it is
+    (unless not `announce`)."""
     try:
         config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
@@ -573,7 +592,8 @@ def spawn_daemon(config: MountConfig, *, debug: bool) -> int:
         ) from None
     if not ready.get("ok"):
         raise error_from_wire(ready.get("error"))
-    print(mounted_message(config, ready))
+    if announce:
+        print(mounted_message(config, ready))
     return int(ExitCode.OK)
 
 
@@ -817,6 +837,10 @@ def cmd_acquire(args: argparse.Namespace) -> int:
 
 def cmd_recover(args: argparse.Namespace) -> int:
     """Write back a mount's orphaned changes (see Daemon.recover), or list the mounts that have some."""
+    if args.cache_dir is not None or args.write or args.host_id is not None:
+        from safefs import recover  # a sibling that uses this module's helpers
+
+        return recover.run(args)
     if args.mnt is None:
         statuses = []
         for sock in client.list_daemons(runtime_dir(os.environ, os.getuid())):

@@ -59,7 +59,7 @@ from safefs.cache import ContentCache
 from safefs.clock import SystemClock
 from safefs.config import MountConfig, socket_path
 from safefs.control.server import serve as serve_control
-from safefs.errors import DaemonFailed, ExitCode, LeaseHeldElsewhere, SafefsError, SyncTimeout, Unwritten
+from safefs.errors import DaemonFailed, ExitCode, LeaseHeldElsewhere, Refused, SafefsError, SyncTimeout, Unwritten
 from safefs.flusher import Flusher
 from safefs.fs import Filesystem, Limiters
 from safefs.fuse_ops import CachePolicy, KernelNotifier, SafeOperations, Session, mount_device
@@ -198,6 +198,13 @@ class Daemon:
         limiters = Limiters.create()
         table = InodeTable(self.journal, limiters.journal)
         table.load(await limiters.journal.run(self.journal.load))
+        # A cache replayed onto another project would write its changes there: refuse before
+        # anything (the lease included) is touched. Caches from before this check carry no name.
+        project = table.meta.get("project")
+        if project is not None and project != str(config.src):
+            raise Refused(f"the cache dir {config.cache_dir} belongs to the project {project}, not {config.src}",
+                          hint="give that project, or another --cache-dir")  # fmt: skip
+        table.set_meta("project", str(config.src))  # committed by fs.start
         try:
             backing = Backing(config.src)
         except OSError as exc:

@@ -26,6 +26,7 @@ Invariants:
   after each (when the stat just before was the one recorded). A staging rename moves its
   directory's times: after the publishes of a pass, each such directory gets back the times
   the mount shows.
+- A content file's cache descriptor is pinned while a backing call copies from it (`_pinned`).
 
 Threading: runs on the trio thread; backing calls run in threads behind the backing limiter.
 Only one flush runs at a time (`_flush_lock`).
@@ -42,6 +43,7 @@ import math
 import os
 import stat
 import time
+from collections.abc import AsyncIterator
 from typing import Any, Callable
 
 import trio
@@ -826,22 +828,22 @@ class Flusher:
             and backing_links <= 1  # a rename would split a hard link we may not know of
         )
         attrs = await self._attrs(inode)
-        fd = await fs.in_cache(fs.cache.fd, inode.ino)
-        if whole:
-            await fs.fill(inode)
-            staging = self._staging()
-            tmp = b"publish-%x-%x-%s.tmp" % (inode.ino, version, os.urandom(6).hex().encode())
-            await self._record_publishing(inode, staging + (tmp,))
-            st = await self._call(self.backing.publish_atomic, path, staging, fd, inode.size, attrs, tmp)
-            self._renamed_into.add(blink[0])
-            written = inode.size
-        elif inode.dirty or inode.attr_dirty:
-            dirty = list(inode.dirty)
-            await self._record_publishing(inode, ())
-            st = await self._call(self.backing.write_ranges, path, fd, dirty, inode.size, attrs, inode.low_size)
-            written = ranges.total(dirty)
-        else:
-            return
+        async with self._pinned(inode.ino) as fd:
+            if whole:
+                await fs.fill(inode)
+                staging = self._staging()
+                tmp = b"publish-%x-%x-%s.tmp" % (inode.ino, version, os.urandom(6).hex().encode())
+                await self._record_publishing(inode, staging + (tmp,))
+                st = await self._call(self.backing.publish_atomic, path, staging, fd, inode.size, attrs, tmp)
+                self._renamed_into.add(blink[0])
+                written = inode.size
+            elif inode.dirty or inode.attr_dirty:
+                dirty = list(inode.dirty)
+                await self._record_publishing(inode, ())
+                st = await self._call(self.backing.write_ranges, path, fd, dirty, inode.size, attrs, inode.low_size)
+                written = ranges.total(dirty)
+            else:
+                return
         inode.publishing = None
         if not inode.new:
             self.published_files += 1
@@ -861,6 +863,16 @@ class Flusher:
             inode.low_size = None
         self.table.mark(inode)
         self._dirs_to_sync.add(path[:-1])
+
+    @contextlib.asynccontextmanager
+    async def _pinned(self, ino: int) -> AsyncIterator[int]:
+        """The inode's cache descriptor, pinned: the cache's table of open files cannot close
+        it (and hand its number to another file) while a backing call copies from it."""
+        fd = await self.fs.in_cache(self.fs.cache.pin, ino)
+        try:
+            yield fd
+        finally:
+            self.fs.cache.unpin(fd)
 
     async def _clean_staging(self) -> None:
         """Remove staging files a crash left behind, except those a record still names."""
@@ -930,12 +942,12 @@ class Flusher:
         aside = await self._free_conflict_path(path)
         name = aside[-1]
         attrs = await self._attrs(inode)
-        fd = await fs.in_cache(fs.cache.fd, inode.ino)
-        try:
-            await fs.fill(inode)
-        except (OSError, Exception):  # the original may be gone; publish what we have
-            pass
-        st = await self._call(self.backing.publish_atomic, aside, self._staging(), fd, inode.size, attrs)
+        async with self._pinned(inode.ino) as fd:
+            try:
+                await fs.fill(inode)
+            except (OSError, Exception):  # the original may be gone; publish what we have
+                pass
+            st = await self._call(self.backing.publish_atomic, aside, self._staging(), fd, inode.size, attrs)
         self._record_conflict(path, aside, "changed in the mount, and changed, replaced or removed in the project")
         # Our version now lives under the conflict name; the original name shows the backing
         # tree's version again (or goes, if the backing tree no longer has it).

@@ -6,17 +6,27 @@ kept side by side as a conflict copy, never overwritten.
 While such an orphan exists, `safefs status` on every host shows it (the host's marker in
 SRC/.safefs/orphans, see safefs/orphans.py), and it is gone once `recover` wrote it back:
 for a lost lease, and for a crashed writer whose cache comes back as a follower.
+
+`safefs recover --cache-dir DIR SRC [--write]` (issue 9, item 9) does the same with no mount:
+the crashed writer's mount is gone, its cache dir remains. It lists what the cache holds
+(exit 11 while anything is unwritten, SRC untouched), refuses to write while another host
+holds the lease (exit 7), writes back under a fresh lease with the usual conflict rules once
+the lease is free (exit 0), and leaves no mount, daemon or temporary mountpoint behind.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import os
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import describe, wait_until
+from tests.helpers import describe, lazy_unmount, mount_table, run_safefs, wait_until, write_file
+from tests.multihost.conftest import snapshot
 from tests.multihost.test_takeover import fenced, pause_until_taken_over
 
 ORPHANS = (".safefs", "orphans")
@@ -169,3 +179,100 @@ def test_a_crashed_writer_that_comes_back_as_a_follower_shows_its_orphan(cluster
     assert (cluster.src / "unsynced").read_bytes() == b"A acknowledged this, then crashed\n"
     assert markers(cluster.src) == []
     assert orphan_of(b.status(), "hostA") is None
+
+
+# --------------------------------------------------------------------------- recover --cache-dir
+
+
+UNWRITTEN, LEASE_HELD, BUSY, REFUSED, USAGE = 11, 7, 5, 3, 2  # safefs.errors.ExitCode
+
+
+def recover_cache(cache_dir, src, *args: object, timeout: float = 120):
+    return run_safefs("recover", "--cache-dir", cache_dir, src, *args, timeout=timeout)
+
+
+def private_mounts() -> list[str]:
+    """Mounts and temporary mountpoints `recover --cache-dir` would leave behind."""
+    prefix = "safefs-recover-"
+    left = [str(e.mountpoint) for e in mount_table() if e.mountpoint.name.startswith(prefix)]
+    return left + [str(p) for p in Path(tempfile.gettempdir()).glob(prefix + "*")]
+
+
+def test_recover_from_the_cache_dir_of_a_crashed_writer_whose_mount_is_gone(cluster):
+    t = cluster.timings
+    src = cluster.src
+    leftovers_before = private_mounts()
+    a = cluster.start("hostA", writeback_delay=600)
+    a.wait_writable()
+    b = cluster.start("hostB")
+    a.write("shared", "published by A before the crash\n")
+    a.sync_ok()
+    a.write("shared", "A's unsynced change\n")
+    a.write("unsynced", "A acknowledged this, then crashed\n")
+    a.kill()
+    assert lazy_unmount(a.mnt) is None  # the mount is gone ("ns": it died with its namespace)
+    cluster.wait_new_writer([b], t.takeover_bound)
+    b.write("shared", "B changed shared meanwhile\n")
+    b.sync_ok()
+    before = snapshot(src, skip=[".safefs"])
+
+    listing = recover_cache(a.cache_dir, src, "--host-id", "hostA")
+    assert listing.returncode == UNWRITTEN, describe(listing)
+    assert "2 changed files" in listing.stdout and "--write" in listing.stdout, describe(listing)
+    assert snapshot(src, skip=[".safefs"]) == before, "a listing changed the project"
+
+    # The listing's daemon left A's orphan marker (hostA: this machine, this cache dir); from
+    # here on the host id comes from it, so the marker goes once everything is written.
+    assert len(markers(src)) == 1, markers(src)
+    held = recover_cache(a.cache_dir, src, "--write")
+    assert "host id hostA, from the orphan marker" in held.stderr, describe(held)
+    assert held.returncode == LEASE_HELD, describe(held)  # B is alive and holds the lease
+    assert "lease" in held.stderr, describe(held)
+    assert snapshot(src, skip=[".safefs"]) == before, "a refused recover changed the project"
+
+    b.sync_ok("--release")
+    done = recover_cache(a.cache_dir, src, "--write")
+    assert done.returncode == 0, describe(done)
+    assert "conflict: shared" in done.stdout, describe(done)
+    assert (src / "unsynced").read_bytes() == b"A acknowledged this, then crashed\n"
+    # The project's version keeps its name; A's goes beside it, whole.
+    assert (src / "shared").read_bytes() == b"B changed shared meanwhile\n"
+    copies = [p for p in src.iterdir() if p.name.startswith("shared.safefs-conflict-")]
+    assert [c.read_bytes() for c in copies] == [b"A's unsynced change\n"], copies
+    generation = json.loads((src / ".safefs" / "generation").read_bytes())
+    assert generation["epoch"] >= 3, "recover published under a fresh epoch (A 1, B 2)"
+    assert markers(src) == [], "recover left A's orphan marker"
+    assert orphan_of(b.status(), "hostA") is None
+
+    again = recover_cache(a.cache_dir, src)
+    assert again.returncode == 0, describe(again)
+    assert "holds nothing" in again.stdout, describe(again)
+    assert private_mounts() == leftovers_before, "recover --cache-dir left a mount or a mountpoint"
+
+
+def test_recover_cache_dir_refuses_what_it_cannot_do(mount_factory, tmp_path):
+    m = mount_factory()
+    write_file(m.mnt / "f", b"data\n")
+    busy = recover_cache(m.cache_dir, m.src, "--write")
+    assert busy.returncode == BUSY, describe(busy)  # a running mount owns that cache dir
+    assert str(m.cache_dir) in busy.stderr, describe(busy)
+    m.umount()
+    assert (m.src / "f").read_bytes() == b"data\n"
+
+    done = recover_cache(m.cache_dir, m.src)
+    assert done.returncode == 0 and "holds nothing" in done.stdout, describe(done)
+    other = tmp_path / "other-project"
+    other.mkdir()
+    wrong = recover_cache(m.cache_dir, other, "--write")
+    assert wrong.returncode == REFUSED and "belongs to the project" in wrong.stderr, describe(wrong)
+    assert os.listdir(other) == [], "a cache was replayed onto another project"
+    not_a_cache = tmp_path / "not-a-cache"
+    not_a_cache.mkdir()
+    refused = recover_cache(not_a_cache, m.src, "--write")
+    assert refused.returncode == REFUSED and "not a safefs cache dir" in refused.stderr, describe(refused)
+    assert os.listdir(not_a_cache) == [], "a refused recover created files"
+    for args in (("--write",), ("--cache-dir", m.cache_dir)):
+        usage = run_safefs("recover", *args)
+        assert usage.returncode == USAGE and usage.stderr.count("\n") <= 2, describe(usage)
+    helped = run_safefs("recover", "--help")
+    assert helped.returncode == 0 and "--cache-dir DIR SRC" in helped.stdout, describe(helped)
