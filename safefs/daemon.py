@@ -165,7 +165,7 @@ class Daemon:
     async def serve(self) -> int:
         config = self.config
         limiters = Limiters.create()
-        table = InodeTable(self.journal, limiters.journal)
+        table = InodeTable(self.journal, limiters.flush)
         table.load(await limiters.journal.run(self.journal.load))
         try:
             backing = Backing(config.src)

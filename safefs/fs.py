@@ -20,9 +20,13 @@ Invariants:
   has its absence invalidated before anyone can act on it.
 
 Threading: methods are called on the trio thread (by fuse_ops) and touch memory only there.
-Blocking work runs in worker threads: the backing tree behind the `backing` limiter (it may
-hang on NFS), cache files behind the `cache` limiter, so a hung NFS server never blocks
-requests that the cache can answer.
+Calls into the backing tree run in worker threads behind the `backing` limiter (they may hang
+on NFS), so a hung NFS server never blocks requests that the cache can answer. Local work runs
+inline on the trio thread (`in_cache`, journal commits): content-file reads and writes and
+LMDB transactions without sync stay in the page cache and cost less than a thread trip. They
+can block only while the local disk is saturated (the kernel throttling dirty pages), which
+stalls the whole mount briefly, as it would stall any local program; device flushes (fsync)
+are the part that waits for the disk, and those run in worker threads (`InodeTable.sync`).
 """
 
 from __future__ import annotations
@@ -104,11 +108,12 @@ class NoInvalidator:
 class Limiters:
     backing: trio.CapacityLimiter  # may hang on NFS: abandonable calls, with timeouts
     cache: trio.CapacityLimiter  # cache files, several at once (reads)
-    journal: ThreadLane  # LMDB and the writes acknowledged with it, one at a time, in order
+    journal: ThreadLane  # loading the journal at start-up
+    flush: trio.CapacityLimiter  # device flushes (fsync of the journal and of cache files)
 
     @classmethod
     def create(cls) -> "Limiters":
-        return cls(trio.CapacityLimiter(8), trio.CapacityLimiter(8), ThreadLane("journal"))
+        return cls(trio.CapacityLimiter(8), trio.CapacityLimiter(8), ThreadLane("journal"), trio.CapacityLimiter(4))
 
 
 @dataclasses.dataclass
@@ -222,7 +227,9 @@ class Filesystem:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiters.backing)
 
     async def in_cache(self, fn: Callable[..., T], *args: Any) -> T:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiters.cache)
+        """Local cache-file work (pread, pwrite, truncate, unlink, statvfs), run inline: it
+        costs microseconds in the page cache, less than a thread trip (see the docstring)."""
+        return fn(*args)
 
     async def read_backing(self, fn: Callable[..., T], *args: Any) -> T:
         """A side-effect-free call into the backing tree that fails with EIO after a timeout.

@@ -12,17 +12,22 @@ Invariants:
 - Inode numbers are never reused for the life of a cache dir (`next_ino` only grows), so the
   kernel can never confuse two files; the FUSE generation number is therefore always 0.
 - A mutation is made in memory first, then `mark()`ed; `commit()` returns only once a
-  transaction holding that mutation (or a later one) has committed. Records are rendered at
-  commit time on the trio thread, so a record on disk is always a state memory had.
+  transaction holding that mutation has committed. Records are rendered at commit time, so
+  a record on disk is always a state memory had.
 - An inode is dropped only when nothing refers to it: no cache link, no backing link, no
   kernel lookup, no open handle (`collectable`).
 
-Threading: all state is touched only on the trio thread. `commit()` hands a rendered batch
-to the journal's thread lane (one thread, FIFO; see lanes.py), so batches commit in order.
+Threading: all state is touched only on the trio thread, and journal transactions run there
+too, inline: an LMDB commit without sync costs a few microseconds of page-cache work (it
+blocks only if the local disk is starved of memory), less than a trip to a worker thread,
+and one thread owning every write transaction is what LMDB wants. Only device flushes
+(`sync`: the journal's fdatasync and a cache file's fsync) go to worker threads, behind
+the flush limiter, because they wait for the disk.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import stat
 from typing import Any, Iterator
@@ -32,7 +37,6 @@ import trio
 from safefs import ranges
 from safefs.errors import FsError
 from safefs.journal import Batch, Journal, Snapshot
-from safefs.lanes import ThreadLane
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +166,9 @@ class Inode:
 
 
 class InodeTable:
-    def __init__(self, journal: Journal, lane: ThreadLane) -> None:
+    def __init__(self, journal: Journal, flush_limiter: trio.CapacityLimiter) -> None:
         self._journal = journal
-        self._lane = lane
+        self._flush_limiter = flush_limiter  # device flushes: the journal's and cache files'
         self.inodes: dict[int, Inode] = {}
         self.children: dict[int, dict[bytes, int]] = {}
         self.ops: dict[int, tuple[Any, ...]] = {}  # seq -> op not yet replayed
@@ -183,13 +187,9 @@ class InodeTable:
         self._marked_dentries: set[tuple[int, bytes]] = set()
         self._marked_ops: set[int] = set()
         self._marked_meta: set[str] = set()
-        # group commit: batches are numbered; `_committed` is the highest number on disk
-        self._batch_no = 0
-        self._committed = 0
-        self._committing = False
-        self._commit_done = trio.Event()
-        self.commits = 0
+        self.commits = 0  # transactions committed so far
         self._synced_at = -1  # `commits` when the journal was last made durable
+        self._syncing: tuple[int, trio.Event] | None = None  # a journal flush under way, and what it covers
 
     # -- loading -------------------------------------------------------------------------
     def load(self, snap: Snapshot) -> None:
@@ -377,74 +377,43 @@ class InodeTable:
     async def commit(self) -> None:
         """Return once everything marked so far is in a committed transaction.
 
-        While one batch commits in the worker thread, later callers' changes gather in the
-        next batch; one of them commits it when the first finishes (group commit).
+        The transaction runs inline on the trio thread: an LMDB commit without sync touches
+        only the page cache (a few microseconds), less than a trip to a worker thread.
         """
-        target = self._batch_no + 1 if self.has_uncommitted else self._batch_no
-        while self._committed < target:
-            if self._committing:
-                await self._commit_done.wait()
-                continue
-            await self._commit_batch(None, None)
+        self._commit_batch()
 
     def render_ahead(self) -> Batch | None:
         """Take what is marked now as a batch for `commit_with(ahead=...)` to commit before
-        its action, or return None while a commit is under way (then `await commit()`).
-
-        No await may come between this and that `commit_with`: a batch rendered by someone
-        else meanwhile could carry the later state into the journal before the action ran.
+        its action. No await may come between this and that `commit_with`: a batch rendered
+        by someone else meanwhile could carry the later state into the journal before the
+        action ran.
         """
-        return None if self._committing else self._render()
+        return self._render()
 
-    async def commit_with(self, action: Any = None, *, then: Any = None, ahead: Batch | None = None) -> None:
-        """Commit `ahead`, run `action` (a blocking cache write), commit what is marked, then
-        run `then`, all in one thread trip.
+    async def commit_with(self, action: Any = None, *, ahead: Batch | None = None) -> None:
+        """Commit `ahead`, run `action` (a cache-file write, inline), then commit what is marked.
 
-        A thread hop costs more than a small write itself, so a write takes one, not two.
         The batch commits only if `action` succeeded; otherwise its keys stay marked and the
-        error is raised (the caller restores what it changed in memory). While another commit
-        is under way, it falls back to running `action` first, then joining the next batch.
+        error is raised (the caller restores what it changed in memory).
         """
-        if ahead is not None:
-            assert not self._committing, "render_ahead() and commit_with() must not be apart"
-        if not self._committing:
-            await self._commit_batch(action, then, ahead)
-            return
-        if action is not None:
-            await self._lane.run(action)
-        await self.commit()
-        if then is not None:
-            await self._lane.run(then)
+        self._commit_batch(action, ahead)
 
-    async def _commit_batch(self, action: Any, then: Any, ahead: Batch | None = None) -> None:
-        """Render what is marked and commit it in one worker-thread trip (see commit_with)."""
-        self._committing = True
-        self._batch_no += 1
-        number = self._batch_no
+    def _commit_batch(self, action: Any = None, ahead: Batch | None = None) -> None:
         batch = self._render()
-
-        def in_thread() -> None:
+        try:
             if ahead:
                 self._journal.commit(ahead)
             if action is not None:
                 action()
-            self._journal.commit(batch)
-            if then is not None:
-                then()  # after the commit: it may count on the batch being in the journal
-
-        try:
-            await self._lane.run(in_thread)
+            if batch:
+                self._journal.commit(batch)
         except BaseException:
             if ahead:
                 self._remark(ahead)  # committed or not, carrying it again is harmless
             self._remark(batch)
             raise
-        finally:
-            self._committing = False
-            done, self._commit_done = self._commit_done, trio.Event()
-            done.set()
-        self._committed = number
-        self.commits += 1
+        if ahead or batch:
+            self.commits += 1
 
     def _remark(self, batch: Batch) -> None:
         """Not on disk: mark the keys again so the next commit carries them."""
@@ -456,17 +425,29 @@ class InodeTable:
     async def sync(self, also: Any = None) -> None:
         """Commit, then make the journal durable on the local disk.
 
-        `also` (a blocking fsync of a cache file) runs in the same worker-thread trip.
+        `also` (a blocking fsync of a cache file) runs in a second worker thread at the same
+        time, so an fsync waits for one device flush of each kind, not for two in a row. A
+        journal with no commit since the last flush is not flushed again; a flush already
+        under way that started after our last commit is waited for, not repeated.
         """
-        if self._synced_at == self.commits and not self.has_uncommitted:
-            if also is not None:  # the journal is durable already: only the file is left
-                await self._lane.run(also)
-            return
-
-        def flush_to_disk() -> None:
+        await self.commit()
+        async with trio.open_nursery() as nursery:
             if also is not None:
-                also()
-            self._journal.sync()
+                nursery.start_soon(functools.partial(trio.to_thread.run_sync, also, limiter=self._flush_limiter))
+            nursery.start_soon(self._sync_journal)
 
-        await self.commit_with(then=flush_to_disk)  # commit and flush in one thread trip
-        self._synced_at = self.commits
+    async def _sync_journal(self) -> None:
+        target = self.commits
+        while self._synced_at < target:
+            if self._syncing is not None and self._syncing[0] >= target:
+                await self._syncing[1].wait()  # that flush covers every commit we made
+                continue
+            done = trio.Event()
+            self._syncing = (target, done)
+            try:
+                await trio.to_thread.run_sync(self._journal.sync, limiter=self._flush_limiter)
+                self._synced_at = max(self._synced_at, target)
+            finally:
+                if self._syncing[1] is done:
+                    self._syncing = None
+                done.set()
