@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator, Protocol, TypeVar
 
 import trio
 
-from safefs import ranges
+from safefs import ranges, records
 from safefs.backing import Backing, Entry, Fingerprint
 from safefs.cache import ContentCache
 from safefs.clock import Clock
@@ -333,7 +333,7 @@ class Filesystem:
             inode.attr_dirty = True
         self.table.mark(inode)
 
-    def _log(self, op: tuple[Any, ...]) -> None:
+    def _log(self, op: records.Op) -> None:
         self.table.append_op(op, self.clock.monotonic())
 
     def _dir_changed(self, d: Inode) -> None:
@@ -613,11 +613,11 @@ class Filesystem:
             raise FsError(errno.EEXIST)
         return d
 
-    async def _add_new(self, d: Inode, name: bytes, inode: Inode, op: str = "create") -> Inode:
+    async def _add_new(self, d: Inode, name: bytes, inode: Inode, op: type[records.Create | records.Mkdir] = records.Create) -> Inode:
         self.table.link(d.ino, name, inode)
         self._name_made(d.ino, name)
         self._dir_changed(d)
-        self._log((op, d.ino, name, inode.ino))
+        self._log(op(d.ino, name, inode.ino))
         self.remember(inode)
         await self.table.commit()
         self.on_change()
@@ -633,7 +633,7 @@ class Filesystem:
         d = await self._prepare_new_entry(parent, name)
         inode = self._new_child(d, stat.S_IFDIR | (mode & 0o7777), uid, gid)
         inode.listed = True
-        return await self._add_new(d, name, inode, "mkdir")
+        return await self._add_new(d, name, inode, records.Mkdir)
 
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
         d = await self._prepare_new_entry(parent, name)
@@ -659,7 +659,7 @@ class Filesystem:
         self._name_made(new_parent, new_name)
         self._changed(inode)
         self._dir_changed(d)
-        self._log(("link", ino, new_parent, new_name))
+        self._log(records.Link(ino, new_parent, new_name))
         self.remember(inode)
         await self.table.commit()
         self.on_change()
@@ -681,7 +681,7 @@ class Filesystem:
         self.table.unlink(parent, name)
         self._changed(inode)
         self._dir_changed(d)
-        self._log(("unlink", parent, name, inode.ino))
+        self._log(records.Unlink(parent, name, inode.ino))
         await self.table.commit()
         self.on_change()
 
@@ -697,7 +697,7 @@ class Filesystem:
         self._drop_absent(inode.ino)
         self._changed(inode)
         self._dir_changed(d)
-        self._log(("rmdir", parent, name, inode.ino))
+        self._log(records.Rmdir(parent, name, inode.ino))
         await self.table.commit()
         self.on_change()
 
@@ -763,7 +763,7 @@ class Filesystem:
         self._changed(src)
         self._dir_changed(d_old)
         self._dir_changed(d_new)
-        self._log(("rename", p_old, n_old, p_new, n_new, flags, src.ino, dst.ino if dst else 0))
+        self._log(records.Rename(p_old, n_old, p_new, n_new, flags, src.ino, dst.ino if dst else 0))
         await table.commit()
         self.on_change()
 
@@ -1020,7 +1020,7 @@ class Filesystem:
             async with self.inode_locks(inode.ino):
                 for s, e in ranges.missing(inode.present, lo, min(hi, inode.size)):
                     await self.in_cache(self.cache.pwrite, inode.ino, s, data[s - lo : e - lo])
-                    inode.present = ranges.add(inode.present, s, e)
+                    inode.add_present(s, e)
                     self._cached_bytes_estimate += e - s
                 self.table.mark(inode)
         await self.table.commit()
@@ -1077,17 +1077,17 @@ class Filesystem:
                 # cache and the project different with nothing marked to write back. That
                 # commit rides in the same thread trip as the write when it can.
                 for lo, hi in clean:
-                    inode.dirty = ranges.add(inode.dirty, lo, hi)
+                    inode.add_dirty(lo, hi)
                 self.table.mark(inode)
                 ahead = self.table.render_ahead()
                 if ahead is None:
                     await self.table.commit()
             saved = (inode.present, inode.dirty, inode.size, inode.mtime_ns, inode.ctime_ns)
             if offset > inode.size:  # the gap reads as zeros; the backing file's grows alike
-                inode.present = ranges.add(inode.present, inode.size, offset)
+                inode.add_present(inode.size, offset)
             grown = 0 if ranges.covers(inode.present, offset, end) else end - offset
-            inode.present = ranges.add(inode.present, offset, end)
-            inode.dirty = ranges.add(inode.dirty, offset, end)
+            inode.add_present(offset, end)
+            inode.add_dirty(offset, end)
             inode.size = max(inode.size, end)
             self._changed(inode, data=True)
             # The journal learns of the bytes in the same thread trip that writes them; until

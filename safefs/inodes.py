@@ -34,7 +34,7 @@ from typing import Any, Iterator
 
 import trio
 
-from safefs import ranges
+from safefs import ranges, records
 from safefs.errors import FsError
 from safefs.journal import Batch, Journal, Snapshot
 
@@ -44,25 +44,15 @@ ROOT_INO = 1
 BLink = tuple[int, bytes]  # (parent inode, name) of a backing link
 
 
-def op_inodes(op: tuple[Any, ...]) -> tuple[int, ...]:
-    """Every inode an op names (directories and objects)."""
-    kind = op[0]
-    if kind == "rename":
-        return tuple(i for i in (op[1], op[3], op[6], op[7]) if i)
-    if kind == "link":
-        return (op[1], op[2])
-    return (op[1], op[3])  # mkdir, create, unlink, rmdir: parent, name, inode
-
-
 class Inode:
     __slots__ = (
         # persisted
         "ino", "mode", "uid", "gid", "size", "rdev", "atime_ns", "mtime_ns", "ctime_ns",
-        "target", "xattrs", "origin", "present", "dirty", "attr_dirty", "new", "listed",
+        "target", "xattrs", "origin", "_present", "_dirty", "attr_dirty", "new", "listed",
         "parent", "blinks", "publishing", "low_size",
         # memory only
         "links", "nlink_dirs", "lookups", "opens", "changed_at", "version", "stale", "writing",
-        "accessed_at",
+        "accessed_at", "_extent_marks",
     )  # fmt: skip
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, now_ns: int) -> None:
@@ -76,8 +66,10 @@ class Inode:
         self.target: bytes | None = None  # symlink target
         self.xattrs: dict[bytes, bytes] | None = {}  # None: not read from the backing tree yet
         self.origin: tuple[int, int, int, int] | None = None  # backing fingerprint when fetched/published
-        self.present: ranges.RangeSet = ranges.EMPTY  # bytes held in the cache file
-        self.dirty: ranges.RangeSet = ranges.EMPTY  # bytes not yet on the backing tree
+        self._present: ranges.RangeSet = ranges.EMPTY  # bytes held in the cache file
+        self._dirty: ranges.RangeSet = ranges.EMPTY  # bytes not yet on the backing tree
+        # Extents (kind, start) changed since the last rendered batch; None while there are none.
+        self._extent_marks: set[tuple[bytes, int]] | None = None
         self.attr_dirty = False  # attributes (or size) not yet on the backing tree
         self.new = False  # not yet created on the backing tree
         self.listed = False  # directories: children loaded from the backing tree
@@ -100,6 +92,65 @@ class Inode:
         self.stale = False  # directories: the backing tree may have changed since listed
         self.writing = 0  # writes whose bytes may not be in the cache file yet (see fs.write)
         self.accessed_at = 0.0  # monotonic time of the last read or write (for eviction)
+
+    # -- byte ranges (each range is one journal key: records.extent_key) ---------------------
+    @property
+    def present(self) -> ranges.RangeSet:
+        return self._present
+
+    @present.setter
+    def present(self, value: ranges.RangeSet) -> None:
+        self._note_changes(records.PRESENT, self._present, value)
+        self._present = value
+
+    @property
+    def dirty(self) -> ranges.RangeSet:
+        return self._dirty
+
+    @dirty.setter
+    def dirty(self, value: ranges.RangeSet) -> None:
+        self._note_changes(records.DIRTY, self._dirty, value)
+        self._dirty = value
+
+    def add_present(self, start: int, end: int) -> None:
+        """`present |= [start, end)`, noting only the extents that change (the write path)."""
+        self._present, gone, made = ranges.add_window(self._present, start, end)
+        self._note_window(records.PRESENT, gone, made)
+
+    def add_dirty(self, start: int, end: int) -> None:
+        self._dirty, gone, made = ranges.add_window(self._dirty, start, end)
+        self._note_window(records.DIRTY, gone, made)
+
+    def _note_window(self, which: bytes, gone: ranges.RangeSet, made: ranges.Range | None) -> None:
+        if made is None:
+            return
+        marks = self._extent_marks if self._extent_marks is not None else set()
+        marks.add((which, made[0]))
+        marks.update((which, s) for s, _ in gone)
+        self._extent_marks = marks
+
+    def _note_changes(self, which: bytes, old: ranges.RangeSet, new: ranges.RangeSet) -> None:
+        if old is new:
+            return
+        changed = set(old).symmetric_difference(new)
+        if changed:
+            marks = self._extent_marks if self._extent_marks is not None else set()
+            marks.update((which, s) for s, _ in changed)
+            self._extent_marks = marks
+
+    def note_extent(self, which: bytes, start: int) -> None:
+        """The extent at `start` must be written again (its last batch did not commit)."""
+        if self._extent_marks is None:
+            self._extent_marks = set()
+        self._extent_marks.add((which, start))
+
+    def take_extents(self) -> dict[tuple[bytes, int], int | None]:
+        """The changed extents as they are now (start -> end, None: gone), and forget them."""
+        marks, self._extent_marks = self._extent_marks, None
+        out: dict[tuple[bytes, int], int | None] = {}
+        for which, start in marks or ():
+            out[which, start] = ranges.end_at(self._present if which == records.PRESENT else self._dirty, start)
+        return out
 
     def add_link(self, parent: int, name: bytes) -> None:
         if (parent, name) not in self.links:
@@ -138,30 +189,31 @@ class Inode:
         """All bytes of the file are in the cache."""
         return ranges.covers(self.present, 0, self.size)
 
-    def record(self) -> dict[str, Any]:
-        return {
-            "m": self.mode, "u": self.uid, "g": self.gid, "s": self.size, "r": self.rdev,
-            "a": self.atime_ns, "t": self.mtime_ns, "c": self.ctime_ns, "l": self.target,
-            "x": self.xattrs, "o": self.origin, "p": list(self.present), "d": list(self.dirty),
-            "ad": self.attr_dirty, "n": self.new, "ls": self.listed, "pa": self.parent,
-            "b": [list(b) for b in self.blinks], "pb": self.publishing, "lo": self.low_size,
-        }  # fmt: skip
+    def record(self) -> records.InodeRecord:
+        """What the journal keeps of the inode, its byte ranges aside (see take_extents)."""
+        return records.InodeRecord(
+            mode=self.mode, uid=self.uid, gid=self.gid, size=self.size, rdev=self.rdev,
+            atime_ns=self.atime_ns, mtime_ns=self.mtime_ns, ctime_ns=self.ctime_ns,
+            target=self.target, xattrs=self.xattrs, origin=self.origin,
+            attr_dirty=self.attr_dirty, new=self.new, listed=self.listed, parent=self.parent,
+            blinks=tuple(self.blinks), publishing=self.publishing, low_size=self.low_size,
+        )  # fmt: skip
 
     @classmethod
-    def from_record(cls, ino: int, rec: dict[str, Any]) -> "Inode":
-        inode = cls(ino, rec["m"], rec["u"], rec["g"], rec["c"])
-        inode.size, inode.rdev = rec["s"], rec["r"]
-        inode.atime_ns, inode.mtime_ns = rec["a"], rec["t"]
-        inode.target = rec["l"]
-        inode.xattrs = dict(rec["x"]) if rec["x"] is not None else None
-        inode.origin = tuple(rec["o"]) if rec["o"] else None  # type: ignore[assignment]
-        inode.present = ranges.from_list(rec["p"])
-        inode.dirty = ranges.from_list(rec["d"])
-        inode.attr_dirty, inode.new, inode.listed = rec["ad"], rec["n"], rec["ls"]
-        inode.parent = rec["pa"]
-        inode.blinks = [(int(p), bytes(n)) for p, n in rec["b"]]
-        inode.publishing = tuple(rec["pb"]) if rec.get("pb") is not None else None
-        inode.low_size = rec.get("lo")
+    def from_record(cls, ino: int, rec: records.InodeRecord, extents: dict[bytes, list[ranges.Range]]) -> "Inode":
+        inode = cls(ino, rec.mode, rec.uid, rec.gid, rec.ctime_ns)
+        inode.size, inode.rdev = rec.size, rec.rdev
+        inode.atime_ns, inode.mtime_ns = rec.atime_ns, rec.mtime_ns
+        inode.target = rec.target
+        inode.xattrs = dict(rec.xattrs) if rec.xattrs is not None else None
+        inode.origin = rec.origin
+        inode._present = ranges.from_sorted(extents.get(records.PRESENT, ()))
+        inode._dirty = ranges.from_sorted(extents.get(records.DIRTY, ()))
+        inode.attr_dirty, inode.new, inode.listed = rec.attr_dirty, rec.new, rec.listed
+        inode.parent = rec.parent
+        inode.blinks = list(rec.blinks)
+        inode.publishing = rec.publishing
+        inode.low_size = rec.low_size
         return inode
 
 
@@ -171,7 +223,7 @@ class InodeTable:
         self._flush_limiter = flush_limiter  # device flushes: the journal's and cache files'
         self.inodes: dict[int, Inode] = {}
         self.children: dict[int, dict[bytes, int]] = {}
-        self.ops: dict[int, tuple[Any, ...]] = {}  # seq -> op not yet replayed
+        self.ops: dict[int, records.Op] = {}  # seq -> op not yet replayed
         self.op_times: dict[int, float] = {}  # seq -> monotonic time it happened (memory only)
         self._maybe_dirty: set[int] = set()  # every inode that needs a flush is in here
         self._op_refs: dict[int, int] = {}  # inode -> number of pending ops naming it
@@ -195,7 +247,7 @@ class InodeTable:
     def load(self, snap: Snapshot) -> None:
         self.meta = dict(snap.meta)
         for ino, rec in snap.inodes.items():
-            self.inodes[ino] = Inode.from_record(ino, rec)
+            self.inodes[ino] = Inode.from_record(ino, rec, snap.extents.get(ino, {}))
         for parent, name, child in snap.dentries:
             inode = self.inodes.get(child)
             if inode is None or parent not in self.inodes:
@@ -298,7 +350,7 @@ class InodeTable:
         self.meta[key] = value
         self._marked_meta.add(key)
 
-    def append_op(self, op: tuple[Any, ...], now: float) -> int:
+    def append_op(self, op: records.Op, now: float) -> int:
         seq = self.next_seq
         self.next_seq += 1
         self.ops[seq] = op
@@ -308,8 +360,8 @@ class InodeTable:
         self.set_meta("next_seq", self.next_seq)
         return seq
 
-    def _count_refs(self, op: tuple[Any, ...], delta: int) -> None:
-        for ino in op_inodes(op):
+    def _count_refs(self, op: records.Op, delta: int) -> None:
+        for ino in op.inodes:
             count = self._op_refs.get(ino, 0) + delta
             if count:
                 self._op_refs[ino] = count
@@ -357,7 +409,12 @@ class InodeTable:
         batch = Batch()
         for ino in self._marked_inodes:
             inode = self.inodes.get(ino)
-            batch.inodes[ino] = inode.record() if inode is not None else None
+            if inode is None:
+                batch.inodes[ino] = None  # and its extents with it
+                continue
+            batch.inodes[ino] = inode.record()
+            for (which, start), end in inode.take_extents().items():
+                batch.extents[ino, which, start] = end
         for parent, name in self._marked_dentries:
             batch.dentries[(parent, name)] = self.children.get(parent, {}).get(name)
         for seq in self._marked_ops:
@@ -418,6 +475,10 @@ class InodeTable:
     def _remark(self, batch: Batch) -> None:
         """Not on disk: mark the keys again so the next commit carries them."""
         self._marked_inodes.update(batch.inodes)
+        for ino, which, start in batch.extents:
+            inode = self.inodes.get(ino)
+            if inode is not None:
+                inode.note_extent(which, start)
         self._marked_dentries.update(batch.dentries)
         self._marked_ops.update(batch.ops)
         self._marked_meta.update(batch.meta)

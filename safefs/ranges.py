@@ -40,6 +40,27 @@ def add(ranges: RangeSet, start: int, end: int) -> RangeSet:
     return ranges[:lo] + ((start, end),) + ranges[hi:]
 
 
+def add_window(ranges: RangeSet, start: int, end: int) -> tuple[RangeSet, RangeSet, Range | None]:
+    """`add`, also returning the ranges it replaced and the one it put in their place (None
+    if nothing changed), so a caller can record the change without comparing whole sets."""
+    if start >= end:
+        return ranges, EMPTY, None
+    lo = bisect_left(ranges, start, key=_end)
+    hi = bisect_right(ranges, end, key=_start)
+    if lo < hi:
+        start = min(start, ranges[lo][0])
+        end = max(end, ranges[hi - 1][1])
+        if hi - lo == 1 and ranges[lo] == (start, end):
+            return ranges, EMPTY, None  # already covered
+    return ranges[:lo] + ((start, end),) + ranges[hi:], ranges[lo:hi], (start, end)
+
+
+def end_at(ranges: RangeSet, start: int) -> int | None:
+    """The end of the range that starts exactly at `start`, or None if none does."""
+    i = bisect_left(ranges, start, key=_start)
+    return ranges[i][1] if i < len(ranges) and ranges[i][0] == start else None
+
+
 def subtract(ranges: RangeSet, start: int, end: int) -> RangeSet:
     """`ranges` without [start, end)."""
     if start >= end or not ranges:
@@ -77,9 +98,8 @@ def missing(ranges: RangeSet, start: int, end: int) -> list[Range]:
     """The parts of [start, end) not covered by `ranges`, in order."""
     out: list[Range] = []
     pos = start
-    for s, e in ranges:
-        if e <= pos:
-            continue
+    for i in range(bisect_right(ranges, start, key=_end), len(ranges)):  # the first ending after start on
+        s, e = ranges[i]
         if s >= end:
             break
         if s > pos:
@@ -98,6 +118,19 @@ def covers(ranges: RangeSet, start: int, end: int) -> bool:
 
 def total(ranges: Iterable[Range]) -> int:
     return sum(e - s for s, e in ranges)
+
+
+def from_sorted(items: Iterable[Range]) -> RangeSet:
+    """Rebuild a RangeSet from pairs sorted by start (the journal's extents), in one pass."""
+    out: list[list[int]] = []
+    for s, e in items:
+        if s >= e:
+            continue
+        if out and s <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], e)
+        else:
+            out.append([s, e])
+    return tuple((s, e) for s, e in out)
 
 
 def from_list(items: Iterable[Iterable[int]]) -> RangeSet:

@@ -1,0 +1,194 @@
+"""The journal's format (issue 10, items 3, 4 and 7), through the filesystem without a kernel.
+
+- A cache dir left by the previous format (format 1: ranges inside each inode's record, no
+  version) is migrated on mount, and every change it held still reaches the project.
+- A cache dir of a format this version does not know is refused with a one-line message.
+- Recording a write touches a few extent keys, not every range of the file.
+- An fsync flushes the journal and the file once each, and not at all with nothing new.
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import struct
+import threading
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pytest
+
+from safefs import cache as cache_module
+from safefs import records
+from safefs.errors import Refused
+from safefs.journal import Journal
+from tests.fs.conftest import Stack, files, src_tree
+
+_U64 = struct.Struct(">Q")
+
+
+def _format_1_inode(rec: records.InodeRecord, present: list[list[int]], dirty: list[list[int]]) -> dict[str, Any]:
+    """An inode record as format 1 encoded it (inodes.Inode.record before the version)."""
+    return {
+        "m": rec.mode, "u": rec.uid, "g": rec.gid, "s": rec.size, "r": rec.rdev,
+        "a": rec.atime_ns, "t": rec.mtime_ns, "c": rec.ctime_ns, "l": rec.target,
+        "x": rec.xattrs, "o": rec.origin, "p": present, "d": dirty,
+        "ad": rec.attr_dirty, "n": rec.new, "ls": rec.listed, "pa": rec.parent,
+        "b": [list(b) for b in rec.blinks], "pb": rec.publishing, "lo": rec.low_size,
+    }  # fmt: skip
+
+
+def rewrite_as_format_1(cache_dir: Path) -> int:
+    """Re-encode a (closed) cache dir's journal as format 1 wrote it; return its dirty bytes."""
+    env = lmdb.open(str(cache_dir / "journal"), max_dbs=8, subdir=True)
+    dirty_bytes = 0
+    try:
+        inodes, extents, ops, meta = (env.open_db(n) for n in (b"inodes", b"extents", b"ops", b"meta"))
+        with env.begin(write=True) as txn:
+            ranges: dict[int, dict[bytes, list[list[int]]]] = {}
+            for k, v in txn.cursor(db=extents):
+                ino, which, start = records.decode_extent_key(k)
+                ranges.setdefault(ino, {}).setdefault(which, []).append([start, records.decode_end(v)])
+            for k, v in list(txn.cursor(db=inodes)):
+                ino = _U64.unpack(k)[0]
+                own = ranges.get(ino, {})
+                dirty_bytes += sum(e - s for s, e in own.get(records.DIRTY, []))
+                old = _format_1_inode(records.decode_inode(v), own.get(records.PRESENT, []), own.get(records.DIRTY, []))
+                txn.put(k, marshal.dumps(old), db=inodes)
+            txn.drop(extents, delete=True)
+            for k, v in list(txn.cursor(db=ops)):
+                op = records.decode_op(v)
+                txn.put(k, marshal.dumps((op.kind, *op.fields())), db=ops)  # a plain tuple, kind first
+            txn.delete(records.FORMAT_KEY.encode(), db=meta)
+    finally:
+        env.close()
+    return dirty_bytes
+
+
+async def test_a_format_1_cache_dir_is_migrated_and_loses_nothing(stack: Stack) -> None:
+    big = bytes(range(256)) * 1200  # 300 KiB already on the project, partly fetched
+    (stack.src / "old.bin").write_bytes(big)
+    (stack.src / "gone").write_bytes(b"to be removed")
+    await stack.write("old.bin", b"X" * 4096, 100_000)
+    await stack.write("old.bin", b"Y" * 10, 250_000)
+    await stack.put("new.txt", b"made in the cache")
+    await stack.mkdir("d")
+    await stack.rename("new.txt", "d/new.txt")
+    await stack.unlink("gone")
+    await stack.link("d/new.txt", "hard")
+    assert stack.table.ops and any(i.dirty for i in stack.table.inodes.values())
+
+    # Killed with all that pending; the cache dir is then found as the old version left it.
+    stack._drop()
+    stack._close_files()
+    assert rewrite_as_format_1(stack.cache_dir) >= 4096 + 10 + len(b"made in the cache")
+    await stack.start()
+    assert stack.table.meta[records.FORMAT_KEY] == records.FORMAT
+
+    expected = bytearray(big)
+    expected[100_000:104_096] = b"X" * 4096
+    expected[250_000:250_010] = b"Y" * 10
+    assert await stack.read("old.bin") == bytes(expected)
+    await stack.flusher.sync(timeout=30)
+    assert src_tree(stack.src) == files(
+        **{"old.bin": bytes(expected), "d": None, "d/new.txt": b"made in the cache", "hard": b"made in the cache"}
+    )
+    assert not stack.table.ops and not any(i.dirty for i in stack.table.inodes.values())
+
+    # Migrated once: the next start finds the current format and the same, clean, state.
+    await stack.crash_and_replay()
+    assert await stack.read("hard") == b"made in the cache"
+
+
+def test_a_journal_of_an_unknown_format_is_refused(tmp_path: Path) -> None:
+    Journal.open(tmp_path).close()
+    env = lmdb.open(str(tmp_path / "journal"), max_dbs=8, subdir=True)
+    try:
+        with env.begin(write=True) as txn:
+            txn.put(records.FORMAT_KEY.encode(), marshal.dumps(records.FORMAT + 1), db=env.open_db(b"meta", txn=txn))
+    finally:
+        env.close()
+    with pytest.raises(Refused) as info:
+        Journal.open(tmp_path)
+    assert f"format {records.FORMAT + 1}" in info.value.message and "\n" not in info.value.message
+    assert "safefs sync" in (info.value.hint or "")
+
+
+async def test_recording_a_write_touches_a_few_keys_however_many_ranges_the_file_has(stack: Stack) -> None:
+    await stack.create("f")
+    fh = await stack.open("f", os.O_WRONLY)
+    for i in range(2000):  # 2,000 separate dirty ranges
+        await stack.fs.write(fh, i * 100, b"w" * 10)
+    inode = await stack.resolve("f")
+    assert len(inode.dirty) == 2000
+
+    batches: list[Any] = []
+    real_commit = stack.journal.commit
+
+    def spy(batch: Any) -> None:
+        batches.append(batch)
+        real_commit(batch)
+
+    stack.journal.commit = spy  # type: ignore[method-assign]
+    await stack.fs.write(fh, 50_005, b"m" * 100)  # joins two ranges into one
+    await stack.fs.write(fh, 1_000_000, b"e")  # a range of its own
+    stack.journal.commit = real_commit  # type: ignore[method-assign]
+    # Each write: the range made and the (at most two) ranges it absorbed, present and dirty.
+    assert batches and all(len(b.extents) <= 6 for b in batches), [b.extents for b in batches]
+    assert all(len(records.encode_inode(r)) < 200 for b in batches for r in b.inodes.values() if r)
+
+    # What the keys say is what memory says, after a crash and after a truncate (a cut by
+    # comparison of whole sets) too.
+    await stack.fs.release(fh)
+    before = (inode.present, inode.dirty)
+    await stack.crash_and_replay()
+    again = await stack.resolve("f")
+    assert (again.present, again.dirty) == before
+    await stack.truncate("f", 100_050)
+    cut = (again.present, again.dirty)
+    await stack.crash_and_replay()
+    again = await stack.resolve("f")
+    assert (again.present, again.dirty) == cut and len(cut[1]) == 1000
+
+
+async def test_fsync_flushes_the_journal_and_the_file_at_once_and_only_when_needed(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await stack.create("f")
+    calls: list[str] = []
+    together = threading.Barrier(2, timeout=10)  # broken if one flush waits for the other
+    real_sync, real_fsync = stack.journal.sync, os.fsync
+
+    def meet(name: str) -> None:
+        try:
+            together.wait()
+            calls.append(name)
+        except threading.BrokenBarrierError:
+            calls.append(name + " alone")
+
+    def journal_sync() -> None:
+        meet("journal")
+        real_sync()
+
+    def file_fsync(fd: int) -> None:
+        meet("file")
+        real_fsync(fd)
+
+    stack.journal.sync = journal_sync  # type: ignore[method-assign]
+    monkeypatch.setattr(cache_module.os, "fsync", file_fsync)
+    fh = await stack.open("f", os.O_WRONLY)
+    try:
+        await stack.fs.write(fh, 0, b"data")
+        await stack.fs.fsync(fh)
+        assert sorted(calls) == ["file", "journal"]
+        calls.clear()
+        await stack.fs.fsync(fh)  # nothing new: no flush at all
+        assert calls == []
+        await stack.fs.write(fh, 4, b"more")
+        together.reset()
+        await stack.fs.fsync(fh)
+        assert sorted(calls) == ["file", "journal"]
+    finally:
+        stack.journal.sync = real_sync  # type: ignore[method-assign]
+        await stack.fs.release(fh)
