@@ -997,7 +997,7 @@ class Filesystem:
         if inode.writing:  # a write's bytes may still be on their way into the cache file
             async with self.inode_locks(inode.ino):
                 pass
-        if not ranges.covers(inode.present, offset, end):
+        if inode.gaps(records.PRESENT, offset, end):
             await self.fetch(inode, offset, end)
         else:
             self.stats.cache_hits += 1
@@ -1007,7 +1007,7 @@ class Filesystem:
         """Bring [start, end) of a file into the cache from the backing tree."""
         start -= start % FETCH_BLOCK
         end = min(inode.size, end + (-end % FETCH_BLOCK))
-        todo = ranges.missing(inode.present, start, end)
+        todo = inode.gaps(records.PRESENT, start, end)
         if not todo:
             return
         if self.table.backing_path(inode.ino) is None:
@@ -1018,7 +1018,7 @@ class Filesystem:
             if len(data) < hi - lo:  # the file shrank behind our back: the rest reads as zeros
                 data += bytes(hi - lo - len(data))
             async with self.inode_locks(inode.ino):
-                for s, e in ranges.missing(inode.present, lo, min(hi, inode.size)):
+                for s, e in inode.gaps(records.PRESENT, lo, min(hi, inode.size)):
                     await self.in_cache(self.cache.pwrite, inode.ino, s, data[s - lo : e - lo])
                     inode.add_present(s, e)
                     self._cached_bytes_estimate += e - s
@@ -1069,34 +1069,33 @@ class Filesystem:
             if handle.flags & os.O_APPEND:
                 offset = inode.size
             end = offset + len(data)
-            clean = ranges.missing(inode.dirty, offset, min(end, inode.size))
+            clean = inode.gaps(records.DIRTY, offset, min(end, inode.size))
             ahead = None
             if clean:
                 # Overwriting bytes the project already has: record them dirty before they
                 # change, so a kill between the cache write and its commit cannot leave the
-                # cache and the project different with nothing marked to write back. That
-                # commit rides in the same thread trip as the write when it can.
+                # cache and the project different with nothing marked to write back.
                 for lo, hi in clean:
                     inode.add_dirty(lo, hi)
                 self.table.mark(inode)
                 ahead = self.table.render_ahead()
-                if ahead is None:
-                    await self.table.commit()
-            saved = (inode.present, inode.dirty, inode.size, inode.mtime_ns, inode.ctime_ns)
+            saved = (inode.size, inode.mtime_ns, inode.ctime_ns)
+            changes = []
             if offset > inode.size:  # the gap reads as zeros; the backing file's grows alike
-                inode.add_present(inode.size, offset)
-            grown = 0 if ranges.covers(inode.present, offset, end) else end - offset
-            inode.add_present(offset, end)
-            inode.add_dirty(offset, end)
+                changes.append(inode.add_present(inode.size, offset))
+            grown = end - offset if inode.gaps(records.PRESENT, offset, end) else 0
+            changes.append(inode.add_present(offset, end))
+            changes.append(inode.add_dirty(offset, end))
             inode.size = max(inode.size, end)
             self._changed(inode, data=True)
-            # The journal learns of the bytes in the same thread trip that writes them; until
-            # it returns, reads of this inode wait for the lock (see `read`).
+            # The journal learns of the bytes in the same step that writes them; until it
+            # returns, reads of this inode wait for the lock (see `read`).
             inode.writing += 1
             try:
                 await self.table.commit_with(functools.partial(self.cache.pwrite, inode.ino, offset, data), ahead=ahead)
             except BaseException:
-                inode.present, inode.dirty, inode.size, inode.mtime_ns, inode.ctime_ns = saved
+                inode.undo(changes)
+                inode.size, inode.mtime_ns, inode.ctime_ns = saved
                 self.table.mark(inode)
                 raise
             finally:

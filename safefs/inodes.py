@@ -94,9 +94,15 @@ class Inode:
         self.accessed_at = 0.0  # monotonic time of the last read or write (for eviction)
 
     # -- byte ranges (each range is one journal key: records.extent_key) ---------------------
+    # Each set is a tuple (immutable: what `present`/`dirty` return, safe to keep), or, while
+    # writes add to it, a list changed in place (`add_present`/`add_dirty`), so a write into
+    # a file with many ranges costs a memmove, not a copy of every range. Reading the
+    # property turns the list back into a tuple; `gaps` reads either without converting.
     @property
     def present(self) -> ranges.RangeSet:
-        return self._present
+        if self._present.__class__ is list:
+            self._present = tuple(self._present)
+        return self._present  # type: ignore[return-value]
 
     @present.setter
     def present(self, value: ranges.RangeSet) -> None:
@@ -105,29 +111,55 @@ class Inode:
 
     @property
     def dirty(self) -> ranges.RangeSet:
-        return self._dirty
+        if self._dirty.__class__ is list:
+            self._dirty = tuple(self._dirty)
+        return self._dirty  # type: ignore[return-value]
 
     @dirty.setter
     def dirty(self, value: ranges.RangeSet) -> None:
         self._note_changes(records.DIRTY, self._dirty, value)
         self._dirty = value
 
-    def add_present(self, start: int, end: int) -> None:
-        """`present |= [start, end)`, noting only the extents that change (the write path)."""
-        self._present, gone, made = ranges.add_window(self._present, start, end)
-        self._note_window(records.PRESENT, gone, made)
+    def gaps(self, which: bytes, start: int, end: int) -> list[ranges.Range]:
+        """The parts of [start, end) not in the present (or dirty) set."""
+        return ranges.missing(self._present if which == records.PRESENT else self._dirty, start, end)  # type: ignore[arg-type]
 
-    def add_dirty(self, start: int, end: int) -> None:
-        self._dirty, gone, made = ranges.add_window(self._dirty, start, end)
-        self._note_window(records.DIRTY, gone, made)
+    def add_present(self, start: int, end: int) -> tuple[bytes, ranges.Change] | None:
+        """`present |= [start, end)`, noting only the extents that change; the return value
+        takes the change back (`undo`)."""
+        if self._present.__class__ is not list:
+            self._present = list(self._present)
+        return self._added(records.PRESENT, ranges.add_in_place(self._present, start, end))  # type: ignore[arg-type]
 
-    def _note_window(self, which: bytes, gone: ranges.RangeSet, made: ranges.Range | None) -> None:
-        if made is None:
-            return
-        marks = self._extent_marks if self._extent_marks is not None else set()
-        marks.add((which, made[0]))
-        marks.update((which, s) for s, _ in gone)
-        self._extent_marks = marks
+    def add_dirty(self, start: int, end: int) -> tuple[bytes, ranges.Change] | None:
+        if self._dirty.__class__ is not list:
+            self._dirty = list(self._dirty)
+        return self._added(records.DIRTY, ranges.add_in_place(self._dirty, start, end))  # type: ignore[arg-type]
+
+    def _added(self, which: bytes, change: ranges.Change | None) -> tuple[bytes, ranges.Change] | None:
+        if change is None:
+            return None
+        _, gone, made = change
+        self.note_extent(which, made[0])
+        for s, _ in gone:
+            self.note_extent(which, s)
+        return which, change
+
+    def undo(self, changes: list[tuple[bytes, ranges.Change] | None]) -> None:
+        """Take back `add_present`/`add_dirty` changes, the last first, none made since."""
+        for item in reversed(changes):
+            if item is None:
+                continue
+            which, change = item
+            if which == records.PRESENT:
+                if self._present.__class__ is not list:
+                    self._present = list(self._present)
+                ranges.undo_in_place(self._present, change)  # type: ignore[arg-type]
+            else:
+                if self._dirty.__class__ is not list:
+                    self._dirty = list(self._dirty)
+                ranges.undo_in_place(self._dirty, change)  # type: ignore[arg-type]
+            self._added(which, change)  # the same extents change back
 
     def _note_changes(self, which: bytes, old: ranges.RangeSet, new: ranges.RangeSet) -> None:
         if old is new:
@@ -187,7 +219,7 @@ class Inode:
     @property
     def complete(self) -> bool:
         """All bytes of the file are in the cache."""
-        return ranges.covers(self.present, 0, self.size)
+        return not self.gaps(records.PRESENT, 0, self.size)
 
     def record(self) -> records.InodeRecord:
         """What the journal keeps of the inode, its byte ranges aside (see take_extents)."""
@@ -439,7 +471,7 @@ class InodeTable:
         """
         self._commit_batch()
 
-    def render_ahead(self) -> Batch | None:
+    def render_ahead(self) -> Batch:
         """Take what is marked now as a batch for `commit_with(ahead=...)` to commit before
         its action. No await may come between this and that `commit_with`: a batch rendered
         by someone else meanwhile could carry the later state into the journal before the

@@ -5,7 +5,10 @@ Used for the byte ranges of a file that are present in the cache and those that 
 Invariants:
 - A `RangeSet` is a tuple of `(start, end)` pairs with `start < end`, sorted, and no two pairs
   touching or overlapping (so equal sets have equal representations).
-- Every function is pure and returns a new tuple; nothing here does I/O. Safe from any thread.
+- Every function is pure and returns a new tuple, except `add_in_place` and `undo_in_place`,
+  which change the list they are given (the write path: O(log n) and a memmove, where a new
+  tuple would copy every range). Functions that only read take any sequence of ranges.
+- Nothing here does I/O. Safe from any thread (a list being changed in place excepted).
 """
 
 from __future__ import annotations
@@ -40,19 +43,31 @@ def add(ranges: RangeSet, start: int, end: int) -> RangeSet:
     return ranges[:lo] + ((start, end),) + ranges[hi:]
 
 
-def add_window(ranges: RangeSet, start: int, end: int) -> tuple[RangeSet, RangeSet, Range | None]:
-    """`add`, also returning the ranges it replaced and the one it put in their place (None
-    if nothing changed), so a caller can record the change without comparing whole sets."""
+Change = tuple[int, list[Range], Range]  # where, the ranges replaced, the range put there
+
+
+def add_in_place(ranges: list[Range], start: int, end: int) -> Change | None:
+    """`add` on a list of ranges, changing it in place (a memmove, not a copy of the set):
+    return where it changed, what it replaced and with what, or None if nothing changed."""
     if start >= end:
-        return ranges, EMPTY, None
+        return None
     lo = bisect_left(ranges, start, key=_end)
     hi = bisect_right(ranges, end, key=_start)
     if lo < hi:
         start = min(start, ranges[lo][0])
         end = max(end, ranges[hi - 1][1])
         if hi - lo == 1 and ranges[lo] == (start, end):
-            return ranges, EMPTY, None  # already covered
-    return ranges[:lo] + ((start, end),) + ranges[hi:], ranges[lo:hi], (start, end)
+            return None  # already covered
+    gone = ranges[lo:hi]
+    ranges[lo:hi] = [(start, end)]
+    return lo, gone, (start, end)
+
+
+def undo_in_place(ranges: list[Range], change: Change) -> None:
+    """Take back the last `add_in_place` (no other change to the list may have come between)."""
+    lo, gone, made = change
+    assert ranges[lo] == made, "undo of a change that is not the last one"
+    ranges[lo : lo + 1] = gone
 
 
 def end_at(ranges: RangeSet, start: int) -> int | None:

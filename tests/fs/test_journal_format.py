@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import errno
 import marshal
 import os
 import struct
@@ -20,10 +21,10 @@ import lmdb
 import pytest
 
 from safefs import cache as cache_module
-from safefs import records
-from safefs.errors import Refused
+from safefs import ranges, records
+from safefs.errors import CacheFull, Refused
 from safefs.journal import Journal
-from tests.fs.conftest import Stack, files, src_tree
+from tests.fs.conftest import Stack, fails_with, files, src_tree
 
 _U64 = struct.Struct(">Q")
 
@@ -192,3 +193,31 @@ async def test_fsync_flushes_the_journal_and_the_file_at_once_and_only_when_need
     finally:
         stack.journal.sync = real_sync  # type: ignore[method-assign]
         await stack.fs.release(fh)
+
+
+async def test_a_failed_cache_write_takes_back_its_ranges_in_memory_and_journal(stack: Stack) -> None:
+    await stack.create("f", b"a" * 100)
+    await stack.write("f", b"b" * 10, 200)  # ranges [0, 210) present, [0, 100) + [200, 210) dirty
+    inode = await stack.resolve("f")
+    before = (inode.present, inode.dirty, inode.size)
+
+    def full(*_: Any) -> None:
+        raise CacheFull("cache: local disk full")
+
+    real_pwrite = stack.cache.pwrite
+    stack.cache.pwrite = full  # type: ignore[method-assign]
+    try:
+        for offset in (95, 150, 300):  # joins ranges; fills the gap; grows the file
+            dirty = inode.dirty
+            assert await fails_with(stack.write("f", b"c" * 10, offset)) == errno.ENOSPC
+            assert (inode.present, inode.size) == (before[0], before[2])
+            # Clean bytes under the write were marked dirty before it (and stay so: harmless).
+            extra = ranges.subtract_set(inode.dirty, dirty)
+            assert ranges.subtract_set(extra, ((offset, min(offset + 10, before[2])),)) == ()
+    finally:
+        stack.cache.pwrite = real_pwrite  # type: ignore[method-assign]
+    after = (inode.present, inode.dirty, inode.size)
+    await stack.crash_and_replay()
+    again = await stack.resolve("f")
+    assert (again.present, again.dirty, again.size) == after
+    assert await stack.read("f") == b"a" * 100 + bytes(100) + b"b" * 10
