@@ -710,6 +710,7 @@ class Flusher:
             inode.dirty = ranges.EMPTY
             inode.attr_dirty = False
             inode.low_size = None
+            inode.unclean = False
         self.table.mark(inode)
         self._dirs_to_sync.add(path[:-1])
 

@@ -1069,14 +1069,14 @@ class Filesystem:
             if handle.flags & os.O_APPEND:
                 offset = inode.size
             end = offset + len(data)
-            clean = inode.gaps(records.DIRTY, offset, min(end, inode.size))
             ahead = None
-            if clean:
-                # Overwriting bytes the project already has: record them dirty before they
-                # change, so a kill between the cache write and its commit cannot leave the
-                # cache and the project different with nothing marked to write back.
-                for lo, hi in clean:
-                    inode.add_dirty(lo, hi)
+            if not inode.unclean and inode.gaps(records.DIRTY, offset, min(end, inode.size)):
+                # The first overwrite of bytes the project already has: record "may be dirty"
+                # before they change, so a kill between the cache write and its commit cannot
+                # leave the cache and the project different with nothing marked to write back
+                # (replay takes the file's present bytes for dirty). Later writes need no such
+                # commit ahead, until a write-back leaves the file clean again.
+                inode.unclean = True
                 self.table.mark(inode)
                 ahead = self.table.render_ahead()
             saved = (inode.size, inode.mtime_ns, inode.ctime_ns)

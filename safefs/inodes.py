@@ -49,7 +49,7 @@ class Inode:
         # persisted
         "ino", "mode", "uid", "gid", "size", "rdev", "atime_ns", "mtime_ns", "ctime_ns",
         "target", "xattrs", "origin", "_present", "_dirty", "attr_dirty", "new", "listed",
-        "parent", "blinks", "publishing", "low_size",
+        "parent", "blinks", "publishing", "low_size", "unclean",
         # memory only
         "links", "nlink_dirs", "lookups", "opens", "changed_at", "version", "stale", "writing",
         "accessed_at", "_extent_marks",
@@ -81,6 +81,8 @@ class Inode:
         # The smallest size since the last publish, if the file was cut: an in-place publish
         # cuts the backing file there first, so a later extension reads as zeros unwritten.
         self.low_size: int | None = None
+        # The cache file may hold bytes not recorded as dirty (see records.InodeRecord.unclean).
+        self.unclean = False
         # Names in the cache view. A list, not a set: nearly every inode has one name, and a
         # set of one costs 216 bytes against 64 (a tree of 100,000 files: 15 MiB).
         self.links: list[BLink] = []
@@ -229,6 +231,7 @@ class Inode:
             target=self.target, xattrs=self.xattrs, origin=self.origin,
             attr_dirty=self.attr_dirty, new=self.new, listed=self.listed, parent=self.parent,
             blinks=tuple(self.blinks), publishing=self.publishing, low_size=self.low_size,
+            unclean=self.unclean,
         )  # fmt: skip
 
     @classmethod
@@ -246,6 +249,9 @@ class Inode:
         inode.blinks = list(rec.blinks)
         inode.publishing = rec.publishing
         inode.low_size = rec.low_size
+        inode.unclean = rec.unclean
+        if rec.unclean:  # a write may have reached the cache file but not the journal
+            inode.dirty = ranges.from_sorted(sorted((*inode._dirty, *ranges.clip(inode._present, rec.size))))
         return inode
 
 
@@ -279,7 +285,9 @@ class InodeTable:
     def load(self, snap: Snapshot) -> None:
         self.meta = dict(snap.meta)
         for ino, rec in snap.inodes.items():
-            self.inodes[ino] = Inode.from_record(ino, rec, snap.extents.get(ino, {}))
+            inode = self.inodes[ino] = Inode.from_record(ino, rec, snap.extents.get(ino, {}))
+            if inode._extent_marks:  # replay changed its ranges (see Inode.unclean)
+                self._marked_inodes.add(ino)
         for parent, name, child in snap.dentries:
             inode = self.inodes.get(child)
             if inode is None or parent not in self.inodes:

@@ -168,6 +168,10 @@ class InodeRecord:
     blinks: tuple[tuple[int, bytes], ...]
     publishing: tuple[bytes, ...] | None
     low_size: int | None
+    # "May be dirty": the content file may hold bytes the journal did not record (set before
+    # the first change to a clean part of the file), so a replay takes every present byte
+    # for dirty. Cleared when a write-back leaves the file clean.
+    unclean: bool = False
 
 
 def encode_inode(rec: InodeRecord) -> bytes:
@@ -218,7 +222,7 @@ def upgrade_inode(old: dict[str, Any]) -> tuple[InodeRecord, list[tuple[int, int
         attr_dirty=old["ad"], new=old["n"], listed=old["ls"], parent=old["pa"],
         blinks=tuple((int(p), bytes(n)) for p, n in old["b"]),
         publishing=tuple(old["pb"]) if old.get("pb") is not None else None,
-        low_size=old.get("lo"),
+        low_size=old.get("lo"), unclean=False,
     )  # fmt: skip
     return rec, [(s, e) for s, e in old["p"]], [(s, e) for s, e in old["d"]]
 
