@@ -549,6 +549,6 @@ class InodeTable:
                 await trio.to_thread.run_sync(self._journal.sync, limiter=self._flush_limiter)
                 self._synced_at = max(self._synced_at, target)
             finally:
-                if self._syncing[1] is done:
+                if self._syncing is not None and self._syncing[1] is done:  # a later one may be under way
                     self._syncing = None
                 done.set()

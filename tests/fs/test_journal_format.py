@@ -19,6 +19,8 @@ from typing import Any
 
 import lmdb
 import pytest
+import trio
+import trio.testing
 
 from safefs import cache as cache_module
 from safefs import ranges, records
@@ -258,3 +260,43 @@ async def test_a_clean_file_is_marked_may_be_dirty_once_before_its_first_change(
     assert not again.unclean and not again.dirty  # clean again: the mark is gone
     await stack.crash_and_replay()
     assert not (await stack.resolve("f")).dirty
+
+
+async def test_overlapping_journal_flushes_may_end_in_any_order(stack: Stack) -> None:
+    """A periodic flush and an fsync's overlap; the later may end first (a bench run lost
+    its daemon to that once)."""
+    go = {1: threading.Event(), 2: threading.Event()}
+    started: list[int] = []
+    real_sync = stack.journal.sync
+
+    def sync() -> None:
+        n = len(started) + 1
+        started.append(n)
+        assert go[n].wait(10)
+        real_sync()
+
+    stack.journal.sync = sync  # type: ignore[method-assign]
+    try:
+        second_done = trio.Event()
+
+        async def second() -> None:
+            await stack.table.sync()
+            second_done.set()
+
+        async with trio.open_nursery() as nursery:
+            await stack.put("a", b"1")
+            nursery.start_soon(stack.table.sync)
+            await trio.testing.wait_all_tasks_blocked()
+            await stack.put("b", b"2")  # a commit the first flush does not cover
+            nursery.start_soon(second)
+            await trio.testing.wait_all_tasks_blocked()
+            go[2].set()
+            await second_done.wait()
+            go[1].set()
+        assert started == [1, 2]
+        await stack.table.sync()  # nothing new: no third flush
+        assert started == [1, 2]
+    finally:
+        go[1].set()
+        go[2].set()
+        stack.journal.sync = real_sync  # type: ignore[method-assign]
