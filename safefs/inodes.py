@@ -532,10 +532,15 @@ class InodeTable:
         under way that started after our last commit is waited for, not repeated.
         """
         await self.commit()
-        async with trio.open_nursery() as nursery:
-            if also is not None:
-                nursery.start_soon(functools.partial(trio.to_thread.run_sync, also, limiter=self._flush_limiter))
-            nursery.start_soon(self._sync_journal)
+        try:
+            async with trio.open_nursery() as nursery:
+                if also is not None:
+                    nursery.start_soon(functools.partial(trio.to_thread.run_sync, also, limiter=self._flush_limiter))
+                nursery.start_soon(self._sync_journal)
+        except BaseExceptionGroup as group:
+            # Callers map errors to errnos (ENOSPC, EIO): give them one, not a group. If both
+            # flushes failed, either error says the fsync did not happen.
+            raise group.exceptions[0] from None
 
     async def _sync_journal(self) -> None:
         target = self.commits

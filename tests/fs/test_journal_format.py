@@ -300,3 +300,17 @@ async def test_overlapping_journal_flushes_may_end_in_any_order(stack: Stack) ->
         go[1].set()
         go[2].set()
         stack.journal.sync = real_sync  # type: ignore[method-assign]
+
+
+async def test_a_failed_flush_fails_the_fsync_with_its_errno(stack: Stack) -> None:
+    await stack.create("f", b"x")
+
+    def broken() -> None:
+        raise OSError(errno.EIO, "device gone")
+
+    real_sync = stack.journal.sync
+    stack.journal.sync = broken  # type: ignore[method-assign]
+    try:
+        assert await fails_with(stack.fsync("f")) == errno.EIO
+    finally:
+        stack.journal.sync = real_sync  # type: ignore[method-assign]
