@@ -613,7 +613,9 @@ class Filesystem:
             raise FsError(errno.EEXIST)
         return d
 
-    async def _add_new(self, d: Inode, name: bytes, inode: Inode, op: type[records.Create | records.Mkdir] = records.Create) -> Inode:
+    async def _add_new(
+        self, d: Inode, name: bytes, inode: Inode, op: type[records.Create | records.Mkdir] = records.Create
+    ) -> Inode:
         self.table.link(d.ino, name, inode)
         self._name_made(d.ino, name)
         self._dir_changed(d)

@@ -124,7 +124,8 @@ class Inode:
 
     def gaps(self, which: bytes, start: int, end: int) -> list[ranges.Range]:
         """The parts of [start, end) not in the present (or dirty) set."""
-        return ranges.missing(self._present if which == records.PRESENT else self._dirty, start, end)  # type: ignore[arg-type]
+        rs = self._present if which == records.PRESENT else self._dirty
+        return ranges.missing(rs, start, end)  # type: ignore[arg-type]
 
     def add_present(self, start: int, end: int) -> tuple[bytes, ranges.Change] | None:
         """`present |= [start, end)`, noting only the extents that change; the return value

@@ -143,7 +143,8 @@ class Journal:
                 return
             if found not in (None, 1):
                 raise Refused(
-                    f"the cache dir {cache_dir} holds a journal of format {found}; this safefs reads format {records.FORMAT}",
+                    f"the cache dir {cache_dir} holds a journal of format {found}; "
+                    f"this safefs reads format {records.FORMAT}",
                     hint="run `safefs sync` or `safefs umount` with the safefs version that wrote it first",
                 )
             if found == 1:
