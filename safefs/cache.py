@@ -14,10 +14,11 @@ Invariants:
   descriptor in use (`pin`/`unpin`, `pinned`, and every method here) is never closed, so its
   number is never reused for another file under its user.
 
-Threading: every method except `path`, `free_space_stale`, `free_bytes` and `charge` blocks on
-the local disk and runs in a worker thread
-behind the cache limiter. The descriptor table is guarded by a threading lock, so methods may
-run concurrently from several worker threads.
+Threading: methods run inline on the trio thread (fs.Filesystem.in_cache): pread, pwrite,
+truncate and unlink work in the page cache and return in microseconds; they block only while
+the kernel throttles a disk flooded with dirty pages. `fsync` waits for the device and runs in
+a worker thread (InodeTable.sync) while the trio thread goes on writing, so the descriptor
+table and the set of files written since their last fsync are guarded by a threading lock.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ class ContentCache:
         self._fds: OrderedDict[int, int] = OrderedDict()
         self._pins: dict[int, int] = {}  # fd -> how many users have it pinned
         self._retired: set[int] = set()  # pinned fds out of the table: closed at the last unpin
+        # Inodes whose content file this process fsynced and has not changed since. Not the
+        # other way round: a file written before a restart may still sit in the page cache.
+        self._synced: set[int] = set()
         self._lock = threading.Lock()
         self._free_checked_at = 0.0
         self._free_bytes = 0
@@ -126,6 +130,7 @@ class ContentCache:
         return b"".join(chunks)
 
     def pwrite(self, ino: int, offset: int, data: bytes) -> None:
+        self._changed(ino)
         view = memoryview(data)
         try:
             with self.pinned(ino) as fd:
@@ -139,29 +144,47 @@ class ContentCache:
             raise
 
     def truncate(self, ino: int, size: int) -> None:
+        self._changed(ino)
         with self.pinned(ino) as fd:
             os.ftruncate(fd, size)
 
-    def fsync(self, ino: int) -> None:
+    def _changed(self, ino: int) -> None:
+        """Before a change of the content file: the next `fsync` of it must flush."""
         with self._lock:
+            self._synced.discard(ino)
+
+    def fsync(self, ino: int) -> None:
+        """Make the content file durable; a file unchanged since its last fsync costs nothing.
+
+        The file counts as synced from before the flush starts, so a change made while it
+        runs unmarks it and is flushed by the next fsync, never forgotten."""
+        with self._lock:
+            if ino in self._synced:
+                return
+            self._synced.add(ino)
             fd = self._fds.get(ino)
             if fd is not None:
                 self._pins[fd] = self._pins.get(fd, 0) + 1
-        if fd is not None:
-            try:
-                os.fsync(fd)
-            finally:
-                self.unpin(fd)
-        elif self.path(ino).exists():
-            fd = os.open(self.path(ino), os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        try:
+            if fd is not None:
+                try:
+                    os.fsync(fd)
+                finally:
+                    self.unpin(fd)
+            elif self.path(ino).exists():
+                fd = os.open(self.path(ino), os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        except BaseException:
+            self._changed(ino)
+            raise
 
     def delete(self, ino: int) -> None:
         with self._lock:
             fd = self._fds.pop(ino, None)
+            self._synced.discard(ino)
             if fd is not None:
                 self._retire_locked(fd)
         try:

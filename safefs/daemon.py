@@ -196,7 +196,7 @@ class Daemon:
     async def serve(self) -> int:
         config = self.config
         limiters = Limiters.create()
-        table = InodeTable(self.journal, limiters.journal)
+        table = InodeTable(self.journal, limiters.flush)
         table.load(await limiters.journal.run(self.journal.load))
         # A cache replayed onto another project would write its changes there: refuse before
         # anything (the lease included) is touched. Caches from before this check carry no name.

@@ -48,12 +48,12 @@ from typing import Any, Callable
 
 import trio
 
-from safefs import generation, ranges
+from safefs import generation, ranges, records
 from safefs.backing import Attrs, Fingerprint
 from safefs.config import CONTROL_DIR_NAME
 from safefs.errors import BackingFailed, ReadOnly, SafefsError, SyncTimeout
 from safefs.fs import Filesystem, fingerprint_tuple, same_content
-from safefs.inodes import ROOT_INO, Inode, op_inodes
+from safefs.inodes import ROOT_INO, Inode
 
 log = logging.getLogger(__name__)
 _CREATED_TOO = "made in the mount while the project got another object of that name"
@@ -68,21 +68,21 @@ def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
     return fingerprint_tuple(Fingerprint.of(st))
 
 
-def _with_copy_name(op: tuple[Any, ...], parent: int, name: bytes, ino: int, copy: bytes) -> tuple[Any, ...]:
+def _with_copy_name(op: records.Op, parent: int, name: bytes, ino: int, copy: bytes) -> records.Op:
     """`op` with inode `ino`'s name (parent, name) replaced by (parent, copy)."""
-    kind = op[0]
-    if kind in ("create", "mkdir", "unlink", "rmdir") and tuple(op[1:4]) == (parent, name, ino):
-        return (kind, parent, copy, ino)
-    if kind == "link" and tuple(op[1:4]) == (ino, parent, name):
-        return (kind, ino, parent, copy)
-    if kind == "rename":
-        new = list(op)
-        if (op[1], op[2]) == (parent, name) and ino in (op[6], op[7]):  # it moves (or swaps) away
-            new[2] = copy
-        if (op[3], op[4], op[6]) == (parent, name, ino):  # it arrives here
-            new[4] = copy
-        return tuple(new)
+    if isinstance(op, (records.Create, records.Mkdir, records.Unlink, records.Rmdir)):
+        if (op.parent, op.name, op.ino) == (parent, name, ino):
+            return dataclasses.replace(op, name=copy)
+    elif isinstance(op, records.Link):
+        if (op.ino, op.parent, op.name) == (ino, parent, name):
+            return dataclasses.replace(op, name=copy)
+    elif isinstance(op, records.Rename):
+        if (op.p_old, op.n_old) == (parent, name) and ino in (op.src, op.dst):  # it moves (or swaps) away
+            op = dataclasses.replace(op, n_old=copy)
+        if (op.p_new, op.n_new, op.src) == (parent, name, ino):  # it arrives here
+            op = dataclasses.replace(op, n_new=copy)
     return op
+
 
 BPath = tuple[bytes, ...]
 MAX_BACKOFF = 60.0
@@ -106,15 +106,6 @@ class Receipt:
     bytes: int = 0
     ops: int = 0
     generation: int = 0
-
-
-def _op_dirs(op: tuple[Any, ...]) -> tuple[int, ...]:
-    """The directories whose entries an op changes."""
-    if op[0] == "rename":
-        return (op[1], op[3])
-    if op[0] == "link":
-        return (op[2],)
-    return (op[1],)
 
 
 class Flusher:
@@ -308,13 +299,13 @@ class Flusher:
                 break
             await self._replay_one(seq, op)
             receipt.ops += 1
-            for ino in op_inodes(op):  # an inode only the op kept alive may go now
+            for ino in op.inodes:  # an inode only the op kept alive may go now
                 inode = self.table.inodes.get(ino)
                 if inode is not None:
                     await self.fs.collect(inode)
             # The backing tree just stamped the directory with its own mtime; publish ours
             # (what the user saw, possibly set explicitly by tar or rsync) afterwards.
-            for dir_ino in _op_dirs(op):
+            for dir_ino in op.dirs:
                 d = self.table.inodes.get(dir_ino)
                 if d is not None and d.blinks or dir_ino == ROOT_INO:
                     d = self.table.inodes[dir_ino]
@@ -322,7 +313,7 @@ class Flusher:
                     self.table.mark(d)
             await self.table.commit()
 
-    async def _replay_one(self, seq: int, op: tuple[Any, ...]) -> None:
+    async def _replay_one(self, seq: int, op: records.Op) -> None:
         """Replay one op, with a write-ahead mark so a crash mid-op is recognised afterwards.
 
         `in_flight` names the op being replayed; it is committed before the backing tree is
@@ -337,20 +328,20 @@ class Flusher:
             await self.table.commit()
         self.table.view_busy = True
         try:
-            await getattr(self, "_op_" + op[0])(*op[1:])
+            await getattr(self, "_op_" + op.kind)(*op.fields())
         except OSError as exc:
             if exc.errno not in TREE_CHANGED and exc.errno != errno.ELOOP:
-                exc.safefs_op = op[0]  # type: ignore[attr-defined]
+                exc.safefs_op = op.kind  # type: ignore[attr-defined]
                 raise
-            if op[0] == "create" and not await self._rescue_new_file(op[3], op[1]):
-                exc.safefs_op = op[0]  # type: ignore[attr-defined]
+            if isinstance(op, records.Create) and not await self._rescue_new_file(op.ino, op.parent):
+                exc.safefs_op = op.kind  # type: ignore[attr-defined]
                 raise  # the directory is there: a passing failure (our staging?), retry
             # The project changed behind our back so that this op cannot apply (its source or
             # directory is gone, say). Skipping it loses no data: file contents are published
             # by inode, at wherever the backing view says they are, or kept as conflict copies.
-            log.warning("flush: conflict: cannot replay %s (%s); the project changed behind us", op[0], exc)
-            self.conflicts.append({"op": op[0], "error": str(exc), "why": "the project changed so that the mount's "
-                                   f"{op[0]} cannot apply", "time": _utc(self.clock.wall())})  # fmt: skip
+            log.warning("flush: conflict: cannot replay %s (%s); the project changed behind us", op.kind, exc)
+            self.conflicts.append({"op": op.kind, "error": str(exc), "why": "the project changed so that the mount's "
+                                   f"{op.kind} cannot apply", "time": _utc(self.clock.wall())})  # fmt: skip
         finally:
             self.table.view_busy = False
             self.table.view_version += 1
@@ -384,7 +375,7 @@ class Flusher:
             except (OSError, SafefsError) as exc:
                 log.warning("flush: could not finish the interrupted op %d yet: %s", seq, exc)
 
-    def _ripe(self, seq: int, op: tuple[Any, ...], older_than: float) -> bool:
+    def _ripe(self, seq: int, op: records.Op, older_than: float) -> bool:
         """May the background flush replay this op now?
 
         An op waits for the write-back delay. A `create` publishes the file's content, so it
@@ -395,8 +386,8 @@ class Flusher:
         happened = self.table.op_times.get(seq, 0.0)
         if happened > older_than:
             return False
-        if op[0] == "create":
-            inode = self.table.inodes.get(op[3])
+        if isinstance(op, records.Create):
+            inode = self.table.inodes.get(op.ino)
             patience = CREATE_PATIENCE * self.config.writeback_delay
             if inode is not None and inode.changed_at > older_than and happened > older_than - patience:
                 return False
@@ -861,6 +852,7 @@ class Flusher:
             inode.dirty = ranges.EMPTY
             inode.attr_dirty = False
             inode.low_size = None
+            inode.unclean = False
         self.table.mark(inode)
         self._dirs_to_sync.add(path[:-1])
 

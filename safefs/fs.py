@@ -20,9 +20,13 @@ Invariants:
   has its absence invalidated before anyone can act on it.
 
 Threading: methods are called on the trio thread (by fuse_ops) and touch memory only there.
-Blocking work runs in worker threads: the backing tree behind the `backing` limiter (it may
-hang on NFS), cache files behind the `cache` limiter, so a hung NFS server never blocks
-requests that the cache can answer.
+Calls into the backing tree run in worker threads behind the `backing` limiter (they may hang
+on NFS), so a hung NFS server never blocks requests that the cache can answer. Local work runs
+inline on the trio thread (`in_cache`, journal commits): content-file reads and writes and
+LMDB transactions without sync stay in the page cache and cost less than a thread trip. They
+can block only while the local disk is saturated (the kernel throttling dirty pages), which
+stalls the whole mount briefly, as it would stall any local program; device flushes (fsync)
+are the part that waits for the disk, and those run in worker threads (`InodeTable.sync`).
 """
 
 from __future__ import annotations
@@ -37,12 +41,12 @@ from typing import Any, Callable, Iterator, Protocol, TypeVar
 
 import trio
 
-from safefs import ranges
+from safefs import ranges, records
 from safefs.backing import Backing, Entry, Fingerprint
 from safefs.cache import ContentCache
 from safefs.clock import Clock
 from safefs.config import CONTROL_DIR_NAME, MountConfig
-from safefs.errors import CacheFull, FsError, SafefsError
+from safefs.errors import CacheFull, FsError
 from safefs.inodes import ROOT_INO, Inode, InodeTable
 from safefs.lanes import ThreadLane
 
@@ -104,11 +108,12 @@ class NoInvalidator:
 class Limiters:
     backing: trio.CapacityLimiter  # may hang on NFS: abandonable calls, with timeouts
     cache: trio.CapacityLimiter  # cache files, several at once (reads)
-    journal: ThreadLane  # LMDB and the writes acknowledged with it, one at a time, in order
+    journal: ThreadLane  # loading the journal at start-up
+    flush: trio.CapacityLimiter  # device flushes (fsync of the journal and of cache files)
 
     @classmethod
     def create(cls) -> "Limiters":
-        return cls(trio.CapacityLimiter(8), trio.CapacityLimiter(8), ThreadLane("journal"))
+        return cls(trio.CapacityLimiter(8), trio.CapacityLimiter(8), ThreadLane("journal"), trio.CapacityLimiter(4))
 
 
 @dataclasses.dataclass
@@ -222,7 +227,9 @@ class Filesystem:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.limiters.backing)
 
     async def in_cache(self, fn: Callable[..., T], *args: Any) -> T:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiters.cache)
+        """Local cache-file work (pread, pwrite, truncate, unlink, statvfs), run inline: it
+        costs microseconds in the page cache, less than a thread trip (see the docstring)."""
+        return fn(*args)
 
     async def read_backing(self, fn: Callable[..., T], *args: Any) -> T:
         """A side-effect-free call into the backing tree that fails with EIO after a timeout.
@@ -326,7 +333,7 @@ class Filesystem:
             inode.attr_dirty = True
         self.table.mark(inode)
 
-    def _log(self, op: tuple[Any, ...]) -> None:
+    def _log(self, op: records.Op) -> None:
         self.table.append_op(op, self.clock.monotonic())
 
     def _dir_changed(self, d: Inode) -> None:
@@ -613,11 +620,13 @@ class Filesystem:
             raise FsError(errno.EEXIST)
         return d
 
-    async def _add_new(self, d: Inode, name: bytes, inode: Inode, op: str = "create") -> Inode:
+    async def _add_new(
+        self, d: Inode, name: bytes, inode: Inode, op: type[records.Create | records.Mkdir] = records.Create
+    ) -> Inode:
         self.table.link(d.ino, name, inode)
         self._name_made(d.ino, name)
         self._dir_changed(d)
-        self._log((op, d.ino, name, inode.ino))
+        self._log(op(d.ino, name, inode.ino))
         self.remember(inode)
         await self.table.commit()
         self.on_change()
@@ -633,7 +642,7 @@ class Filesystem:
         d = await self._prepare_new_entry(parent, name)
         inode = self._new_child(d, stat.S_IFDIR | (mode & 0o7777), uid, gid)
         inode.listed = True
-        return await self._add_new(d, name, inode, "mkdir")
+        return await self._add_new(d, name, inode, records.Mkdir)
 
     async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Inode:
         d = await self._prepare_new_entry(parent, name)
@@ -659,7 +668,7 @@ class Filesystem:
         self._name_made(new_parent, new_name)
         self._changed(inode)
         self._dir_changed(d)
-        self._log(("link", ino, new_parent, new_name))
+        self._log(records.Link(ino, new_parent, new_name))
         self.remember(inode)
         await self.table.commit()
         self.on_change()
@@ -681,7 +690,7 @@ class Filesystem:
         self.table.unlink(parent, name)
         self._changed(inode)
         self._dir_changed(d)
-        self._log(("unlink", parent, name, inode.ino))
+        self._log(records.Unlink(parent, name, inode.ino))
         await self.table.commit()
         self.on_change()
 
@@ -697,7 +706,7 @@ class Filesystem:
         self._drop_absent(inode.ino)
         self._changed(inode)
         self._dir_changed(d)
-        self._log(("rmdir", parent, name, inode.ino))
+        self._log(records.Rmdir(parent, name, inode.ino))
         await self.table.commit()
         self.on_change()
 
@@ -763,7 +772,7 @@ class Filesystem:
         self._changed(src)
         self._dir_changed(d_old)
         self._dir_changed(d_new)
-        self._log(("rename", p_old, n_old, p_new, n_new, flags, src.ino, dst.ino if dst else 0))
+        self._log(records.Rename(p_old, n_old, p_new, n_new, flags, src.ino, dst.ino if dst else 0))
         await table.commit()
         self.on_change()
 
@@ -997,7 +1006,7 @@ class Filesystem:
         if inode.writing:  # a write's bytes may still be on their way into the cache file
             async with self.inode_locks(inode.ino):
                 pass
-        if not ranges.covers(inode.present, offset, end):
+        if inode.gaps(records.PRESENT, offset, end):
             await self.fetch(inode, offset, end)
         else:
             self.stats.cache_hits += 1
@@ -1007,7 +1016,7 @@ class Filesystem:
         """Bring [start, end) of a file into the cache from the backing tree."""
         start -= start % FETCH_BLOCK
         end = min(inode.size, end + (-end % FETCH_BLOCK))
-        todo = ranges.missing(inode.present, start, end)
+        todo = inode.gaps(records.PRESENT, start, end)
         if not todo:
             return
         if self.table.backing_path(inode.ino) is None:
@@ -1018,9 +1027,9 @@ class Filesystem:
             if len(data) < hi - lo:  # the file shrank behind our back: the rest reads as zeros
                 data += bytes(hi - lo - len(data))
             async with self.inode_locks(inode.ino):
-                for s, e in ranges.missing(inode.present, lo, min(hi, inode.size)):
+                for s, e in inode.gaps(records.PRESENT, lo, min(hi, inode.size)):
                     await self.in_cache(self.cache.pwrite, inode.ino, s, data[s - lo : e - lo])
-                    inode.present = ranges.add(inode.present, s, e)
+                    inode.add_present(s, e)
                     self._cached_bytes_estimate += e - s
                 self.table.mark(inode)
         await self.table.commit()
@@ -1069,34 +1078,33 @@ class Filesystem:
             if handle.flags & os.O_APPEND:
                 offset = inode.size
             end = offset + len(data)
-            clean = ranges.missing(inode.dirty, offset, min(end, inode.size))
             ahead = None
-            if clean:
-                # Overwriting bytes the project already has: record them dirty before they
-                # change, so a kill between the cache write and its commit cannot leave the
-                # cache and the project different with nothing marked to write back. That
-                # commit rides in the same thread trip as the write when it can.
-                for lo, hi in clean:
-                    inode.dirty = ranges.add(inode.dirty, lo, hi)
+            if not inode.unclean and inode.gaps(records.DIRTY, offset, min(end, inode.size)):
+                # The first overwrite of bytes the project already has: record "may be dirty"
+                # before they change, so a kill between the cache write and its commit cannot
+                # leave the cache and the project different with nothing marked to write back
+                # (replay takes the file's present bytes for dirty). Later writes need no such
+                # commit ahead, until a write-back leaves the file clean again.
+                inode.unclean = True
                 self.table.mark(inode)
                 ahead = self.table.render_ahead()
-                if ahead is None:
-                    await self.table.commit()
-            saved = (inode.present, inode.dirty, inode.size, inode.mtime_ns, inode.ctime_ns)
+            saved = (inode.size, inode.mtime_ns, inode.ctime_ns)
+            changes = []
             if offset > inode.size:  # the gap reads as zeros; the backing file's grows alike
-                inode.present = ranges.add(inode.present, inode.size, offset)
-            grown = 0 if ranges.covers(inode.present, offset, end) else end - offset
-            inode.present = ranges.add(inode.present, offset, end)
-            inode.dirty = ranges.add(inode.dirty, offset, end)
+                changes.append(inode.add_present(inode.size, offset))
+            grown = end - offset if inode.gaps(records.PRESENT, offset, end) else 0
+            changes.append(inode.add_present(offset, end))
+            changes.append(inode.add_dirty(offset, end))
             inode.size = max(inode.size, end)
             self._changed(inode, data=True)
-            # The journal learns of the bytes in the same thread trip that writes them; until
-            # it returns, reads of this inode wait for the lock (see `read`).
+            # The journal learns of the bytes in the same step that writes them; until it
+            # returns, reads of this inode wait for the lock (see `read`).
             inode.writing += 1
             try:
                 await self.table.commit_with(functools.partial(self.cache.pwrite, inode.ino, offset, data), ahead=ahead)
             except BaseException:
-                inode.present, inode.dirty, inode.size, inode.mtime_ns, inode.ctime_ns = saved
+                inode.undo(changes)
+                inode.size, inode.mtime_ns, inode.ctime_ns = saved
                 self.table.mark(inode)
                 raise
             finally:

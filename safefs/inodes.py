@@ -12,27 +12,31 @@ Invariants:
 - Inode numbers are never reused for the life of a cache dir (`next_ino` only grows), so the
   kernel can never confuse two files; the FUSE generation number is therefore always 0.
 - A mutation is made in memory first, then `mark()`ed; `commit()` returns only once a
-  transaction holding that mutation (or a later one) has committed. Records are rendered at
-  commit time on the trio thread, so a record on disk is always a state memory had.
+  transaction holding that mutation has committed. Records are rendered at commit time, so
+  a record on disk is always a state memory had.
 - An inode is dropped only when nothing refers to it: no cache link, no backing link, no
   kernel lookup, no open handle (`collectable`).
 
-Threading: all state is touched only on the trio thread. `commit()` hands a rendered batch
-to the journal's thread lane (one thread, FIFO; see lanes.py), so batches commit in order.
+Threading: all state is touched only on the trio thread, and journal transactions run there
+too, inline: an LMDB commit without sync costs a few microseconds of page-cache work (it
+blocks only if the local disk is starved of memory), less than a trip to a worker thread,
+and one thread owning every write transaction is what LMDB wants. Only device flushes
+(`sync`: the journal's fdatasync and a cache file's fsync) go to worker threads, behind
+the flush limiter, because they wait for the disk.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import stat
 from typing import Any, Iterator
 
 import trio
 
-from safefs import ranges
+from safefs import ranges, records
 from safefs.errors import FsError
 from safefs.journal import Batch, Journal, Snapshot
-from safefs.lanes import ThreadLane
 
 log = logging.getLogger(__name__)
 
@@ -40,25 +44,15 @@ ROOT_INO = 1
 BLink = tuple[int, bytes]  # (parent inode, name) of a backing link
 
 
-def op_inodes(op: tuple[Any, ...]) -> tuple[int, ...]:
-    """Every inode an op names (directories and objects)."""
-    kind = op[0]
-    if kind == "rename":
-        return tuple(i for i in (op[1], op[3], op[6], op[7]) if i)
-    if kind == "link":
-        return (op[1], op[2])
-    return (op[1], op[3])  # mkdir, create, unlink, rmdir: parent, name, inode
-
-
 class Inode:
     __slots__ = (
         # persisted
         "ino", "mode", "uid", "gid", "size", "rdev", "atime_ns", "mtime_ns", "ctime_ns",
-        "target", "xattrs", "origin", "present", "dirty", "attr_dirty", "new", "listed",
-        "parent", "blinks", "publishing", "low_size",
+        "target", "xattrs", "origin", "_present", "_dirty", "attr_dirty", "new", "listed",
+        "parent", "blinks", "publishing", "low_size", "unclean",
         # memory only
         "links", "nlink_dirs", "lookups", "opens", "changed_at", "version", "stale", "writing",
-        "accessed_at",
+        "accessed_at", "_extent_marks",
     )  # fmt: skip
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, now_ns: int) -> None:
@@ -72,8 +66,10 @@ class Inode:
         self.target: bytes | None = None  # symlink target
         self.xattrs: dict[bytes, bytes] | None = {}  # None: not read from the backing tree yet
         self.origin: tuple[int, int, int, int] | None = None  # backing fingerprint when fetched/published
-        self.present: ranges.RangeSet = ranges.EMPTY  # bytes held in the cache file
-        self.dirty: ranges.RangeSet = ranges.EMPTY  # bytes not yet on the backing tree
+        self._present: ranges.RangeSet = ranges.EMPTY  # bytes held in the cache file
+        self._dirty: ranges.RangeSet = ranges.EMPTY  # bytes not yet on the backing tree
+        # Extents (kind, start) changed since the last rendered batch; None while there are none.
+        self._extent_marks: set[tuple[bytes, int]] | None = None
         self.attr_dirty = False  # attributes (or size) not yet on the backing tree
         self.new = False  # not yet created on the backing tree
         self.listed = False  # directories: children loaded from the backing tree
@@ -85,6 +81,8 @@ class Inode:
         # The smallest size since the last publish, if the file was cut: an in-place publish
         # cuts the backing file there first, so a later extension reads as zeros unwritten.
         self.low_size: int | None = None
+        # The cache file may hold bytes not recorded as dirty (see records.InodeRecord.unclean).
+        self.unclean = False
         # Names in the cache view. A list, not a set: nearly every inode has one name, and a
         # set of one costs 216 bytes against 64 (a tree of 100,000 files: 15 MiB).
         self.links: list[BLink] = []
@@ -96,6 +94,98 @@ class Inode:
         self.stale = False  # directories: the backing tree may have changed since listed
         self.writing = 0  # writes whose bytes may not be in the cache file yet (see fs.write)
         self.accessed_at = 0.0  # monotonic time of the last read or write (for eviction)
+
+    # -- byte ranges (each range is one journal key: records.extent_key) ---------------------
+    # Each set is a tuple (immutable: what `present`/`dirty` return, safe to keep), or, while
+    # writes add to it, a list changed in place (`add_present`/`add_dirty`), so a write into
+    # a file with many ranges costs a memmove, not a copy of every range. Reading the
+    # property turns the list back into a tuple; `gaps` reads either without converting.
+    @property
+    def present(self) -> ranges.RangeSet:
+        if self._present.__class__ is list:
+            self._present = tuple(self._present)
+        return self._present  # type: ignore[return-value]
+
+    @present.setter
+    def present(self, value: ranges.RangeSet) -> None:
+        self._note_changes(records.PRESENT, self._present, value)
+        self._present = value
+
+    @property
+    def dirty(self) -> ranges.RangeSet:
+        if self._dirty.__class__ is list:
+            self._dirty = tuple(self._dirty)
+        return self._dirty  # type: ignore[return-value]
+
+    @dirty.setter
+    def dirty(self, value: ranges.RangeSet) -> None:
+        self._note_changes(records.DIRTY, self._dirty, value)
+        self._dirty = value
+
+    def gaps(self, which: bytes, start: int, end: int) -> list[ranges.Range]:
+        """The parts of [start, end) not in the present (or dirty) set."""
+        rs = self._present if which == records.PRESENT else self._dirty
+        return ranges.missing(rs, start, end)  # type: ignore[arg-type]
+
+    def add_present(self, start: int, end: int) -> tuple[bytes, ranges.Change] | None:
+        """`present |= [start, end)`, noting only the extents that change; the return value
+        takes the change back (`undo`)."""
+        if self._present.__class__ is not list:
+            self._present = list(self._present)
+        return self._added(records.PRESENT, ranges.add_in_place(self._present, start, end))  # type: ignore[arg-type]
+
+    def add_dirty(self, start: int, end: int) -> tuple[bytes, ranges.Change] | None:
+        if self._dirty.__class__ is not list:
+            self._dirty = list(self._dirty)
+        return self._added(records.DIRTY, ranges.add_in_place(self._dirty, start, end))  # type: ignore[arg-type]
+
+    def _added(self, which: bytes, change: ranges.Change | None) -> tuple[bytes, ranges.Change] | None:
+        if change is None:
+            return None
+        _, gone, made = change
+        self.note_extent(which, made[0])
+        for s, _ in gone:
+            self.note_extent(which, s)
+        return which, change
+
+    def undo(self, changes: list[tuple[bytes, ranges.Change] | None]) -> None:
+        """Take back `add_present`/`add_dirty` changes, the last first, none made since."""
+        for item in reversed(changes):
+            if item is None:
+                continue
+            which, change = item
+            if which == records.PRESENT:
+                if self._present.__class__ is not list:
+                    self._present = list(self._present)
+                ranges.undo_in_place(self._present, change)  # type: ignore[arg-type]
+            else:
+                if self._dirty.__class__ is not list:
+                    self._dirty = list(self._dirty)
+                ranges.undo_in_place(self._dirty, change)  # type: ignore[arg-type]
+            self._added(which, change)  # the same extents change back
+
+    def _note_changes(self, which: bytes, old: ranges.RangeSet, new: ranges.RangeSet) -> None:
+        if old is new:
+            return
+        changed = set(old).symmetric_difference(new)
+        if changed:
+            marks = self._extent_marks if self._extent_marks is not None else set()
+            marks.update((which, s) for s, _ in changed)
+            self._extent_marks = marks
+
+    def note_extent(self, which: bytes, start: int) -> None:
+        """The extent at `start` must be written again (its last batch did not commit)."""
+        if self._extent_marks is None:
+            self._extent_marks = set()
+        self._extent_marks.add((which, start))
+
+    def take_extents(self) -> dict[tuple[bytes, int], int | None]:
+        """The changed extents as they are now (start -> end, None: gone), and forget them."""
+        marks, self._extent_marks = self._extent_marks, None
+        out: dict[tuple[bytes, int], int | None] = {}
+        for which, start in marks or ():
+            out[which, start] = ranges.end_at(self._present if which == records.PRESENT else self._dirty, start)
+        return out
 
     def add_link(self, parent: int, name: bytes) -> None:
         if (parent, name) not in self.links:
@@ -132,42 +222,47 @@ class Inode:
     @property
     def complete(self) -> bool:
         """All bytes of the file are in the cache."""
-        return ranges.covers(self.present, 0, self.size)
+        return not self.gaps(records.PRESENT, 0, self.size)
 
-    def record(self) -> dict[str, Any]:
-        return {
-            "m": self.mode, "u": self.uid, "g": self.gid, "s": self.size, "r": self.rdev,
-            "a": self.atime_ns, "t": self.mtime_ns, "c": self.ctime_ns, "l": self.target,
-            "x": self.xattrs, "o": self.origin, "p": list(self.present), "d": list(self.dirty),
-            "ad": self.attr_dirty, "n": self.new, "ls": self.listed, "pa": self.parent,
-            "b": [list(b) for b in self.blinks], "pb": self.publishing, "lo": self.low_size,
-        }  # fmt: skip
+    def record(self) -> records.InodeRecord:
+        """What the journal keeps of the inode, its byte ranges aside (see take_extents)."""
+        return records.InodeRecord(
+            mode=self.mode, uid=self.uid, gid=self.gid, size=self.size, rdev=self.rdev,
+            atime_ns=self.atime_ns, mtime_ns=self.mtime_ns, ctime_ns=self.ctime_ns,
+            target=self.target, xattrs=self.xattrs, origin=self.origin,
+            attr_dirty=self.attr_dirty, new=self.new, listed=self.listed, parent=self.parent,
+            blinks=tuple(self.blinks), publishing=self.publishing, low_size=self.low_size,
+            unclean=self.unclean,
+        )  # fmt: skip
 
     @classmethod
-    def from_record(cls, ino: int, rec: dict[str, Any]) -> "Inode":
-        inode = cls(ino, rec["m"], rec["u"], rec["g"], rec["c"])
-        inode.size, inode.rdev = rec["s"], rec["r"]
-        inode.atime_ns, inode.mtime_ns = rec["a"], rec["t"]
-        inode.target = rec["l"]
-        inode.xattrs = dict(rec["x"]) if rec["x"] is not None else None
-        inode.origin = tuple(rec["o"]) if rec["o"] else None  # type: ignore[assignment]
-        inode.present = ranges.from_list(rec["p"])
-        inode.dirty = ranges.from_list(rec["d"])
-        inode.attr_dirty, inode.new, inode.listed = rec["ad"], rec["n"], rec["ls"]
-        inode.parent = rec["pa"]
-        inode.blinks = [(int(p), bytes(n)) for p, n in rec["b"]]
-        inode.publishing = tuple(rec["pb"]) if rec.get("pb") is not None else None
-        inode.low_size = rec.get("lo")
+    def from_record(cls, ino: int, rec: records.InodeRecord, extents: dict[bytes, list[ranges.Range]]) -> "Inode":
+        inode = cls(ino, rec.mode, rec.uid, rec.gid, rec.ctime_ns)
+        inode.size, inode.rdev = rec.size, rec.rdev
+        inode.atime_ns, inode.mtime_ns = rec.atime_ns, rec.mtime_ns
+        inode.target = rec.target
+        inode.xattrs = dict(rec.xattrs) if rec.xattrs is not None else None
+        inode.origin = rec.origin
+        inode._present = ranges.from_sorted(extents.get(records.PRESENT, ()))
+        inode._dirty = ranges.from_sorted(extents.get(records.DIRTY, ()))
+        inode.attr_dirty, inode.new, inode.listed = rec.attr_dirty, rec.new, rec.listed
+        inode.parent = rec.parent
+        inode.blinks = list(rec.blinks)
+        inode.publishing = rec.publishing
+        inode.low_size = rec.low_size
+        inode.unclean = rec.unclean
+        if rec.unclean:  # a write may have reached the cache file but not the journal
+            inode.dirty = ranges.from_sorted(sorted((*inode._dirty, *ranges.clip(inode._present, rec.size))))
         return inode
 
 
 class InodeTable:
-    def __init__(self, journal: Journal, lane: ThreadLane) -> None:
+    def __init__(self, journal: Journal, flush_limiter: trio.CapacityLimiter) -> None:
         self._journal = journal
-        self._lane = lane
+        self._flush_limiter = flush_limiter  # device flushes: the journal's and cache files'
         self.inodes: dict[int, Inode] = {}
         self.children: dict[int, dict[bytes, int]] = {}
-        self.ops: dict[int, tuple[Any, ...]] = {}  # seq -> op not yet replayed
+        self.ops: dict[int, records.Op] = {}  # seq -> op not yet replayed
         self.op_times: dict[int, float] = {}  # seq -> monotonic time it happened (memory only)
         self._maybe_dirty: set[int] = set()  # every inode that needs a flush is in here
         self._op_refs: dict[int, int] = {}  # inode -> number of pending ops naming it
@@ -183,19 +278,17 @@ class InodeTable:
         self._marked_dentries: set[tuple[int, bytes]] = set()
         self._marked_ops: set[int] = set()
         self._marked_meta: set[str] = set()
-        # group commit: batches are numbered; `_committed` is the highest number on disk
-        self._batch_no = 0
-        self._committed = 0
-        self._committing = False
-        self._commit_done = trio.Event()
-        self.commits = 0
+        self.commits = 0  # transactions committed so far
         self._synced_at = -1  # `commits` when the journal was last made durable
+        self._syncing: tuple[int, trio.Event] | None = None  # a journal flush under way, and what it covers
 
     # -- loading -------------------------------------------------------------------------
     def load(self, snap: Snapshot) -> None:
         self.meta = dict(snap.meta)
         for ino, rec in snap.inodes.items():
-            self.inodes[ino] = Inode.from_record(ino, rec)
+            inode = self.inodes[ino] = Inode.from_record(ino, rec, snap.extents.get(ino, {}))
+            if inode._extent_marks:  # replay changed its ranges (see Inode.unclean)
+                self._marked_inodes.add(ino)
         for parent, name, child in snap.dentries:
             inode = self.inodes.get(child)
             if inode is None or parent not in self.inodes:
@@ -298,7 +391,7 @@ class InodeTable:
         self.meta[key] = value
         self._marked_meta.add(key)
 
-    def append_op(self, op: tuple[Any, ...], now: float) -> int:
+    def append_op(self, op: records.Op, now: float) -> int:
         seq = self.next_seq
         self.next_seq += 1
         self.ops[seq] = op
@@ -308,15 +401,15 @@ class InodeTable:
         self.set_meta("next_seq", self.next_seq)
         return seq
 
-    def amend_op(self, seq: int, op: tuple[Any, ...]) -> None:
+    def amend_op(self, seq: int, op: records.Op) -> None:
         """Rewrite a pending op with the same inodes (the flusher records a conflict copy's
         name in it before it writes anything, so a replay after a crash uses that name)."""
-        assert op_inodes(op) == op_inodes(self.ops[seq])
+        assert op.inodes == self.ops[seq].inodes
         self.ops[seq] = op
         self._marked_ops.add(seq)
 
-    def _count_refs(self, op: tuple[Any, ...], delta: int) -> None:
-        for ino in op_inodes(op):
+    def _count_refs(self, op: records.Op, delta: int) -> None:
+        for ino in op.inodes:
             count = self._op_refs.get(ino, 0) + delta
             if count:
                 self._op_refs[ino] = count
@@ -364,7 +457,12 @@ class InodeTable:
         batch = Batch()
         for ino in self._marked_inodes:
             inode = self.inodes.get(ino)
-            batch.inodes[ino] = inode.record() if inode is not None else None
+            if inode is None:
+                batch.inodes[ino] = None  # and its extents with it
+                continue
+            batch.inodes[ino] = inode.record()
+            for (which, start), end in inode.take_extents().items():
+                batch.extents[ino, which, start] = end
         for parent, name in self._marked_dentries:
             batch.dentries[(parent, name)] = self.children.get(parent, {}).get(name)
         for seq in self._marked_ops:
@@ -384,78 +482,51 @@ class InodeTable:
     async def commit(self) -> None:
         """Return once everything marked so far is in a committed transaction.
 
-        While one batch commits in the worker thread, later callers' changes gather in the
-        next batch; one of them commits it when the first finishes (group commit).
+        The transaction runs inline on the trio thread: an LMDB commit without sync touches
+        only the page cache (a few microseconds), less than a trip to a worker thread.
         """
-        target = self._batch_no + 1 if self.has_uncommitted else self._batch_no
-        while self._committed < target:
-            if self._committing:
-                await self._commit_done.wait()
-                continue
-            await self._commit_batch(None, None)
+        self._commit_batch()
 
-    def render_ahead(self) -> Batch | None:
+    def render_ahead(self) -> Batch:
         """Take what is marked now as a batch for `commit_with(ahead=...)` to commit before
-        its action, or return None while a commit is under way (then `await commit()`).
-
-        No await may come between this and that `commit_with`: a batch rendered by someone
-        else meanwhile could carry the later state into the journal before the action ran.
+        its action. No await may come between this and that `commit_with`: a batch rendered
+        by someone else meanwhile could carry the later state into the journal before the
+        action ran.
         """
-        return None if self._committing else self._render()
+        return self._render()
 
-    async def commit_with(self, action: Any = None, *, then: Any = None, ahead: Batch | None = None) -> None:
-        """Commit `ahead`, run `action` (a blocking cache write), commit what is marked, then
-        run `then`, all in one thread trip.
+    async def commit_with(self, action: Any = None, *, ahead: Batch | None = None) -> None:
+        """Commit `ahead`, run `action` (a cache-file write, inline), then commit what is marked.
 
-        A thread hop costs more than a small write itself, so a write takes one, not two.
         The batch commits only if `action` succeeded; otherwise its keys stay marked and the
-        error is raised (the caller restores what it changed in memory). While another commit
-        is under way, it falls back to running `action` first, then joining the next batch.
+        error is raised (the caller restores what it changed in memory).
         """
-        if ahead is not None:
-            assert not self._committing, "render_ahead() and commit_with() must not be apart"
-        if not self._committing:
-            await self._commit_batch(action, then, ahead)
-            return
-        if action is not None:
-            await self._lane.run(action)
-        await self.commit()
-        if then is not None:
-            await self._lane.run(then)
+        self._commit_batch(action, ahead)
 
-    async def _commit_batch(self, action: Any, then: Any, ahead: Batch | None = None) -> None:
-        """Render what is marked and commit it in one worker-thread trip (see commit_with)."""
-        self._committing = True
-        self._batch_no += 1
-        number = self._batch_no
+    def _commit_batch(self, action: Any = None, ahead: Batch | None = None) -> None:
         batch = self._render()
-
-        def in_thread() -> None:
+        try:
             if ahead:
                 self._journal.commit(ahead)
             if action is not None:
                 action()
-            self._journal.commit(batch)
-            if then is not None:
-                then()  # after the commit: it may count on the batch being in the journal
-
-        try:
-            await self._lane.run(in_thread)
+            if batch:
+                self._journal.commit(batch)
         except BaseException:
             if ahead:
                 self._remark(ahead)  # committed or not, carrying it again is harmless
             self._remark(batch)
             raise
-        finally:
-            self._committing = False
-            done, self._commit_done = self._commit_done, trio.Event()
-            done.set()
-        self._committed = number
-        self.commits += 1
+        if ahead or batch:
+            self.commits += 1
 
     def _remark(self, batch: Batch) -> None:
         """Not on disk: mark the keys again so the next commit carries them."""
         self._marked_inodes.update(batch.inodes)
+        for ino, which, start in batch.extents:
+            inode = self.inodes.get(ino)
+            if inode is not None:
+                inode.note_extent(which, start)
         self._marked_dentries.update(batch.dentries)
         self._marked_ops.update(batch.ops)
         self._marked_meta.update(batch.meta)
@@ -463,17 +534,34 @@ class InodeTable:
     async def sync(self, also: Any = None) -> None:
         """Commit, then make the journal durable on the local disk.
 
-        `also` (a blocking fsync of a cache file) runs in the same worker-thread trip.
+        `also` (a blocking fsync of a cache file) runs in a second worker thread at the same
+        time, so an fsync waits for one device flush of each kind, not for two in a row. A
+        journal with no commit since the last flush is not flushed again; a flush already
+        under way that started after our last commit is waited for, not repeated.
         """
-        if self._synced_at == self.commits and not self.has_uncommitted:
-            if also is not None:  # the journal is durable already: only the file is left
-                await self._lane.run(also)
-            return
+        await self.commit()
+        try:
+            async with trio.open_nursery() as nursery:
+                if also is not None:
+                    nursery.start_soon(functools.partial(trio.to_thread.run_sync, also, limiter=self._flush_limiter))
+                nursery.start_soon(self._sync_journal)
+        except BaseExceptionGroup as group:
+            # Callers map errors to errnos (ENOSPC, EIO): give them one, not a group. If both
+            # flushes failed, either error says the fsync did not happen.
+            raise group.exceptions[0] from None
 
-        def flush_to_disk() -> None:
-            if also is not None:
-                also()
-            self._journal.sync()
-
-        await self.commit_with(then=flush_to_disk)  # commit and flush in one thread trip
-        self._synced_at = self.commits
+    async def _sync_journal(self) -> None:
+        target = self.commits
+        while self._synced_at < target:
+            if self._syncing is not None and self._syncing[0] >= target:
+                await self._syncing[1].wait()  # that flush covers every commit we made
+                continue
+            done = trio.Event()
+            self._syncing = (target, done)
+            try:
+                await trio.to_thread.run_sync(self._journal.sync, limiter=self._flush_limiter)
+                self._synced_at = max(self._synced_at, target)
+            finally:
+                if self._syncing is not None and self._syncing[1] is done:  # a later one may be under way
+                    self._syncing = None
+                done.set()

@@ -1,13 +1,16 @@
 """The crash-safe record of one mount's metadata: an LMDB environment in the cache dir.
 
-This is the only module that imports lmdb.
+This is the only module that imports lmdb. What the records mean and how they are encoded
+is records.py's business; this module stores them.
 
 What it stores (one environment per cache dir):
-- `inodes`:   inode number -> the inode's record (attributes, backing links, fingerprint,
-              present and dirty byte ranges)
+- `inodes`:   inode number -> the inode's record (records.InodeRecord: attributes, backing
+              links, fingerprint)
+- `extents`:  inode + kind (present/dirty) + start -> end: one key per byte range, so a
+              write changes a few keys however many ranges its file has
 - `dentries`: parent inode + name -> child inode (the namespace as the user sees it)
 - `ops`:      sequence number -> a namespace change not yet replayed on the backing tree
-- `meta`:     counters and facts about the cache (next inode, next op, boot id, ...)
+- `meta`:     counters and facts about the cache (format, next inode, next op, boot id, ...)
 
 Invariants:
 - A change is acknowledged to an application only after the transaction holding it has
@@ -18,10 +21,13 @@ Invariants:
   for the promise this keeps (write() survives a daemon crash, fsync() a host crash).
 - Exactly one process uses a cache dir: `open` takes an exclusive `flock` on `lock` in the
   cache dir and raises `CacheBusy` when another daemon holds it.
+- The journal holds records of `records.FORMAT`: `open` migrates a format-1 journal in one
+  transaction (every dirty range kept) and refuses a format it does not know.
 
-Threading: every method blocks (disk I/O) and must run in a worker thread behind the
-journal limiter, which has one slot: LMDB ties a write transaction to the thread that began
-it, and no transaction here ever outlives the call that opened it.
+Threading: `commit` and `load` are short page-cache work, run inline on the trio thread
+(every write transaction begins and ends on that one thread, as LMDB wants); `sync` waits
+for the disk and runs in a worker thread, alongside commits (an fdatasync covers every
+transaction committed before it began). `open` and `close` run at start-up and shut-down.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ from typing import Any, Iterator
 
 import lmdb
 
-from safefs.errors import CacheBusy, CacheFull
+from safefs import records
+from safefs.errors import CacheBusy, CacheFull, Refused
 
 _U64 = struct.Struct(">Q")
 MAP_SIZE = 1 << 38  # address space only; the file grows as records are added
@@ -51,17 +58,22 @@ def _dentry_key(parent: int, name: bytes) -> bytes:
     return _U64.pack(parent) + name
 
 
+Extent = tuple[int, bytes, int]  # inode, records.PRESENT or records.DIRTY, start
+
+
 @dataclasses.dataclass
 class Batch:
-    """Concrete changes for one transaction. `None` as a value deletes the key."""
+    """Concrete changes for one transaction. `None` as a value deletes the key; deleting an
+    inode deletes its extents too."""
 
-    inodes: dict[int, dict[str, Any] | None] = dataclasses.field(default_factory=dict)
+    inodes: dict[int, records.InodeRecord | None] = dataclasses.field(default_factory=dict)
+    extents: dict[Extent, int | None] = dataclasses.field(default_factory=dict)  # -> end
     dentries: dict[tuple[int, bytes], int | None] = dataclasses.field(default_factory=dict)
-    ops: dict[int, tuple[Any, ...] | None] = dataclasses.field(default_factory=dict)
+    ops: dict[int, records.Op | None] = dataclasses.field(default_factory=dict)
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.inodes or self.dentries or self.ops or self.meta)
+        return bool(self.inodes or self.extents or self.dentries or self.ops or self.meta)
 
 
 @dataclasses.dataclass
@@ -69,9 +81,10 @@ class Snapshot:
     """Everything the journal holds, as loaded at startup."""
 
     meta: dict[str, Any]
-    inodes: dict[int, dict[str, Any]]
+    inodes: dict[int, records.InodeRecord]
+    extents: dict[int, dict[bytes, list[tuple[int, int]]]]  # inode -> kind -> ranges in order
     dentries: list[tuple[int, bytes, int]]
-    ops: list[tuple[int, tuple[Any, ...]]]
+    ops: list[tuple[int, records.Op]]
 
 
 class Journal:
@@ -79,13 +92,14 @@ class Journal:
         self._env = env
         self._lock_fd = lock_fd
         self._inodes = env.open_db(b"inodes")
+        self._extents = env.open_db(b"extents")
         self._dentries = env.open_db(b"dentries")
         self._ops = env.open_db(b"ops")
         self._meta = env.open_db(b"meta")
 
     @classmethod
     def open(cls, cache_dir: Path) -> "Journal":
-        """Lock the cache dir for this process and open its environment."""
+        """Lock the cache dir for this process and open its environment (migrating it)."""
         lock_fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -111,7 +125,44 @@ class Journal:
         except BaseException:
             os.close(lock_fd)
             raise
-        return cls(env, lock_fd)
+        journal = cls(env, lock_fd)
+        try:
+            journal._upgrade(cache_dir)
+        except BaseException:
+            journal.close()
+            raise
+        return journal
+
+    def _upgrade(self, cache_dir: Path) -> None:
+        """Bring the journal to records.FORMAT, or refuse one this version cannot read."""
+        with self._env.begin(write=True) as txn:
+            raw = txn.get(records.FORMAT_KEY.encode(), db=self._meta)
+            used = txn.stat(self._meta)["entries"] or txn.stat(self._inodes)["entries"]
+            found = marshal.loads(raw) if raw is not None else (1 if used else None)
+            if found == records.FORMAT:
+                return
+            if found not in (None, 1):
+                raise Refused(
+                    f"the cache dir {cache_dir} holds a journal of format {found}; "
+                    f"this safefs reads format {records.FORMAT}",
+                    hint="run `safefs sync` or `safefs umount` with the safefs version that wrote it first",
+                )
+            if found == 1:
+                self._upgrade_from_1(txn)
+            txn.put(records.FORMAT_KEY.encode(), marshal.dumps(records.FORMAT), db=self._meta)
+        self._env.sync(True)
+
+    def _upgrade_from_1(self, txn: lmdb.Transaction) -> None:
+        """Format 1 kept each inode's ranges inside its record: split them into extents."""
+        for key, value in list(txn.cursor(db=self._inodes)):
+            ino = _U64.unpack(key)[0]
+            rec, present, dirty = records.upgrade_inode(marshal.loads(value))
+            txn.put(key, records.encode_inode(rec), db=self._inodes)
+            for which, items in ((records.PRESENT, present), (records.DIRTY, dirty)):
+                for start, end in items:
+                    txn.put(records.extent_key(ino, which, start), records.encode_end(end), db=self._extents)
+        for key, value in list(txn.cursor(db=self._ops)):
+            txn.put(key, records.encode_op(records.upgrade_op(marshal.loads(value))), db=self._ops)
 
     def close(self) -> None:
         self._env.sync(True)
@@ -121,13 +172,17 @@ class Journal:
     def load(self) -> Snapshot:
         with self._env.begin() as txn:
             meta = {k.decode(): marshal.loads(v) for k, v in txn.cursor(db=self._meta)}
-            inodes = {_U64.unpack(k)[0]: marshal.loads(v) for k, v in txn.cursor(db=self._inodes)}
+            inodes = {_U64.unpack(k)[0]: records.decode_inode(v) for k, v in txn.cursor(db=self._inodes)}
+            extents: dict[int, dict[bytes, list[tuple[int, int]]]] = {}
+            for k, v in txn.cursor(db=self._extents):
+                ino, which, start = records.decode_extent_key(k)
+                extents.setdefault(ino, {}).setdefault(which, []).append((start, records.decode_end(v)))
             dentries = [
                 (_U64.unpack(k[:8])[0], bytes(k[8:]), _U64.unpack(v)[0])
                 for k, v in txn.cursor(db=self._dentries)
             ]
-            ops = [(_U64.unpack(k)[0], marshal.loads(v)) for k, v in txn.cursor(db=self._ops)]
-        return Snapshot(meta, inodes, dentries, ops)
+            ops = [(_U64.unpack(k)[0], records.decode_op(v)) for k, v in txn.cursor(db=self._ops)]
+        return Snapshot(meta, inodes, extents, dentries, ops)
 
     def commit(self, batch: Batch) -> None:
         """Write `batch` in one transaction. Raises CacheFull when the disk is full."""
@@ -138,8 +193,15 @@ class Journal:
                 for ino, rec in batch.inodes.items():
                     if rec is None:
                         txn.delete(_key(ino), db=self._inodes)
+                        self._delete_extents(txn, ino)
                     else:
-                        txn.put(_key(ino), marshal.dumps(rec), db=self._inodes)
+                        txn.put(_key(ino), records.encode_inode(rec), db=self._inodes)
+                for (ino, which, start), end in batch.extents.items():
+                    key = records.extent_key(ino, which, start)
+                    if end is None:
+                        txn.delete(key, db=self._extents)
+                    else:
+                        txn.put(key, records.encode_end(end), db=self._extents)
                 for (parent, name), child in batch.dentries.items():
                     if child is None:
                         txn.delete(_dentry_key(parent, name), db=self._dentries)
@@ -149,7 +211,7 @@ class Journal:
                     if op is None:
                         txn.delete(_key(seq), db=self._ops)
                     else:
-                        txn.put(_key(seq), marshal.dumps(op), db=self._ops)
+                        txn.put(_key(seq), records.encode_op(op), db=self._ops)
         except lmdb.MapFullError as exc:  # pragma: no cover - 256 GiB of metadata
             raise CacheFull("journal: map full") from exc
         except lmdb.DiskError as exc:
@@ -159,11 +221,18 @@ class Journal:
                 raise CacheFull("journal: cache disk full") from exc
             raise
 
+    def _delete_extents(self, txn: lmdb.Transaction, ino: int) -> None:
+        prefix = records.extent_prefix(ino)
+        cursor = txn.cursor(db=self._extents)
+        if cursor.set_range(prefix):
+            while cursor.key()[:8] == prefix and cursor.delete():
+                pass
+
     def sync(self) -> None:
         """Make every committed transaction durable on the local disk."""
         self._env.sync(True)
 
-    def iter_ops(self) -> Iterator[tuple[int, tuple[Any, ...]]]:
+    def iter_ops(self) -> Iterator[tuple[int, records.Op]]:
         with self._env.begin() as txn:
             for k, v in txn.cursor(db=self._ops):
-                yield _U64.unpack(k)[0], marshal.loads(v)
+                yield _U64.unpack(k)[0], records.decode_op(v)

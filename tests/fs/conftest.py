@@ -209,7 +209,7 @@ class Stack:
         assert self.journal is None
         self.journal = Journal.open(self.cache_dir)
         self.limiters = Limiters.create()
-        self.table = InodeTable(self.journal, self.limiters.journal)
+        self.table = InodeTable(self.journal, self.limiters.flush)
         self.table.load(await trio.to_thread.run_sync(self.journal.load))
         self.cache = ContentCache(self.cache_dir, self.config.free_space_floor)
         self.backing = Backing(self.src)

@@ -9,6 +9,7 @@ that went backwards.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import random
@@ -23,29 +24,42 @@ import pytest
 
 from safefs.errors import CacheBusy
 from safefs.journal import Batch, Journal
+from safefs.records import DIRTY, FORMAT, PRESENT, Create, InodeRecord, Link, Unlink
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def rec(size: int = 0, **changes: object) -> InodeRecord:
+    base = InodeRecord(
+        mode=0o100644, uid=0, gid=0, size=size, rdev=0, atime_ns=1, mtime_ns=2, ctime_ns=3,
+        target=None, xattrs={}, origin=None, attr_dirty=False, new=True, listed=False, parent=0,
+        blinks=(), publishing=None, low_size=None,
+    )  # fmt: skip
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
 def test_commit_load_round_trip(tmp_path: Path) -> None:
     j = Journal.open(tmp_path)
     try:
-        rec = {"m": 0o100644, "s": 12, "x": {b"user.a": b"\x00\xff"}, "p": [[0, 12]], "b": [[1, b"f"]], "o": None}
+        root = rec(mode=0o40755, listed=True, parent=1)
+        f = rec(12, xattrs={b"user.a": b"\x00\xff"}, blinks=((1, b"f"),), origin=(1, 2, 3, 4), publishing=(b"x",))
         j.commit(
             Batch(
-                inodes={1: {"root": True}, 7: rec},
+                inodes={1: root, 7: f},
+                extents={(7, PRESENT, 0): 12, (7, DIRTY, 0): 4, (7, DIRTY, 8): 12},
                 dentries={(1, b"f"): 7, (1, b"\xff\xfename"): 7},
-                ops={1: ("create", 1, b"f", 7), 2: ("link", 7, 1, b"\xff\xfename")},
+                ops={1: Create(1, b"f", 7), 2: Link(7, 1, b"\xff\xfename")},
                 meta={"next_ino": 8, "next_seq": 3, "boot_id": "abc"},
             )
         )
         snap = j.load()
     finally:
         j.close()
-    assert snap.inodes == {1: {"root": True}, 7: rec}
+    assert snap.inodes == {1: root, 7: f}
+    assert snap.extents == {7: {PRESENT: [(0, 12)], DIRTY: [(0, 4), (8, 12)]}}
     assert sorted(snap.dentries) == [(1, b"f", 7), (1, b"\xff\xfename", 7)]
-    assert snap.ops == [(1, ("create", 1, b"f", 7)), (2, ("link", 7, 1, b"\xff\xfename"))]
-    assert snap.meta == {"next_ino": 8, "next_seq": 3, "boot_id": "abc"}
+    assert snap.ops == [(1, Create(1, b"f", 7)), (2, Link(7, 1, b"\xff\xfename"))]
+    assert snap.meta == {"format": FORMAT, "next_ino": 8, "next_seq": 3, "boot_id": "abc"}
 
     # And it is on disk, not only in this environment.
     j = Journal.open(tmp_path)
@@ -61,7 +75,7 @@ def test_ops_load_in_sequence_order(tmp_path: Path) -> None:
     """Keys are big-endian, so op 256 comes after op 2 (not before, as with little-endian)."""
     j = Journal.open(tmp_path)
     try:
-        j.commit(Batch(ops={256: ("b",), 2: ("a",), 1 << 40: ("c",)}))
+        j.commit(Batch(ops={256: Unlink(1, b"b", 2), 2: Unlink(1, b"a", 2), 1 << 40: Unlink(1, b"c", 2)}))
         assert [seq for seq, _ in j.load().ops] == [2, 256, 1 << 40]
     finally:
         j.close()
@@ -70,19 +84,22 @@ def test_ops_load_in_sequence_order(tmp_path: Path) -> None:
 def test_none_deletes_and_overwrites(tmp_path: Path) -> None:
     j = Journal.open(tmp_path)
     try:
-        j.commit(Batch(inodes={2: {"v": 1}, 3: {"v": 1}}, dentries={(1, b"a"): 2, (1, b"b"): 3},
-                       ops={1: ("x",), 2: ("y",)}, meta={"k": 1}))  # fmt: skip
-        j.commit(Batch(inodes={2: None, 3: {"v": 2}}, dentries={(1, b"a"): None, (1, b"b"): 2},
-                       ops={1: None}, meta={"k": 2}))  # fmt: skip
+        j.commit(Batch(inodes={2: rec(1), 3: rec(1)}, dentries={(1, b"a"): 2, (1, b"b"): 3},
+                       extents={(2, DIRTY, 0): 1, (3, DIRTY, 0): 1, (3, PRESENT, 5): 9},
+                       ops={1: Unlink(1, b"x", 2), 2: Unlink(1, b"y", 3)}, meta={"k": 1}))  # fmt: skip
+        # Deleting an inode deletes its extents; an extent goes alone with None.
+        j.commit(Batch(inodes={2: None, 3: rec(2)}, dentries={(1, b"a"): None, (1, b"b"): 2},
+                       extents={(3, DIRTY, 0): None}, ops={1: None}, meta={"k": 2}))  # fmt: skip
         # Deleting what is not there is not an error (a replayed drop).
-        j.commit(Batch(inodes={99: None}, dentries={(5, b"zz"): None}, ops={77: None}))
+        j.commit(Batch(inodes={99: None}, extents={(3, DIRTY, 7): None}, dentries={(5, b"zz"): None}, ops={77: None}))
         snap = j.load()
     finally:
         j.close()
-    assert snap.inodes == {3: {"v": 2}}
+    assert snap.inodes == {3: rec(2)}
+    assert snap.extents == {3: {PRESENT: [(5, 9)]}}
     assert snap.dentries == [(1, b"b", 2)]
-    assert snap.ops == [(2, ("y",))]
-    assert snap.meta == {"k": 2}
+    assert snap.ops == [(2, Unlink(1, b"y", 3))]
+    assert snap.meta == {"format": FORMAT, "k": 2}
 
 
 def test_empty_batch_is_falsy_and_harmless(tmp_path: Path) -> None:
@@ -95,7 +112,7 @@ def test_empty_batch_is_falsy_and_harmless(tmp_path: Path) -> None:
         snap = j.load()
     finally:
         j.close()
-    assert (snap.meta, snap.inodes, snap.dentries, snap.ops) == ({}, {}, [], [])
+    assert (snap.meta, snap.inodes, snap.extents, snap.dentries, snap.ops) == ({"format": FORMAT}, {}, {}, [], [])
 
 
 def test_second_open_of_a_cache_dir_is_refused(tmp_path: Path) -> None:
@@ -147,7 +164,11 @@ _WRITER = textwrap.dedent(
     """
     import os, sys
     from pathlib import Path
+    import dataclasses
     from safefs.journal import Batch, Journal
+    from safefs.records import DIRTY, InodeRecord, Unlink
+    def rec(**xattrs):
+        return InodeRecord(0o100644, 0, 0, 0, 0, 0, 0, 0, None, xattrs, None, False, False, False, 0, (), None, None)
     j = Journal.open(Path(sys.argv[1]))
     n = j.load().meta.get("a", 0)
     out = os.fdopen(1, "w", buffering=1)
@@ -157,9 +178,10 @@ _WRITER = textwrap.dedent(
         pad = bytes([n % 251]) * ((n * 7919) % 200_000)
         j.commit(Batch(
             meta={"a": n, "b": n},
-            inodes={1: {"v": n}, 2: {"pad": pad, "v": n}, 1000 + n: {"v": n}, 995 + n: None},
+            inodes={1: rec(v=b"%d" % n), 2: rec(pad=pad, v=b"%d" % n), 1000 + n: rec(v=b"%d" % n), 995 + n: None},
+            extents={(1, DIRTY, n): n + 1, **({(1, DIRTY, n - 3): None} if n > 3 else {})},
             dentries={(1, b"counter"): n, (2, b"n%d" % n): n, (2, b"n%d" % (n - 5)): None},
-            ops={**{n - k: ("op", n) for k in range(10) if n - k >= 1}, **({n - 10: None} if n > 10 else {})},
+            ops={**{n - k: Unlink(1, b"op", n) for k in range(10) if n - k >= 1}, **({n - 10: None} if n > 10 else {})},
         ))
         out.write("%d\\n" % n)
     """
@@ -177,16 +199,17 @@ def _check_consistent(snap, acknowledged: int) -> int:
     assert snap.meta.get("b", 0) == n, f"meta torn: {snap.meta}"
     assert n >= acknowledged, f"an acknowledged commit was lost: journal at {n}, writer said {acknowledged}"
     if n == 0:
-        assert not snap.inodes and not snap.dentries and not snap.ops
+        assert not snap.inodes and not snap.extents and not snap.dentries and not snap.ops
         return n
-    assert snap.inodes[1] == {"v": n}
-    assert snap.inodes[2]["v"] == n and len(snap.inodes[2]["pad"]) == (n * 7919) % 200_000
+    assert snap.inodes[1].xattrs == {"v": b"%d" % n}
+    assert snap.inodes[2].xattrs["v"] == b"%d" % n and len(snap.inodes[2].xattrs["pad"]) == (n * 7919) % 200_000
     assert {i for i in snap.inodes if i > 2} == {1000 + m for m in range(max(1, n - 4), n + 1)}
+    assert snap.extents == {1: {DIRTY: [(m, m + 1) for m in range(max(1, n - 2), n + 1)]}}
     dentries = {(p, name): c for p, name, c in snap.dentries}
     assert dentries.pop((1, b"counter")) == n
     assert dentries == {(2, b"n%d" % m): m for m in range(max(1, n - 4), n + 1)}
     # Every op of the window is present and carries n: ops of older batches were overwritten.
-    assert dict(snap.ops) == {m: ("op", n) for m in range(max(1, n - 9), n + 1)}
+    assert dict(snap.ops) == {m: Unlink(1, b"op", n) for m in range(max(1, n - 9), n + 1)}
     return n
 
 

@@ -47,3 +47,31 @@ def test_clip(adds, end):
 def test_adjacent_ranges_merge():
     assert ranges.add(((0, 4),), 4, 8) == ((0, 8),)
     assert ranges.total(((0, 4), (10, 12))) == 6
+
+
+@given(spans, spans)
+def test_add_in_place_matches_add_and_undo_takes_it_back(base, adds):
+    rs = ranges.from_list(base)
+    lst = list(rs)
+    changes = []
+    for s, e in adds:
+        before = tuple(lst)
+        change = ranges.add_in_place(lst, s, e)
+        rs = ranges.add(rs, s, e)
+        assert tuple(lst) == rs and (change is None) == (rs == before)
+        if change is not None:  # what it reports is exactly what changed
+            lo, gone, made = change
+            assert before[:lo] + (made,) + before[lo + len(gone) :] == rs
+            assert ranges.end_at(rs, made[0]) == made[1]
+        changes.append(change)
+    for change in reversed(changes):
+        if change is not None:
+            ranges.undo_in_place(lst, change)
+    assert tuple(lst) == ranges.from_list(base)
+
+
+@given(spans)
+def test_from_sorted_rebuilds_what_the_journal_stored(adds):
+    rs = ranges.from_list(adds)
+    assert ranges.from_sorted(list(rs)) == rs
+    assert ranges.from_sorted(sorted((s, e) for s, e in adds)) == rs
