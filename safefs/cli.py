@@ -31,7 +31,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable, Sequence, TextIO
 
-from safefs import __version__, checks
+from safefs import __version__, checks, procs
 from safefs.config import LeaseTimings, MountConfig, default_cache_dir, runtime_dir, socket_path
 from safefs.control import client
 from safefs.control.protocol import error_from_wire, error_to_wire
@@ -698,13 +698,7 @@ class ProcessWatch:
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return procs.process_alive(pid)  # a zombie daemon has exited, whoever reaps it
 
 
 # ---- output -------------------------------------------------------------------------------------

@@ -261,7 +261,8 @@ class LeaseKeeper:
                 m.poll_failed(self._clock.monotonic(), f"reading the lease took over {self._timings.poll:g} s")
                 return
             pid = m.pid_to_check(obs)
-            alive = None if pid is None else await self._call(self._store.pid_alive, pid)
+            start = obs.record.holder.start_time if obs.record is not None else 0
+            alive = None if pid is None else await self._call(self._store.pid_alive, pid, start)
         except (OSError, CorruptLease) as e:
             m.poll_failed(self._clock.monotonic(), f"reading the lease failed: {e}")
             if first:

@@ -24,7 +24,9 @@ Theory of operation (research/lease.md sections 3 and 5):
   by P <= rho*T_break + epsilon means such a renewal would have had to land after the holder's
   own deadline, which the holder never accepts (`timing_problems` enforces the bound).
 - A holder on this machine (same machine id, boot id and pid namespace) whose pid is dead is
-  taken over at once; a different boot id alone is not enough (cloned VMs).
+  taken over at once; a different boot id alone is not enough (cloned VMs). A zombie is dead,
+  and a live pid whose start time differs from the one in the record is another process
+  (safefs.procs).
 - After any takeover the new holder moves the old epoch's staging files to quarantine and
   waits the lock delay D before writing, so that late operations of the old holder land first.
 - Release: the holder stops writing *before* it links `released.N` (others may start at once).
@@ -66,6 +68,7 @@ class Identity:
     user: str
     nonce: str  # random, new for every mount: tells our record from anyone else's
     since: float = 0.0  # wall time the holder claimed its epoch; for humans only
+    start_time: int = 0  # the process's start (clock ticks after boot): tells a reused pid; 0 unknown
 
     def shares_pid_space(self, other: Identity) -> bool:
         """True if a pid of `other` means the same process here (so its liveness can be checked)."""
@@ -89,6 +92,7 @@ class Identity:
             user=str(data["user"]),
             nonce=str(data["nonce"]),
             since=float(data.get("since", 0.0)),
+            start_time=int(data.get("start_time", 0)),
         )
 
 
