@@ -510,10 +510,25 @@ def cmd_sync(args: argparse.Namespace) -> int:
             "sync",
             {"release": args.release, "timeout": args.timeout},
             timeout=_client_timeout(deadline),
-            on_progress=bar.update,
+            on_progress=_say_waits(bar),
         )
     print(sync_receipt(mnt, result, released=args.release))
     return int(ExitCode.OK)
+
+
+def _say_waits(bar: ProgressBar) -> Callable[[dict[str, Any]], None]:
+    """Progress for `bar`; a progress line that names a wait (`waiting_for`) is also printed
+    once on stderr, terminal or not, so that a waiting command never waits silently."""
+    said: set[str] = set()
+
+    def update(progress: dict[str, Any]) -> None:
+        what = progress.get("waiting_for")
+        if isinstance(what, str) and what not in said and not bar.drawn:
+            said.add(what)
+            print(f"safefs: {progress.get('phase') or 'waiting for ' + what}", file=sys.stderr)
+        bar.update(progress)
+
+    return update
 
 
 def sync_receipt(mnt: Path, result: dict[str, Any], *, released: bool) -> str:
@@ -814,7 +829,7 @@ def format_status(status: dict[str, Any]) -> str:
 
     row("mount", status.get("mnt"))
     row("project", status.get("src"))
-    row("role", status.get("role"))
+    row("role", describe_role(status))
     lease = status["lease"] if isinstance(status.get("lease"), dict) else {}
     row("epoch", lease.get("epoch"))
     row("generation", lease.get("generation"))
@@ -865,6 +880,21 @@ def format_status(status: dict[str, Any]) -> str:
 
     width = max((len(key) for key, _ in rows), default=0) + 1
     return "\n".join([f"{key + ':':<{width}} {value}" for key, value in rows] + details)
+
+
+def describe_role(status: dict[str, Any]) -> Any:
+    """`writer`, `writer (publishing from HH:MM:SS)` during the lock delay after a takeover, or
+    `follower`; a fenced ex-writer says that its unwritten changes stay for `safefs recover`."""
+    role = status.get("role")
+    lease = status["lease"] if isinstance(status.get("lease"), dict) else {}
+    until = lease.get("publishing_from")
+    if role == "writer" and isinstance(until, (int, float)) and not isinstance(until, bool):
+        return f"writer (publishing from {time.strftime('%H:%M:%S', time.localtime(until))})"
+    unwritten = (_number(status.get("dirty_files")) or 0) + (_number(status.get("pending_ops")) or 0)
+    if role != "writer" and lease.get("state") == "lost" and unwritten:
+        return (f"{role} (lost the write lease; its unwritten changes stay in its cache for "
+                f"`safefs recover`)")  # fmt: skip
+    return role
 
 
 def _orphan_records(status: dict[str, Any]) -> list[dict[str, Any]]:

@@ -36,6 +36,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -322,11 +323,18 @@ class Daemon:
             raise failed[0]
         return result[0]
 
-    async def _write_back(self, timeout: float | None) -> Any:
+    async def _write_back(self, timeout: float | None, progress: Any = None) -> Any:
         """flusher.sync, after waiting out a lock delay (a fresh takeover) within `timeout`."""
         deadline = trio.current_time() + (timeout if timeout is not None else float("inf"))
         with trio.move_on_at(deadline):
-            await self.keeper.acquire(wait=False)  # returns at once unless in the lock delay
+            until = self.keeper.publishing_from()
+            if until is not None:
+                what = (f"waiting for the lock delay after the takeover: changes reach the project "
+                        f"from {time.strftime('%H:%M:%S', time.localtime(until))}")  # fmt: skip
+                log.info("daemon: %s", what)
+                if progress is not None:
+                    await progress({"phase": what, "waiting_for": "lock delay", "until": until})
+            await self.keeper.wait_publishable()
         remaining = deadline - trio.current_time()
         return await self.flusher.sync(timeout=None if remaining == float("inf") else max(0.0, remaining))
 
@@ -573,7 +581,7 @@ class Daemon:
             self.seen_generation = record or self.seen_generation
             return {"role": "follower", "epoch": self.keeper.epoch, "generation": (record or {}).get("generation"),
                     "files": 0, "bytes": 0, "ops": 0, "released": False}  # fmt: skip
-        receipt = await self._write_back(timeout)
+        receipt = await self._write_back(timeout, progress)
         epoch = self.keeper.epoch
         if release:
             await self.keeper.release()

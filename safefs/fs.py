@@ -60,7 +60,13 @@ class WriteGate(Protocol):
     """What the filesystem asks before changing anything (the lease, DESIGN.md G1/G6)."""
 
     def require_writable(self) -> int:
-        """Return the epoch allowed to write, or raise ReadOnly."""
+        """Return the epoch allowed to write into the cache, or raise ReadOnly."""
+
+    def require_publishable(self) -> int:
+        """Return the epoch allowed to change the project, or raise ReadOnly."""
+
+    def publishable(self) -> bool:
+        """`require_publishable` as a yes or no, callable from any thread."""
 
 
 class AlwaysWritable:
@@ -69,7 +75,13 @@ class AlwaysWritable:
     def require_writable(self) -> int:
         return 0
 
+    def require_publishable(self) -> int:
+        return 0
+
     def writable(self) -> bool:
+        return True
+
+    def publishable(self) -> bool:
         return True
 
 

@@ -1,5 +1,5 @@
 """A remount on the same host after kill -9 takes over its own dead daemon's lease at once
-(issue 9 item 6; DESIGN.md section 3).
+(issue 9 item 6), with no lock delay (item 7; DESIGN.md section 3, lease.model's docstring).
 
 After kill -9 the daemon stays a zombie until its parent reaps it (pytest here, init or a
 service manager in real life, on a busy host for over a second). `kill(pid, 0)` succeeds on a
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -55,5 +56,15 @@ def test_remount_right_after_kill_9_is_the_writer_although_the_old_daemon_is_a_z
     finally:
         reap(m)
     assert (m2.mnt / "before").read_bytes() == b"written before the kill\n"
+    # Its own dead process: no lock delay (the default is 60 s), writable and publishable at once.
+    write_file(m2.mnt / "after", b"written right after the remount\n", fsync=True)
+    lease = m2.status()["lease"]
+    assert lease["writable"] and lease["publishable"] and lease["publishing_from"] is None, lease
+    started = time.monotonic()
+    done = m2.sync()
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 30, "sync waited for a lock delay after taking over its own dead process"
+    assert "lock delay" not in done.stderr, done.stderr
+    assert (m.src / "after").read_bytes() == b"written right after the remount\n"
     m2.umount()
     assert (m.src / "before").read_bytes() == b"written before the kill\n"
