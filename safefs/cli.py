@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lease-epsilon", type=parse_seconds, metavar="S", help="safety margin of the holder"
     )
     advanced.add_argument(
-        "--lock-delay", type=parse_seconds, metavar="S", help="wait after a takeover before writing"
+        "--lock-delay", type=parse_seconds, metavar="S", help="after a takeover, wait this long before changing the project"
     )
     advanced.add_argument(
         "--lease-poll", type=parse_seconds, metavar="S", help="how often to read the holder's heartbeat"
