@@ -50,6 +50,16 @@ def op_inodes(op: tuple[Any, ...]) -> tuple[int, ...]:
     return (op[1], op[3])  # mkdir, create, unlink, rmdir: parent, name, inode
 
 
+def op_names(op: tuple[Any, ...]) -> tuple[tuple[int, bytes], ...]:
+    """Every (directory, name) an op changes."""
+    kind = op[0]
+    if kind == "rename":
+        return ((op[1], op[2]), (op[3], op[4]))
+    if kind == "link":
+        return ((op[2], op[3]),)
+    return ((op[1], op[2]),)  # mkdir, create, unlink, rmdir
+
+
 class Inode:
     __slots__ = (
         # persisted
