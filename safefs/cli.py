@@ -33,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable, Sequence, TextIO
 
-from safefs import __version__, checks, history, options, settings, unmount
+from safefs import __version__, checks, history, options, procs, settings, unmount
 from safefs.config import LeaseTimings, MountConfig, default_cache_dir, runtime_dir, socket_path
 from safefs.control import client
 from safefs.control.protocol import error_from_wire, error_to_wire
@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lease-epsilon", type=parse_seconds, metavar="S", help="safety margin of the holder"
     )
     advanced.add_argument(
-        "--lock-delay", type=parse_seconds, metavar="S", help="wait after a takeover before writing"
+        "--lock-delay", type=parse_seconds, metavar="S", help="after a takeover, wait this long before changing the project"
     )
     advanced.add_argument(
         "--lease-poll", type=parse_seconds, metavar="S", help="how often to read the holder's heartbeat"
@@ -1024,13 +1024,7 @@ class ProcessWatch:
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return procs.process_alive(pid)  # a zombie daemon has exited, whoever reaps it
 
 
 # ---- output -------------------------------------------------------------------------------------
@@ -1183,7 +1177,7 @@ def format_status(status: dict[str, Any]) -> str:
 
     row("mount", status.get("mnt"))
     row("project", status.get("src"))
-    row("role", status.get("role"))
+    row("role", describe_role(status))
     if status.get("state") == "unmounted":
         changes = (_number(status.get("dirty_files")) or 0) + (_number(status.get("pending_ops")) or 0)
         row("state", f"unmounted, writing back {plural(int(changes), 'file')} / "
@@ -1251,6 +1245,21 @@ def format_status(status: dict[str, Any]) -> str:
 
     width = max((len(key) for key, _ in rows), default=0) + 1
     return "\n".join([f"{key + ':':<{width}} {value}" for key, value in rows] + details)
+
+
+def describe_role(status: dict[str, Any]) -> Any:
+    """`writer`, `writer (publishing from HH:MM:SS)` during the lock delay after a takeover, or
+    `follower`; a fenced ex-writer says that its unwritten changes stay for `safefs recover`."""
+    role = status.get("role")
+    lease = status["lease"] if isinstance(status.get("lease"), dict) else {}
+    until = lease.get("publishing_from")
+    if role == "writer" and isinstance(until, (int, float)) and not isinstance(until, bool):
+        return f"writer (publishing from {time.strftime('%H:%M:%S', time.localtime(until))})"
+    unwritten = (_number(status.get("dirty_files")) or 0) + (_number(status.get("pending_ops")) or 0)
+    if role != "writer" and lease.get("state") == "lost" and unwritten:
+        return (f"{role} (lost the write lease; its unwritten changes stay in its cache for "
+                f"`safefs recover`)")  # fmt: skip
+    return role
 
 
 def _orphan_records(status: dict[str, Any]) -> list[dict[str, Any]]:

@@ -48,6 +48,7 @@ import logging
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -422,11 +423,18 @@ class Daemon:
             raise failed[0]
         return result[0]
 
-    async def _write_back(self, timeout: float | None) -> Any:
+    async def _write_back(self, timeout: float | None, progress: Any = None) -> Any:
         """flusher.sync, after waiting out a lock delay (a fresh takeover) within `timeout`."""
         deadline = trio.current_time() + (timeout if timeout is not None else float("inf"))
         with trio.move_on_at(deadline):
-            await self.keeper.acquire(wait=False)  # returns at once unless in the lock delay
+            until = self.keeper.publishing_from()
+            if until is not None:
+                what = (f"waiting for the lock delay after the takeover: changes reach the project "
+                        f"from {time.strftime('%H:%M:%S', time.localtime(until))}")  # fmt: skip
+                log.info("daemon: %s", what)
+                if progress is not None:
+                    await progress({"phase": what, "waiting_for": "lock delay", "until": until})
+            await self.keeper.wait_publishable()
         remaining = deadline - trio.current_time()
         return await self.flusher.sync(timeout=None if remaining == float("inf") else max(0.0, remaining))
 

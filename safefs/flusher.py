@@ -21,7 +21,10 @@ Invariants:
   side by side as `NAME.safefs-conflict-<host>-<time>`.
 - Dirty state is cleared only if the inode did not change while it was being published;
   otherwise it stays dirty and is published again.
-- Before each change to the backing tree the lease is asked (`gate.require_writable()`).
+- Before each change to the backing tree the lease is asked (`gate.require_publishable()`:
+  after a takeover the cache takes writes at once, the project only after the lock delay),
+  and asked again in the worker thread right before each call into the project: a call that
+  waited for a thread while the lease was lost never reaches the project.
 - safefs's own renames, links and unlinks move a file's ctime: its fingerprint is re-recorded
   after each (when the stat just before was the one recorded). A staging rename moves its
   directory's times: after the publishes of a pass, each such directory gets back the times
@@ -216,7 +219,7 @@ class Flusher:
 
     async def _publish_generation(self, changed: set[BPath]) -> None:
         """Tell followers that the project moved: `.safefs/generation`, epoch and counter."""
-        epoch = self.fs.gate.require_writable()
+        epoch = self.fs.gate.require_publishable()
         number = max(self.generation, int(self.table.meta.get("generation", 0))) + 1
         self._generation_pending = True  # until the record is out
         record = await self._call(
@@ -320,7 +323,7 @@ class Flusher:
         touched and cleared (with the op) after. At start-up an op still marked in flight may
         or may not have taken effect, and its handler accepts both (`self._maybe_done`).
         """
-        self.fs.gate.require_writable()
+        self.fs.gate.require_publishable()
         self._seq = seq
         self._maybe_done = self.table.meta.get("in_flight") == seq
         if not self._maybe_done:
@@ -412,9 +415,16 @@ class Flusher:
         path = args[0] if args and isinstance(args[0], tuple) else ()
         self._in_call = (getattr(fn, "__name__", "call"), path, self.clock.monotonic())
         try:
-            return await self.fs.in_backing(fn, *args)
+            return await self.fs.in_backing(self._if_publishable, fn, *args)
         finally:
             self._in_call = None
+
+    def _if_publishable(self, fn: Any, *args: Any) -> Any:
+        """In the worker thread: ask the lease once more right before the call (it may have
+        been lost while the call waited for a thread)."""
+        if not self.fs.gate.publishable():
+            raise ReadOnly("the write lease no longer allows changes to the project")
+        return fn(*args)
 
     def _staging(self) -> BPath:
         epoch = getattr(self.fs.gate, "epoch", 0)
@@ -776,7 +786,7 @@ class Flusher:
 
     # -- publishing ----------------------------------------------------------------------
     async def _publish(self, inode: Inode, receipt: Receipt) -> None:
-        self.fs.gate.require_writable()
+        self.fs.gate.require_publishable()
         path = self.table.backing_path(inode.ino) if inode.ino != ROOT_INO else ()
         if path is None or (not inode.links and inode.ino != ROOT_INO):
             return  # not on the backing tree, or about to leave it: nothing to publish
@@ -868,7 +878,7 @@ class Flusher:
 
     async def _clean_staging(self) -> None:
         """Remove staging files a crash left behind, except those a record still names."""
-        self.fs.gate.require_writable()
+        self.fs.gate.require_publishable()
         staging = self._staging()
         try:
             entries = await self._call(self.backing.listdir, staging)

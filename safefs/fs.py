@@ -47,7 +47,7 @@ from safefs.cache import ContentCache
 from safefs.clock import Clock
 from safefs.config import CONTROL_DIR_NAME, MountConfig
 from safefs.errors import CacheFull, FsError
-from safefs.inodes import ROOT_INO, Inode, InodeTable
+from safefs.inodes import ROOT_INO, Inode, InodeTable, op_names
 from safefs.lanes import ThreadLane
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,13 @@ class WriteGate(Protocol):
     """What the filesystem asks before changing anything (the lease, DESIGN.md G1/G6)."""
 
     def require_writable(self) -> int:
-        """Return the epoch allowed to write, or raise ReadOnly."""
+        """Return the epoch allowed to write into the cache, or raise ReadOnly."""
+
+    def require_publishable(self) -> int:
+        """Return the epoch allowed to change the project, or raise ReadOnly."""
+
+    def publishable(self) -> bool:
+        """`require_publishable` as a yes or no, callable from any thread."""
 
 
 class AlwaysWritable:
@@ -73,7 +79,13 @@ class AlwaysWritable:
     def require_writable(self) -> int:
         return 0
 
+    def require_publishable(self) -> int:
+        return 0
+
     def writable(self) -> bool:
+        return True
+
+    def publishable(self) -> bool:
         return True
 
 
@@ -412,7 +424,7 @@ class Filesystem:
         """Load a directory's entries from the backing tree the first time it is used, and
         bring them up to date when it is stale."""
         if d.listed:
-            if d.stale and d.ino not in self.table._op_refs:
+            if d.stale:
                 await self._refresh(d)
             return
         async with self._dir_locks(d.ino):
@@ -433,8 +445,11 @@ class Filesystem:
     async def _refresh(self, d: Inode) -> None:
         """Compare a stale directory with the backing tree and take over what changed there.
 
-        Entries with changes of our own still to write back are left alone: the cache is
-        authoritative for them (and the flusher's conflict rules apply when it publishes).
+        Entries with changes of our own still to write back, and names a pending op changes
+        (an unlink or a rename not written back yet), are left alone: the cache is
+        authoritative for them (and the flusher's conflict rules apply when it publishes, or
+        `recover` for a mount that lost its lease). Every other name follows the project, so
+        a fenced ex-writer still sees what the new writer publishes in such a directory.
         Kernel invalidations are queued, not awaited: this runs inside a request on `d`, and
         the kernel needs `d`'s lock to drop a name.
         """
@@ -447,10 +462,11 @@ class Filesystem:
                 return
             entries = await self.read_backing(self.backing.listdir, path)
             table = self.table
-            found = {e.name: e for e in entries if not self._hidden(d.ino, e.name)}
+            pending = {name for op in table.ops.values() for parent, name in op_names(op) if parent == d.ino}
+            found = {e.name: e for e in entries if not self._hidden(d.ino, e.name) and e.name not in pending}
             for name, ino in list(table.names(d.ino).items()):
                 child = table.inodes[ino]
-                if table.pinned(child):
+                if table.pinned(child) or name in pending:
                     found.pop(name, None)
                     continue
                 entry = found.pop(name, None)

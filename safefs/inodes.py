@@ -44,6 +44,13 @@ ROOT_INO = 1
 BLink = tuple[int, bytes]  # (parent inode, name) of a backing link
 
 
+def op_names(op: records.Op) -> tuple[tuple[int, bytes], ...]:
+    """Every (directory, name) an op changes."""
+    if isinstance(op, records.Rename):
+        return ((op.p_old, op.n_old), (op.p_new, op.n_new))
+    return ((op.parent, op.name),)  # create, mkdir, unlink, rmdir, link
+
+
 class Inode:
     __slots__ = (
         # persisted

@@ -3,6 +3,10 @@
 Invariants:
 - Every decision is lease.model.LeaseMachine's; this module feeds it observations and results
   and carries out its actions (claim, renew, quarantine, release).
+- Two questions: `require_writable()` (may the cache take a change? yes at once after a
+  takeover) and `require_publishable()` (may the project be changed? only after the lock
+  delay). The flusher asks the second, also from its worker thread right before each call
+  into the project (`publishable()` only reads, so any thread may call it).
 - Self-fencing does not depend on any store call returning. `writable()` compares the
   machine's deadline with `clock.monotonic()` on every call, and `_timer` wakes at the deadline
   to mark the lease LOST and wake `wait_lost()`, even while a renewal hangs in NFS forever.
@@ -12,7 +16,7 @@ Invariants:
 - Time is read only from the injected Clock, and waiting uses trio.sleep/move_on_after with
   durations computed from it: with trio's MockClock and `TrioClock` tests run in virtual time.
 
-Threading: every method runs on the trio thread. Store steps (poll, claim, renew, release) are
+Threading: every method runs on the trio thread, except `publishable()`. Store steps (poll, claim, renew, release) are
 serialised by one trio.Lock, so `acquire()`/`release()` never interleave with the main loop.
 """
 
@@ -133,14 +137,45 @@ class LeaseKeeper:
     def writable(self) -> bool:
         return self._m.writable(self._clock.monotonic())
 
+    def publishable(self) -> bool:
+        """May the project be changed now? Reads only: safe from a worker thread (with a
+        thread-safe clock, as SystemClock is)."""
+        return self._m.publishable(self._clock.monotonic())
+
     def require_writable(self) -> int:
-        """The epoch to stamp a change with; raises ReadOnly, LeaseLost or LeaseHeldElsewhere."""
+        """The epoch to stamp a change to the cache with; raises ReadOnly, LeaseLost or
+        LeaseHeldElsewhere. After a takeover the cache takes changes at once."""
+        return self._checked(self._m.check_writable)
+
+    def require_publishable(self) -> int:
+        """The epoch to change the project under; raises ReadOnly (also during the lock delay
+        after a takeover), LeaseLost or LeaseHeldElsewhere."""
+        return self._checked(self._m.check_publishable)
+
+    def _checked(self, check: Callable[[float], int]) -> int:
         state = self._m.state
         try:
-            return self._m.check_writable(self._clock.monotonic())
+            return check(self._clock.monotonic())
         finally:
             if self._m.state is not state:
                 self._notify()
+
+    async def wait_publishable(self) -> int:
+        """Wait out the lock delay after a takeover; return the epoch once the project may be
+        changed. Raises the refusal if this mount is not (or no longer) the writer."""
+        while not self.publishable():
+            if self._m.state is not State.WRITER or not self.writable():
+                raise self._m.refusal(self._clock.monotonic())
+            await self._changed.wait()
+        return self._m.epoch
+
+    def publishing_from(self) -> float | None:
+        """Wall time at which the lock delay after a takeover ends, while it runs; else None."""
+        now = self._clock.monotonic()
+        m = self._m
+        if not m.holding or m.writable_from <= now:
+            return None
+        return self._clock.wall() + (m.writable_from - now)
 
     async def wait_lost(self) -> None:
         """Return once this mount has lost the lease it held (a clean release does not count)."""
@@ -156,6 +191,8 @@ class LeaseKeeper:
             "state": m.state.value,
             "epoch": m.epoch,
             "writable": m.writable(now),
+            "publishable": m.publishable(now),
+            "publishing_from": self.publishing_from(),
             "holder": None
             if holder is None
             else {
@@ -192,7 +229,8 @@ class LeaseKeeper:
             await self._main_loop()
 
     async def acquire(self, *, wait: bool) -> int:
-        """Become the writer; return the epoch once writable (after any lock delay).
+        """Become the writer; return the epoch once writable. After a takeover the cache takes
+        writes at once; changes reach the project after the lock delay (`wait_publishable`).
 
         Without `wait`, a lease held by a live holder raises LeaseHeldElsewhere at once. With it,
         this waits until the holder releases, or dies and T_break passes.
@@ -278,7 +316,8 @@ class LeaseKeeper:
                 m.poll_failed(self._clock.monotonic(), f"reading the lease took over {self._timings.poll:g} s")
                 return
             pid = m.pid_to_check(obs)
-            alive = None if pid is None else await self._call(self._store.pid_alive, pid)
+            start = obs.record.holder.start_time if obs.record is not None else 0
+            alive = None if pid is None else await self._call(self._store.pid_alive, pid, start)
         except (OSError, CorruptLease) as e:
             m.poll_failed(self._clock.monotonic(), f"reading the lease failed: {e}")
             if first:
@@ -301,7 +340,7 @@ class LeaseKeeper:
             if first:
                 raise BackingFailed(f"cannot claim the lease of {self._store!r}: {e}") from e
             return
-        if m.claimed(winner, sent_at=sent_at, now=self._clock.monotonic()):
+        if m.claimed(winner, sent_at=sent_at, now=self._clock.monotonic(), claim=claim):
             kind = "takeover" if winner.kind == "takeover" else "acquire"
             log.info("lease: %s epoch %d", "took over" if kind == "takeover" else "acquired", m.epoch)
             detail = f"from {previous.describe()}" if kind == "takeover" and previous is not None else ""

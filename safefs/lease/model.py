@@ -24,9 +24,21 @@ Theory of operation (research/lease.md sections 3 and 5):
   by P <= rho*T_break + epsilon means such a renewal would have had to land after the holder's
   own deadline, which the holder never accepts (`timing_problems` enforces the bound).
 - A holder on this machine (same machine id, boot id and pid namespace) whose pid is dead is
-  taken over at once; a different boot id alone is not enough (cloned VMs).
-- After any takeover the new holder moves the old epoch's staging files to quarantine and
-  waits the lock delay D before writing, so that late operations of the old holder land first.
+  taken over at once; a different boot id alone is not enough (cloned VMs). A zombie is dead,
+  and a live pid whose start time differs from the one in the record is another process
+  (safefs.procs).
+- After a takeover the new holder moves the old epoch's staging files to quarantine and
+  waits the lock delay D before it changes the project, so that late operations of the old
+  holder land first. It accepts writes into its cache at once (`writable`): the lock delay
+  protects the project from the old holder's late NFS requests, and the local cache is not on
+  NFS. Changes reach the project only once `publishable`.
+- A takeover of a dead holder on this machine (same machine id, boot id and pid namespace)
+  needs no lock delay: every NFS request of the old holder was made by this host's kernel, a
+  zombie is made only after all its threads left their system calls, and whatever it left in
+  the page cache is in the very client cache our own requests go through. No request of it can
+  land after ours out of order; the lock delay exists for another host's requests, still in
+  flight in its client, and there is no other host here. (The boot id matters: after a reboot
+  the same pid is another process; the pid namespace: a pid means a process only within it.)
 - Release: the holder stops writing *before* it links `released.N` (others may start at once).
 
 Threading: a LeaseMachine is not thread-safe; the keeper uses it from the trio thread only.
@@ -66,6 +78,7 @@ class Identity:
     user: str
     nonce: str  # random, new for every mount: tells our record from anyone else's
     since: float = 0.0  # wall time the holder claimed its epoch; for humans only
+    start_time: int = 0  # the process's start (clock ticks after boot): tells a reused pid; 0 unknown
 
     def shares_pid_space(self, other: Identity) -> bool:
         """True if a pid of `other` means the same process here (so its liveness can be checked)."""
@@ -89,6 +102,7 @@ class Identity:
             user=str(data["user"]),
             nonce=str(data["nonce"]),
             since=float(data.get("since", 0.0)),
+            start_time=int(data.get("start_time", 0)),
         )
 
 
@@ -158,12 +172,13 @@ class Claim:
 
     epoch: int
     kind: ClaimKind
+    lock_delay: bool = True  # False: a takeover of a dead holder on this host (see the docstring)
 
 
 class State(enum.Enum):
     UNKNOWN = "unknown"  # the lease directory was not read yet
     FOLLOWER = "follower"  # someone else holds the lease, or it is free and we did not take it
-    WRITER = "writer"  # we hold the current epoch (writable once the lock delay is over)
+    WRITER = "writer"  # we hold the current epoch (publishable once the lock delay is over)
     RELEASING = "releasing"  # we hold it but stopped writing, to link released.N
     LOST = "lost"  # we held it and could not renew in time, or were superseded
 
@@ -218,7 +233,7 @@ class LeaseMachine:
         self.record: EpochRecord | None = None  # that epoch's record
         self.released = False  # that epoch was released
         self.deadline = -math.inf  # holding: we may write only before this
-        self.writable_from = -math.inf  # holding: end of the lock delay
+        self.writable_from = -math.inf  # holding: end of the lock delay (publishable from then)
         self.quarantine_pending = False  # holding after a takeover: old staging not moved yet
         self.last_renewal: float | None = None  # holding: start of the last successful renewal
         self.lost_reason: str | None = None
@@ -239,11 +254,13 @@ class LeaseMachine:
         return "writer" if self.holding else "follower"
 
     def writable(self, now: float) -> bool:
-        return (
-            self.state is State.WRITER
-            and not self.quarantine_pending
-            and self.writable_from <= now < self.deadline
-        )
+        """May this mount accept changes into its cache? (The lock delay does not concern it.)"""
+        return self.state is State.WRITER and now < self.deadline
+
+    def publishable(self, now: float) -> bool:
+        """May this mount change the project? After a takeover, only once the old epoch's
+        staging files are in quarantine and the lock delay is over."""
+        return self.writable(now) and not self.quarantine_pending and self.writable_from <= now
 
     def check_writable(self, now: float) -> int:
         """The epoch to stamp a change with, or raise the error that says why this mount may not write."""
@@ -252,8 +269,15 @@ class LeaseMachine:
         self.expire(now)
         raise self.refusal(now)
 
+    def check_publishable(self, now: float) -> int:
+        """The epoch to change the project under, or raise the error that says why not yet."""
+        if self.publishable(now):
+            return self.epoch
+        self.expire(now)
+        raise self.refusal(now)
+
     def refusal(self, now: float) -> ReadOnly:
-        """Why this mount may not write now, naming the holder (for when writable(now) is False)."""
+        """Why this mount may not write (or publish) now, naming the holder."""
         if self.state is State.LOST:
             holder = self.current_holder()
             now_held = "" if holder is None or self.epoch == self.lost_epoch else \
@@ -267,7 +291,10 @@ class LeaseMachine:
         if self.state is State.WRITER:
             left = max(0.0, self.writable_from - now)
             what = "moving the old epoch's staging files aside" if self.quarantine_pending else "the lock delay"
-            return ReadOnly(f"took over the lease (epoch {self.epoch}); waiting for {what} ({left:.0f} s left)")
+            return ReadOnly(
+                f"took over the lease (epoch {self.epoch}); changes reach the project after {what} "
+                f"({left:.0f} s left)"
+            )
         if self.state is State.RELEASING:
             return ReadOnly(f"releasing the lease (epoch {self.epoch})")
         holder = self.current_holder()
@@ -296,7 +323,8 @@ class LeaseMachine:
         return now - self._watch.since
 
     def next_wakeup(self, now: float) -> float | None:
-        """The next instant writable() changes by itself (end of lock delay, deadline), if any."""
+        """The next instant writable() or publishable() changes by itself (end of lock delay,
+        deadline), if any."""
         if not self.holding:
             return None
         return self.writable_from if self.writable_from > now else self.deadline
@@ -336,7 +364,8 @@ class LeaseMachine:
         if obs.free:
             return Claim(obs.epoch + 1, "acquire")
         if holder_alive is False and obs.record is not None and obs.record.holder.shares_pid_space(self.me):
-            return Claim(obs.epoch + 1, "takeover")  # same machine, same boot, dead process
+            # Same machine, same boot, dead process: no lock delay (see the docstring).
+            return Claim(obs.epoch + 1, "takeover", lock_delay=False)
         if self._watch is not None and now - self._watch.since >= self._t_break(obs.record):
             return Claim(obs.epoch + 1, "takeover")
         return None
@@ -368,8 +397,9 @@ class LeaseMachine:
     def record_for(self, claim: Claim, *, wall: float) -> EpochRecord:
         return EpochRecord(claim.epoch, claim.kind, dataclasses.replace(self.me, since=wall), self.timings)
 
-    def claimed(self, winner: EpochRecord, *, sent_at: float, now: float) -> bool:
-        """The claim sent at `sent_at` found `winner` at its epoch. Returns True if it is ours."""
+    def claimed(self, winner: EpochRecord, *, sent_at: float, now: float, claim: Claim | None = None) -> bool:
+        """The claim sent at `sent_at` found `winner` at its epoch. Returns True if it is ours.
+        `claim`: the claim that was sent, if known (a takeover without a lock delay says so)."""
         self._unconfirmed = None
         if winner.holder.nonce != self.me.nonce:
             self.epoch, self.record, self.released = winner.epoch, winner, False
@@ -381,7 +411,8 @@ class LeaseMachine:
         self.deadline = sent_at + self.timings.holder_budget()
         self.last_renewal = sent_at
         takeover = winner.kind == "takeover"
-        self.writable_from = now + self.timings.lock_delay if takeover else -math.inf
+        delay = self.timings.lock_delay if claim is None or claim.lock_delay else 0.0
+        self.writable_from = now + delay if takeover else -math.inf
         self.quarantine_pending = takeover
         self.lost_reason = None
         self.last_error = None

@@ -44,6 +44,7 @@ import threading
 from pathlib import Path
 from typing import Protocol
 
+from safefs import procs
 from safefs.config import CONTROL_DIR_NAME
 from safefs.lease.model import CorruptLease, EpochRecord, Heartbeat, Identity, Observation
 
@@ -87,8 +88,9 @@ class LeaseStore(Protocol):
     def quarantine(self, epoch: int) -> int:
         """Move the entries of `staging/k/` to `quarantine/k/` for every k <= epoch; return how many."""
 
-    def pid_alive(self, pid: int) -> bool:
-        """Whether `pid` runs on this host (asked only when the holder shares our pid namespace)."""
+    def pid_alive(self, pid: int, start_time: int = 0) -> bool:
+        """Whether `pid` runs on this host (asked only when the holder shares our pid namespace);
+        a zombie is dead, and so is a pid whose process did not start at `start_time` (if non-zero)."""
 
 
 # -- this host --------------------------------------------------------------------------------
@@ -110,6 +112,7 @@ def local_identity(host_id: str | None = None) -> Identity:
         uid=uid,
         user=user,
         nonce=secrets.token_hex(8),
+        start_time=procs.start_time(os.getpid()),
     )
 
 
@@ -123,14 +126,8 @@ def _first_line(*paths: str) -> str:
     return ""  # unknown: then only the boot id and pid namespace tell hosts apart
 
 
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process, alive
-    return True
+def process_alive(pid: int, start_time: int = 0) -> bool:
+    return procs.process_alive(pid, start_time)
 
 
 # -- the directory backend --------------------------------------------------------------------
@@ -271,8 +268,8 @@ class DirLeaseStore:
             os.close(staging_fd)
         return moved
 
-    def pid_alive(self, pid: int) -> bool:
-        return process_alive(pid)
+    def pid_alive(self, pid: int, start_time: int = 0) -> bool:
+        return process_alive(pid, start_time)
 
 
 def control_dir_fd(project: Path, *parts: str, create: bool = False) -> int:
@@ -542,7 +539,7 @@ class MemoryLeaseStore:
                     moved += 1
         return moved
 
-    def pid_alive(self, pid: int) -> bool:
+    def pid_alive(self, pid: int, start_time: int = 0) -> bool:
         return pid not in self._dead
 
 

@@ -58,6 +58,12 @@ class FakeGate:
     def writable(self) -> bool:
         return not self.readonly
 
+    def require_publishable(self) -> int:
+        return self.require_writable()  # the lock delay is the keeper's (tests/unit)
+
+    def publishable(self) -> bool:
+        return not self.readonly
+
 
 class RecordingInvalidator:
     """Records what the kernel would be told to forget (now, or queued for later)."""

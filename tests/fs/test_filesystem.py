@@ -367,7 +367,7 @@ async def test_an_absence_the_kernel_caches_is_taken_back_when_the_name_may_appe
         assert stack.fs.note_absent(d.ino, name)
     # A name made through the mount replaces the kernel's negative entry by itself.
     await stack.create("d/made", b"x")
-    await stack.flusher.sync()  # (a directory with changes still to write back is not refreshed)
+    await stack.flusher.sync()
     # Another host adds "d/new"; once the cache is distrusted (role change, new generation),
     # the kernel must forget that "d/new" was absent, or it would go on answering ENOENT.
     (stack.src / "d" / "new").write_bytes(b"from elsewhere")
@@ -382,6 +382,30 @@ async def test_an_absence_the_kernel_caches_is_taken_back_when_the_name_may_appe
     (stack.src / "d" / "later").write_bytes(b"y")
     assert await stack.read("d/later") == b"y"
     assert (d.ino, b"later") not in stack.invalidator.entries  # already taken back by mark_stale
+
+
+async def test_a_directory_with_pending_ops_follows_the_project_except_the_names_they_change(
+    stack: Stack,
+) -> None:
+    """A fenced ex-writer keeps its pending ops for recover, yet sees the new writer's work in
+    the same directory (issue 9 item 8): only the names its ops change stay as it left them."""
+    (stack.src / "d").mkdir()
+    for name in ("gone-here", "moved-here", "kept"):
+        (stack.src / "d" / name).write_bytes(name.encode())
+    assert sorted(await stack.listdir("d")) == [b"gone-here", b"kept", b"moved-here"]
+    await stack.unlink("d/gone-here")
+    await stack.rename("d/moved-here", "d/moved-to")
+    await stack.create("d/mine", b"mine")
+    assert stack.fs.table.ops, "the ops were written back: the test proves nothing"
+    # Meanwhile another host writes in d: a new file, and one removed.
+    (stack.src / "d" / "from-elsewhere").write_bytes(b"new")
+    os.unlink(stack.src / "d" / "kept")
+    stack.fs.mark_stale()
+    assert sorted(await stack.listdir("d")) == [b"from-elsewhere", b"mine", b"moved-to"]
+    assert await stack.read("d/from-elsewhere") == b"new"
+    assert await stack.read("d/moved-to") == b"moved-here"
+    await stack.flusher.sync()
+    assert sorted(os.listdir(stack.src / "d")) == ["from-elsewhere", "mine", "moved-to"]
 
 
 async def test_a_follower_keeps_reading_the_version_it_opened_while_the_writer_republishes(stack: Stack) -> None:

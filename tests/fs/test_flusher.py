@@ -732,6 +732,22 @@ async def test_lease_lost_in_the_middle_of_a_flush(stack: Stack) -> None:
     assert await synced(stack) == files(d=None, **{f"d/f{i}": b"%d" % i for i in range(5)})
 
 
+async def test_the_lease_is_asked_again_in_the_worker_thread_before_each_call(stack: Stack) -> None:
+    """A lease lost (or a lock delay not over) while a call waited for a worker thread stops
+    the call there: the trio-side check said yes, the thread's check says no."""
+    (stack.src / "f").write_bytes(b"f")
+    await stack.write("f", b"F")
+    await stack.create("n", b"new")
+    before = src_tree(stack.src, hide_control=False)
+    stack.gate.publishable = lambda: False  # type: ignore[method-assign]
+    with pytest.raises(ReadOnly):
+        await stack.flusher.flush(everything=True)
+    assert src_tree(stack.src, hide_control=False) == before
+    assert stack.backing.bytes_written == 0
+    del stack.gate.publishable
+    assert await synced(stack) == files(f=b"F", n=b"new")
+
+
 async def test_each_sync_publishes_a_new_generation(stack: Stack) -> None:
     import json
 

@@ -143,6 +143,9 @@ def test_clean_handoff_with_sync_release_and_acquire(cluster):
     a.write("from-a", "A wrote this before the handoff\n")
     a.write("doomed", "B deletes this\n")
     assert a.read("shared") == V1 and a.read("doomed")  # A's kernel and cache now hold them
+    # The epoch A holds, read before the release: once released.N lands, B (which wants the
+    # lease) may claim N + 1 at any moment, and A's status would then show that one.
+    epoch = a.status()["lease"]["epoch"]
 
     done = a.sync("--release")
     assert done.returncode == 0, describe(done)
@@ -151,7 +154,6 @@ def test_clean_handoff_with_sync_release_and_acquire(cluster):
     st_a = a.status()
     assert st_a["role"] == "follower", st_a["lease"]
     assert st_a["dirty_bytes"] == 0, st_a
-    epoch = st_a["lease"]["epoch"]
 
     done = b.cli("acquire", b.mnt)
     assert done.returncode == 0, describe(done)
@@ -208,8 +210,8 @@ def hand_over_and_back(cluster, a_follower_poll, prepare, change):
     a.wait_writable()
     b = cluster.start("hostB")
     prepare(a)
+    epoch = a.status()["lease"]["epoch"]  # before the release: then B may claim E + 1 at once
     a.sync_ok("--release")
-    epoch = a.status()["lease"]["epoch"]
     done = b.cli("acquire", b.mnt)
     assert done.returncode == 0, describe(done)
     change(b)

@@ -63,6 +63,7 @@ class Host:
             runner=InlineRunner(self.store, jitter=jitter, seed=seed),
         )
         self._scope = trio.CancelScope()
+        self.dead = False  # its process is gone (not merely stopped): it can never write again
 
     async def start(self, nursery: trio.Nursery) -> str:
         role: str = await nursery.start(self._run)
@@ -75,6 +76,11 @@ class Host:
     def crash(self) -> None:
         self._scope.cancel()
 
+    def die(self) -> None:
+        """A crash whose process is gone for good: its keeper's state no longer means anything."""
+        self.crash()
+        self.dead = True
+
 
 @pytest.fixture
 def project() -> MemoryLeaseStore:
@@ -84,7 +90,7 @@ def project() -> MemoryLeaseStore:
 async def one_writer(hosts: list[Host], *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     task_status.started()
     while True:
-        writers = [h.name for h in hosts if h.keeper.writable()]
+        writers = [h.name for h in hosts if not h.dead and h.keeper.writable()]
         assert len(writers) <= 1, f"two writers at t={trio.current_time():.2f}: {writers}"
         await trio.sleep(0.1)
 
@@ -203,12 +209,18 @@ async def test_takeover_of_a_crashed_holder_after_t_break_then_lock_delay_and_qu
         await wait_role(b, "writer", within=T.t_break + 2 * T.poll + 1)
         # It watched a heartbeat that moved at most one renewal interval before the crash.
         assert claimed_at(project, 2) - crashed_at >= T.t_break - T.renew - EPS
-        assert not b.keeper.writable()
+        # Its cache takes writes at once; the project only after the lock delay.
+        assert b.keeper.writable() and b.keeper.require_writable() == 2
+        assert await b.keeper.acquire(wait=False) == 2
+        assert not b.keeper.publishable()
         with pytest.raises(ReadOnly, match="epoch 2"):
-            b.keeper.require_writable()
+            b.keeper.require_publishable()
+        until = b.keeper.statistics()["publishing_from"]
+        assert until == pytest.approx(claimed_at(project, 2) + WALL0 + T.lock_delay, abs=0.5)
         with trio.fail_after(T.lock_delay + 0.5):
-            assert await b.keeper.acquire(wait=False) == 2
+            assert await b.keeper.wait_publishable() == 2
         assert trio.current_time() - claimed_at(project, 2) >= T.lock_delay - EPS
+        assert b.keeper.require_publishable() == 2 and b.keeper.statistics()["publishing_from"] is None
         assert record(project, 2).kind == "takeover"
         assert project.names("staging/") == [] and project.names("quarantine/") == ["quarantine/1/new-file"]
         nursery.cancel_scope.cancel()
@@ -266,15 +278,17 @@ async def test_a_dead_process_on_this_machine_and_boot_is_taken_over_at_once(
         await b.start(nursery)
         await nursery.start(one_writer, [a, b])
         await trio.sleep(3.0)
-        a.crash()
+        a.die()
         crashed_at = trio.current_time()
         b.store.kill(111)  # on b's host, pid 111 is gone
         if immediate:
             await wait_role(b, "writer", within=T.poll + 0.5)
-            assert not b.keeper.writable()  # the lock delay still applies
             assert await b.keeper.acquire(wait=True) == 2
             assert claimed_at(project, 2) - crashed_at <= T.poll
-            assert trio.current_time() - claimed_at(project, 2) >= T.lock_delay - EPS
+            # No lock delay: no request of a dead process of this host can land after ours.
+            with trio.fail_after(T.renew):  # only the quarantine step, at once
+                assert await b.keeper.wait_publishable() == 2
+            assert trio.current_time() - claimed_at(project, 2) < T.lock_delay
         else:
             await wait_role(b, "writer", within=T.t_break + 2 * T.poll + 1)
             assert claimed_at(project, 2) - crashed_at >= T.t_break - T.renew - EPS

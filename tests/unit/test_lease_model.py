@@ -193,20 +193,29 @@ def test_a_dead_pid_on_this_machine_boot_and_pid_namespace_is_taken_over_at_once
     obs = held(holder=holder, hb=beat(1))
     m = LeaseMachine(me, T)
     assert m.pid_to_check(obs) == (4242 if immediate else None)
-    assert poll(m, obs, 0.0, alive=None if not immediate else False) == (Claim(2, "takeover") if immediate else None)
+    claim = poll(m, obs, 0.0, alive=None if not immediate else False)
+    assert claim == (Claim(2, "takeover", lock_delay=False) if immediate else None)
+    if claim is not None:  # no lock delay: the old holder's requests all came from this kernel
+        assert m.claimed(m.record_for(claim, wall=5.0), sent_at=0.0, now=0.5, claim=claim)
+        m.quarantined()
+        assert m.publishable(0.5)
     m2 = LeaseMachine(me, T)
     assert poll(m2, obs, 0.0, alive=True) is None  # alive: wait like anyone else
 
 
 def test_lock_delay_and_quarantine_after_a_takeover_but_not_after_a_clean_acquire() -> None:
-    assert writer("acquire", now=0.0).writable(0.0)
+    assert writer("acquire", now=0.0).publishable(0.0)
     m = writer("takeover", sent_at=0.0, now=0.5)
-    assert m.role == "writer" and not m.writable(0.5)
+    # The cache takes writes at once; the project waits for the quarantine and the lock delay.
+    assert m.role == "writer" and m.writable(0.5) and m.check_writable(0.5) == 1
+    assert not m.publishable(0.5)
     with pytest.raises(ReadOnly, match="staging") as info:
-        m.check_writable(4.0)
+        m.check_publishable(4.0)
     assert not isinstance(info.value, LeaseHeldElsewhere)
     m.quarantined()
-    assert not m.writable(3.4) and m.writable(3.5)  # D = 3 s after the link returned
+    assert not m.publishable(3.4) and m.publishable(3.5)  # D = 3 s after the link returned
+    with pytest.raises(ReadOnly, match="lock delay"):
+        m.check_publishable(3.4)
     assert m.next_wakeup(1.0) == 3.5 and m.next_wakeup(4.0) == m.deadline
 
 
