@@ -799,6 +799,14 @@ def call(
 def not_mounted(mnt: Path) -> NotMounted:
     """The error for "no daemon answers for `mnt`", saying what is at `mnt` instead."""
     fstype = checks.mount_type_at(mnt)
+    owner = checks.fuse_mount_owner(mnt) if fstype is not None and fstype.startswith("fuse") else None
+    if owner is not None and owner != os.getuid():
+        # Its daemon's socket is in the owner's runtime dir: only they (or root as them) reach it.
+        name = checks.user_name(owner)
+        return NotMounted(
+            f"{mnt} is {name}'s mount ({fstype}), not yours: its daemon answers only {name}",
+            hint=f"ask {name}, or run the command as them (e.g. `sudo -u {name} safefs status {mnt}`)",
+        )
     if fstype is not None and fstype.startswith("fuse"):
         # Not stat()ed: if the daemon is alive but unreachable, a stat could hang.
         return NotMounted(
