@@ -239,6 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(command=cmd_status)
     status.add_argument("mnt", metavar="MNT", nargs="?")
     status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="print the counters in the Prometheus text format (for node_exporter's textfile collector)",
+    )
 
     acquire = commands.add_parser(
         "acquire", help="make a follower the writer", description="Take the write lease for the mount at MNT."
@@ -753,7 +758,10 @@ def cmd_history(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     if args.mnt is not None:
         status = call(checks.resolve_mountpoint(args.mnt), "status", timeout=STATUS_TIMEOUT)
-        print(json.dumps(status, indent=2, sort_keys=True) if args.json else format_status(status))
+        if args.prometheus:
+            print(_prometheus([status]), end="")
+        else:
+            print(json.dumps(status, indent=2, sort_keys=True) if args.json else format_status(status))
         return int(ExitCode.OK)
 
     statuses, code = [], ExitCode.OK
@@ -765,13 +773,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         except SafefsError as exc:
             statuses.append({"socket": os.fspath(sock), "error": exc.message})
             code = ExitCode.DAEMON_FAILED
-    if args.json:
+    if args.prometheus:
+        print(_prometheus([s for s in statuses if "error" not in s]), end="")
+    elif args.json:
         print(json.dumps(statuses, indent=2, sort_keys=True))
     elif not statuses:
         print("safefs: no mounts are running")
     else:
         print("\n\n".join(format_status(status) for status in statuses))
     return int(code)
+
+
+def _prometheus(statuses: list[dict[str, Any]]) -> str:
+    from safefs import metrics  # only here: prometheus-client is needed by this option alone
+
+    return metrics.exposition(statuses)
 
 
 def call(
