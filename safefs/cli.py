@@ -178,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "--log-level", choices=settings.LOG_LEVELS, help="least severe messages logged (default info)"
     )
+    mount.add_argument(
+        "--metrics-port",
+        type=settings.port,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (default: no listener)",
+    )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     advanced = mount.add_argument_group("advanced options (mostly for tests)")
     advanced.add_argument("--lease-renew", type=parse_seconds, metavar="S", help="heartbeat interval")
@@ -318,6 +324,7 @@ def mount_config(args: argparse.Namespace) -> MountConfig:
         follower=args.follower,
         log_level=args.log_level or "info",
         log_file=Path(os.path.realpath(args.log_file)) if args.log_file else None,
+        metrics_port=args.metrics_port,
         lease=LeaseTimings(**{k: v for k, v in lease_options.items() if v is not None}),
         **{k: v for k, v in options.items() if v is not None},
     )
@@ -358,6 +365,7 @@ def setting_defaults() -> dict[str, Any]:
         "backing_timeout": mount.backing_timeout,
         "log_level": mount.log_level,
         "log_file": "daemon.log in the cache dir",
+        "metrics_port": "none (no listener)",
     }
 
 
@@ -419,6 +427,8 @@ def daemon_argv(config: MountConfig, *, ready_fd: int, debug: bool) -> list[str]
     argv += ["--log-level", config.log_level]
     if config.log_file is not None:
         argv += ["--log-file", os.fspath(config.log_file)]
+    if config.metrics_port is not None:
+        argv += ["--metrics-port", str(config.metrics_port)]
     if debug:
         argv.append("--debug")
     return argv

@@ -45,13 +45,13 @@ from typing import Any
 
 import trio
 
-from safefs import __version__, checks, generation, logs, orphans, ranges, sdnotify
+from safefs import __version__, checks, generation, logs, metrics, orphans, ranges, sdnotify
 from safefs.backing import Backing, FaultPlan
 from safefs.cache import ContentCache
 from safefs.clock import SystemClock
 from safefs.config import MountConfig, socket_path
 from safefs.control.server import serve as serve_control
-from safefs.errors import DaemonFailed, ExitCode, LeaseHeldElsewhere, LeaseLost, SafefsError, SyncTimeout
+from safefs.errors import DaemonFailed, ExitCode, LeaseHeldElsewhere, LeaseLost, Refused, SafefsError, SyncTimeout
 from safefs.flusher import Flusher
 from safefs.fs import Filesystem, Limiters
 from safefs.fuse_ops import CachePolicy, KernelNotifier, SafeOperations, Session
@@ -165,9 +165,13 @@ class Daemon:
         self._held_epoch: int | None = None  # the last epoch this process held the lease in
         self._exit_detail: str | None = None  # why the final write-back left changes behind
         self.systemd = sdnotify.Notifier()  # a no-op unless started by systemd with Type=notify
+        self.metrics_listener: metrics.Listener | None = None  # --metrics-port
+        self.serving = False  # True while the mount serves: the metrics listener answers empty before
 
     async def serve(self) -> int:
         config = self.config
+        if config.metrics_port is not None:
+            self._serve_metrics(config.metrics_port)  # first: a port in use is refused before any mount
         limiters = Limiters.create()
         table = InodeTable(self.journal, limiters.journal)
         table.load(await limiters.journal.run(self.journal.load))
@@ -220,6 +224,8 @@ class Daemon:
         finally:
             cache.close()
             backing.close()
+            if self.metrics_listener is not None:
+                self.metrics_listener.close()
         return code
 
     async def _serve_mount(self, services: trio.Nursery) -> int:
@@ -239,6 +245,7 @@ class Daemon:
                 nursery.start_soon(self._watch_conflicts)
                 self.notifier.enabled = True
                 log.info("daemon: serving %s at %s as %s (cache %s)", config.src, config.mnt, self.role, config.cache_dir)
+                self.serving = True  # for the metrics listener
                 self.ready.send({"ok": True, "pid": os.getpid(), "role": self.role,
                                  "holder": self.keeper.statistics()["holder"]})  # fmt: skip
                 self.systemd.send(READY=1, STATUS=self._systemd_status())
@@ -251,6 +258,7 @@ class Daemon:
         finally:
             # After a kernel unmount the session is over; after a signal or an error we
             # must take the mount down ourselves so nobody hangs on a dead mountpoint.
+            self.serving = False
             session.close(unmount=self.terminated or not clean_exit)
             if self.systemd.enabled:
                 files, nbytes = self._unwritten()
@@ -566,6 +574,24 @@ class Daemon:
         files, nbytes = self._unwritten()
         dirty = f"unwritten: {files} changes, {nbytes / (1 << 20):.1f} MiB" if files else "nothing unwritten"
         return f"{self.keeper.role} of {self.config.src} at {self.config.mnt}, epoch {self.keeper.epoch}; {dirty}"
+
+    def _serve_metrics(self, port: int) -> None:
+        """Serve `status` as Prometheus metrics on 127.0.0.1:`port`, from prometheus-client's thread."""
+        token = trio.lowlevel.current_trio_token()
+
+        def statuses() -> list[dict[str, Any]]:
+            if not self.serving:
+                return []
+            return [trio.from_thread.run(self.status, trio_token=token)]
+
+        try:
+            self.metrics_listener = metrics.serve(port, statuses)
+        except OSError as exc:
+            raise Refused(
+                f"cannot serve metrics on 127.0.0.1:{port}: {exc.strerror or exc}",
+                hint="choose another --metrics-port",
+            ) from None
+        log.info("metrics: serving http://127.0.0.1:%d/metrics", port)
 
     async def _report_to_systemd(self) -> None:
         while True:

@@ -8,18 +8,23 @@ in the name (`_bytes`, `_seconds`), counters end in `_total`, the role is a 0/1 
 (`safefs_role{role="writer"} 1`). Rates (write-back bytes per second) are left to PromQL:
 `rate(safefs_written_back_bytes_total[1m])`.
 
+`serve(port, get_statuses)` starts prometheus-client's HTTP listener on 127.0.0.1 (never on
+other interfaces: the metrics name project paths) in its own daemon thread; each scrape calls
+`get_statuses()` from that thread, so it must be thread-safe (the daemon passes a call into its
+trio loop).
+
 A key missing from a status (an older daemon, a follower without a lease holder) leaves its
 sample out rather than inventing a value.
 
 Resource layer: prometheus-client and the stdlib only; pure functions of the status dicts,
-no I/O; safe from any thread.
+no I/O except the listener; safe from any thread.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 ROLES = ("writer", "follower")
@@ -140,3 +145,21 @@ def families(statuses: list[dict[str, Any]]) -> list[Metric]:
 def _lease(status: dict[str, Any]) -> dict[str, Any]:
     lease = status.get("lease")
     return lease if isinstance(lease, dict) else {}
+
+
+class Listener:
+    """A running metrics listener; `close()` stops it (idempotent)."""
+
+    def __init__(self, port: int, get_statuses: Callable[[], Iterable[dict[str, Any]]]) -> None:
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(StatusCollector(get_statuses))
+        self._server, self._thread = start_http_server(port, addr="127.0.0.1", registry=registry)
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def serve(port: int, get_statuses: Callable[[], Iterable[dict[str, Any]]]) -> Listener:
+    """Serve the statuses as metrics on http://127.0.0.1:`port`/metrics. Raises OSError (port in use)."""
+    return Listener(port, get_statuses)

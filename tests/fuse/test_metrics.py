@@ -11,14 +11,17 @@ Rules: mounts come only from the fixtures; no fixed sleeps.
 from __future__ import annotations
 
 import os
+import socket
+import urllib.request
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import describe
+from tests.helpers import describe, is_mounted, run_safefs
 
 pytestmark = [pytest.mark.timeout(120), pytest.mark.fuse]
 
+REFUSED = 3
 LONG_DELAY = ("--writeback-delay", "600")  # nothing is written back on its own during the test
 
 
@@ -59,3 +62,39 @@ def test_status_prometheus_follows_writes_and_sync(mount_factory):
     assert after[("safefs_oldest_dirty_age_seconds", ())] == 0, after
     written = after[("safefs_written_back_bytes_total", ())] - before[("safefs_written_back_bytes_total", ())]
     assert written >= len(data), (before, after)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_metrics_port_serves_the_same_metrics(mount_factory):
+    port = free_port()
+    m = mount_factory(None, None, None, *LONG_DELAY, "--metrics-port", str(port))
+    (m.mnt / "a").write_bytes(b"x" * 5000)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    values = {
+        (s.name, s.labels.get("mnt")): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert values[("safefs_dirty_bytes", str(m.mnt.resolve()))] >= 5000, text
+
+
+def test_metrics_port_in_use_is_refused_before_mounting(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "mnt").mkdir()
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = run_safefs(
+            "mount", tmp_path / "src", tmp_path / "mnt", "--cache-dir", tmp_path / "cache",
+            "--metrics-port", str(port),
+        )  # fmt: skip
+    assert done.returncode == REFUSED, describe(done)
+    assert f"127.0.0.1:{port}" in done.stderr and "--metrics-port" in done.stderr, describe(done)
+    assert not is_mounted(tmp_path / "mnt")
