@@ -260,7 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     acquire.add_argument("--timeout", type=parse_seconds, metavar="S", help="give up after this long")
 
     recover = commands.add_parser(
-        "recover", help="write back changes a mount holds that the project lacks (after a lost lease)"
+        "recover",
+        help="write back changes a mount holds that the project lacks (after a lost lease)",
+        description="Write back the changes the mount at MNT holds that its project lacks: what a writer "
+        "left in its cache when it lost the write lease (it was stopped, cut off, or taken over), or what "
+        "a previous daemon on this cache left behind. Without MNT, list the mounts here that hold such "
+        "changes, and the caches on other hosts that the projects of these mounts know about.",
     )
     recover.set_defaults(command=cmd_recover)
     recover.add_argument("mnt", nargs="?", metavar="MNT", help="the mount; without it, list mounts that hold such changes")
@@ -723,7 +728,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
         return int(ExitCode.OK)
     mnt = checks.resolve_mountpoint(args.mnt)
     result = call(mnt, "recover", {"timeout": args.timeout}, timeout=None)
-    print(f"safefs: recovered {result['files']} changes ({result['bytes']} B) from {mnt}")
+    print(f"safefs: recovered {plural(result['files'], 'change')} ({human_bytes(result['bytes'])}) from {mnt}")
     for conflict in result.get("conflicts", []):
         kept = conflict.get("kept_as")
         print(f"  conflict: {conflict.get('path') or conflict.get('op')}" + (f" kept as {kept}" if kept else ""))
@@ -990,6 +995,24 @@ def human_seconds(seconds: float) -> str:
     return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
 
 
+def human_value(key: str, value: Any) -> str:
+    """Any status value as words: yes/no, none, durations for keys that hold seconds, no Python syntax."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        if key.endswith(("delay", "age", "timeout", "poll", "interval", "seconds")):
+            return human_seconds(value)
+        return f"{value:g}"
+    if isinstance(value, dict):
+        parts = [f"{k.replace('_', ' ')} {human_value(k, v)}" for k, v in value.items()]
+        return ", ".join(parts) if parts else "none"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(human_value(key, v) for v in value) if value else "none"
+    return str(value)
+
+
 def _when(value: Any) -> str:
     """A wall-clock time from status (seconds since the epoch) for humans; text passes through."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -1039,7 +1062,8 @@ def format_status(status: dict[str, Any]) -> str:
         if isinstance(status.get("oldest_dirty_age"), (int, float)):
             dirty += f", oldest {human_seconds(status['oldest_dirty_age'])}"
         row("dirty", dirty)
-    row("pending ops", status.get("pending_ops"))
+    pending = status.get("pending_ops")
+    row("pending ops", len(pending) if isinstance(pending, list) else pending)
     if status.get("bytes_fetched") is not None:
         row("fetched", f"{human_bytes(status['bytes_fetched'])} from the project")
     if status.get("bytes_written") is not None:
@@ -1067,8 +1091,7 @@ def format_status(status: dict[str, Any]) -> str:
     if isinstance(status.get("orphans_skipped"), list):
         details += [f"  unreadable orphan marker: {_describe_item(item)}" for item in status["orphans_skipped"]]
     for key in sorted(status.keys() - _SHOWN_KEYS):
-        value = status[key]
-        row(key.replace("_", " "), json.dumps(value) if isinstance(value, (dict, list)) else value)
+        row(key.replace("_", " "), human_value(key, status[key]))
 
     width = max((len(key) for key, _ in rows), default=0) + 1
     return "\n".join([f"{key + ':':<{width}} {value}" for key, value in rows] + details)

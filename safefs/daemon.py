@@ -51,7 +51,8 @@ from safefs.cache import ContentCache
 from safefs.clock import SystemClock
 from safefs.config import MountConfig, socket_path
 from safefs.control.server import serve as serve_control
-from safefs.errors import DaemonFailed, ExitCode, LeaseHeldElsewhere, LeaseLost, Refused, SafefsError, SyncTimeout
+from safefs.errors import (DaemonFailed, ExitCode, LeaseHeldElsewhere, LeaseLost, Refused, SafefsError, SyncTimeout,
+                           describe_exception)
 from safefs.flusher import Flusher
 from safefs.fs import Filesystem, Limiters
 from safefs.fuse_ops import CachePolicy, KernelNotifier, SafeOperations, Session
@@ -138,7 +139,7 @@ def run(config: MountConfig, *, ready_fd: int | None = None, debug: bool = False
         return int(exc.exit_code)
     except BaseException as exc:
         log.exception("daemon: fatal error")
-        ready.failed(DaemonFailed(f"the daemon failed: {exc!r}"))
+        ready.failed(DaemonFailed(f"the daemon failed: {describe_exception(exc)}", hint=f"its log has the details: {where}"))
         return int(ExitCode.ERROR)
     finally:
         journal.close()
@@ -379,7 +380,8 @@ class Daemon:
         else:
             self.policy.set_follower(self.config.follower_poll)
             holder = self.keeper.statistics()["holder"]
-            log.info("lease: this mount is a follower; the writer is %s", holder)
+            writer = f"{holder.get('host')} (pid {holder.get('pid')})" if isinstance(holder, dict) else "nobody"
+            log.info("lease: this mount is a follower; the writer is %s", writer)
         if not first:
             # Another host may have written: nothing cached about the tree is trusted blindly.
             fs.mark_stale()
