@@ -914,9 +914,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 class ProgressBar:
-    """A one-line progress display on stderr: only on a terminal, only after PROGRESS_DELAY."""
+    """Progress of a write-back on stderr, drawn with rich: only on a terminal, only after PROGRESS_DELAY.
 
-    WIDTH = 24
+    Shows the bytes done of the total, the files left, the rate and the time left (rich derives
+    both from the updates) and what the daemon waits for (the write-back, a lock delay, a
+    failing project). Off a terminal nothing is drawn and rich is not even imported.
+    """
 
     def __init__(self, label: str, stream: TextIO | None = None, *, delay: float = PROGRESS_DELAY) -> None:
         self.label = label
@@ -925,15 +928,45 @@ class ProgressBar:
         self.enabled = self.stream.isatty()
         self.started = time.monotonic()
         self.drawn = False
+        self._progress: Any = None
+        self._task: Any = None
 
     def update(self, progress: dict[str, Any]) -> None:
         if not self.enabled or time.monotonic() - self.started < self.delay:
             return
-        columns = shutil.get_terminal_size((80, 24)).columns
-        line = render_progress(self.label, progress)[: columns - 1]
-        self.stream.write(f"\r{line}\x1b[K")
-        self.stream.flush()
+        if self._progress is None:
+            self._start()
+        bytes_done, bytes_total = _number(progress.get("bytes_done")), _number(progress.get("bytes_total"))
+        files_done, files_total = _number(progress.get("files_done")), _number(progress.get("files_total"))
+        files = ""
+        if files_total is not None and files_done is not None:
+            files = f"{plural(int(files_total - files_done), 'file')} left"
+        waiting = progress.get("waiting_for")
+        self._progress.update(
+            self._task,
+            description=str(progress.get("phase") or self.label),
+            total=bytes_total if bytes_total else None,
+            completed=bytes_done or 0,
+            files=files,
+            waiting=f"waiting for {waiting}" if waiting else "",
+        )
+        self._progress.refresh()
         self.drawn = True
+
+    def _start(self) -> None:
+        from rich.console import Console  # only here: a terminal that waits long enough to need it
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)  # fmt: skip
+
+        console = Console(file=self.stream, force_terminal=True)
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(bar_width=24), DownloadColumn(binary_units=True),
+            TextColumn("{task.fields[files]}"), TransferSpeedColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[waiting]}"),
+            console=console, auto_refresh=False, transient=True, redirect_stdout=False, redirect_stderr=False,
+        )  # fmt: skip
+        self._progress.start()
+        self._task = self._progress.add_task(self.label, total=None, files="", waiting="")
 
     def __enter__(self) -> ProgressBar:
         return self
@@ -941,9 +974,8 @@ class ProgressBar:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self.drawn:
-            self.stream.write("\r\x1b[K")  # leave the terminal as it was; the receipt follows
-            self.stream.flush()
+        if self._progress is not None:
+            self._progress.stop()  # transient: the line is erased; the receipt follows
 
 
 def render_progress(label: str, progress: dict[str, Any]) -> str:

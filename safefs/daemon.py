@@ -75,6 +75,7 @@ ORPHAN_RETRY_MAX = 30.0  # the longest wait between two failed marker updates
 ORPHAN_READ_TIMEOUT = 3.0  # `status` waits this long for the list of markers (the CLI waits 10 s)
 ORPHAN_EXIT_TIMEOUT = 5.0  # the last marker update at exit, and the one after `recover`
 SYSTEMD_STATUS_INTERVAL = 2.0  # how often STATUS= is refreshed under systemd (when it changed)
+PROGRESS_INTERVAL = 0.5  # how often a waiting `sync` or `umount` hears how far the write-back is
 HISTORY_QUEUE = 100  # lease events waiting to be appended to the project's history
 HISTORY_CHECK_INTERVAL = 1.0  # how often new conflicts are looked for, to record them
 MARKER_UNKNOWN = ("unknown",)  # Daemon._marker before we looked: a marker of ours may exist
@@ -671,7 +672,7 @@ class Daemon:
             self.seen_generation = record or self.seen_generation
             return {"role": "follower", "epoch": self.keeper.epoch, "generation": (record or {}).get("generation"),
                     "files": 0, "bytes": 0, "ops": 0, "released": False}  # fmt: skip
-        receipt = await self._write_back(timeout)
+        receipt = await self._write_back_reporting(timeout, progress)
         epoch = self.keeper.epoch
         if release:
             await self.keeper.release()
@@ -685,6 +686,45 @@ class Daemon:
             "ops": receipt.ops,
             "released": release,
         }
+
+    async def _write_back_reporting(self, timeout: float | None, progress: Any) -> Any:
+        """`_write_back`, telling `progress` (if any) how far it is every PROGRESS_INTERVAL."""
+        if progress is None:
+            return await self._write_back(timeout)
+        result: list[Any] = []
+        failed: list[SafefsError] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._report_write_back, progress)
+            try:
+                result.append(await self._write_back(timeout))
+            except SafefsError as exc:  # raised below, not as an exception group
+                failed.append(exc)
+            finally:
+                nursery.cancel_scope.cancel()
+        if failed:
+            raise failed[0]
+        return result[0]
+
+    async def _report_write_back(self, progress: Any) -> None:
+        """Until cancelled: files and bytes left and done, and what the write-back waits for."""
+        ops, files, nbytes = self._unwritten_counts()
+        files_total, bytes_total = ops + files, nbytes
+        while True:
+            await trio.sleep(PROGRESS_INTERVAL)
+            ops, files, nbytes = self._unwritten_counts()
+            files_total, bytes_total = max(files_total, ops + files), max(bytes_total, nbytes)
+            lock_delay = self.keeper.statistics().get("lock_delay")
+            if isinstance(lock_delay, (int, float)) and lock_delay > 0:
+                waiting = f"the lock delay after a takeover ({lock_delay:.0f} s left)"
+            elif self.flusher.last_error is not None:
+                waiting = f"the project, which failed: {self.flusher.last_error.error}"
+            else:
+                waiting = "the write-back"
+            await progress({
+                "waiting_for": waiting,
+                "files_done": files_total - ops - files, "files_total": files_total,
+                "bytes_done": bytes_total - nbytes, "bytes_total": bytes_total,
+            })  # fmt: skip
 
     def _unwritten(self) -> tuple[int, int]:
         """(files, bytes) this cache holds that the project does not have."""
@@ -741,9 +781,9 @@ class Daemon:
             "conflicts": self.flusher.conflicts[conflicts_before:], "released": took,
         }  # fmt: skip
 
-    async def prepare_unmount(self, *, timeout: float | None) -> dict[str, Any]:
+    async def prepare_unmount(self, *, timeout: float | None, progress: Any = None) -> dict[str, Any]:
         if self.keeper.role == "writer":
-            result = await self.sync(release=True, timeout=timeout, progress=None)
+            result = await self.sync(release=True, timeout=timeout, progress=progress)
         else:
             result = {"role": "follower", "released": False}
         result["pid"] = os.getpid()

@@ -59,7 +59,7 @@ class ControlHandler(Protocol):
 
     async def acquire(self, *, wait: bool, timeout: float | None) -> dict[str, Any]: ...
 
-    async def prepare_unmount(self, *, timeout: float | None) -> dict[str, Any]: ...
+    async def prepare_unmount(self, *, timeout: float | None, progress: ProgressFn) -> dict[str, Any]: ...
 
     async def recover(self, *, timeout: float | None) -> dict[str, Any]: ...
 
@@ -265,7 +265,7 @@ async def _dispatch(handler: ControlHandler, request: Request, connection: _Conn
     elif isinstance(args, protocol.AcquireArgs):
         result = await handler.acquire(wait=args.wait, timeout=args.timeout)
     elif isinstance(args, protocol.PrepareUnmountArgs):
-        result = await handler.prepare_unmount(timeout=args.timeout)
+        result = await handler.prepare_unmount(timeout=args.timeout, progress=connection.progress)
     elif isinstance(args, protocol.RecoverArgs):
         result = await handler.recover(timeout=args.timeout)
     else:

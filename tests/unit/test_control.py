@@ -65,7 +65,7 @@ class FakeHandler:
         self._record("acquire", wait=wait, timeout=timeout)
         return {"epoch": 3}
 
-    async def prepare_unmount(self, *, timeout: float | None) -> dict[str, Any]:
+    async def prepare_unmount(self, *, timeout: float | None, progress: ProgressFn) -> dict[str, Any]:
         self._record("prepare_unmount", timeout=timeout)
         return {"src": "/s", "pid": os.getpid()}
 
