@@ -45,7 +45,7 @@ from typing import Any
 
 import trio
 
-from safefs import __version__, checks, generation, logs, metrics, orphans, ranges, sdnotify
+from safefs import __version__, checks, generation, logs, orphans, ranges, sdnotify
 from safefs.backing import Backing, FaultPlan
 from safefs.cache import ContentCache
 from safefs.clock import SystemClock
@@ -167,7 +167,7 @@ class Daemon:
         self._held_epoch: int | None = None  # the last epoch this process held the lease in
         self._exit_detail: str | None = None  # why the final write-back left changes behind
         self.systemd = sdnotify.Notifier()  # a no-op unless started by systemd with Type=notify
-        self.metrics_listener: metrics.Listener | None = None  # --metrics-port
+        self.metrics_listener: Any = None  # a safefs.metrics.Listener with --metrics-port
         self.serving = False  # True while the mount serves: the metrics listener answers empty before
 
     async def serve(self) -> int:
@@ -580,6 +580,8 @@ class Daemon:
 
     def _serve_metrics(self, port: int) -> None:
         """Serve `status` as Prometheus metrics on 127.0.0.1:`port`, from prometheus-client's thread."""
+        from safefs import metrics  # only here: prometheus-client is needed for --metrics-port alone
+
         token = trio.lowlevel.current_trio_token()
 
         def statuses() -> list[dict[str, Any]]:
