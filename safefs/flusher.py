@@ -418,7 +418,7 @@ class Flusher:
                 break
             except FileExistsError:
                 continue  # taken meanwhile: pick another
-        log.warning("flush: conflict: kept %r as %r", path, candidate)
+        log.warning("flush: conflict: kept %s as %s", os.fsdecode(b"/".join(path)), os.fsdecode(b"/".join(candidate)))
         self.conflicts.append(
             {"path": os.fsdecode(b"/".join(path)), "kept_as": os.fsdecode(b"/".join(candidate)),
              "time": self.clock.wall()}
@@ -661,7 +661,7 @@ class Flusher:
                 raise
             # Removed, renamed or replaced behind our back: only attributes are lost (what
             # was below it is published or kept by inode); say so and move on.
-            log.warning("flush: conflict: cannot set attributes of %r: %s", path, exc)
+            log.warning("flush: conflict: cannot set attributes of %s: %s", os.fsdecode(b"/".join(path)), exc)
             self.conflicts.append({"path": os.fsdecode(b"/".join(path)), "error": str(exc),
                                    "time": self.clock.wall()})  # fmt: skip
         if inode.version == version:
@@ -796,7 +796,8 @@ class Flusher:
         except (OSError, Exception):  # the original may be gone; publish what we have
             pass
         st = await self._call(self.backing.publish_atomic, aside, self._staging(), fd, inode.size, attrs)
-        log.warning("flush: conflict: %r changed on the backing tree; our version is %r", path, aside)
+        log.warning("flush: conflict: %s changed on the backing tree; our version is %s",
+                    os.fsdecode(b"/".join(path)), os.fsdecode(b"/".join(aside)))  # fmt: skip
         self.conflicts.append(
             {"path": os.fsdecode(b"/".join(path)), "kept_as": os.fsdecode(b"/".join(aside)),
              "time": self.clock.wall()}
