@@ -9,8 +9,13 @@ to fix it) when:
   inside the project or the cache makes the daemon read through its own mount and hang;
   a cache inside the project or the mount would be flushed into, or served from, itself;
 - the cache dir (its nearest existing ancestor) is on a network or FUSE filesystem: LMDB
-  needs local locking and mmap, and "fsync returned" must mean "on this host's disk" (G2).
+  needs local locking and mmap, and "fsync returned" must mean "on this host's disk" (G2);
+- this user cannot open /dev/fuse, or asks for --allow-other while not root and
+  /etc/fuse.conf lacks `user_allow_other` (fusermount3 would refuse it after the lease
+  was taken, with a message that does not say how to fix it).
 Two daemons on one cache dir are caught later by the journal's lock, not here.
+
+`fuse_mount_owner(path)` is the uid that mounted the FUSE filesystem at `path`.
 
 `fs_type_name(path)` names the filesystem a path is on ("ext4", "nfs4", "fuse.sshfs"...).
 
@@ -27,10 +32,12 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import grp
 import os
 import platform
 import re
 import stat
+import pwd
 from pathlib import Path
 
 from safefs.config import MountConfig
@@ -99,6 +106,7 @@ def check_setup(config: MountConfig) -> None:
     src = Path(os.path.realpath(config.src))
     mnt = resolve_mountpoint(config.mnt)
     cache = Path(os.path.realpath(config.cache_dir))
+    check_fuse_access(allow_other=config.allow_other)
     _check_project(src)
     _check_overlaps(src, mnt, cache)
     _check_mountpoint(mnt)
@@ -129,6 +137,34 @@ def mount_type_at(path: Path | str) -> str | None:
     return found
 
 
+def fuse_mount_owner(path: Path | str) -> int | None:
+    """The uid that mounted the FUSE filesystem at `path` (its `user_id=` option), or None."""
+    target = os.fsencode(path)
+    owner = None
+    for line in _mountinfo_lines():
+        fields = line.split(b" ")
+        try:
+            separator = fields.index(b"-", 6)
+            if _unescape(fields[4]) != target:
+                continue
+            options = fields[separator + 3].split(b",")
+        except (ValueError, IndexError):
+            continue
+        owner = None  # the last mount on a path is the visible one
+        for option in options:
+            if option.startswith(b"user_id="):
+                owner = int(option[len(b"user_id=") :])
+    return owner
+
+
+def user_name(uid: int) -> str:
+    """The login name of `uid`, or "uid N" if it has none."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
 def fs_type_name(path: Path | str) -> str:
     """The type of the filesystem holding `path` (or its nearest existing ancestor)."""
     existing = _nearest_existing(Path(os.path.realpath(path)))
@@ -154,6 +190,56 @@ def unsafe_filesystem(path: Path | str) -> str | None:
 
 
 # ---- the checks ------------------------------------------------------------------------------
+
+FUSE_DEVICE = Path("/dev/fuse")
+FUSE_CONF = Path("/etc/fuse.conf")
+
+
+def check_fuse_access(*, allow_other: bool) -> None:
+    """Refuse if this user cannot mount FUSE filesystems (with these options) at all."""
+    me = user_name(os.getuid())
+    try:
+        st = os.stat(FUSE_DEVICE)
+    except OSError:
+        raise Refused(
+            f"{FUSE_DEVICE} does not exist: FUSE is not available on this host",
+            hint="load the fuse module (`sudo modprobe fuse`); in a container, pass the device in "
+            "(e.g. docker run --device /dev/fuse)",
+        ) from None
+    if not os.access(FUSE_DEVICE, os.R_OK | os.W_OK):
+        group = _group_name(st.st_gid)
+        if st.st_gid != 0 and st.st_mode & 0o060 == 0o060:
+            hint = f"ask an admin to add you to its group: `sudo usermod -aG {group} {me}`, then log in again"
+        else:
+            hint = (
+                f"it is mode {stat.S_IMODE(st.st_mode):04o}, owner {user_name(st.st_uid)}, group {group}; "
+                "an admin can open it to users with `sudo chmod 0666 /dev/fuse` (the usual default), "
+                "or to a group with `sudo chgrp fuse /dev/fuse && sudo chmod 0660 /dev/fuse` "
+                "(a udev rule keeps it after a reboot)"
+            )
+        raise Refused(f"you ({me}) cannot open {FUSE_DEVICE}, so you cannot mount FUSE filesystems", hint=hint)
+    if allow_other and os.getuid() != 0 and not _user_allow_other():
+        raise Refused(
+            f"--allow-other needs `user_allow_other` in {FUSE_CONF}, and it is not set there",
+            hint=f"ask an admin to add the line `user_allow_other` to {FUSE_CONF}, "
+            "or mount without --allow-other (then only you can use the mount)",
+        )
+
+
+def _user_allow_other() -> bool:
+    try:
+        lines = FUSE_CONF.read_text(errors="replace").splitlines()
+    except OSError:
+        return False
+    return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in lines)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
 
 
 def _check_project(src: Path) -> None:
@@ -306,15 +392,18 @@ def _statfs_magic(path: Path) -> int | None:
     return field.from_buffer(buffer).value & 0xFFFFFFFF
 
 
-def _read_mountinfo() -> list[tuple[bytes, str]]:
-    """(mount point, filesystem type) of each mount, in mount order."""
+def _mountinfo_lines() -> list[bytes]:
     try:
         with open("/proc/self/mountinfo", "rb") as f:
-            lines = f.read().splitlines()
+            return f.read().splitlines()
     except OSError:
         return []
+
+
+def _read_mountinfo() -> list[tuple[bytes, str]]:
+    """(mount point, filesystem type) of each mount, in mount order."""
     mounts = []
-    for line in lines:
+    for line in _mountinfo_lines():
         fields = line.split(b" ")
         try:
             separator = fields.index(b"-", 6)

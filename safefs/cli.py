@@ -24,7 +24,6 @@ import os
 import re
 import select
 import shlex
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -199,6 +198,12 @@ def build_parser() -> argparse.ArgumentParser:
     mount.add_argument(
         "--log-level", choices=settings.LOG_LEVELS, help="least severe messages logged (default info)"
     )
+    mount.add_argument(
+        "--metrics-port",
+        type=settings.port,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (default: no listener)",
+    )
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     advanced = mount.add_argument_group("advanced options (mostly for tests)")
     advanced.add_argument("--lease-renew", type=parse_seconds, metavar="S", help="heartbeat interval")
@@ -264,6 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(command=cmd_status)
     status.add_argument("mnt", metavar="MNT", nargs="?")
     status.add_argument("--json", action="store_true", help="print JSON")
+    status.add_argument(
+        "--prometheus",
+        action="store_true",
+        help="print the counters in the Prometheus text format (for node_exporter's textfile collector)",
+    )
 
     acquire = commands.add_parser(
         "acquire", help="make a follower the writer",
@@ -411,6 +421,7 @@ def mount_config(args: argparse.Namespace) -> MountConfig:
         follower=args.follower,
         log_level=args.log_level or "info",
         log_file=Path(os.path.realpath(args.log_file)) if args.log_file else None,
+        metrics_port=args.metrics_port,
         lease=LeaseTimings(**{k: v for k, v in lease_options.items() if v is not None}),
         **{k: v for k, v in options.items() if v is not None},
     )
@@ -451,6 +462,7 @@ def setting_defaults() -> dict[str, Any]:
         "backing_timeout": mount.backing_timeout,
         "log_level": mount.log_level,
         "log_file": "daemon.log in the cache dir",
+        "metrics_port": "none (no listener)",
     }
 
 
@@ -512,6 +524,8 @@ def daemon_argv(config: MountConfig, *, ready_fd: int, debug: bool) -> list[str]
     argv += ["--log-level", config.log_level]
     if config.log_file is not None:
         argv += ["--log-file", os.fspath(config.log_file)]
+    if config.metrics_port is not None:
+        argv += ["--metrics-port", str(config.metrics_port)]
     if debug:
         argv.append("--debug")
     return argv
@@ -869,7 +883,7 @@ def cmd_recover(args: argparse.Namespace) -> int:
         return int(ExitCode.OK)
     mnt = checks.resolve_mountpoint(args.mnt)
     result = call(mnt, "recover", {"timeout": args.timeout}, timeout=None)
-    print(f"safefs: recovered {result['files']} changes ({result['bytes']} B) from {mnt}")
+    print(f"safefs: recovered {plural(result['files'], 'change')} ({human_bytes(result['bytes'])}) from {mnt}")
     for conflict in result.get("conflicts", []):
         print(f"  conflict: {describe_conflict(conflict)}")
     return int(ExitCode.OK)
@@ -913,7 +927,10 @@ def cmd_history(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     if args.mnt is not None:
         status = call(checks.resolve_mountpoint(args.mnt), "status", timeout=STATUS_TIMEOUT)
-        print(json.dumps(status, indent=2, sort_keys=True) if args.json else format_status(status))
+        if args.prometheus:
+            print(_prometheus([status]), end="")
+        else:
+            print(json.dumps(status, indent=2, sort_keys=True) if args.json else format_status(status))
         return int(ExitCode.OK)
 
     statuses, code = [], ExitCode.OK
@@ -925,13 +942,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         except SafefsError as exc:
             statuses.append({"socket": os.fspath(sock), "error": exc.message})
             code = ExitCode.DAEMON_FAILED
-    if args.json:
+    if args.prometheus:
+        print(_prometheus([s for s in statuses if "error" not in s]), end="")
+    elif args.json:
         print(json.dumps(statuses, indent=2, sort_keys=True))
     elif not statuses:
         print("safefs: no mounts are running")
     else:
         print("\n\n".join(format_status(status) for status in statuses))
     return int(code)
+
+
+def _prometheus(statuses: list[dict[str, Any]]) -> str:
+    from safefs import metrics  # only here: prometheus-client is needed by this option alone
+
+    return metrics.exposition(statuses)
 
 
 def call(
@@ -961,6 +986,14 @@ def call(
 def not_mounted(mnt: Path) -> NotMounted:
     """The error for "no daemon answers for `mnt`", saying what is at `mnt` instead."""
     fstype = checks.mount_type_at(mnt)
+    owner = checks.fuse_mount_owner(mnt) if fstype is not None and fstype.startswith("fuse") else None
+    if owner is not None and owner != os.getuid():
+        # Its daemon's socket is in the owner's runtime dir: only they (or root as them) reach it.
+        name = checks.user_name(owner)
+        return NotMounted(
+            f"{mnt} is {name}'s mount ({fstype}), not yours: its daemon answers only {name}",
+            hint=f"ask {name}, or run the command as them (e.g. `sudo -u {name} safefs status {mnt}`)",
+        )
     if fstype is not None and fstype.startswith("fuse"):
         # Not stat()ed: if the daemon is alive but unreachable, a stat could hang.
         return NotMounted(
@@ -1031,9 +1064,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 class ProgressBar:
-    """A one-line progress display on stderr: only on a terminal, only after PROGRESS_DELAY."""
+    """Progress of a write-back on stderr, drawn with rich: only on a terminal, only after PROGRESS_DELAY.
 
-    WIDTH = 24
+    Shows the bytes done of the total, the files left, the rate and the time left (rich derives
+    both from the updates) and what the daemon waits for (the write-back, a lock delay, a
+    failing project). Off a terminal nothing is drawn and rich is not even imported.
+    """
 
     def __init__(self, label: str, stream: TextIO | None = None, *, delay: float = PROGRESS_DELAY) -> None:
         self.label = label
@@ -1042,15 +1078,45 @@ class ProgressBar:
         self.enabled = self.stream.isatty()
         self.started = time.monotonic()
         self.drawn = False
+        self._progress: Any = None
+        self._task: Any = None
 
     def update(self, progress: dict[str, Any]) -> None:
         if not self.enabled or time.monotonic() - self.started < self.delay:
             return
-        columns = shutil.get_terminal_size((80, 24)).columns
-        line = render_progress(self.label, progress)[: columns - 1]
-        self.stream.write(f"\r{line}\x1b[K")
-        self.stream.flush()
+        if self._progress is None:
+            self._start()
+        bytes_done, bytes_total = _number(progress.get("bytes_done")), _number(progress.get("bytes_total"))
+        files_done, files_total = _number(progress.get("files_done")), _number(progress.get("files_total"))
+        files = ""
+        if files_total is not None and files_done is not None:
+            files = f"{plural(int(files_total - files_done), 'file')} left"
+        waiting = progress.get("waiting_for")
+        self._progress.update(
+            self._task,
+            description=str(progress.get("phase") or self.label),
+            total=bytes_total if bytes_total else None,
+            completed=bytes_done or 0,
+            files=files,
+            waiting=f"waiting for {waiting}" if waiting else "",
+        )
+        self._progress.refresh()
         self.drawn = True
+
+    def _start(self) -> None:
+        from rich.console import Console  # only here: a terminal that waits long enough to need it
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)  # fmt: skip
+
+        console = Console(file=self.stream, force_terminal=True)
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(bar_width=24), DownloadColumn(binary_units=True),
+            TextColumn("{task.fields[files]}"), TransferSpeedColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[waiting]}"),
+            console=console, auto_refresh=False, transient=True, redirect_stdout=False, redirect_stderr=False,
+        )  # fmt: skip
+        self._progress.start()
+        self._task = self._progress.add_task(self.label, total=None, files="", waiting="")
 
     def __enter__(self) -> ProgressBar:
         return self
@@ -1058,9 +1124,8 @@ class ProgressBar:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self.drawn:
-            self.stream.write("\r\x1b[K")  # leave the terminal as it was; the receipt follows
-            self.stream.flush()
+        if self._progress is not None:
+            self._progress.stop()  # transient: the line is erased; the receipt follows
 
 
 class WaitReport:
@@ -1149,6 +1214,24 @@ def human_seconds(seconds: float) -> str:
     return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
 
 
+def human_value(key: str, value: Any) -> str:
+    """Any status value as words: yes/no, none, durations for keys that hold seconds, no Python syntax."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        if key.endswith(("delay", "age", "timeout", "poll", "interval", "seconds")):
+            return human_seconds(value)
+        return f"{value:g}"
+    if isinstance(value, dict):
+        parts = [f"{k.replace('_', ' ')} {human_value(k, v)}" for k, v in value.items()]
+        return ", ".join(parts) if parts else "none"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(human_value(key, v) for v in value) if value else "none"
+    return str(value)
+
+
 def _when(value: Any) -> str:
     """A wall-clock time from status (seconds since the epoch) for humans; text passes through."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -1211,7 +1294,8 @@ def format_status(status: dict[str, Any]) -> str:
         if isinstance(status.get("oldest_dirty_age"), (int, float)):
             dirty += f", oldest {human_seconds(status['oldest_dirty_age'])}"
         row("dirty", dirty)
-    row("pending ops", status.get("pending_ops"))
+    pending = status.get("pending_ops")
+    row("pending ops", len(pending) if isinstance(pending, list) else pending)
     if status.get("bytes_fetched") is not None:
         row("fetched", f"{human_bytes(status['bytes_fetched'])} from the project")
     if status.get("bytes_written") is not None:
@@ -1240,8 +1324,7 @@ def format_status(status: dict[str, Any]) -> str:
     if isinstance(status.get("orphans_skipped"), list):
         details += [f"  unreadable orphan marker: {_describe_item(item)}" for item in status["orphans_skipped"]]
     for key in sorted(status.keys() - _SHOWN_KEYS):
-        value = status[key]
-        row(key.replace("_", " "), json.dumps(value) if isinstance(value, (dict, list)) else value)
+        row(key.replace("_", " "), human_value(key, status[key]))
 
     width = max((len(key) for key, _ in rows), default=0) + 1
     return "\n".join([f"{key + ':':<{width}} {value}" for key, value in rows] + details)

@@ -55,6 +55,7 @@ class MountConfig:
     follower: bool = False  # never take the write lease by itself (`-o ro`); `safefs acquire` still can
     log_level: str = "info"  # debug, info, warning or error
     log_file: Path | None = None  # rotated; None: stderr (the journal under systemd)
+    metrics_port: int | None = None  # serve Prometheus metrics on 127.0.0.1:PORT; None: no listener
 
 
 def project_key(src: Path) -> str:

@@ -60,7 +60,8 @@ from safefs.cache import ContentCache
 from safefs.clock import SystemClock
 from safefs.config import MountConfig, socket_path
 from safefs.control.server import serve as serve_control
-from safefs.errors import DaemonFailed, ExitCode, LeaseHeldElsewhere, Refused, SafefsError, SyncTimeout, Unwritten
+from safefs.errors import (DaemonFailed, ExitCode, LeaseHeldElsewhere, Refused, SafefsError, SyncTimeout, Unwritten,
+                           describe_exception)
 from safefs.flusher import Flusher
 from safefs.fs import Filesystem, Limiters
 from safefs.fuse_ops import CachePolicy, KernelNotifier, SafeOperations, Session, mount_device
@@ -84,6 +85,7 @@ ORPHAN_RETRY_MAX = 30.0  # the longest wait between two failed marker updates
 ORPHAN_READ_TIMEOUT = 3.0  # `status` waits this long for the list of markers (the CLI waits 10 s)
 ORPHAN_EXIT_TIMEOUT = 5.0  # the last marker update at exit, and the one after `recover`
 SYSTEMD_STATUS_INTERVAL = 2.0  # how often STATUS= is refreshed under systemd (when it changed)
+PROGRESS_INTERVAL = 0.5  # how often a waiting `sync` or `umount` hears how far the write-back is
 HISTORY_QUEUE = 100  # lease events waiting to be appended to the project's history
 HISTORY_CHECK_INTERVAL = 1.0  # how often new conflicts are looked for, to record them
 MARKER_UNKNOWN = ("unknown",)  # Daemon._marker before we looked: a marker of ours may exist
@@ -91,7 +93,6 @@ ETCD_CALL_TIMEOUT = 5.0  # one etcd request (publish, read) from the daemon; aba
 ETCD_WATCH_WAIT = 10.0  # a follower's long-poll watch of the generation key lasts this long
 ETCD_FALLBACK_POLL = 30.0  # while etcd tells followers of generations, they read the NFS file this often
 MOUNT_WATCH_INTERVAL = 0.5  # how often the mount table is read for our mount (Daemon._watch_mount)
-WAIT_REPORT_INTERVAL = 1.0  # a control call that waits tells its client why, this often
 SYNC_GRACE = 0.5  # a timed-out write-back gets this long to say so itself
 REPLY_GRACE = 10.0  # at exit, calls waiting for the final write-back get this long to answer
 
@@ -155,7 +156,7 @@ def run(config: MountConfig, *, ready_fd: int | None = None, debug: bool = False
         return int(exc.exit_code)
     except BaseException as exc:
         log.exception("daemon: fatal error")
-        ready.failed(DaemonFailed(f"the daemon failed: {exc!r}"))
+        ready.failed(DaemonFailed(f"the daemon failed: {describe_exception(exc)}", hint=f"its log has the details: {where}"))
         return int(ExitCode.ERROR)
     finally:
         journal.close()
@@ -193,9 +194,13 @@ class Daemon:
         self._final_waiters = 0  # control calls waiting for it, still to answer
         self._mount_gone = False  # _watch_mount ended the session: nothing left to unmount
         self._final_receipt: Any = None  # what the final write-back wrote, for `sync` after it
+        self.metrics_listener: Any = None  # a safefs.metrics.Listener with --metrics-port
+        self.serving = False  # True while the mount serves: the metrics listener answers empty before
 
     async def serve(self) -> int:
         config = self.config
+        if config.metrics_port is not None:
+            self._serve_metrics(config.metrics_port)  # first: a port in use is refused before any mount
         limiters = Limiters.create()
         table = InodeTable(self.journal, limiters.flush)
         table.load(await limiters.journal.run(self.journal.load))
@@ -270,6 +275,8 @@ class Daemon:
         finally:
             cache.close()
             backing.close()
+            if self.metrics_listener is not None:
+                self.metrics_listener.close()
         return code
 
     async def _serve_mount(self, services: trio.Nursery) -> int:
@@ -294,6 +301,7 @@ class Daemon:
                     nursery.start_soon(self._watch_etcd)
                 self.notifier.enabled = True
                 log.info("daemon: serving %s at %s as %s (cache %s)", config.src, config.mnt, self.role, config.cache_dir)
+                self.serving = True  # for the metrics listener
                 self.ready.send({"ok": True, "pid": os.getpid(), "role": self.role,
                                  "holder": self.keeper.statistics()["holder"]})  # fmt: skip
                 self.systemd.send(READY=1, STATUS=self._systemd_status())
@@ -306,6 +314,7 @@ class Daemon:
         finally:
             # After a kernel unmount the session is over; after a signal or an error we
             # must take the mount down ourselves so nobody hangs on a dead mountpoint.
+            self.serving = False
             session.close(unmount=(self.terminated or not clean_exit) and not self._mount_gone)
             self.state = "unmounted"
             if self.systemd.enabled:
@@ -458,7 +467,8 @@ class Daemon:
         else:
             self.policy.set_follower(self.config.follower_poll)
             holder = self.keeper.statistics()["holder"]
-            log.info("lease: this mount is a follower; the writer is %s", holder)
+            writer = f"{holder.get('host')} (pid {holder.get('pid')})" if isinstance(holder, dict) else "nobody"
+            log.info("lease: this mount is a follower; the writer is %s", writer)
         if not first:
             # Another host may have written: nothing cached about the tree is trusted blindly.
             fs.mark_stale()
@@ -771,6 +781,26 @@ class Daemon:
         dirty = f"unwritten: {files} changes, {nbytes / (1 << 20):.1f} MiB" if files else "nothing unwritten"
         return f"{self.keeper.role} of {self.config.src} at {self.config.mnt}, epoch {self.keeper.epoch}; {dirty}"
 
+    def _serve_metrics(self, port: int) -> None:
+        """Serve `status` as Prometheus metrics on 127.0.0.1:`port`, from prometheus-client's thread."""
+        from safefs import metrics  # only here: prometheus-client is needed for --metrics-port alone
+
+        token = trio.lowlevel.current_trio_token()
+
+        def statuses() -> list[dict[str, Any]]:
+            if not self.serving:
+                return []
+            return [trio.from_thread.run(self.status, trio_token=token)]
+
+        try:
+            self.metrics_listener = metrics.serve(port, statuses)
+        except OSError as exc:
+            raise Refused(
+                f"cannot serve metrics on 127.0.0.1:{port}: {exc.strerror or exc}",
+                hint="choose another --metrics-port",
+            ) from None
+        log.info("metrics: serving http://127.0.0.1:%d/metrics", port)
+
     async def _report_to_systemd(self) -> None:
         while True:
             await trio.sleep(SYSTEMD_STATUS_INTERVAL)
@@ -899,14 +929,25 @@ class Daemon:
         return outcome[0]
 
     async def _wait_reporting(self, event: trio.Event, progress: Any, what: Any) -> None:
-        """Wait for `event`; meanwhile send `what()` = (waiting_for, detail) every second."""
+        """Wait for `event`; meanwhile tell `progress` every PROGRESS_INTERVAL how far the
+        write-back is (files and bytes left and done) and what it waits for: `what()` =
+        (waiting_for, detail)."""
+        ops, files, nbytes = self._unwritten_counts()
+        files_total, bytes_total = ops + files, nbytes
         while True:
-            with trio.move_on_after(WAIT_REPORT_INTERVAL):
+            with trio.move_on_after(PROGRESS_INTERVAL):
                 await event.wait()
                 return
-            if progress is not None:
-                waiting_for, detail = what()
-                await progress({"phase": "waiting", "waiting_for": waiting_for, "detail": detail})
+            if progress is None:
+                continue
+            ops, files, nbytes = self._unwritten_counts()
+            files_total, bytes_total = max(files_total, ops + files), max(bytes_total, nbytes)
+            waiting_for, detail = what()
+            await progress({
+                "waiting_for": waiting_for, "detail": detail,
+                "files_done": files_total - ops - files, "files_total": files_total,
+                "bytes_done": bytes_total - nbytes, "bytes_total": bytes_total,
+            })  # fmt: skip
 
     def _write_back_wait(self) -> tuple[str, str]:
         ops, files, nbytes = self._unwritten_counts()

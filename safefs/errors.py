@@ -150,3 +150,11 @@ def exit_code_table() -> str:
     rows = ["| code | meaning |", "|---|---|"]
     rows += [f"| {code.value} | {EXIT_CODE_MEANING[code]} |" for code in ExitCode]
     return "\n".join(rows)
+
+
+def describe_exception(exc: BaseException) -> str:
+    """An unexpected exception as words ("RuntimeError: fuse_session_mount failed"), groups flattened."""
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(dict.fromkeys(describe_exception(inner) for inner in exc.exceptions))
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

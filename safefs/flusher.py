@@ -498,7 +498,7 @@ class Flusher:
                 break
             except FileExistsError:
                 continue  # taken meanwhile: pick another
-        log.warning("flush: conflict: kept %r as %r", path, candidate)
+        log.warning("flush: conflict: kept %s as %s", os.fsdecode(b"/".join(path)), os.fsdecode(b"/".join(candidate)))
         self.conflicts.append(
             {"path": os.fsdecode(b"/".join(path)), "kept_as": os.fsdecode(b"/".join(candidate)),
              "copy_holds": "the project's version", "why": why, "time": _utc(self.clock.wall())}
@@ -802,7 +802,7 @@ class Flusher:
                 raise
             # Removed, renamed or replaced behind our back: only attributes are lost (what
             # was below it is published or kept by inode); say so and move on.
-            log.warning("flush: conflict: cannot set attributes of %r: %s", path, exc)
+            log.warning("flush: conflict: cannot set attributes of %s: %s", os.fsdecode(b"/".join(path)), exc)
             self.conflicts.append({"path": os.fsdecode(b"/".join(path)), "error": str(exc),
                                    "why": "removed or replaced in the project; the mount's attributes are not applied",
                                    "time": _utc(self.clock.wall())})  # fmt: skip

@@ -74,6 +74,15 @@ def path(value: Any) -> str:
     return os.path.expanduser(value)
 
 
+def port(value: Any) -> int:
+    """A TCP port number, 1..65535."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ValueError(f"expected a port number (1-65535), not {value!r}")
+    return value
+
+
 def flag(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"expected true or false, not {value!r}")
@@ -107,6 +116,7 @@ KEYS: dict[str, Callable[[Any], Any]] = {
     "backing_timeout": seconds,
     "log_level": log_level,
     "log_file": path,
+    "metrics_port": port,
 }
 
 

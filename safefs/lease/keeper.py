@@ -222,7 +222,7 @@ class LeaseKeeper:
                 if not self._follow_if_unreachable:
                     raise
                 log.warning("lease: %s; following read-only until it answers", e.message)
-        log.info("lease: %s of %r, epoch %d", self._m.role, self._store, self._m.epoch)
+        log.info("lease: %s of %s, epoch %d", self._m.role, self._store, self._m.epoch)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._timer)
             task_status.started(self._m.role)
@@ -321,7 +321,7 @@ class LeaseKeeper:
         except (OSError, CorruptLease) as e:
             m.poll_failed(self._clock.monotonic(), f"reading the lease failed: {e}")
             if first:
-                raise BackingFailed(f"cannot read the lease of {self._store!r}: {e}") from e
+                raise BackingFailed(f"cannot read the lease of {self._store}: {e}") from e
             return
         claim = m.observed(obs, started=started, now=self._clock.monotonic(), holder_alive=alive)
         if claim is not None:
@@ -338,7 +338,7 @@ class LeaseKeeper:
         except (OSError, CorruptLease) as e:
             m.claim_failed(claim, sent_at=sent_at, error=f"claiming epoch {claim.epoch} failed: {e}")
             if first:
-                raise BackingFailed(f"cannot claim the lease of {self._store!r}: {e}") from e
+                raise BackingFailed(f"cannot claim the lease of {self._store}: {e}") from e
             return
         if m.claimed(winner, sent_at=sent_at, now=self._clock.monotonic(), claim=claim):
             kind = "takeover" if winner.kind == "takeover" else "acquire"

@@ -153,6 +153,9 @@ class DirLeaseStore:
     def __repr__(self) -> str:
         return f"DirLeaseStore({str(self.lease_dir)!r})"
 
+    def __str__(self) -> str:  # for messages: the path, not Python syntax
+        return str(self.lease_dir)
+
     def _dir_fd(self, *parts: str, create: bool = False) -> int:
         return control_dir_fd(self.project, *parts, create=create)
 
