@@ -114,7 +114,7 @@ def parse_seconds(text: str) -> float:
     return value
 
 
-COMMANDS = ("mount", "umount", "sync", "status", "acquire", "recover", "config", "history")
+COMMANDS = ("init", "mount", "umount", "sync", "status", "acquire", "recover", "config", "history")  # = the subcommands (test_cli)
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     recover = commands.add_parser(
         "recover",
         help="write back changes a mount holds that the project lacks (after a lost lease)",
-        description="Write back what the mount at MNT holds and its project lacks (after a lost "
+        description="Write back the changes the mount at MNT holds that its project lacks (after a lost "
         "lease or a crash), under a fresh lease; a file changed in the project meanwhile keeps "
         "its name and ours goes beside it as a conflict copy. Without MNT, list the mounts that "
         "hold such changes. With --cache-dir DIR SRC, do it for a cache dir whose mount is gone: "

@@ -11,6 +11,7 @@ Invariants protected:
 
 from __future__ import annotations
 
+import argparse
 import io
 import re
 import json
@@ -709,3 +710,10 @@ def test_status_formatting_shows_conflicts_with_readable_times() -> None:
     assert "conflicts:    1" in lines
     assert f"  conflict: {cli.describe_conflict(CONFLICT)}" in lines
     assert "time=" not in "\n".join(lines)
+
+
+def test_mount8_translation_knows_every_subcommand():
+    """`safefs init SRC` must never be read as the mount(8) form `safefs SRC MNT`."""
+    parser = cli.build_parser()
+    (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(cli.COMMANDS) == set(commands.choices)
