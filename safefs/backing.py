@@ -40,9 +40,9 @@ import stat
 import threading
 import time
 import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
 
 Path = tuple[bytes, ...]
 
@@ -66,7 +66,7 @@ class Fingerprint:
     ctime_ns: int
 
     @classmethod
-    def of(cls, st: os.stat_result) -> "Fingerprint":
+    def of(cls, st: os.stat_result) -> Fingerprint:
         return cls(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
@@ -82,7 +82,7 @@ class Attrs:
     xattrs: Mapping[bytes, bytes] = field(default_factory=dict)
 
     @classmethod
-    def from_stat(cls, st: os.stat_result, xattrs: Mapping[bytes, bytes] | None = None) -> "Attrs":
+    def from_stat(cls, st: os.stat_result, xattrs: Mapping[bytes, bytes] | None = None) -> Attrs:
         return cls(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_atime_ns,
                    st.st_mtime_ns, dict(xattrs or {}))
 
@@ -134,7 +134,7 @@ class FaultPlan:
         self.calls: list[tuple[str, Path]] | None = [] if record_calls else None
 
     @classmethod
-    def from_spec(cls, spec: list[dict[str, object]]) -> "FaultPlan":
+    def from_spec(cls, spec: list[dict[str, object]]) -> FaultPlan:
         """Build a plan from JSON (the daemon reads it from $SAFEFS_FAULTS, for tests).
 
         Each item: {"kind": "fail"|"hang"|"delay", "op": name or "*", "errno": "EIO",
@@ -347,7 +347,7 @@ class Backing:
         if fd >= 0:
             os.close(fd)
 
-    def __enter__(self) -> "Backing":
+    def __enter__(self) -> Backing:
         return self
 
     def __exit__(self, *exc: object) -> None:

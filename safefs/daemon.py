@@ -293,7 +293,8 @@ class Daemon:
                     nursery.start_soon(self._publish_generations)
                     nursery.start_soon(self._watch_etcd)
                 self.notifier.enabled = True
-                log.info("daemon: serving %s at %s as %s (cache %s)", config.src, config.mnt, self.role, config.cache_dir)
+                log.info("daemon: serving %s at %s as %s (cache %s)",
+                         config.src, config.mnt, self.role, config.cache_dir)
                 self.ready.send({"ok": True, "pid": os.getpid(), "role": self.role,
                                  "holder": self.keeper.statistics()["holder"]})  # fmt: skip
                 self.systemd.send(READY=1, STATUS=self._systemd_status())
@@ -310,7 +311,8 @@ class Daemon:
             self.state = "unmounted"
             if self.systemd.enabled:
                 files, nbytes = self._unwritten()
-                self.systemd.send(STOPPING=1, STATUS=f"unmounted; writing back {files} changes, {nbytes / (1 << 20):.1f} MiB")
+                self.systemd.send(STOPPING=1,
+                                  STATUS=f"unmounted; writing back {files} changes, {nbytes / (1 << 20):.1f} MiB")
             with trio.CancelScope(shield=True):
                 try:
                     code = await self._final_flush_until_signalled()
@@ -758,11 +760,14 @@ class Daemon:
             async for event in events:
                 with trio.move_on_after(ORPHAN_IO_TIMEOUT) as scope:
                     try:
-                        await trio.to_thread.run_sync(self.history.append, event, limiter=limiter, abandon_on_cancel=True)
+                        await trio.to_thread.run_sync(self.history.append, event, limiter=limiter,
+                                                      abandon_on_cancel=True)
                     except OSError as exc:
-                        log.warning("history: cannot append the %s record to %s: %s", event.event, self.history.path, exc)
+                        log.warning("history: cannot append the %s record to %s: %s",
+                                    event.event, self.history.path, exc)
                 if scope.cancelled_caught:
-                    log.warning("history: %s did not answer; the %s record may be missing", self.history.path, event.event)
+                    log.warning("history: %s did not answer; the %s record may be missing",
+                                self.history.path, event.event)
         finally:
             done.set()
 

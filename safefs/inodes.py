@@ -30,7 +30,8 @@ from __future__ import annotations
 import functools
 import logging
 import stat
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import trio
 
@@ -243,7 +244,7 @@ class Inode:
         )  # fmt: skip
 
     @classmethod
-    def from_record(cls, ino: int, rec: records.InodeRecord, extents: dict[bytes, list[ranges.Range]]) -> "Inode":
+    def from_record(cls, ino: int, rec: records.InodeRecord, extents: dict[bytes, list[ranges.Range]]) -> Inode:
         inode = cls(ino, rec.mode, rec.uid, rec.gid, rec.ctime_ns)
         inode.size, inode.rdev = rec.size, rec.rdev
         inode.atime_ns, inode.mtime_ns = rec.atime_ns, rec.mtime_ns

@@ -38,8 +38,9 @@ import fcntl
 import marshal
 import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import lmdb
 
@@ -98,7 +99,7 @@ class Journal:
         self._meta = env.open_db(b"meta")
 
     @classmethod
-    def open(cls, cache_dir: Path) -> "Journal":
+    def open(cls, cache_dir: Path) -> Journal:
         """Lock the cache dir for this process and open its environment (migrating it)."""
         lock_fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

@@ -14,7 +14,7 @@ Invariants:
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from typing import Iterable
+from collections.abc import Iterable
 
 Range = tuple[int, int]
 RangeSet = tuple[Range, ...]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import marshal
 import struct
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 FORMAT = 2
 FORMAT_KEY = "format"  # meta key holding the format of the journal
@@ -132,7 +132,7 @@ class Rename(_Op):
         return (self.p_old, self.p_new)
 
 
-Op = Union[Create, Mkdir, Unlink, Rmdir, Link, Rename]
+Op = Create | Mkdir | Unlink | Rmdir | Link | Rename
 OP_TYPES: dict[str, type[Op]] = {t.kind: t for t in (Create, Mkdir, Unlink, Rmdir, Link, Rename)}
 
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 import logging
 import math
 import random
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import trio
 

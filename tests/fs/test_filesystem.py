@@ -7,8 +7,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import pytest
 import trio

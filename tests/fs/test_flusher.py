@@ -12,8 +12,9 @@ import errno
 import os
 import re
 import stat
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import pytest
 import trio

@@ -50,6 +50,6 @@ def test_history_records_acquire_conflict_release_with_host_user_epoch(
     assert done.returncode == 0, describe(done)
     lines = done.stdout.splitlines()
     assert [line.split()[2] for line in lines] == ["acquire", "conflict", "release"], done.stdout
-    assert all(f"epoch 1" in line and f"{getpass.getuser()}@labpc" in line for line in lines)
+    assert all("epoch 1" in line and f"{getpass.getuser()}@labpc" in line for line in lines)
     times = [e["time"] for e in map(json.loads, run_safefs("history", src, "--json").stdout.splitlines())]
     assert times == sorted(times)

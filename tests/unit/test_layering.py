@@ -116,7 +116,8 @@ def test_every_module_has_a_layer() -> None:
 # The CLI must start fast and work when the daemon side is broken: it and what it may import
 # (errors, config, checks, control.client, control.protocol) must not load the heavy deps.
 # The core is stdlib only.
-MUST_EXIST = ["safefs.cli", "safefs.errors", "safefs.config", "safefs.clock", "safefs.ranges", "safefs.records", "safefs.procs", "safefs.lease.model"]
+MUST_EXIST = ["safefs.cli", "safefs.errors", "safefs.config", "safefs.clock", "safefs.ranges", "safefs.records",
+              "safefs.procs", "safefs.lease.model"]
 IF_PRESENT = ["safefs.checks", "safefs.control.client", "safefs.control.protocol"]
 
 

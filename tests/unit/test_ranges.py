@@ -1,6 +1,7 @@
 """Range sets against a model made of plain Python sets of byte offsets."""
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from safefs import ranges
 
