@@ -327,6 +327,12 @@ class _Pinned:
     def is_link(self) -> bool:
         return stat.S_ISLNK(self.st.st_mode)
 
+    @property
+    def link_name(self) -> bytes:
+        """The name of this symlink in its parent (only the root has no name, and it is no link)."""
+        assert self.name is not None
+        return self.name
+
 
 # ---------------------------------------------------------------------------- Backing
 
@@ -605,7 +611,7 @@ class Backing:
         self._begin("set_times", path)
         with self._pin(path) as pin:
             if pin.is_link:
-                os.utime(pin.name, ns=(atime_ns, mtime_ns), dir_fd=pin.parent_fd, follow_symlinks=False)
+                os.utime(pin.link_name, ns=(atime_ns, mtime_ns), dir_fd=pin.parent_fd, follow_symlinks=False)
             else:
                 os.utime(_proc(pin.fd), ns=(atime_ns, mtime_ns))
 
@@ -634,7 +640,7 @@ class Backing:
         # their own files.
         if (current.st_uid, current.st_gid) != (attrs.uid, attrs.gid):
             if pin.is_link:
-                os.chown(pin.name, attrs.uid, attrs.gid, dir_fd=pin.parent_fd, follow_symlinks=False)
+                os.chown(pin.link_name, attrs.uid, attrs.gid, dir_fd=pin.parent_fd, follow_symlinks=False)
             else:
                 os.chown(target, attrs.uid, attrs.gid)
         # For a symlink the /proc path lands on the link itself (pinned O_NOFOLLOW).
@@ -655,7 +661,7 @@ class Backing:
             os.chmod(target, stat.S_IMODE(attrs.mode))
         times = (attrs.atime_ns, attrs.mtime_ns)
         if pin.is_link:
-            os.utime(pin.name, ns=times, dir_fd=pin.parent_fd, follow_symlinks=False)
+            os.utime(pin.link_name, ns=times, dir_fd=pin.parent_fd, follow_symlinks=False)
         else:
             os.utime(target, ns=times)
 

@@ -568,6 +568,7 @@ class Daemon:
         etcd refuses it unless our epoch still holds the lease, and we do not send it unless
         the lease keeper says we may still write."""
         etcd = self.lease_store.etcd
+        assert etcd is not None  # started only for a project on etcd
         backoff = 0.0
         while True:
             await self._etcd_wake.wait()
@@ -597,6 +598,7 @@ class Daemon:
     async def _watch_etcd(self) -> None:
         """Follower: learn of generations from etcd (a long-poll watch), not by polling NFS."""
         etcd = self.lease_store.etcd
+        assert etcd is not None  # started only for a project on etcd
         revision = 0
         failing = False
         while True:

@@ -14,7 +14,7 @@ Invariants:
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 Range = tuple[int, int]
 RangeSet = tuple[Range, ...]
@@ -70,7 +70,7 @@ def undo_in_place(ranges: list[Range], change: Change) -> None:
     ranges[lo : lo + 1] = gone
 
 
-def end_at(ranges: RangeSet, start: int) -> int | None:
+def end_at(ranges: Sequence[Range], start: int) -> int | None:
     """The end of the range that starts exactly at `start`, or None if none does."""
     i = bisect_left(ranges, start, key=_start)
     return ranges[i][1] if i < len(ranges) and ranges[i][0] == start else None
@@ -109,7 +109,7 @@ def clip(ranges: RangeSet, end: int) -> RangeSet:
     return subtract(ranges, end, max(end, ranges[-1][1])) if ranges else ranges
 
 
-def missing(ranges: RangeSet, start: int, end: int) -> list[Range]:
+def missing(ranges: Sequence[Range], start: int, end: int) -> list[Range]:
     """The parts of [start, end) not covered by `ranges`, in order."""
     out: list[Range] = []
     pos = start

@@ -156,9 +156,9 @@ def read_file(file: Path) -> dict[str, Setting]:
     except tomllib.TOMLDecodeError as exc:
         found = re.search(r"at line (\d+)", str(exc))
         line = lines[int(found.group(1)) - 1] if found and 0 < int(found.group(1)) <= len(lines) else ""
-        key = re.match(r"\s*([A-Za-z0-9_.\"'-]+)\s*=", line)
-        where = f" (key {key.group(1).strip()!r})" if key else ""
-        raise SettingsError(f"{file}: {exc}{where}") from None
+        named = re.match(r"\s*([A-Za-z0-9_.\"'-]+)\s*=", line)
+        hint = f" (key {named.group(1).strip()!r})" if named else ""
+        raise SettingsError(f"{file}: {exc}{hint}") from None
     for key in data:
         if key != TABLE:
             where = _line_of(lines, key, table=None)

@@ -104,7 +104,7 @@ def parse_args(op: str, args: dict[str, Any]) -> OpArgs:
             raise ProtocolError(f"{op}: {field.name} must be true or false, not {value!r}")
         else:
             values[field.name] = value
-    return cls(**values)  # type: ignore[no-any-return]
+    return cls(**values)
 
 
 # ---- messages ------------------------------------------------------------------------------
@@ -203,7 +203,7 @@ def _error_classes() -> dict[str, type[SafefsError]]:
 
 def error_to_wire(exc: BaseException) -> dict[str, Any]:
     """The `error` object of a reply for `exc`."""
-    return ErrorReply.from_exception(exc).to_wire()["error"]  # type: ignore[no-any-return]
+    return ErrorReply.from_exception(exc).to_wire()["error"]
 
 
 def error_from_wire(error: Any) -> SafefsError:

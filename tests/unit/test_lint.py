@@ -33,3 +33,9 @@ def test_ruff_finds_nothing() -> None:
     done = run(tool("ruff"), "check", "--no-cache", "safefs", "tests", "scripts")
     assert done.returncode == 0, f"ruff check failed:\n{done.stdout}{done.stderr}"
 
+
+def test_mypy_finds_nothing_in_the_package() -> None:
+    # The files (safefs/) and the settings come from [tool.mypy]; no cache, so a stale one
+    # cannot hide an error.
+    done = run(tool("mypy"), "--no-incremental", "--cache-dir", "/dev/null")
+    assert done.returncode == 0, f"mypy failed:\n{done.stdout}{done.stderr}"
