@@ -81,11 +81,6 @@ class Attrs:
     mtime_ns: int
     xattrs: Mapping[bytes, bytes] = field(default_factory=dict)
 
-    @classmethod
-    def from_stat(cls, st: os.stat_result, xattrs: Mapping[bytes, bytes] | None = None) -> Attrs:
-        return cls(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_atime_ns,
-                   st.st_mtime_ns, dict(xattrs or {}))
-
 
 @dataclass(frozen=True)
 class Entry:

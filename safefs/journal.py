@@ -38,7 +38,6 @@ import fcntl
 import marshal
 import os
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -232,8 +231,3 @@ class Journal:
     def sync(self) -> None:
         """Make every committed transaction durable on the local disk."""
         self._env.sync(True)
-
-    def iter_ops(self) -> Iterator[tuple[int, records.Op]]:
-        with self._env.begin() as txn:
-            for k, v in txn.cursor(db=self._ops):
-                yield _U64.unpack(k)[0], records.decode_op(v)

@@ -92,18 +92,6 @@ def subtract(ranges: RangeSet, start: int, end: int) -> RangeSet:
     return tuple(out)
 
 
-def subtract_set(ranges: RangeSet, other: RangeSet) -> RangeSet:
-    for s, e in other:
-        ranges = subtract(ranges, s, e)
-    return ranges
-
-
-def union(ranges: RangeSet, other: RangeSet) -> RangeSet:
-    for s, e in other:
-        ranges = add(ranges, s, e)
-    return ranges
-
-
 def clip(ranges: RangeSet, end: int) -> RangeSet:
     """`ranges` cut at `end` (what survives a truncate to `end`)."""
     return subtract(ranges, end, max(end, ranges[-1][1])) if ranges else ranges
@@ -127,10 +115,6 @@ def missing(ranges: Sequence[Range], start: int, end: int) -> list[Range]:
     return out
 
 
-def covers(ranges: RangeSet, start: int, end: int) -> bool:
-    return start >= end or not missing(ranges, start, end)
-
-
 def total(ranges: Iterable[Range]) -> int:
     return sum(e - s for s, e in ranges)
 
@@ -146,11 +130,3 @@ def from_sorted(items: Iterable[Range]) -> RangeSet:
         else:
             out.append([s, e])
     return tuple((s, e) for s, e in out)
-
-
-def from_list(items: Iterable[Iterable[int]]) -> RangeSet:
-    """Rebuild a RangeSet from its serialised form (a list of pairs)."""
-    out: RangeSet = EMPTY
-    for s, e in items:
-        out = add(out, s, e)
-    return out
