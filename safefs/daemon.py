@@ -55,7 +55,7 @@ from typing import Any
 import trio
 
 from safefs import __version__, checks, generation, logs, orphans, projectconf, ranges, sdnotify, unmount
-from safefs.backing import Backing, FaultPlan
+from safefs.backing import Backing
 from safefs.cache import ContentCache
 from safefs.clock import SystemClock
 from safefs.config import MountConfig, socket_path
@@ -237,6 +237,8 @@ class Daemon:
         fs = Filesystem(table, cache, backing, config, self.clock, limiters, keeper, self.notifier)
         faults = os.environ.get("SAFEFS_FAULTS")  # tests: a stuck or failing project
         if faults:
+            from safefs.testing import FaultPlan  # tests only; no other module imports it
+
             backing.faults = FaultPlan.from_spec(json.loads(faults))
             log.warning("daemon: fault injection on: %s", faults)
         bug = os.environ.get("SAFEFS_INJECT_BUG")

@@ -29,13 +29,13 @@ import trio
 
 from safefs.backing import Backing
 from safefs.cache import ContentCache
-from safefs.clock import FakeClock
 from safefs.config import CONTROL_DIR_NAME, MountConfig
 from safefs.errors import FsError, ReadOnly, SafefsError
 from safefs.flusher import Flusher
 from safefs.fs import Filesystem, Limiters
 from safefs.inodes import ROOT_INO, Inode, InodeTable
 from safefs.journal import Journal
+from tests.doubles import FakeClock
 
 BOOT_ID = "boot-1"
 HOST = "testhost"

@@ -19,9 +19,9 @@ from typing import Any
 import pytest
 import trio
 
-from safefs.backing import FaultPlan
 from safefs.errors import BackingFailed, ReadOnly, SyncTimeout
 from safefs.fs import RENAME_EXCHANGE
+from safefs.testing import FaultPlan
 from tests.fs.conftest import HOST, Stack, conflict_copies, files, leftovers, src_tree
 
 

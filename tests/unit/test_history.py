@@ -21,7 +21,7 @@ import trio.testing
 
 from safefs import cli, history
 from safefs.history import Event, HistoryLog
-from safefs.lease.store import MemoryLeaseStore, simulated_identity
+from tests.doubles import MemoryLeaseStore, simulated_identity
 from tests.unit.test_lease_keeper import BUDGET, Host, T, wait_role
 
 

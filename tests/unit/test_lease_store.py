@@ -20,13 +20,8 @@ import pytest
 
 from safefs.config import LeaseTimings
 from safefs.lease.model import CorruptLease, EpochRecord, Identity, Observation
-from safefs.lease.store import (
-    DirLeaseStore,
-    LeaseStore,
-    MemoryLeaseStore,
-    local_identity,
-    simulated_identity,
-)
+from safefs.lease.store import DirLeaseStore, LeaseStore, local_identity
+from tests.doubles import MemoryLeaseStore, simulated_identity
 
 pytestmark = pytest.mark.timeout(60)
 
