@@ -265,11 +265,15 @@ class Backing:
             faults.check(op, paths[0] if paths else ())
 
     @contextmanager
-    def _dir(self, components: Path) -> Iterator[int]:
-        """An O_PATH fd of the directory at `components`, walked without following links."""
+    def _dir(self, components: Path, *, create: bool = False) -> Iterator[int]:
+        """An O_PATH fd of the directory at `components`, walked without following links;
+        with `create`, missing components are made (mode 0700) on the way."""
         fd = os.dup(self._root_fd)  # every walk owns its fds, so closing is uniform
         try:
             for name in components:
+                if create:
+                    with suppress(FileExistsError):  # the open refuses all but a real directory
+                        os.mkdir(name, 0o700, dir_fd=fd)
                 nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
                 os.close(fd)
                 fd = nxt
@@ -573,7 +577,7 @@ class Backing:
         """
         self._begin("publish_atomic", path, staging)
         # The staging directory first: it may create the parent too (.safefs/generation).
-        with self._ensure_dir(staging) as staging_fd:
+        with self._dir(staging, create=True) as staging_fd:
             with self._parent(path) as (parent_fd, name):
                 tmp = tmp_name or b"publish-" + uuid.uuid4().hex.encode() + b".tmp"
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -619,23 +623,6 @@ class Backing:
             if exc.errno == errno.ELOOP:
                 return False
             raise
-
-    @contextmanager
-    def _ensure_dir(self, path: Path) -> Iterator[int]:
-        """Like `_dir`, creating missing components with mode 0700."""
-        fd = os.dup(self._root_fd)
-        try:
-            for name in path:
-                try:
-                    os.mkdir(name, 0o700, dir_fd=fd)
-                except FileExistsError:
-                    pass  # the open below refuses anything but a real directory
-                nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = nxt
-            yield fd
-        finally:
-            os.close(fd)
 
     @_names_paths
     def write_ranges(self, path: Path, source_fd: int, ranges: Sequence[tuple[int, int]],

@@ -30,16 +30,23 @@ def _end(r: Range) -> int:
     return r[1]
 
 
-def add(ranges: RangeSet, start: int, end: int) -> RangeSet:
-    """The union of `ranges` and [start, end)."""
-    if start >= end:
-        return ranges
-    # Everything ending before `start` and starting after `end` stays; the rest merges.
+def _merge(ranges: Sequence[Range], start: int, end: int) -> tuple[int, int, int, int]:
+    """Where [start, end) goes into `ranges` (start < end): the ranges[lo:hi] it touches, which
+    it replaces, and the range that replaces them. Everything ending before `start` and starting
+    after `end` stays; the rest merges."""
     lo = bisect_left(ranges, start, key=_end)
     hi = bisect_right(ranges, end, key=_start)
     if lo < hi:
         start = min(start, ranges[lo][0])
         end = max(end, ranges[hi - 1][1])
+    return lo, hi, start, end
+
+
+def add(ranges: RangeSet, start: int, end: int) -> RangeSet:
+    """The union of `ranges` and [start, end)."""
+    if start >= end:
+        return ranges
+    lo, hi, start, end = _merge(ranges, start, end)
     return ranges[:lo] + ((start, end),) + ranges[hi:]
 
 
@@ -51,13 +58,9 @@ def add_in_place(ranges: list[Range], start: int, end: int) -> Change | None:
     return where it changed, what it replaced and with what, or None if nothing changed."""
     if start >= end:
         return None
-    lo = bisect_left(ranges, start, key=_end)
-    hi = bisect_right(ranges, end, key=_start)
-    if lo < hi:
-        start = min(start, ranges[lo][0])
-        end = max(end, ranges[hi - 1][1])
-        if hi - lo == 1 and ranges[lo] == (start, end):
-            return None  # already covered
+    lo, hi, start, end = _merge(ranges, start, end)
+    if hi - lo == 1 and ranges[lo] == (start, end):
+        return None  # already covered
     gone = ranges[lo:hi]
     ranges[lo:hi] = [(start, end)]
     return lo, gone, (start, end)
