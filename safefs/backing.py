@@ -25,7 +25,7 @@ Invariants:
 
 Threading: every method is synchronous and may block for a long time on NFS; callers run them
 in worker threads. The only shared mutable state is the byte counters (under `_lock`) and the
-optional `faults` plan (which has its own lock). Descriptors are per call, except the root fd,
+optional `faults` hook (a test's FaultPlan, which has its own lock). Descriptors are per call, except the root fd,
 which lives until `close()`.
 """
 
@@ -38,11 +38,11 @@ import os
 import platform
 import stat
 import threading
-import time
 import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
+from typing import Protocol
 
 Path = tuple[bytes, ...]
 
@@ -66,7 +66,7 @@ class Fingerprint:
     ctime_ns: int
 
     @classmethod
-    def of(cls, st: os.stat_result) -> "Fingerprint":
+    def of(cls, st: os.stat_result) -> Fingerprint:
         return cls(st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
@@ -81,11 +81,6 @@ class Attrs:
     mtime_ns: int
     xattrs: Mapping[bytes, bytes] = field(default_factory=dict)
 
-    @classmethod
-    def from_stat(cls, st: os.stat_result, xattrs: Mapping[bytes, bytes] | None = None) -> "Attrs":
-        return cls(stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_atime_ns,
-                   st.st_mtime_ns, dict(xattrs or {}))
-
 
 @dataclass(frozen=True)
 class Entry:
@@ -94,110 +89,11 @@ class Entry:
     link_target: bytes | None  # set for symlinks only
 
 
-# ---------------------------------------------------------------------------- fault injection
+class FaultHook(Protocol):
+    """Told of every operation before it starts (`Backing.faults`); may delay it, hang it or
+    raise the OSError it is to fail with. Tests only: safefs.testing.FaultPlan is one."""
 
-
-@dataclass
-class Hang:
-    """A hang armed by `FaultPlan.hang`: `entered` is set when an operation starts waiting."""
-
-    entered: threading.Event = field(default_factory=threading.Event)
-    released: threading.Event = field(default_factory=threading.Event)
-
-    def release(self) -> None:
-        self.released.set()
-
-
-@dataclass
-class _Fault:
-    op: str  # a public method name, or "*" for every operation
-    prefix: Path | None  # only paths under this prefix (None: any path)
-    err: int | None = None  # errno to fail with
-    hang: Hang | None = None
-    delay: float = 0.0
-    times: int | None = None  # how many more calls it hits; None: until cleared
-
-
-class FaultPlan:
-    """Makes chosen Backing operations fail, hang or slow down. For tests only.
-
-    Each public Backing method calls `check(op_name, path)` before doing anything; `op` is
-    the method name or "*", `prefix` limits a fault to paths under it, `times` to that many
-    hits (None: until cleared; a hang defaults to one). Matching faults apply in the order
-    they were added, so a delay or hang can precede a failure.
-    """
-
-    def __init__(self, *, record_calls: bool = True) -> None:
-        self._lock = threading.Lock()
-        self._faults: list[_Fault] = []
-        # every checked operation, for assertions (off in a daemon: it would grow for ever)
-        self.calls: list[tuple[str, Path]] | None = [] if record_calls else None
-
-    @classmethod
-    def from_spec(cls, spec: list[dict[str, object]]) -> "FaultPlan":
-        """Build a plan from JSON (the daemon reads it from $SAFEFS_FAULTS, for tests).
-
-        Each item: {"kind": "fail"|"hang"|"delay", "op": name or "*", "errno": "EIO",
-        "seconds": 0.5, "times": n or null, "prefix": "dir/sub"}.
-        """
-        plan = cls(record_calls=False)
-        for item in spec:
-            op = str(item.get("op", "*"))
-            raw_prefix = item.get("prefix")
-            prefix = tuple(os.fsencode(str(raw_prefix)).split(b"/")) if raw_prefix else None
-            times = item.get("times")
-            times = int(times) if isinstance(times, (int, str)) else None
-            kind = item.get("kind")
-            if kind == "fail":
-                plan.fail(op, getattr(errno, str(item.get("errno", "EIO"))), times=times, prefix=prefix)
-            elif kind == "hang":
-                plan.hang(op, times=times, prefix=prefix)
-            elif kind == "delay":
-                plan.delay(op, float(str(item.get("seconds", 0))), times=times, prefix=prefix)
-            else:
-                raise ValueError(f"unknown fault kind {kind!r}")
-        return plan
-
-    def fail(self, op: str, err: int, *, times: int | None = None, prefix: Path | None = None) -> None:
-        self._add(_Fault(op, prefix, err=err, times=times))
-
-    def hang(self, op: str, *, times: int | None = 1, prefix: Path | None = None) -> Hang:
-        h = Hang()
-        self._add(_Fault(op, prefix, hang=h, times=times))
-        return h
-
-    def delay(self, op: str, seconds: float, *, times: int | None = None, prefix: Path | None = None) -> None:
-        self._add(_Fault(op, prefix, delay=seconds, times=times))
-
-    def clear(self, op: str | None = None) -> None:
-        with self._lock:
-            self._faults = [f for f in self._faults if op is not None and f.op != op]
-
-    def _add(self, fault: _Fault) -> None:
-        with self._lock:
-            self._faults.append(fault)
-
-    def check(self, op: str, path: Path = ()) -> None:
-        with self._lock:
-            if self.calls is not None:
-                self.calls.append((op, path))
-            hits = []
-            for f in self._faults:
-                if f.op not in (op, "*") or (f.prefix is not None and path[: len(f.prefix)] != f.prefix):
-                    continue
-                if f.times is not None:
-                    f.times -= 1
-                hits.append(f)
-            self._faults = [f for f in self._faults if f.times is None or f.times > 0]
-        # Sleep and wait outside the lock so other threads keep going.
-        for f in hits:
-            if f.delay:
-                time.sleep(f.delay)
-            if f.hang is not None:
-                f.hang.entered.set()
-                f.hang.released.wait()
-            if f.err is not None:
-                raise OSError(f.err, f"{os.strerror(f.err)} (injected)", _show(path))
+    def check(self, op: str, path: Path) -> None: ...
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -327,6 +223,12 @@ class _Pinned:
     def is_link(self) -> bool:
         return stat.S_ISLNK(self.st.st_mode)
 
+    @property
+    def link_name(self) -> bytes:
+        """The name of this symlink in its parent (only the root has no name, and it is no link)."""
+        assert self.name is not None
+        return self.name
+
 
 # ---------------------------------------------------------------------------- Backing
 
@@ -340,14 +242,14 @@ class Backing:
         self._lock = threading.Lock()
         self.bytes_read = 0
         self.bytes_written = 0
-        self.faults: FaultPlan | None = None
+        self.faults: FaultHook | None = None  # tests: safefs.testing.FaultPlan
 
     def close(self) -> None:
         fd, self._root_fd = self._root_fd, -1
         if fd >= 0:
             os.close(fd)
 
-    def __enter__(self) -> "Backing":
+    def __enter__(self) -> Backing:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -363,11 +265,15 @@ class Backing:
             faults.check(op, paths[0] if paths else ())
 
     @contextmanager
-    def _dir(self, components: Path) -> Iterator[int]:
-        """An O_PATH fd of the directory at `components`, walked without following links."""
+    def _dir(self, components: Path, *, create: bool = False) -> Iterator[int]:
+        """An O_PATH fd of the directory at `components`, walked without following links;
+        with `create`, missing components are made (mode 0700) on the way."""
         fd = os.dup(self._root_fd)  # every walk owns its fds, so closing is uniform
         try:
             for name in components:
+                if create:
+                    with suppress(FileExistsError):  # the open refuses all but a real directory
+                        os.mkdir(name, 0o700, dir_fd=fd)
                 nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
                 os.close(fd)
                 fd = nxt
@@ -605,7 +511,7 @@ class Backing:
         self._begin("set_times", path)
         with self._pin(path) as pin:
             if pin.is_link:
-                os.utime(pin.name, ns=(atime_ns, mtime_ns), dir_fd=pin.parent_fd, follow_symlinks=False)
+                os.utime(pin.link_name, ns=(atime_ns, mtime_ns), dir_fd=pin.parent_fd, follow_symlinks=False)
             else:
                 os.utime(_proc(pin.fd), ns=(atime_ns, mtime_ns))
 
@@ -634,7 +540,7 @@ class Backing:
         # their own files.
         if (current.st_uid, current.st_gid) != (attrs.uid, attrs.gid):
             if pin.is_link:
-                os.chown(pin.name, attrs.uid, attrs.gid, dir_fd=pin.parent_fd, follow_symlinks=False)
+                os.chown(pin.link_name, attrs.uid, attrs.gid, dir_fd=pin.parent_fd, follow_symlinks=False)
             else:
                 os.chown(target, attrs.uid, attrs.gid)
         # For a symlink the /proc path lands on the link itself (pinned O_NOFOLLOW).
@@ -655,7 +561,7 @@ class Backing:
             os.chmod(target, stat.S_IMODE(attrs.mode))
         times = (attrs.atime_ns, attrs.mtime_ns)
         if pin.is_link:
-            os.utime(pin.name, ns=times, dir_fd=pin.parent_fd, follow_symlinks=False)
+            os.utime(pin.link_name, ns=times, dir_fd=pin.parent_fd, follow_symlinks=False)
         else:
             os.utime(target, ns=times)
 
@@ -671,7 +577,7 @@ class Backing:
         """
         self._begin("publish_atomic", path, staging)
         # The staging directory first: it may create the parent too (.safefs/generation).
-        with self._ensure_dir(staging) as staging_fd:
+        with self._dir(staging, create=True) as staging_fd:
             with self._parent(path) as (parent_fd, name):
                 tmp = tmp_name or b"publish-" + uuid.uuid4().hex.encode() + b".tmp"
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -717,23 +623,6 @@ class Backing:
             if exc.errno == errno.ELOOP:
                 return False
             raise
-
-    @contextmanager
-    def _ensure_dir(self, path: Path) -> Iterator[int]:
-        """Like `_dir`, creating missing components with mode 0700."""
-        fd = os.dup(self._root_fd)
-        try:
-            for name in path:
-                try:
-                    os.mkdir(name, 0o700, dir_fd=fd)
-                except FileExistsError:
-                    pass  # the open below refuses anything but a real directory
-                nxt = os.open(name, _DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = nxt
-            yield fd
-        finally:
-            os.close(fd)
 
     @_names_paths
     def write_ranges(self, path: Path, source_fd: int, ranges: Sequence[tuple[int, int]],

@@ -192,10 +192,6 @@ class ContentCache:
         except FileNotFoundError:
             pass
 
-    def punch(self, ino: int) -> None:
-        """Drop the content of a file whose bytes are all clean (eviction)."""
-        self.delete(ino)
-
     def free_space_stale(self, max_age: float = 0.5) -> bool:
         """Is the free-space estimate older than `max_age` seconds (see refresh_free_space)?"""
         return time.monotonic() - self._free_checked_at > max_age
@@ -226,13 +222,6 @@ class ContentCache:
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self.data_dir)
-
-    def sync_dir(self) -> None:
-        fd = os.open(self.data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def close(self) -> None:
         with self._lock:

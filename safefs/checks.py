@@ -259,36 +259,23 @@ def _check_project(src: Path) -> None:
         raise Refused(f"you cannot read project {src}", hint="check its permissions")
 
 
+# (inner, outer, hint): the set-up is refused when the inner one lies within the outer one.
+_OVERLAPS = (
+    ("mountpoint", "project",
+     "choose a mountpoint outside the project (the daemon would read it through its own mount)"),
+    ("project", "mountpoint", "choose a mountpoint outside the project"),
+    ("mountpoint", "cache dir", "choose a mountpoint outside the cache dir, or another --cache-dir"),
+    ("cache dir", "mountpoint", "give a --cache-dir on a local disk outside the mountpoint"),
+    ("cache dir", "project", "give a --cache-dir on a local disk outside the project"),
+    ("project", "cache dir", "give a --cache-dir that does not contain the project"),
+)  # fmt: skip
+
+
 def _check_overlaps(src: Path, mnt: Path, cache: Path) -> None:
-    if _is_within(mnt, src):
-        raise Refused(
-            f"mountpoint {mnt} is inside the project {src}",
-            hint="choose a mountpoint outside the project (the daemon would read it through its own mount)",
-        )
-    if _is_within(src, mnt):
-        raise Refused(
-            f"project {src} is inside the mountpoint {mnt}", hint="choose a mountpoint outside the project"
-        )
-    if _is_within(mnt, cache):
-        raise Refused(
-            f"mountpoint {mnt} is inside the cache dir {cache}",
-            hint="choose a mountpoint outside the cache dir, or another --cache-dir",
-        )
-    if _is_within(cache, mnt):
-        raise Refused(
-            f"cache dir {cache} is inside the mountpoint {mnt}",
-            hint="give a --cache-dir on a local disk outside the mountpoint",
-        )
-    if _is_within(cache, src):
-        raise Refused(
-            f"cache dir {cache} is inside the project {src}",
-            hint="give a --cache-dir on a local disk outside the project",
-        )
-    if _is_within(src, cache):
-        raise Refused(
-            f"project {src} is inside the cache dir {cache}",
-            hint="give a --cache-dir that does not contain the project",
-        )
+    paths = {"project": src, "mountpoint": mnt, "cache dir": cache}
+    for inner, outer, hint in _OVERLAPS:
+        if _is_within(paths[inner], paths[outer]):
+            raise Refused(f"{inner} {paths[inner]} is inside the {outer} {paths[outer]}", hint=hint)
 
 
 def _check_mountpoint(mnt: Path) -> None:

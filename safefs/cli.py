@@ -28,9 +28,10 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, TextIO
 
 from safefs import __version__, checks, history, options, procs, settings, unmount
 from safefs.config import LeaseTimings, MountConfig, default_cache_dir, runtime_dir, socket_path
@@ -214,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--lease-epsilon", type=parse_seconds, metavar="S", help="safety margin of the holder"
     )
     advanced.add_argument(
-        "--lock-delay", type=parse_seconds, metavar="S", help="after a takeover, wait this long before changing the project"
+        "--lock-delay", type=parse_seconds, metavar="S",
+        help="after a takeover, wait this long before changing the project",
     )
     advanced.add_argument(
         "--lease-poll", type=parse_seconds, metavar="S", help="how often to read the holder's heartbeat"
@@ -792,7 +794,10 @@ def cmd_sync(args: argparse.Namespace) -> int:
             timeout=_client_timeout(deadline),
             on_progress=_report_to(bar, WaitReport()),
         )
-    print(json.dumps(result, indent=2, sort_keys=True) if args.json else sync_receipt(mnt, result, released=args.release))
+    if args.json:
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        print(sync_receipt(mnt, result, released=args.release))
     return int(ExitCode.SYNC_CONFLICTS if result.get("conflicts") else ExitCode.OK)
 
 
@@ -1366,7 +1371,8 @@ def describe_orphan(orphan: dict[str, Any], status: dict[str, Any] | None = None
         counts.append(plural(int(ops), "pending op"))
     if files or nbytes:
         counts.append(f"{human_bytes(nbytes or 0)} in {plural(int(files or 0), 'file')}")
-    text = f"orphaned changes: host {host} (cache {orphan.get('cache_dir')}) {' and '.join(counts) or 'changes'} unwritten"
+    changes = " and ".join(counts) or "changes"
+    text = f"orphaned changes: host {host} (cache {orphan.get('cache_dir')}) {changes} unwritten"
     if orphan.get("since") is not None:
         text += f" since {_when(orphan['since'])}"
     why = [str(orphan["reason"])] if orphan.get("reason") else []
@@ -1380,7 +1386,9 @@ def describe_orphan(orphan: dict[str, Any], status: dict[str, Any] | None = None
 
 
 def _describe_warning(item: dict[str, Any]) -> str:
-    repeats = f" ({item['count']} times, last at {_when(item.get('time'))})" if _number(item.get("count")) and item["count"] > 1 else ""
+    repeats = ""
+    if _number(item.get("count")) and item["count"] > 1:
+        repeats = f" ({item['count']} times, last at {_when(item.get('time'))})"
     when = "" if repeats else f" at {_when(item.get('time'))}"
     return f"{item.get('level', 'warning')}: {item.get('message')}{when}{repeats}"
 

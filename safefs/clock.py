@@ -8,7 +8,7 @@ Invariants:
 - `wall_ns()` stamps files (create, write): it reads the clock the kernel stamps with
   (CLOCK_REALTIME_COARSE, as for UTIME_NOW and its own mtime updates), so a `touch` right
   after safefs stamped a file never moves its mtime backwards.
-- Both clocks are safe to read from any thread; `FakeClock.advance` is for tests.
+- Both clocks are safe to read from any thread. Tests use the fake clocks in tests/doubles.py.
 """
 
 from __future__ import annotations
@@ -40,25 +40,3 @@ class SystemClock:
 
     def wall_ns(self) -> int:
         return time.clock_gettime_ns(CLOCK_REALTIME_COARSE)
-
-
-class FakeClock:
-    """A clock that only moves when told to. `wall` starts at an arbitrary fixed point."""
-
-    def __init__(self, start: float = 1000.0, wall_offset: float = 1_700_000_000.0) -> None:
-        self._now = start
-        self._wall_offset = wall_offset
-
-    def monotonic(self) -> float:
-        return self._now
-
-    def wall(self) -> float:
-        return self._now + self._wall_offset
-
-    def wall_ns(self) -> int:
-        return int(self.wall() * 1e9)
-
-    def advance(self, seconds: float) -> None:
-        if seconds < 0:
-            raise ValueError("a clock never goes back")
-        self._now += seconds

@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 # Name of the control directory inside a project. safefs hides it from the mounted view.
 CONTROL_DIR_NAME = b".safefs"

@@ -55,7 +55,7 @@ from typing import Any
 import trio
 
 from safefs import __version__, checks, generation, logs, orphans, projectconf, ranges, sdnotify, unmount
-from safefs.backing import Backing, FaultPlan
+from safefs.backing import Backing
 from safefs.cache import ContentCache
 from safefs.clock import SystemClock
 from safefs.config import MountConfig, socket_path
@@ -242,6 +242,8 @@ class Daemon:
         fs = Filesystem(table, cache, backing, config, self.clock, limiters, keeper, self.notifier)
         faults = os.environ.get("SAFEFS_FAULTS")  # tests: a stuck or failing project
         if faults:
+            from safefs.testing import FaultPlan  # tests only; no other module imports it
+
             backing.faults = FaultPlan.from_spec(json.loads(faults))
             log.warning("daemon: fault injection on: %s", faults)
         bug = os.environ.get("SAFEFS_INJECT_BUG")
@@ -300,7 +302,8 @@ class Daemon:
                     nursery.start_soon(self._publish_generations)
                     nursery.start_soon(self._watch_etcd)
                 self.notifier.enabled = True
-                log.info("daemon: serving %s at %s as %s (cache %s)", config.src, config.mnt, self.role, config.cache_dir)
+                log.info("daemon: serving %s at %s as %s (cache %s)",
+                         config.src, config.mnt, self.role, config.cache_dir)
                 self.serving = True  # for the metrics listener
                 self.ready.send({"ok": True, "pid": os.getpid(), "role": self.role,
                                  "holder": self.keeper.statistics()["holder"]})  # fmt: skip
@@ -319,7 +322,8 @@ class Daemon:
             self.state = "unmounted"
             if self.systemd.enabled:
                 files, nbytes = self._unwritten()
-                self.systemd.send(STOPPING=1, STATUS=f"unmounted; writing back {files} changes, {nbytes / (1 << 20):.1f} MiB")
+                self.systemd.send(STOPPING=1,
+                                  STATUS=f"unmounted; writing back {files} changes, {nbytes / (1 << 20):.1f} MiB")
             with trio.CancelScope(shield=True):
                 try:
                     code = await self._final_flush_until_signalled()
@@ -576,6 +580,7 @@ class Daemon:
         etcd refuses it unless our epoch still holds the lease, and we do not send it unless
         the lease keeper says we may still write."""
         etcd = self.lease_store.etcd
+        assert etcd is not None  # started only for a project on etcd
         backoff = 0.0
         while True:
             await self._etcd_wake.wait()
@@ -605,6 +610,7 @@ class Daemon:
     async def _watch_etcd(self) -> None:
         """Follower: learn of generations from etcd (a long-poll watch), not by polling NFS."""
         etcd = self.lease_store.etcd
+        assert etcd is not None  # started only for a project on etcd
         revision = 0
         failing = False
         while True:
@@ -768,11 +774,14 @@ class Daemon:
             async for event in events:
                 with trio.move_on_after(ORPHAN_IO_TIMEOUT) as scope:
                     try:
-                        await trio.to_thread.run_sync(self.history.append, event, limiter=limiter, abandon_on_cancel=True)
+                        await trio.to_thread.run_sync(self.history.append, event, limiter=limiter,
+                                                      abandon_on_cancel=True)
                     except OSError as exc:
-                        log.warning("history: cannot append the %s record to %s: %s", event.event, self.history.path, exc)
+                        log.warning("history: cannot append the %s record to %s: %s",
+                                    event.event, self.history.path, exc)
                 if scope.cancelled_caught:
-                    log.warning("history: %s did not answer; the %s record may be missing", self.history.path, event.event)
+                    log.warning("history: %s did not answer; the %s record may be missing",
+                                self.history.path, event.event)
         finally:
             done.set()
 

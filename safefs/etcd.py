@@ -23,7 +23,8 @@ import dataclasses
 import errno
 import json
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import httpx
 

@@ -46,8 +46,8 @@ import math
 import os
 import stat
 import time
-from collections.abc import AsyncIterator
-from typing import Any, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import trio
 

@@ -37,7 +37,8 @@ import functools
 import logging
 import os
 import stat
-from typing import Any, Callable, Iterator, Protocol, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -124,7 +125,7 @@ class Limiters:
     flush: trio.CapacityLimiter  # device flushes (fsync of the journal and of cache files)
 
     @classmethod
-    def create(cls) -> "Limiters":
+    def create(cls) -> Limiters:
         return cls(trio.CapacityLimiter(8), trio.CapacityLimiter(8), ThreadLane("journal"), trio.CapacityLimiter(4))
 
 
@@ -153,7 +154,7 @@ class KeyedLocks:
     def __init__(self) -> None:
         self._locks: dict[int, tuple[trio.Lock, int]] = {}
 
-    def __call__(self, key: int) -> "_KeyedLock":
+    def __call__(self, key: int) -> _KeyedLock:
         return _KeyedLock(self, key)
 
 

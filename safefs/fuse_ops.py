@@ -23,7 +23,8 @@ import functools
 import logging
 import os
 import re
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 import pyfuse3
 import trio
@@ -81,7 +82,7 @@ class CachePolicy:
 
 def fuse_errors(handler: F) -> F:
     @functools.wraps(handler)
-    async def wrapper(self: "SafeOperations", *args: Any) -> Any:
+    async def wrapper(self: SafeOperations, *args: Any) -> Any:
         try:
             return await handler(self, *args)
         except pyfuse3.FUSEError:
@@ -212,7 +213,8 @@ class SafeOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def setattr(
-        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None, ctx: pyfuse3.RequestContext
+        self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields, fh: int | None,
+        ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         result = await self.fs.setattr(
             inode,
@@ -230,11 +232,15 @@ class SafeOperations(pyfuse3.Operations):
         return self.fs.readlink(inode)
 
     @fuse_errors
-    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return self._entry(await self.fs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
 
     @fuse_errors
-    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return self._entry(await self.fs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
 
     @fuse_errors
@@ -246,17 +252,22 @@ class SafeOperations(pyfuse3.Operations):
         await self.fs.rmdir(parent_inode, name)
 
     @fuse_errors
-    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return self._entry(await self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
 
     @fuse_errors
     async def rename(
-        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int, ctx: pyfuse3.RequestContext
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int,
+        ctx: pyfuse3.RequestContext
     ) -> None:
         await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     @fuse_errors
-    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
         return self._entry(await self.fs.link(inode, new_parent_inode, new_name))
 
     @fuse_errors

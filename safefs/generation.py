@@ -17,7 +17,8 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from safefs.backing import Attrs, Backing
 from safefs.config import CONTROL_DIR_NAME

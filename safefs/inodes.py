@@ -30,7 +30,8 @@ from __future__ import annotations
 import functools
 import logging
 import stat
-from typing import Any, Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import trio
 
@@ -73,8 +74,8 @@ class Inode:
         self.target: bytes | None = None  # symlink target
         self.xattrs: dict[bytes, bytes] | None = {}  # None: not read from the backing tree yet
         self.origin: tuple[int, int, int, int] | None = None  # backing fingerprint when fetched/published
-        self._present: ranges.RangeSet = ranges.EMPTY  # bytes held in the cache file
-        self._dirty: ranges.RangeSet = ranges.EMPTY  # bytes not yet on the backing tree
+        self._present: ranges.RangeSet | list[ranges.Range] = ranges.EMPTY  # bytes held in the cache file
+        self._dirty: ranges.RangeSet | list[ranges.Range] = ranges.EMPTY  # bytes not yet on the backing tree
         # Extents (kind, start) changed since the last rendered batch; None while there are none.
         self._extent_marks: set[tuple[bytes, int]] | None = None
         self.attr_dirty = False  # attributes (or size) not yet on the backing tree
@@ -132,19 +133,19 @@ class Inode:
     def gaps(self, which: bytes, start: int, end: int) -> list[ranges.Range]:
         """The parts of [start, end) not in the present (or dirty) set."""
         rs = self._present if which == records.PRESENT else self._dirty
-        return ranges.missing(rs, start, end)  # type: ignore[arg-type]
+        return ranges.missing(rs, start, end)
 
     def add_present(self, start: int, end: int) -> tuple[bytes, ranges.Change] | None:
         """`present |= [start, end)`, noting only the extents that change; the return value
         takes the change back (`undo`)."""
         if self._present.__class__ is not list:
             self._present = list(self._present)
-        return self._added(records.PRESENT, ranges.add_in_place(self._present, start, end))  # type: ignore[arg-type]
+        return self._added(records.PRESENT, ranges.add_in_place(self._present, start, end))
 
     def add_dirty(self, start: int, end: int) -> tuple[bytes, ranges.Change] | None:
         if self._dirty.__class__ is not list:
             self._dirty = list(self._dirty)
-        return self._added(records.DIRTY, ranges.add_in_place(self._dirty, start, end))  # type: ignore[arg-type]
+        return self._added(records.DIRTY, ranges.add_in_place(self._dirty, start, end))
 
     def _added(self, which: bytes, change: ranges.Change | None) -> tuple[bytes, ranges.Change] | None:
         if change is None:
@@ -164,14 +165,14 @@ class Inode:
             if which == records.PRESENT:
                 if self._present.__class__ is not list:
                     self._present = list(self._present)
-                ranges.undo_in_place(self._present, change)  # type: ignore[arg-type]
+                ranges.undo_in_place(self._present, change)
             else:
                 if self._dirty.__class__ is not list:
                     self._dirty = list(self._dirty)
-                ranges.undo_in_place(self._dirty, change)  # type: ignore[arg-type]
+                ranges.undo_in_place(self._dirty, change)
             self._added(which, change)  # the same extents change back
 
-    def _note_changes(self, which: bytes, old: ranges.RangeSet, new: ranges.RangeSet) -> None:
+    def _note_changes(self, which: bytes, old: Sequence[ranges.Range], new: ranges.RangeSet) -> None:
         if old is new:
             return
         changed = set(old).symmetric_difference(new)
@@ -243,7 +244,7 @@ class Inode:
         )  # fmt: skip
 
     @classmethod
-    def from_record(cls, ino: int, rec: records.InodeRecord, extents: dict[bytes, list[ranges.Range]]) -> "Inode":
+    def from_record(cls, ino: int, rec: records.InodeRecord, extents: dict[bytes, list[ranges.Range]]) -> Inode:
         inode = cls(ino, rec.mode, rec.uid, rec.gid, rec.ctime_ns)
         inode.size, inode.rdev = rec.size, rec.rdev
         inode.atime_ns, inode.mtime_ns = rec.atime_ns, rec.mtime_ns
@@ -293,8 +294,8 @@ class InodeTable:
     def load(self, snap: Snapshot) -> None:
         self.meta = dict(snap.meta)
         for ino, rec in snap.inodes.items():
-            inode = self.inodes[ino] = Inode.from_record(ino, rec, snap.extents.get(ino, {}))
-            if inode._extent_marks:  # replay changed its ranges (see Inode.unclean)
+            loaded = self.inodes[ino] = Inode.from_record(ino, rec, snap.extents.get(ino, {}))
+            if loaded._extent_marks:  # replay changed its ranges (see Inode.unclean)
                 self._marked_inodes.add(ino)
         for parent, name, child in snap.dentries:
             inode = self.inodes.get(child)

@@ -39,7 +39,7 @@ import marshal
 import os
 import struct
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import lmdb
 
@@ -98,7 +98,7 @@ class Journal:
         self._meta = env.open_db(b"meta")
 
     @classmethod
-    def open(cls, cache_dir: Path) -> "Journal":
+    def open(cls, cache_dir: Path) -> Journal:
         """Lock the cache dir for this process and open its environment (migrating it)."""
         lock_fd = os.open(cache_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
@@ -231,8 +231,3 @@ class Journal:
     def sync(self) -> None:
         """Make every committed transaction durable on the local disk."""
         self._env.sync(True)
-
-    def iter_ops(self) -> Iterator[tuple[int, records.Op]]:
-        with self._env.begin() as txn:
-            for k, v in txn.cursor(db=self._ops):
-                yield _U64.unpack(k)[0], records.decode_op(v)

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import outcome
 import trio
@@ -49,7 +50,7 @@ class ThreadLane:
             self._thread.start()
         task = trio.lowlevel.current_task()
         self._jobs.put((fn, args, task, trio.lowlevel.current_trio_token()))
-        return await trio.lowlevel.wait_task_rescheduled(_cannot_abort)  # type: ignore[no-any-return]
+        return await trio.lowlevel.wait_task_rescheduled(_cannot_abort)
 
     def close(self) -> None:
         """Let the thread end once the calls already submitted are done."""

@@ -114,8 +114,8 @@ def _stderr_is_journal() -> bool:
 def setup(level: str = "info", log_file: Path | None = None) -> str:
     """Configure the root logger for the daemon; return where the log goes (for a log line)."""
     root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
+    for old in list(root.handlers):
+        root.removeHandler(old)
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     handler: logging.Handler
     if log_file is not None:

@@ -17,7 +17,7 @@ Pure: argument lists in, argument lists out.
 from __future__ import annotations
 
 import argparse
-from typing import Sequence
+from collections.abc import Sequence
 
 # Standard mount(8)/fstab options with no meaning for safefs: accepted, ignored.
 MOUNT8_IGNORED = frozenset(

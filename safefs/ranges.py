@@ -14,7 +14,7 @@ Invariants:
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
-from typing import Iterable
+from collections.abc import Iterable, Sequence
 
 Range = tuple[int, int]
 RangeSet = tuple[Range, ...]
@@ -30,16 +30,23 @@ def _end(r: Range) -> int:
     return r[1]
 
 
-def add(ranges: RangeSet, start: int, end: int) -> RangeSet:
-    """The union of `ranges` and [start, end)."""
-    if start >= end:
-        return ranges
-    # Everything ending before `start` and starting after `end` stays; the rest merges.
+def _merge(ranges: Sequence[Range], start: int, end: int) -> tuple[int, int, int, int]:
+    """Where [start, end) goes into `ranges` (start < end): the ranges[lo:hi] it touches, which
+    it replaces, and the range that replaces them. Everything ending before `start` and starting
+    after `end` stays; the rest merges."""
     lo = bisect_left(ranges, start, key=_end)
     hi = bisect_right(ranges, end, key=_start)
     if lo < hi:
         start = min(start, ranges[lo][0])
         end = max(end, ranges[hi - 1][1])
+    return lo, hi, start, end
+
+
+def add(ranges: RangeSet, start: int, end: int) -> RangeSet:
+    """The union of `ranges` and [start, end)."""
+    if start >= end:
+        return ranges
+    lo, hi, start, end = _merge(ranges, start, end)
     return ranges[:lo] + ((start, end),) + ranges[hi:]
 
 
@@ -51,13 +58,9 @@ def add_in_place(ranges: list[Range], start: int, end: int) -> Change | None:
     return where it changed, what it replaced and with what, or None if nothing changed."""
     if start >= end:
         return None
-    lo = bisect_left(ranges, start, key=_end)
-    hi = bisect_right(ranges, end, key=_start)
-    if lo < hi:
-        start = min(start, ranges[lo][0])
-        end = max(end, ranges[hi - 1][1])
-        if hi - lo == 1 and ranges[lo] == (start, end):
-            return None  # already covered
+    lo, hi, start, end = _merge(ranges, start, end)
+    if hi - lo == 1 and ranges[lo] == (start, end):
+        return None  # already covered
     gone = ranges[lo:hi]
     ranges[lo:hi] = [(start, end)]
     return lo, gone, (start, end)
@@ -70,7 +73,7 @@ def undo_in_place(ranges: list[Range], change: Change) -> None:
     ranges[lo : lo + 1] = gone
 
 
-def end_at(ranges: RangeSet, start: int) -> int | None:
+def end_at(ranges: Sequence[Range], start: int) -> int | None:
     """The end of the range that starts exactly at `start`, or None if none does."""
     i = bisect_left(ranges, start, key=_start)
     return ranges[i][1] if i < len(ranges) and ranges[i][0] == start else None
@@ -92,24 +95,12 @@ def subtract(ranges: RangeSet, start: int, end: int) -> RangeSet:
     return tuple(out)
 
 
-def subtract_set(ranges: RangeSet, other: RangeSet) -> RangeSet:
-    for s, e in other:
-        ranges = subtract(ranges, s, e)
-    return ranges
-
-
-def union(ranges: RangeSet, other: RangeSet) -> RangeSet:
-    for s, e in other:
-        ranges = add(ranges, s, e)
-    return ranges
-
-
 def clip(ranges: RangeSet, end: int) -> RangeSet:
     """`ranges` cut at `end` (what survives a truncate to `end`)."""
     return subtract(ranges, end, max(end, ranges[-1][1])) if ranges else ranges
 
 
-def missing(ranges: RangeSet, start: int, end: int) -> list[Range]:
+def missing(ranges: Sequence[Range], start: int, end: int) -> list[Range]:
     """The parts of [start, end) not covered by `ranges`, in order."""
     out: list[Range] = []
     pos = start
@@ -127,10 +118,6 @@ def missing(ranges: RangeSet, start: int, end: int) -> list[Range]:
     return out
 
 
-def covers(ranges: RangeSet, start: int, end: int) -> bool:
-    return start >= end or not missing(ranges, start, end)
-
-
 def total(ranges: Iterable[Range]) -> int:
     return sum(e - s for s, e in ranges)
 
@@ -146,11 +133,3 @@ def from_sorted(items: Iterable[Range]) -> RangeSet:
         else:
             out.append([s, e])
     return tuple((s, e) for s, e in out)
-
-
-def from_list(items: Iterable[Iterable[int]]) -> RangeSet:
-    """Rebuild a RangeSet from its serialised form (a list of pairs)."""
-    out: RangeSet = EMPTY
-    for s, e in items:
-        out = add(out, s, e)
-    return out

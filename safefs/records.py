@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import marshal
 import struct
-from typing import Any, ClassVar, Union
+from typing import Any, ClassVar
 
 FORMAT = 2
 FORMAT_KEY = "format"  # meta key holding the format of the journal
@@ -132,7 +132,7 @@ class Rename(_Op):
         return (self.p_old, self.p_new)
 
 
-Op = Union[Create, Mkdir, Unlink, Rmdir, Link, Rename]
+Op = Create | Mkdir | Unlink | Rmdir | Link | Rename
 OP_TYPES: dict[str, type[Op]] = {t.kind: t for t in (Create, Mkdir, Unlink, Rmdir, Link, Rename)}
 
 
@@ -218,7 +218,7 @@ def upgrade_inode(old: dict[str, Any]) -> tuple[InodeRecord, list[tuple[int, int
         mode=old["m"], uid=old["u"], gid=old["g"], size=old["s"], rdev=old["r"],
         atime_ns=old["a"], mtime_ns=old["t"], ctime_ns=old["c"], target=old["l"],
         xattrs=dict(old["x"]) if old["x"] is not None else None,
-        origin=tuple(old["o"]) if old["o"] else None,  # type: ignore[arg-type]
+        origin=tuple(old["o"]) if old["o"] else None,
         attr_dirty=old["ad"], new=old["n"], listed=old["ls"], parent=old["pa"],
         blinks=tuple((int(p), bytes(n)) for p, n in old["b"]),
         publishing=tuple(old["pb"]) if old.get("pb") is not None else None,

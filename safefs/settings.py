@@ -23,8 +23,9 @@ import math
 import os
 import re
 import tomllib
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from safefs.errors import ExitCode, SafefsError
 
@@ -54,7 +55,8 @@ def size(value: Any) -> int:
     """Bytes: a TOML integer, or a string with a binary suffix (512M, 10G, 1.5TiB)."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtTpP]?)(?:i?[bB])?\s*", value) if isinstance(value, str) else None
+    pattern = r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtTpP]?)(?:i?[bB])?\s*"
+    match = re.fullmatch(pattern, value) if isinstance(value, str) else None
     if not match:
         raise ValueError(f"invalid size {value!r} (try \"512M\" or \"10G\")")
     number, unit = match.groups()
@@ -164,10 +166,10 @@ def read_file(file: Path) -> dict[str, Setting]:
     except tomllib.TOMLDecodeError as exc:
         found = re.search(r"at line (\d+)", str(exc))
         line = lines[int(found.group(1)) - 1] if found and 0 < int(found.group(1)) <= len(lines) else ""
-        key = re.match(r"\s*([A-Za-z0-9_.\"'-]+)\s*=", line)
-        where = f" (key {key.group(1).strip()!r})" if key else ""
-        raise SettingsError(f"{file}: {exc}{where}") from None
-    for key, value in data.items():
+        named = re.match(r"\s*([A-Za-z0-9_.\"'-]+)\s*=", line)
+        hint = f" (key {named.group(1).strip()!r})" if named else ""
+        raise SettingsError(f"{file}: {exc}{hint}") from None
+    for key in data:
         if key != TABLE:
             where = _line_of(lines, key, table=None)
             raise SettingsError(f"{file}:{where}: unknown table or key {key!r} (only [{TABLE}] is read)")

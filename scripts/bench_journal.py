@@ -90,7 +90,8 @@ def main() -> None:
     f, b = statistics.median(fresh), statistics.median(busy)
     print(f"| 4 KiB random writes, 1 GiB file         | writes/s | fresh file | {args.ranges:,} dirty ranges |")
     print("|------------------------------------------|----------|-----------:|------------------:|")
-    print(f"| Filesystem.write (no kernel), median of {args.runs} | writes/s | {f:10,.0f} | {b:10,.0f} ({b / f:.2f}x) |")
+    print(f"| Filesystem.write (no kernel), median of {args.runs} | writes/s | {f:10,.0f} | "
+          f"{b:10,.0f} ({b / f:.2f}x) |")
 
 
 if __name__ == "__main__":

@@ -82,8 +82,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -110,7 +111,7 @@ class Sizes:
     tree_files: int  # the tree workload's tree, TREE_DIRS directories
 
     @classmethod
-    def pick(cls, quick: bool) -> "Sizes":
+    def pick(cls, quick: bool) -> Sizes:
         if quick:
             return cls(64 * MIB, 32 * MIB, 2.0, 300, 200, 128 * MIB, 300.0, 1024 * MIB, 2.0, 10_000)
         return cls(512 * MIB, 256 * MIB, 10.0, 3000, 2000, 1024 * MIB, 1800.0, 1024 * MIB, 5.0, 100_000)
@@ -161,10 +162,14 @@ def human(n: float) -> str:
     raise AssertionError
 
 
-def run(cmd: Sequence[str | os.PathLike[str]], *, timeout: float = 600, check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([os.fspath(c) for c in cmd], stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, **kw)
+def run(
+    cmd: Sequence[str | os.PathLike[str]], *, timeout: float = 600, check: bool = True, **kw: Any
+) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([os.fspath(c) for c in cmd], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout, **kw)
     if check and done.returncode != 0:
-        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {done.returncode}: {(done.stderr or done.stdout).strip()[-2000:]}")
+        output = (done.stderr or done.stdout).strip()[-2000:]
+        raise RuntimeError(f"{' '.join(map(str, cmd))} exited {done.returncode}: {output}")
     return done
 
 
@@ -790,7 +795,8 @@ class Bench:
         try:
             done = run(cmd, timeout=self.sizes.worker_timeout, check=False)
             if done.returncode != 0:
-                raise RuntimeError(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}")
+                err = done.stderr.strip()
+                raise RuntimeError(err.splitlines()[-1] if err else f"exit {done.returncode}")
             for key, value in json.loads(done.stdout.strip().splitlines()[-1]).items():
                 self.samples.setdefault((key, system.name), []).append(value)
         except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
@@ -901,7 +907,8 @@ def table(bench: Bench) -> str:
             for system in systems:
                 values = bench.samples.get((row.key, system.name))
                 if not values:
-                    cells.append("fail" if any(f.startswith(f"{workload} on {system.name},") for f in bench.failures) else "-")
+                    failed = any(f.startswith(f"{workload} on {system.name},") for f in bench.failures)
+                    cells.append("fail" if failed else "-")
                     continue
                 median = statistics.median(values)
                 cell = fmt(median, row.unit)
@@ -912,15 +919,18 @@ def table(bench: Bench) -> str:
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     out = []
     for n, line in enumerate(lines):
-        out.append("| " + " | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) + " |")
+        cells = (c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+        out.append("| " + " | ".join(cells) + " |")
         if n == 0:
-            out.append("|" + "|".join("-" * (w + 2) if i < 2 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|")
+            rule = ("-" * (w + 2) if i < 2 else "-" * (w + 1) + ":" for i, w in enumerate(widths))
+            out.append("|" + "|".join(rule) + "|")
     return "\n".join(out)
 
 
 def ensure_tools(wanted: list[str], notes: list[str]) -> list[str]:
     """Install fio and rclone with apt-get when missing (root only); drop rclone if impossible."""
-    missing = [pkg for pkg, needed in (("fio", True), ("rclone", "rclone" in wanted)) if needed and not shutil.which(pkg)]
+    tools = (("fio", True), ("rclone", "rclone" in wanted))
+    missing = [pkg for pkg, needed in tools if needed and not shutil.which(pkg)]
     if missing and os.geteuid() == 0 and shutil.which("apt-get"):
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         print(f"bench: installing {' '.join(missing)} with apt-get", file=sys.stderr)
@@ -938,7 +948,8 @@ def ensure_tools(wanted: list[str], notes: list[str]) -> list[str]:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="Workloads: " + ", ".join(WORKLOADS) + ". Systems: " + ", ".join(ALL_SYSTEMS) + ".")
+                                     epilog="Workloads: " + ", ".join(WORKLOADS)
+                                     + ". Systems: " + ", ".join(ALL_SYSTEMS) + ".")
     parser.add_argument("--quick", action="store_true", help="sizes and counts about 10x smaller: a smoke run")
     parser.add_argument("--runs", type=int, default=3, help="runs per cell; the table shows the median (default 3)")
     parser.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS), help="comma-separated (default: %(default)s)")
@@ -1064,7 +1075,8 @@ def main(argv: Sequence[str]) -> int:
     print("for ↓ rows time/local (lower is better).")
     for line in bench.extra:
         print(f"- {line}")
-    nfs_note = (f"nfs sim = tests/faultfs.py (Python pass-through FUSE, entry/attr timeout {args.nfs_cache_timeout:g} s, "
+    nfs_note = (f"nfs sim = tests/faultfs.py (Python pass-through FUSE, entry/attr timeout "
+                f"{args.nfs_cache_timeout:g} s, "
                 f"no keep_cache) adding {args.nfs_latency_ms:g} ms to every metadata request and every "
                 "read/write/fsync request (a sleep in its worker thread; faultfs itself costs about 0.3 ms per "
                 "request on top)")

@@ -107,7 +107,8 @@ def run_backend(backend: str, root: Path, followers: int, rounds: int, idle: flo
         def mount(name: str) -> Path:
             mnt = root / f"mnt-{name}"
             mnt.mkdir()
-            safefs("mount", src, mnt, "--cache-dir", root / f"cache-{name}", "--host-id", name, "--writeback-delay", "600")
+            safefs("mount", src, mnt, "--cache-dir", root / f"cache-{name}", "--host-id", name,
+                   "--writeback-delay", "600")
             mounts.append(mnt)
             return mnt
 
@@ -196,7 +197,8 @@ def main() -> int:
     for r in results:
         print(f"{r['backend']:8} {r['followers']:>9} {r['visible_median_s']:>18.3f}s {r['visible_max_s']:>6.3f}s "
               f"{r['from_publish_median_s']:>21.3f}s {r['from_publish_max_s']:>6.3f}s "
-              f"{r['idle_project_calls_per_s_per_follower']:>30.3f} {r['idle_etcd_requests_per_s_per_follower']:>25.3f}")  # fmt: skip
+              f"{r['idle_project_calls_per_s_per_follower']:>30.3f} "
+              f"{r['idle_etcd_requests_per_s_per_follower']:>25.3f}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

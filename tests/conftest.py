@@ -15,8 +15,8 @@ from __future__ import annotations
 import os
 import tempfile
 import warnings
+from collections.abc import Generator, Iterator
 from pathlib import Path
-from typing import Generator, Iterator
 
 import pytest
 
@@ -186,4 +186,4 @@ def mount_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Mo
         if problems:
             text = "\n".join(problems)
             request.node.add_report_section("teardown", "safefs cleanup", text)
-            warnings.warn(pytest.PytestWarning(f"safefs mount cleanup: {text}"))
+            warnings.warn(pytest.PytestWarning(f"safefs mount cleanup: {text}"), stacklevel=2)

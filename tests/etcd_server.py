@@ -17,8 +17,8 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -54,7 +54,7 @@ class EtcdServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.client_port}"
 
-    def start(self) -> "EtcdServer":
+    def start(self) -> EtcdServer:
         peer = f"http://127.0.0.1:{self.peer_port}"
         args = [
             self.binary, "--name", "test", "--data-dir", os.fspath(self.data_dir),

@@ -53,8 +53,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import pyfuse3
 import trio
@@ -331,7 +332,7 @@ def handler(fn: F) -> F:
     op = fn.__name__
 
     @functools.wraps(fn)
-    async def wrapper(self: "PassThrough", *args: Any) -> Any:
+    async def wrapper(self: PassThrough, *args: Any) -> Any:
         try:
             return await fn(self, *args)
         except pyfuse3.FUSEError:
@@ -534,7 +535,8 @@ class PassThrough(pyfuse3.Operations):
         await self.faults.gate("statfs", [])
         st = await self._run("statfs", os.statvfs, self.root)
         out = pyfuse3.StatvfsData()
-        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail", "f_namemax"):
+        for field in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files", "f_ffree", "f_favail",
+                      "f_namemax"):
             setattr(out, field, getattr(st, field))
         return out
 
@@ -597,7 +599,9 @@ class PassThrough(pyfuse3.Operations):
         await self._remove("rmdir", parent_inode, name, os.rmdir)
 
     @handler
-    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int, ctx: Any) -> None:
+    async def rename(
+        self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes, flags: int, ctx: Any
+    ) -> None:
         old = self._child(parent_inode_old, name_old)
         new = self._child(parent_inode_new, name_new)
         await self.faults.gate("rename", [self.rel(old), self.rel(new)])
@@ -815,12 +819,15 @@ def _mounted(mnt: str) -> bool:
     return False
 
 
-def serve(real: str, mnt: str, control: str, meta_latency: float, data_latency: float, cache_timeout: float = 0.0) -> int:
+def serve(
+    real: str, mnt: str, control: str, meta_latency: float, data_latency: float, cache_timeout: float = 0.0
+) -> int:
     async def main() -> None:
         faults = Faults(meta_latency, data_latency)
         ops = PassThrough(os.fsencode(os.path.abspath(real)), faults, cache_timeout)
         pyfuse3.init(ops, mnt, {"fsname=faultfs", "subtype=faultfs", *pyfuse3.default_options})
-        log.info("mounted %s at %s (latency meta %.3f ms, data %.3f ms)", real, mnt, meta_latency * 1e3, data_latency * 1e3)
+        log.info("mounted %s at %s (latency meta %.3f ms, data %.3f ms)",
+                 real, mnt, meta_latency * 1e3, data_latency * 1e3)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_serve_control, control, faults)
@@ -852,9 +859,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("real", help="the directory to expose (stands in for the NFS export)")
     parser.add_argument("mnt", help="an empty directory to mount it on")
     parser.add_argument("--control", required=True, help="Unix socket for fault commands")
-    parser.add_argument("--latency-ms", type=float, default=0.0, help="delay of every operation that would be an NFS round trip")
-    parser.add_argument("--metadata-latency-ms", type=float, default=None, help="overrides --latency-ms for metadata operations")
-    parser.add_argument("--data-latency-ms", type=float, default=None, help="overrides --latency-ms for read/write/fsync")
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="delay of every operation that would be an NFS round trip")
+    parser.add_argument("--metadata-latency-ms", type=float, default=None,
+                        help="overrides --latency-ms for metadata operations")
+    parser.add_argument("--data-latency-ms", type=float, default=None,
+                        help="overrides --latency-ms for read/write/fsync")
     parser.add_argument("--cache-timeout", type=float, default=0.0,
                         help="kernel entry/attr timeout in seconds (default 0: a non-caching remote; "
                              "an NFS client with actimeo=N caches about like N)")
@@ -882,7 +892,9 @@ class FaultFS:
     reaped, and never raises; use it in a `finally` (or use the object as a context manager).
     """
 
-    def __init__(self, real: Path, mnt: Path, control: Path, proc: subprocess.Popen[bytes], log_path: Path, own_dir: Path | None) -> None:
+    def __init__(
+        self, real: Path, mnt: Path, control: Path, proc: subprocess.Popen[bytes], log_path: Path, own_dir: Path | None
+    ) -> None:
         self.real, self.mnt, self.control, self.proc, self.log_path = real, mnt, control, proc, log_path
         self._own_dir = own_dir
 
@@ -900,7 +912,7 @@ class FaultFS:
         log_path: os.PathLike[str] | str | None = None,
         debug: bool = False,
         timeout: float = 20.0,
-    ) -> "FaultFS":
+    ) -> FaultFS:
         real_p, mnt_p = Path(real).resolve(), Path(os.path.abspath(mnt))
         own_dir = None
         if control is None:  # a short path: Unix socket paths are limited to 107 bytes
@@ -1034,7 +1046,8 @@ class FaultFS:
                 pass
         if _mounted(str(self.mnt)):
             try:
-                done = subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], capture_output=True, text=True, timeout=30)
+                done = subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)],
+                                      capture_output=True, text=True, timeout=30)
                 if done.returncode != 0 and _mounted(str(self.mnt)):
                     problems.append(f"fusermount3 -u -z {self.mnt}: {done.stderr.strip()}")
             except (OSError, subprocess.TimeoutExpired) as exc:
@@ -1058,7 +1071,7 @@ class FaultFS:
                 pass
         return problems
 
-    def __enter__(self) -> "FaultFS":
+    def __enter__(self) -> FaultFS:
         return self
 
     def __exit__(self, *exc: Any) -> None:

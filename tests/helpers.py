@@ -20,8 +20,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -309,7 +310,7 @@ class Mount:
                 except ValueError:
                     self.ready = {"ok": False, "error": {"message": f"bad ready line {line!r}"}}
 
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> "Mount":
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> Mount:
         """Wait until the daemon said it is ready and MNT is mounted; fail with the log if not."""
         deadline = time.monotonic() + timeout
         mounted_since: float | None = None

@@ -20,8 +20,9 @@ import os
 import socket
 import stat
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from safefs.control import protocol
 from safefs.control.protocol import ErrorReply, Progress, Request, Result
@@ -106,7 +107,7 @@ def _connect(path: Path, timeout: float | None, daemon: str) -> socket.socket:
             hint="run safefs as the user who mounted it",
             errno=errno.EACCES,
         ) from None
-    except socket.timeout:
+    except TimeoutError:
         sock.close()
         raise DaemonFailed(f"{daemon} did not accept a connection in time") from None
     except OSError as exc:
@@ -126,7 +127,7 @@ def _lines(sock: socket.socket, deadline: float | None, daemon: str, idle: float
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
         try:
             chunk = sock.recv(_RECEIVE_BYTES)
-        except socket.timeout:
+        except TimeoutError:
             raise DaemonFailed(
                 f"{daemon} did not answer in time",
                 hint="it may be stuck; its log (daemon.log in the cache dir) may say why",

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import errno as _errno
 import json
-from typing import Any, Union
+from typing import Any
 
 from safefs import errors
 from safefs.errors import ExitCode, ProtocolError, SafefsError
@@ -81,7 +81,7 @@ OP_ARGS: dict[str, type] = {
     "recover": RecoverArgs,
 }
 
-OpArgs = Union[NoArgs, SyncArgs, AcquireArgs, PrepareUnmountArgs, RecoverArgs]
+OpArgs = NoArgs | SyncArgs | AcquireArgs | PrepareUnmountArgs | RecoverArgs
 
 
 def parse_args(op: str, args: dict[str, Any]) -> OpArgs:
@@ -104,7 +104,7 @@ def parse_args(op: str, args: dict[str, Any]) -> OpArgs:
             raise ProtocolError(f"{op}: {field.name} must be true or false, not {value!r}")
         else:
             values[field.name] = value
-    return cls(**values)  # type: ignore[no-any-return]
+    return cls(**values)
 
 
 # ---- messages ------------------------------------------------------------------------------
@@ -187,8 +187,8 @@ class ErrorReply:
         return {"v": PROTOCOL_VERSION, "ok": False, "error": error}
 
 
-Reply = Union[Progress, Result, ErrorReply]
-Message = Union[Request, Progress, Result, ErrorReply]
+Reply = Progress | Result | ErrorReply
+Message = Request | Progress | Result | ErrorReply
 
 _VERSION_HINT = "the daemon and the safefs command may be different versions; unmount and mount again"
 
@@ -203,7 +203,7 @@ def _error_classes() -> dict[str, type[SafefsError]]:
 
 def error_to_wire(exc: BaseException) -> dict[str, Any]:
     """The `error` object of a reply for `exc`."""
-    return ErrorReply.from_exception(exc).to_wire()["error"]  # type: ignore[no-any-return]
+    return ErrorReply.from_exception(exc).to_wire()["error"]
 
 
 def error_from_wire(error: Any) -> SafefsError:

@@ -28,9 +28,10 @@ import logging
 import os
 import stat
 import struct
+from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Awaitable, Callable, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol
 
 import trio
 

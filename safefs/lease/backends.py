@@ -73,7 +73,7 @@ class ProjectLeaseStore:
     def observe(self) -> Observation:
         if self.etcd is None:
             self._nfs()
-        return self.inner.observe()  # type: ignore[no-any-return]
+        return self.inner.observe()
 
     def claim(self, record: EpochRecord) -> EpochRecord:
         self._check_conf()
@@ -91,7 +91,7 @@ class ProjectLeaseStore:
     def renew(self, epoch: int, beat: bytes) -> bool:
         if self.etcd is None:
             self._nfs()
-        return self.inner.renew(epoch, beat)  # type: ignore[no-any-return]
+        return self.inner.renew(epoch, beat)
 
     def release(self, epoch: int, note: bytes) -> None:
         if self.etcd is None:
@@ -100,7 +100,7 @@ class ProjectLeaseStore:
 
     def quarantine(self, epoch: int) -> int:
         self._nfs()
-        return self.inner.quarantine(epoch)  # type: ignore[no-any-return]
+        return self.inner.quarantine(epoch)
 
     def pid_alive(self, pid: int, *args: Any) -> bool:
-        return self.inner.pid_alive(pid, *args)  # type: ignore[no-any-return]
+        return self.inner.pid_alive(pid, *args)

@@ -39,11 +39,19 @@ from pathlib import Path
 from typing import Any
 
 from safefs.clock import Clock, SystemClock
-from safefs.etcd import Client, EtcdError, KeyValue, create_is_absent, create_revision_is, delete, get, \
-    mod_revision_is, put  # fmt: skip
+from safefs.etcd import (
+    Client,
+    EtcdError,
+    KeyValue,
+    create_is_absent,
+    create_revision_is,
+    delete,
+    get,
+    mod_revision_is,
+    put,
+)
 from safefs.lease.model import CorruptLease, EpochRecord, Heartbeat, Observation
 from safefs.lease.store import DirLeaseStore
-
 
 MAX_GENERATION_BYTES = 256 << 10  # a longer list of changed paths goes to etcd as "all" (etcd's limit is 1.5 MiB)
 

@@ -14,7 +14,8 @@ Invariants:
   abandoned on cancellation. That is safe: a renewal that lands late only makes observers wait
   longer, a claim that lands unseen looks like a crashed holder, a late read is discarded.
 - Time is read only from the injected Clock, and waiting uses trio.sleep/move_on_after with
-  durations computed from it: with trio's MockClock and `TrioClock` tests run in virtual time.
+  durations computed from it: with trio's MockClock and a clock on trio's time (tests/doubles.py)
+  tests run in virtual time.
 
 Threading: every method runs on the trio thread, except `publishable()`. Store steps (poll, claim, renew, release) are
 serialised by one trio.Lock, so `acquire()`/`release()` never interleave with the main loop.
@@ -24,8 +25,8 @@ from __future__ import annotations
 
 import logging
 import math
-import random
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import trio
 
@@ -33,57 +34,13 @@ from safefs.clock import Clock
 from safefs.config import LeaseTimings
 from safefs.errors import BackingFailed
 from safefs.lease.model import Claim, CorruptLease, Identity, LeaseMachine, State
-from safefs.lease.store import LeaseStore, MemoryLeaseStore
+from safefs.lease.store import LeaseStore
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 Runner = Callable[..., Awaitable[Any]]  # await runner(sync_fn, *args) -> sync_fn(*args)
 EventHook = Callable[[str, int, str], None]  # on_event(kind, epoch, detail); see LeaseKeeper
-
-
-class TrioClock:
-    """A Clock on trio's clock, so that trio's MockClock drives lease tests.
-
-    `rate` scales this host's clock against trio's (clock-rate skew between hosts);
-    `wall_offset` places its wall clock anywhere (wall-clock skew, which must not matter).
-    Call it from the trio thread only.
-    """
-
-    def __init__(self, *, rate: float = 1.0, wall_offset: float = 1_700_000_000.0) -> None:
-        self._rate = rate
-        self._wall_offset = wall_offset
-
-    def monotonic(self) -> float:
-        return trio.current_time() * self._rate
-
-    def wall(self) -> float:
-        return self._wall_offset + self.monotonic()
-
-
-class InlineRunner:
-    """Runs MemoryLeaseStore calls on the trio thread, acting out its `hang`/`slow` faults in
-    trio time (threads would let MockClock's autojump fire mid-call). `jitter` adds a random,
-    seeded wait before each call, to shuffle how several keepers interleave."""
-
-    HANG_POLL = 0.5  # how often a hung call looks whether it was healed, in trio seconds
-
-    def __init__(self, store: MemoryLeaseStore, *, jitter: float = 0.0, seed: int | None = None) -> None:
-        self._store = store
-        self._jitter = jitter
-        self._rng = random.Random(seed)
-
-    async def __call__(self, fn: Callable[..., T], *args: Any) -> T:
-        if self._jitter:
-            await trio.sleep(self._rng.random() * self._jitter)
-        op = fn.__name__
-        delay = self._store.delay(op)
-        while delay == math.inf:
-            await trio.sleep(self.HANG_POLL)
-            delay = self._store.delay(op)
-        if delay:
-            await trio.sleep(delay)
-        return fn(*args)
 
 
 class LeaseKeeper:

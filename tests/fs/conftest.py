@@ -20,21 +20,22 @@ import errno
 import os
 import stat
 import threading
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Iterator
+from typing import Any
 
 import pytest
 import trio
 
 from safefs.backing import Backing
 from safefs.cache import ContentCache
-from safefs.clock import FakeClock
 from safefs.config import CONTROL_DIR_NAME, MountConfig
 from safefs.errors import FsError, ReadOnly, SafefsError
 from safefs.flusher import Flusher
 from safefs.fs import Filesystem, Limiters
 from safefs.inodes import ROOT_INO, Inode, InodeTable
 from safefs.journal import Journal
+from tests.doubles import FakeClock
 
 BOOT_ID = "boot-1"
 HOST = "testhost"
@@ -211,7 +212,7 @@ class Stack:
         self.journal: Journal | None = None
 
     # -- life cycle ------------------------------------------------------------------------
-    async def start(self) -> "Stack":
+    async def start(self) -> Stack:
         assert self.journal is None
         self.journal = Journal.open(self.cache_dir)
         self.limiters = Limiters.create()
@@ -270,7 +271,7 @@ class Stack:
             except BaseExceptionGroup as group:  # noqa: F821 - a builtin since 3.11
                 _, rest = group.split(SimulatedCrash)
                 if rest is not None:
-                    raise rest
+                    raise rest from None
             finally:
                 finished.set()
 

@@ -7,16 +7,17 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import pytest
 import trio
 
-from safefs.backing import FaultPlan
 from safefs.errors import ReadOnly
 from safefs.fs import FETCH_BLOCK, RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE
 from safefs.inodes import ROOT_INO
+from safefs.testing import FaultPlan
 from tests.fs.conftest import GID, UID, Stack, fails_with, files, src_tree
 
 # ---------------------------------------------------------------------------- errno mapping

@@ -12,15 +12,16 @@ import errno
 import os
 import re
 import stat
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import pytest
 import trio
 
-from safefs.backing import FaultPlan
 from safefs.errors import BackingFailed, ReadOnly, SyncTimeout
 from safefs.fs import RENAME_EXCHANGE
+from safefs.testing import FaultPlan
 from tests.fs.conftest import HOST, Stack, conflict_copies, files, leftovers, src_tree
 
 

@@ -17,14 +17,13 @@ import hashlib
 import os
 import stat
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-from tests.helpers import write_file
-
 from tests.fuse.test_writeback import RandomSession, snapshot, tree_diff
+from tests.helpers import write_file
 
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(300)]
 

@@ -13,8 +13,8 @@ SRC must be exactly the file's.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

@@ -31,7 +31,7 @@ def test_history_records_acquire_conflict_release_with_host_user_epoch(
     before = os.stat(src / "notes.txt")
     (src / "notes.txt").write_bytes(b"theirs, on NFS\n")  # changed behind the mount's back
     os.utime(src / "notes.txt", ns=(before.st_atime_ns, before.st_mtime_ns + 2 * 10**9))
-    assert m.sync().returncode == 0
+    assert m.sync().returncode == 10  # ExitCode.SYNC_CONFLICTS: synced, with conflicts
 
     def events() -> list[dict[str, object]]:
         done = run_safefs("history", m.mnt, "--json", env=m.env)
@@ -50,6 +50,6 @@ def test_history_records_acquire_conflict_release_with_host_user_epoch(
     assert done.returncode == 0, describe(done)
     lines = done.stdout.splitlines()
     assert [line.split()[2] for line in lines] == ["acquire", "conflict", "release"], done.stdout
-    assert all(f"epoch 1" in line and f"{getpass.getuser()}@labpc" in line for line in lines)
+    assert all("epoch 1" in line and f"{getpass.getuser()}@labpc" in line for line in lines)
     times = [e["time"] for e in map(json.loads, run_safefs("history", src, "--json").stdout.splitlines())]
     assert times == sorted(times)

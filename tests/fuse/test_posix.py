@@ -877,7 +877,8 @@ def tree_facts(root: Path) -> dict[str, tuple[object, ...]]:
         for name in dirs + names:
             path = os.path.join(dirpath, name)
             st = os.lstat(path)
-            xattrs = sorted((k, os.getxattr(path, k, follow_symlinks=False)) for k in os.listxattr(path, follow_symlinks=False))
+            xattrs = sorted((k, os.getxattr(path, k, follow_symlinks=False))
+                            for k in os.listxattr(path, follow_symlinks=False))
             if stat.S_ISREG(st.st_mode):
                 content: object = Path(path).read_bytes()
             elif stat.S_ISLNK(st.st_mode):

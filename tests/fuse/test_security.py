@@ -27,8 +27,9 @@ import socket
 import stat
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -436,7 +437,7 @@ def test_allow_other_lets_the_kernel_check_modes(
     st = os.stat(src / "drop" / "mine")
     assert (st.st_uid, st.st_gid) == (NOBODY, NOBODY), "owner of a file nobody created, in SRC"
     assert (src / "drop" / "mine").read_bytes() == b"made by nobody"
-    for name, (data, mode) in files.items():
+    for name, (_data, mode) in files.items():
         assert stat.S_IMODE(os.stat(src / name).st_mode) == mode
     assert (src / "priv").read_bytes() == b"private"
     m.umount()

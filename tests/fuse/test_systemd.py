@@ -15,7 +15,6 @@ import signal
 import socket
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 

@@ -35,8 +35,9 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import pytest
 
@@ -235,7 +236,7 @@ class Host(Mount):
             return self.alive and os.fspath(self.mnt) in read_mounts(self.pid)
         return super().is_mounted()
 
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> "Host":
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> Host:
         deadline = time.monotonic() + timeout
         while True:
             self._read_ready()

@@ -33,7 +33,8 @@ from tests.multihost.conftest import TIMINGS, snapshot
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(300)]
 
 TTL = TIMINGS.t_break  # the etcd lease's TTL is T_break
-CHANGING = [".safefs/lease", ".safefs/generation", ".safefs/orphans", ".safefs/history"]  # history: A records its self-fence
+# history: A records its self-fence
+CHANGING = [".safefs/lease", ".safefs/generation", ".safefs/orphans", ".safefs/history"]
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ derived from the lease timings.
 from __future__ import annotations
 
 import errno
-import pwd
 import os
+import pwd
 import time
 
 import pytest

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from tests.helpers import describe
-from tests.multihost.conftest import TIMINGS, snapshot
+from tests.multihost.conftest import snapshot
 
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(300)]
 

@@ -39,7 +39,8 @@ QUIET = TIMINGS.t_break + 5 * TIMINGS.follower_poll  # how long a resumed writer
 # lease temp files, and the generation record (checked on its own: its epoch must be the new one);
 # and the fenced writer's orphan marker, a status record that changes no project file (checked
 # on its own: only A's marker may be there).
-CHANGING = [".safefs/lease", ".safefs/generation", ".safefs/orphans", ".safefs/history"]  # history: A records its self-fence
+# history: A records its self-fence
+CHANGING = [".safefs/lease", ".safefs/generation", ".safefs/orphans", ".safefs/history"]
 LOG = "safety.log"
 LOG_LINE = re.compile(r"epoch=(\d+) seq=(\d+) host=(\S+)( after-resume)?\n")
 

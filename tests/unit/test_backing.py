@@ -16,9 +16,9 @@ from safefs.backing import (
     Attrs,
     Backing,
     Entry,
-    FaultPlan,
     Fingerprint,
 )
+from safefs.testing import FaultPlan
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="needs root (chown to other ids, trusted.*, devices)")

@@ -22,8 +22,9 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import trio
@@ -265,9 +266,11 @@ FAKE_DAEMON = textwrap.dedent(
     if mode == "writer":
         ready({"ok": True, "pid": os.getpid(), "role": "writer", "holder": None})
     elif mode == "follower":
-        ready({"ok": True, "pid": os.getpid(), "role": "follower", "holder": {"host": "hostb", "pid": 77, "user": "ann"}})
+        ready({"ok": True, "pid": os.getpid(), "role": "follower",
+               "holder": {"host": "hostb", "pid": 77, "user": "ann"}})
     elif mode == "refused":
-        ready({"ok": False, "error": {"type": "CacheBusy", "message": "cache dir in use", "hint": "stop it", "exit_code": 5}})
+        ready({"ok": False,
+               "error": {"type": "CacheBusy", "message": "cache dir in use", "hint": "stop it", "exit_code": 5}})
     elif mode == "garbage":
         os.write(fd, b"READY\\n")
     elif mode == "dies":

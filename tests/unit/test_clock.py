@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 
-from safefs.clock import CLOCK_REALTIME_COARSE, FakeClock, SystemClock
+from safefs.clock import CLOCK_REALTIME_COARSE, SystemClock
+from tests.doubles import FakeClock
 
 
 def test_wall_ns_reads_the_kernels_coarse_clock() -> None:

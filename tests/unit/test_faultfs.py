@@ -23,7 +23,8 @@ def test_commands_parse_and_report(faults: Faults) -> None:
     assert faults.command("hang getattr") == "ok"
     assert faults.command("latency 0.5 meta") == "ok"
     rules = json.loads(faults.command("counters")[3:])["rules"]
-    assert rules[0] == {"action": "fail", "ops": ["read", "write"], "error": "EIO", "prefix": "/dir with space", "times": 2}
+    assert rules[0] == {"action": "fail", "ops": ["read", "write"], "error": "EIO", "prefix": "/dir with space",
+                        "times": 2}
     assert rules[1]["action"] == "hang" and rules[1]["ops"] == ["getattr"]
     assert faults.meta_latency == 0.0005 and faults.data_latency == 0.0
     assert faults.command("release") == "ok released=0"

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import os
 from pathlib import Path
 
 import pytest
@@ -22,8 +21,8 @@ import trio.testing
 
 from safefs import cli, history
 from safefs.history import Event, HistoryLog
-from safefs.lease.store import MemoryLeaseStore, simulated_identity
-from tests.unit.test_lease_keeper import BUDGET, T, Host, wait_role
+from tests.doubles import MemoryLeaseStore, simulated_identity
+from tests.unit.test_lease_keeper import BUDGET, Host, T, wait_role
 
 
 def event(kind: str, host: str, epoch: int, when: float, detail: str = "") -> Event:

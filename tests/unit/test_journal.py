@@ -65,7 +65,6 @@ def test_commit_load_round_trip(tmp_path: Path) -> None:
     j = Journal.open(tmp_path)
     try:
         again = j.load()
-        assert list(j.iter_ops()) == snap.ops
     finally:
         j.close()
     assert again == snap

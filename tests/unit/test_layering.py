@@ -85,6 +85,7 @@ def test_each_contract_breaks_on_a_planted_violation(tmp_path: Path) -> None:
     plant("clock", "import trio")  # core-pure
     plant("violation_lmdb", "import lmdb")  # lmdb-journal-only
     plant("violation_fuse", "import pyfuse3")  # pyfuse3-fuse-ops-only
+    plant("violation_testing", "import safefs.testing")  # testing-daemon-only
 
     # PYTHONPATH puts the copy ahead of the editable install of the real package.
     done = lint_imports(tmp_path, {"PYTHONPATH": str(tmp_path)})
@@ -92,7 +93,7 @@ def test_each_contract_breaks_on_a_planted_violation(tmp_path: Path) -> None:
     assert done.returncode != 0, output
     for contract in CONTRACTS.values():
         assert f"{contract['name']} BROKEN" in output, f"planted violation not caught by: {contract['name']}\n{output}"
-    assert "violation_lmdb" in output and "violation_fuse" in output, output
+    assert "violation_lmdb" in output and "violation_fuse" in output and "violation_testing" in output, output
 
 
 def test_every_module_has_a_layer() -> None:
@@ -116,7 +117,8 @@ def test_every_module_has_a_layer() -> None:
 # The CLI must start fast and work when the daemon side is broken: it and what it may import
 # (errors, config, checks, control.client, control.protocol) must not load the heavy deps.
 # The core is stdlib only.
-MUST_EXIST = ["safefs.cli", "safefs.errors", "safefs.config", "safefs.clock", "safefs.ranges", "safefs.records", "safefs.procs", "safefs.lease.model"]
+MUST_EXIST = ["safefs.cli", "safefs.errors", "safefs.config", "safefs.clock", "safefs.ranges", "safefs.records",
+              "safefs.procs", "safefs.lease.model"]
 IF_PRESENT = ["safefs.checks", "safefs.control.client", "safefs.control.protocol"]
 
 

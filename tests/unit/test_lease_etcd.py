@@ -57,12 +57,13 @@ def test_race_of_many_clients_has_exactly_one_winner_every_round(etcd_server: Et
             t.start()
         for t in threads:
             t.join(30)
-        winners = [i for i, r in enumerate(results) if isinstance(r, EpochRecord) and r.holder.nonce == mine[i].holder.nonce]
+        winners = [i for i, r in enumerate(results)
+                   if isinstance(r, EpochRecord) and r.holder.nonce == mine[i].holder.nonce]
         assert len(winners) == 1, results
         (w,) = winners
         epoch = results[w].epoch
         # Every loser that got an answer was told the same holder and epoch.
-        for i, r in enumerate(results):
+        for r in results:
             if isinstance(r, EpochRecord):
                 assert (r.epoch, r.holder.nonce) == (epoch, mine[w].holder.nonce)
         obs = clients[0].observe()

@@ -24,9 +24,10 @@ import trio.testing
 from safefs.clock import SystemClock
 from safefs.config import LeaseTimings
 from safefs.errors import BackingFailed, LeaseHeldElsewhere, LeaseLost, ReadOnly
-from safefs.lease.keeper import InlineRunner, LeaseKeeper, TrioClock
+from safefs.lease.keeper import LeaseKeeper
 from safefs.lease.model import EpochRecord, Identity
-from safefs.lease.store import DirLeaseStore, MemoryLeaseStore, simulated_identity
+from safefs.lease.store import DirLeaseStore
+from tests.doubles import InlineRunner, MemoryLeaseStore, TrioClock, simulated_identity
 
 pytestmark = [pytest.mark.trio, pytest.mark.timeout(60)]
 

@@ -46,7 +46,9 @@ def beat(n: int) -> Heartbeat:
     return Heartbeat(ino=5, size=10, mtime_ns=n, ctime_ns=n, content=b"%d" % n)
 
 
-def held(epoch: int = 1, holder: Identity | None = None, hb: Heartbeat | None = None, timings: LeaseTimings = T) -> Observation:
+def held(
+    epoch: int = 1, holder: Identity | None = None, hb: Heartbeat | None = None, timings: LeaseTimings = T
+) -> Observation:
     record = EpochRecord(epoch, "acquire", holder or ident("b"), timings)
     return Observation(epoch, record, False, hb)
 

@@ -12,20 +12,16 @@ import os
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from safefs.config import LeaseTimings
 from safefs.lease.model import CorruptLease, EpochRecord, Identity, Observation
-from safefs.lease.store import (
-    DirLeaseStore,
-    LeaseStore,
-    MemoryLeaseStore,
-    local_identity,
-    simulated_identity,
-)
+from safefs.lease.store import DirLeaseStore, LeaseStore, local_identity
+from tests.doubles import MemoryLeaseStore, simulated_identity
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -88,7 +84,8 @@ def test_quarantine_moves_old_staging_entries_one_by_one(any_store: LeaseStore, 
     else:
         root = tmp_path / ".safefs"
         assert sorted(p.name for p in (root / "staging").rglob("*") if p.is_file()) == ["mine"]
-        assert sorted(str(p.relative_to(root / "quarantine")) for p in (root / "quarantine").rglob("*") if p.is_file()) == [
+        quarantine = root / "quarantine"
+        assert sorted(str(p.relative_to(quarantine)) for p in quarantine.rglob("*") if p.is_file()) == [
             "1/x",
             "1/y",
             "2/z",
@@ -169,7 +166,8 @@ def test_lease_files_are_readable_by_everyone_whatever_the_umask(tmp_path: Path)
     finally:
         os.umask(old)
     root = project / ".safefs"
-    for path in [root / "lease" / name for name in os.listdir(root / "lease")] + [root / "quarantine", root / "quarantine" / "1"]:
+    leases = [root / "lease" / name for name in os.listdir(root / "lease")]
+    for path in leases + [root / "quarantine", root / "quarantine" / "1"]:
         mode = stat.S_IMODE(os.stat(path).st_mode)
         if path.is_dir():
             assert mode == 0o2775, (path, oct(mode))

@@ -15,7 +15,6 @@ from safefs import procs
 from safefs.config import LeaseTimings
 from safefs.lease.model import EpochRecord
 from safefs.lease.store import DirLeaseStore, local_identity
-
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.timeout(60)

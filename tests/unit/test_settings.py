@@ -90,7 +90,9 @@ def test_a_bad_file_is_one_line_naming_file_line_and_key(
     assert err.count("\n") == 1 and expected in err
 
 
-def test_config_prints_each_setting_and_its_source(files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_config_prints_each_setting_and_its_source(
+    files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     site, user = files
     site.write_text('# site\n[mount]\ncache_root = "/scratch/c"\n')
     assert cli.main(["config"]) == 0
@@ -115,7 +117,8 @@ def test_every_mount_long_option_has_an_o_spelling(tmp_path: Path) -> None:
     table = options.spellings(mount_parser())  # type: ignore[arg-type]
     for name in ("cache_dir", "writeback_delay", "cache_size", "allow_other", "foreground", "host_id",
                  "debug", "cache_root", "follower", "log_file", "log_level", "lease_renew", "lease_break",
-                 "lease_epsilon", "lock_delay", "lease_poll", "follower_poll", "backing_timeout", "wait_lease"):  # fmt: skip
+                 "lease_epsilon", "lock_delay", "lease_poll", "follower_poll", "backing_timeout",
+                 "wait_lease"):  # fmt: skip
         assert name in table, name
     assert "ready_fd" not in table
 
