@@ -35,9 +35,9 @@ import functools
 import grp
 import os
 import platform
+import pwd
 import re
 import stat
-import pwd
 from pathlib import Path
 
 from safefs.config import MountConfig

@@ -115,7 +115,8 @@ def parse_seconds(text: str) -> float:
     return value
 
 
-COMMANDS = ("init", "mount", "umount", "sync", "status", "acquire", "recover", "config", "history")  # = the subcommands (test_cli)
+# The subcommands (test_cli checks): anything else first is the mount(8) form `safefs SRC MNT -o ...`.
+COMMANDS = ("init", "mount", "umount", "sync", "status", "acquire", "recover", "config", "history")
 
 
 def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
@@ -1110,8 +1111,14 @@ class ProgressBar:
 
     def _start(self) -> None:
         from rich.console import Console  # only here: a terminal that waits long enough to need it
-        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                                   TransferSpeedColumn)  # fmt: skip
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,  # fmt: skip
+        )
 
         console = Console(file=self.stream, force_terminal=True)
         self._progress = Progress(
@@ -1168,30 +1175,6 @@ def _report_to(bar: ProgressBar, waits: WaitReport) -> Callable[[dict[str, Any]]
         waits.update(progress)
 
     return report
-
-
-def render_progress(label: str, progress: dict[str, Any]) -> str:
-    """`syncing [#######-----------------]  31% 1.2 GiB of 3.9 GiB, 4/12 files`."""
-    bytes_done, bytes_total = _number(progress.get("bytes_done")), _number(progress.get("bytes_total"))
-    files_done, files_total = _number(progress.get("files_done")), _number(progress.get("files_total"))
-    fraction = None
-    if bytes_total and bytes_done is not None:
-        fraction = bytes_done / bytes_total
-    elif files_total and files_done is not None:
-        fraction = files_done / files_total
-    parts = [str(progress.get("phase") or label)]
-    if fraction is not None:
-        fraction = min(max(fraction, 0.0), 1.0)
-        filled = round(fraction * ProgressBar.WIDTH)
-        parts.append(f"[{'#' * filled}{'-' * (ProgressBar.WIDTH - filled)}] {fraction * 100:3.0f}%")
-    counts = []
-    if bytes_done is not None:
-        counts.append(
-            human_bytes(bytes_done) + (f" of {human_bytes(bytes_total)}" if bytes_total is not None else "")
-        )
-    if files_done is not None:
-        counts.append(f"{files_done:g}" + (f"/{files_total:g}" if files_total is not None else "") + " files")
-    return " ".join(parts) + (" " + ", ".join(counts) if counts else "")
 
 
 def _number(value: Any) -> float | None:

@@ -60,8 +60,16 @@ from safefs.cache import ContentCache
 from safefs.clock import SystemClock
 from safefs.config import MountConfig, socket_path
 from safefs.control.server import serve as serve_control
-from safefs.errors import (DaemonFailed, ExitCode, LeaseHeldElsewhere, Refused, SafefsError, SyncTimeout, Unwritten,
-                           describe_exception)
+from safefs.errors import (
+    DaemonFailed,
+    ExitCode,
+    LeaseHeldElsewhere,
+    Refused,
+    SafefsError,
+    SyncTimeout,
+    Unwritten,
+    describe_exception,
+)
 from safefs.flusher import Flusher
 from safefs.fs import Filesystem, Limiters
 from safefs.fuse_ops import CachePolicy, KernelNotifier, SafeOperations, Session, mount_device
@@ -156,7 +164,8 @@ def run(config: MountConfig, *, ready_fd: int | None = None, debug: bool = False
         return int(exc.exit_code)
     except BaseException as exc:
         log.exception("daemon: fatal error")
-        ready.failed(DaemonFailed(f"the daemon failed: {describe_exception(exc)}", hint=f"its log has the details: {where}"))
+        ready.failed(DaemonFailed(f"the daemon failed: {describe_exception(exc)}",
+                                  hint=f"its log has the details: {where}"))
         return int(ExitCode.ERROR)
     finally:
         journal.close()

@@ -22,7 +22,8 @@ no I/O except the listener; safe from any thread.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -54,6 +55,16 @@ LISTS = (
 )
 
 
+
+def _field(key: str) -> Callable[[dict[str, Any]], Any]:
+    """The status field `key`, for one metric's values."""
+    return lambda status: status.get(key)
+
+
+def _length(key: str) -> Callable[[dict[str, Any]], Any]:
+    """How many items the status list `key` holds (None when it is not a list)."""
+    return lambda status: len(status[key]) if isinstance(status.get(key), list) else None
+
 def exposition(statuses: Iterable[dict[str, Any]]) -> str:
     """The Prometheus text exposition of these `status` answers."""
     registry = CollectorRegistry(auto_describe=False)
@@ -77,8 +88,8 @@ def families(statuses: list[dict[str, Any]]) -> list[Metric]:
     labels = ["mnt"]
     out: list[Metric] = []
 
-    def gauge(name: str, doc: str, values: Iterable[tuple[list[str], float]], extra: list[str] = []) -> None:
-        family = GaugeMetricFamily(name, doc, labels=labels + extra)
+    def gauge(name: str, doc: str, values: Iterable[tuple[list[str], float]], extra: Sequence[str] = ()) -> None:
+        family = GaugeMetricFamily(name, doc, labels=labels + list(extra))
         for label_values, value in values:
             family.add_metric(label_values, value)
         out.append(family)
@@ -99,7 +110,7 @@ def families(statuses: list[dict[str, Any]]) -> list[Metric]:
         info.add_metric([str(status.get(k, "")) for k in ("mnt", "src", "host", "pid")], 1)
     out.append(info)
     for name, key, doc in GAUGES:
-        gauge(name, doc, numbers(lambda s, key=key: s.get(key)))
+        gauge(name, doc, numbers(_field(key)))
     gauge(
         "safefs_oldest_dirty_age_seconds",
         "Age of the oldest change not yet written back (0 when nothing is dirty).",
@@ -112,18 +123,22 @@ def families(statuses: list[dict[str, Any]]) -> list[Metric]:
     )
     for name, key, doc in COUNTERS:
         family = CounterMetricFamily(name, doc, labels=labels)
-        for label_values, value in numbers(lambda s, key=key: s.get(key)):
+        for label_values, value in numbers(_field(key)):
             family.add_metric(label_values, value)
         out.append(family)
     for name, key, doc in LISTS:
-        gauge(name, doc, numbers(lambda s, key=key: len(s[key]) if isinstance(s.get(key), list) else None))
-    role = GaugeMetricFamily("safefs_role", "1 for the mount's current role (writer or follower).", labels=["mnt", "role"])
+        gauge(name, doc, numbers(_length(key)))
+    role = GaugeMetricFamily(
+        "safefs_role", "1 for the mount's current role (writer or follower).", labels=["mnt", "role"]
+    )
     for status in statuses:
         current = status.get("role")
         for name in sorted({*ROLES, *([current] if isinstance(current, str) else [])}):
             role.add_metric([str(status.get("mnt", "")), name], 1 if name == current else 0)
     out.append(role)
-    gauge("safefs_lease_epoch", "Epoch of the write lease this mount last saw.", numbers(lambda s: _lease(s).get("epoch")))
+    gauge(
+        "safefs_lease_epoch", "Epoch of the write lease this mount last saw.", numbers(lambda s: _lease(s).get("epoch"))
+    )
     gauge(
         "safefs_lease_heartbeat_age_seconds",
         "Seconds since the lease holder last renewed its lease.",

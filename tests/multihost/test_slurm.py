@@ -18,7 +18,6 @@ even if a test fails; waits are wait_until against deadlines, the job commands w
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import signal
 import subprocess
@@ -120,7 +119,8 @@ def test_job_first_node_writes_others_follow_and_the_workstation_takes_it_back(c
     job.wait_flag("node0-started")
     follower = job.start(
         1, 'cat "$MNT/input" > "$FLAGS/node1-read"; '
-        'if { echo x > "$MNT/nope"; } 2> "$FLAGS/node1-error"; then echo wrote; else echo refused; fi > "$FLAGS/node1-write"',
+        'if { echo x > "$MNT/nope"; } 2> "$FLAGS/node1-error"; '
+        'then echo wrote; else echo refused; fi > "$FLAGS/node1-write"',
     )  # fmt: skip
     assert follower.wait(timeout=STEP_TIMEOUT) == 0, job.log(1)
     assert job.wait_flag("node1-read") == "data from the workstation\n"
