@@ -61,18 +61,25 @@ def run_as_nobody(
         conf = work / "fuse.conf"
         conf.write_text(fuse_conf)
         lines.append(f"mount --bind {shlex.quote(str(conf))} /etc/fuse.conf")
-    hidden = _unreachable_ancestor(Path(os.path.realpath(sys.executable)))
-    if hidden is not None:
-        top, child = hidden
-        stage = work / "stage"
-        stage.mkdir()
-        inner = shlex.quote(str(top / child))
-        lines += [
-            f"mount --bind {inner} {shlex.quote(str(stage))}",
-            f"mount -t tmpfs -o mode=755 tmpfs {shlex.quote(str(top))}",
-            f"mkdir {inner}",
-            f"mount --bind {shlex.quote(str(stage))} {inner}",
-        ]
+    # What nobody must reach: the interpreter, the venv and this checkout. Where one lies below
+    # a directory others cannot search (/root, say), that directory is covered by a tmpfs in
+    # this mount namespace with just the needed children bound back in.
+    needed = (Path(os.path.realpath(sys.executable)), Path(sys.executable).parent, Path(__file__).resolve())
+    hidden: dict[Path, set[str]] = {}
+    for path in needed:
+        found = _unreachable_ancestor(path)
+        if found is not None:
+            hidden.setdefault(found[0], set()).add(found[1])
+    for n, (top, children) in enumerate(sorted(hidden.items())):
+        stages = []
+        for m, child in enumerate(sorted(children)):
+            stage = work / f"stage-{n}-{m}"
+            stage.mkdir()
+            stages.append((shlex.quote(str(top / child)), shlex.quote(str(stage))))
+            lines.append(f"mount --bind {stages[-1][0]} {stages[-1][1]}")
+        lines.append(f"mount -t tmpfs -o mode=755 tmpfs {shlex.quote(str(top))}")
+        for inner, stage_path in stages:
+            lines += [f"mkdir {inner}", f"mount --bind {stage_path} {inner}"]
     command = [sys.executable, "-m", "safefs", *args]
     lines.append("exec setpriv --reuid nobody --regid nogroup --clear-groups " + shlex.join(command))
     env = {
