@@ -36,10 +36,10 @@ import grp
 import os
 import platform
 import pwd
-import re
 import stat
 from pathlib import Path
 
+from safefs import mounttable
 from safefs.config import MountConfig
 from safefs.errors import Refused
 
@@ -141,17 +141,11 @@ def fuse_mount_owner(path: Path | str) -> int | None:
     """The uid that mounted the FUSE filesystem at `path` (its `user_id=` option), or None."""
     target = os.fsencode(path)
     owner = None
-    for line in _mountinfo_lines():
-        fields = line.split(b" ")
-        try:
-            separator = fields.index(b"-", 6)
-            if _unescape(fields[4]) != target:
-                continue
-            options = fields[separator + 3].split(b",")
-        except (ValueError, IndexError):
+    for mount in mounttable.read() or []:
+        if mount.mount_point != target:
             continue
         owner = None  # the last mount on a path is the visible one
-        for option in options:
+        for option in mount.super_options:
             if option.startswith(b"user_id="):
                 owner = int(option[len(b"user_id=") :])
     return owner
@@ -379,30 +373,9 @@ def _statfs_magic(path: Path) -> int | None:
     return field.from_buffer(buffer).value & 0xFFFFFFFF
 
 
-def _mountinfo_lines() -> list[bytes]:
-    try:
-        with open("/proc/self/mountinfo", "rb") as f:
-            return f.read().splitlines()
-    except OSError:
-        return []
-
-
 def _read_mountinfo() -> list[tuple[bytes, str]]:
-    """(mount point, filesystem type) of each mount, in mount order."""
-    mounts = []
-    for line in _mountinfo_lines():
-        fields = line.split(b" ")
-        try:
-            separator = fields.index(b"-", 6)
-            mounts.append((_unescape(fields[4]), fields[separator + 1].decode(errors="replace")))
-        except (ValueError, IndexError):
-            continue
-    return mounts
-
-
-def _unescape(field: bytes) -> bytes:
-    # mountinfo writes space, tab, newline and backslash as \ooo octal escapes.
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+    """(mount point, filesystem type) of each mount, in mount order (none if unreadable)."""
+    return [(mount.mount_point, mount.fstype) for mount in mounttable.read() or []]
 
 
 def _mount_fstype(path: Path) -> str | None:

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import select
 import shlex
 import subprocess
@@ -33,7 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TextIO
 
-from safefs import __version__, checks, history, options, procs, settings, unmount
+from safefs import __version__, checks, history, human, options, procs, settings, unmount
 from safefs.config import LeaseTimings, MountConfig, default_cache_dir, runtime_dir, socket_path
 from safefs.control import client
 from safefs.control.protocol import error_from_wire, error_to_wire
@@ -50,6 +49,7 @@ from safefs.errors import (
     SyncTimeout,
     Unwritten,
 )
+from safefs.human import human_bytes, human_seconds, plural
 
 INTERRUPTED = 130  # the shell's code for "killed by SIGINT"
 READY_TIMEOUT = 60.0  # a daemon not ready after this long is stopped (unless it waits for the lease)
@@ -98,11 +98,10 @@ def print_error(exc: SafefsError, stream: TextIO | None = None) -> None:
 
 def parse_size(text: str) -> int:
     """Bytes in `text`: a plain number or one with a binary suffix (512M, 10G, 1.5TiB, 64k)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtTpP]?)(?:i?[bB])?\s*", text)
-    if not match:
+    size = human.parse_size(text)
+    if size is None:
         raise argparse.ArgumentTypeError(f"invalid size {text!r} (try 512M or 10G)")
-    number, unit = match.groups()
-    return int(float(number) * 1024 ** " KMGTP".index(unit.upper() or " "))
+    return size
 
 
 def parse_seconds(text: str) -> float:
@@ -1181,27 +1180,6 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def plural(count: Any, noun: str) -> str:
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
-
-
-def human_bytes(count: float) -> str:
-    value = float(count)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024 or unit == "TiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")
-
-
-def human_seconds(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    if seconds < 3600:
-        return f"{int(seconds // 60)} min {int(seconds % 60)} s"
-    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min"
-
-
 def human_value(key: str, value: Any) -> str:
     """Any status value as words: yes/no, none, durations for keys that hold seconds, no Python syntax."""
     if isinstance(value, bool):
@@ -1223,7 +1201,7 @@ def human_value(key: str, value: Any) -> str:
 def _when(value: Any) -> str:
     """A wall-clock time from status (seconds since the epoch) for humans; text passes through."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+        return human.wall_time(value)
     return str(value)
 
 

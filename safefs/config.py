@@ -4,6 +4,10 @@ Invariants:
 - A `MountConfig` is immutable and fully resolved: absolute real paths, defaults applied.
 - Pure module: reads the environment only through `default_cache_dir(env)` and
   `runtime_dir(env)`, which take the environment as an argument.
+
+Not platformdirs: it reads os.environ and the home directory itself (these take `env`), and
+without XDG_RUNTIME_DIR it answers /run/user/UID, not /tmp/safefs-UID (nor /run/safefs for
+root); the XDG rules we follow are three lines.
 """
 
 from __future__ import annotations

@@ -22,13 +22,13 @@ import errno
 import functools
 import logging
 import os
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import pyfuse3
 import trio
 
+from safefs import mounttable
 from safefs.errors import FsError, SafefsError
 from safefs.fs import Filesystem
 from safefs.inodes import Inode
@@ -418,20 +418,8 @@ def raise_readahead(mountpoint: str, kib: int) -> None:
         log.debug("fuse: readahead stays at the kernel default (%s: %s)", setting, exc)
 
 
-def mount_device(mountpoint: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+def mount_device(mountpoint: str, mountinfo: str = mounttable.MOUNTINFO) -> str | None:
     """The MAJOR:MINOR of the newest mount on `mountpoint`, from the kernel's mount table."""
-    found = None
-    try:
-        with open(mountinfo, "rb") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and _unescape(fields[4]) == os.fsencode(mountpoint):
-                    found = fields[2].decode()
-    except OSError:
-        return None
-    return found
-
-
-def _unescape(field: bytes) -> bytes:
-    """mountinfo writes space, tab, newline and backslash as octal escapes (\\040 ...)."""
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+    target = os.fsencode(mountpoint)
+    devices = [mount.device for mount in mounttable.read(mountinfo) or [] if mount.mount_point == target]
+    return devices[-1] if devices else None

@@ -10,6 +10,9 @@ Invariants:
   start time is someone else: the one asked about is dead.
 - Without /proc the answer falls back to `kill(pid, 0)` (a zombie then counts as alive).
 
+Not psutil: its create_time() is float seconds, while lease records on the project store the
+start time as /proc's clock ticks, and the core stays stdlib only; this is one /proc read.
+
 Threading: plain functions, safe from any thread.
 """
 

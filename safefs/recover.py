@@ -36,7 +36,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from safefs import checks, cli
+from safefs import checks, cli, human
 from safefs.config import MountConfig
 from safefs.errors import ExitCode, Refused, SafefsError
 from safefs.lease.store import local_identity
@@ -114,7 +114,7 @@ def _write_back(mnt: Path, cache_dir: Path, src: Path, timeout: float | None, co
         )
         refusal.exit_code = exc.exit_code
         raise refusal from None
-    print(f"safefs: recovered {result['files']} changes ({cli.human_bytes(result['bytes'])}) "
+    print(f"safefs: recovered {result['files']} changes ({human.human_bytes(result['bytes'])}) "
           f"from {cache_dir} into {src} (epoch {result.get('epoch')})")  # fmt: skip
     for conflict in result.get("conflicts", []):
         kept = conflict.get("kept_as")
@@ -145,7 +145,7 @@ def _unwritten(status: dict[str, Any]) -> bool:
 
 def _describe(status: dict[str, Any]) -> str:
     files, nbytes, ops = status.get("dirty_files") or 0, status.get("dirty_bytes") or 0, status.get("pending_ops") or 0
-    return f"{cli.plural(files, 'changed file')} ({cli.human_bytes(nbytes)}) and {cli.plural(ops, 'pending op')}"
+    return f"{human.plural(files, 'changed file')} ({human.human_bytes(nbytes)}) and {human.plural(ops, 'pending op')}"
 
 
 def _stop(mnt: Path) -> None:

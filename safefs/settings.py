@@ -27,6 +27,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from safefs import human
 from safefs.errors import ExitCode, SafefsError
 
 SITE_CONFIG = Path("/etc/safefs/config.toml")
@@ -55,12 +56,10 @@ def size(value: Any) -> int:
     """Bytes: a TOML integer, or a string with a binary suffix (512M, 10G, 1.5TiB)."""
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
-    pattern = r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtTpP]?)(?:i?[bB])?\s*"
-    match = re.fullmatch(pattern, value) if isinstance(value, str) else None
-    if not match:
+    size = human.parse_size(value) if isinstance(value, str) else None
+    if size is None:
         raise ValueError(f"invalid size {value!r} (try \"512M\" or \"10G\")")
-    number, unit = match.groups()
-    return int(float(number) * 1024 ** " KMGTP".index(unit.upper() or " "))
+    return size
 
 
 def text(value: Any) -> str:

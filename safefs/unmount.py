@@ -20,9 +20,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from safefs import mounttable
 from safefs.errors import Busy, SafefsError
-
-MOUNTINFO = "/proc/self/mountinfo"
 
 
 def fusermount(mnt: Path | str, *, lazy: bool) -> None:
@@ -40,11 +39,9 @@ def fusermount(mnt: Path | str, *, lazy: bool) -> None:
     raise SafefsError(f"fusermount3 could not unmount {mnt}: {message}")
 
 
-def mount_present(device: str, mountinfo: str = MOUNTINFO) -> bool:
+def mount_present(device: str, mountinfo: str = mounttable.MOUNTINFO) -> bool:
     """Whether a mount of `device` ("MAJOR:MINOR") is in the mount table (True if unreadable)."""
-    try:
-        with open(mountinfo, "rb") as table:
-            wanted = device.encode()
-            return any(len(fields) > 4 and fields[2] == wanted for fields in map(bytes.split, table))
-    except OSError:
+    mounts = mounttable.read(mountinfo)
+    if mounts is None:
         return True  # cannot tell: never end a session on a guess
+    return any(mount.device == device for mount in mounts)

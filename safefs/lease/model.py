@@ -50,9 +50,9 @@ import dataclasses
 import enum
 import json
 import math
-import time
 from typing import Any, Literal
 
+from safefs import human
 from safefs.config import LeaseTimings
 from safefs.errors import LeaseHeldElsewhere, LeaseLost, ReadOnly, Refused, SafefsError
 
@@ -499,4 +499,4 @@ class LeaseMachine:
 
 
 def _human_time(wall: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(wall)) if wall else "an unknown time"
+    return human.wall_time(wall) if wall else "an unknown time"

@@ -212,10 +212,6 @@ def test_mount_table_longest_prefix_wins(monkeypatch: pytest.MonkeyPatch) -> Non
     assert checks.mount_type_at(Path("/nfs/proj")) is None
 
 
-def test_mountinfo_escapes_are_decoded() -> None:
-    assert checks._unescape(rb"/mnt/with\040space\134x") == b"/mnt/with space\\x"
-
-
 def test_resolve_mountpoint_does_not_look_inside_a_mount(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
