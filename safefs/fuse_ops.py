@@ -4,7 +4,8 @@ This is the only module that imports pyfuse3; the daemon drives the kernel sessi
 `Session` (mount, serve, close).
 
 Invariants:
-- Every handler goes through `fuse_errors`: a `SafefsError` or `OSError` becomes its errno;
+- Every handler goes through `fuse_errors` (getxattr's `security.capability` answer, which
+  can raise nothing but FUSEError, comes before it): a `SafefsError` or `OSError` becomes its errno;
   anything else is a bug, which is logged with its traceback and answered with EIO. No
   exception ever escapes into `pyfuse3.main()` (that would take the mount down).
 - `forget` never raises (pyfuse3 forbids it).
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
+CAPABILITY = b"security.capability"
+
 
 @dataclasses.dataclass
 class CachePolicy:
@@ -65,8 +68,8 @@ class CachePolicy:
     - Readahead 1 MiB instead of 128 KiB (`raise_readahead`): cold sequential reads 2.6x
       faster. Writes already arrive in requests of up to 1 MiB (libfuse's max_write with
       the kernel's max_pages).
-    - Left as it is: the kernel asks for `security.capability` before every write (pyfuse3
-      offers no FUSE_HANDLE_KILLPRIV); the answer comes from memory, but it is a round trip.
+    - The kernel asks for `security.capability` before every write (pyfuse3 offers no
+      FUSE_HANDLE_KILLPRIV): `getxattr` answers it first thing, from memory; still a round trip.
     """
 
     entry_timeout: float = 60.0
@@ -321,8 +324,20 @@ class SafeOperations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self.fs.setxattr(inode, name, value)
 
-    @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if name == CAPABILITY:
+            # The kernel asks this before every write (pyfuse3 offers no FUSE_HANDLE_KILLPRIV),
+            # so it is answered first, from memory: an NFS project never carries security.*
+            # xattrs (NFSv4.2 has user.* only), so only one set through this mount can exist.
+            known = self.fs.table.inodes.get(inode)
+            value = known.xattrs.get(name) if known is not None and known.xattrs else None
+            if value is None:
+                raise pyfuse3.FUSEError(errno.ENODATA)
+            return value
+        return await self._getxattr(inode, name)
+
+    @fuse_errors
+    async def _getxattr(self, inode: int, name: bytes) -> bytes:
         return await self.fs.getxattr(inode, name)
 
     @fuse_errors

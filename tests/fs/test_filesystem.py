@@ -787,3 +787,24 @@ async def test_kernel_notifier_is_usable_as_the_fs_invalidator(tmp_path: Path, m
             nursery.cancel_scope.cancel()
     finally:
         await s.close()
+
+
+async def test_security_capability_is_answered_from_memory(stack: Stack) -> None:
+    """The kernel asks for security.capability before every write (issue 10, item 5): the
+    answer is ENODATA at once, without reading the file's xattrs from the backing tree."""
+    pyfuse3 = pytest.importorskip("pyfuse3")
+    from safefs.fuse_ops import CachePolicy, SafeOperations
+
+    (stack.src / "f").write_bytes(b"x")
+    f = await stack.resolve("f")
+    assert f.xattrs is None  # not read from the backing tree yet
+    ops = SafeOperations(stack.fs, CachePolicy())
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.getxattr(f.ino, b"security.capability", None)
+    assert info.value.errno == errno.ENODATA
+    assert f.xattrs is None  # answered from memory: no trip to the backing tree
+    await stack.fs.setxattr(f.ino, b"security.capability", b"cap")
+    assert await ops.getxattr(f.ino, b"security.capability", None) == b"cap"
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.getxattr(f.ino, b"user.absent", None)  # other names take the usual way
+    assert info.value.errno == errno.ENODATA
