@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 FETCH_BLOCK = 128 * 1024  # reads fetch whole aligned blocks of this size
+WHOLE_FILE_FETCH = 1 << 20  # a read of a file this small fetches all of it (see fetch)
 NAME_MAX = 255
 NEGATIVE_NAMES_MAX = 100_000  # absences the kernel may cache at once (see note_absent)
 XATTR_CREATE, XATTR_REPLACE = 1, 2
@@ -1029,12 +1030,22 @@ class Filesystem:
         return await self.in_cache(self.cache.pread, inode.ino, offset, end - offset)
 
     async def fetch(self, inode: Inode, start: int, end: int) -> None:
-        """Bring [start, end) of a file into the cache from the backing tree."""
+        """Bring [start, end) of a file into the cache from the backing tree.
+
+        A small file (up to WHOLE_FILE_FETCH) comes whole, in one read of the span of its
+        gaps: a cold read of it is one worker trip (the store, the journal record and the
+        reply's pread run inline), and no later read of it goes to the project.
+        """
+        small = inode.size <= WHOLE_FILE_FETCH
+        if small:
+            start, end = 0, inode.size
         start -= start % FETCH_BLOCK
         end = min(inode.size, end + (-end % FETCH_BLOCK))
         todo = inode.gaps(records.PRESENT, start, end)
         if not todo:
             return
+        if small:  # present bytes in between are read again but not stored: one trip
+            todo = [(todo[0][0], todo[-1][1])]
         if self.table.backing_path(inode.ino) is None:
             raise FsError(errno.EIO, "bytes of a file not on the backing tree are missing")
         self.stats.fetches += 1
