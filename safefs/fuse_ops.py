@@ -18,6 +18,7 @@ Threading: handlers run as trio tasks on the trio thread and interleave at every
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import functools
@@ -52,12 +53,20 @@ class CachePolicy:
 
     The whole kernel cache policy, and the measurement behind each choice (2-CPU VM; numbers
     from `scripts/bench` and from single-workload A/B runs noted in the commits):
-    - Writeback cache: OFF. With it the kernel acknowledges write() from its page cache and
-      sends the bytes later; a killed daemon would lose them, which G2 forbids ("data whose
-      write() returned is in the cache"). It is what makes a plain pass-through fast: a
-      pyfuse3 pass-through did 1,286 SQLite tx/s with it and 299 without, random 4 KiB
-      writes 277,000 vs 16,800 IOPS. safefs pays that price on purpose: every write() is a
-      request, and those targets of the benchmark stay out of reach.
+    - Writeback cache: ON for a mount that starts as the writer (`WRITEBACK_CACHE` turns it
+      off everywhere). The kernel acknowledges write() from its page cache and sends the pages
+      later, in large WRITEs: a pyfuse3 pass-through did 1,286 SQLite tx/s with it and 299
+      without, random 4 KiB writes 277,000 vs 16,800 IOPS. G2 allows it: fsync, and close()
+      (the kernel writes an inode's dirty pages back before it answers close(), FLUSH handler
+      or not), make the pages reach a WRITE, which is in the cache file and the journal
+      before it is answered; only pages of a file still open and not fsynced are lost when
+      the daemon dies. `sync`, `umount` and a release first make the kernel send what it holds
+      (`flush_kernel_pages`); a kernel unmount sends them itself. The kernel then owns size,
+      mtime and ctime of a regular file it caches (it never takes them from our replies), so
+      the mode is negotiated once, at INIT, and a mount that starts as a follower never has it
+      (a follower's files change under it). A writer that later turns follower keeps it:
+      it cannot write any more, so it holds no dirty pages, but a size the kernel cached
+      before stays until the file is looked up afresh.
     - Page cache across opens (`keep_cache`): on for the writer when the file's fingerprint
       on the backing tree is unchanged (only this host changes it); never on a follower.
     - Entry and attribute timeouts: 60 s on the writer, min(poll, 1 s) on a follower.
@@ -154,13 +163,15 @@ class KernelNotifier:
 class SafeOperations(pyfuse3.Operations):
     """Translate kernel requests into Filesystem calls."""
 
-    enable_writeback_cache = False  # write() must reach the journal before it returns (G2)
     # No `flush` handler: close() has nothing to report that write() and fsync() did not, and
     # the ENOSYS of pyfuse3's default tells the kernel to stop sending FLUSH at all, which
-    # saves a round trip per close().
+    # saves a round trip per close(). With the writeback cache the kernel still writes the
+    # file's dirty pages back (and waits for them) before it answers close(): fuse_flush()
+    # does that before it looks at whether FLUSH is implemented.
 
-    def __init__(self, fs: Filesystem, policy: CachePolicy) -> None:
+    def __init__(self, fs: Filesystem, policy: CachePolicy, *, writeback_cache: bool = False) -> None:
         super().__init__()
+        self.enable_writeback_cache = writeback_cache  # read by pyfuse3 at INIT (CachePolicy)
         self.fs = fs
         self.policy = policy
         self.bugs = 0
@@ -393,6 +404,43 @@ def mount_options(*, allow_other: bool) -> set[str]:
     return options
 
 
+
+
+WRITEBACK_CACHE = True  # the one switch for the kernel writeback cache (see CachePolicy)
+
+
+async def flush_kernel_pages(mountpoint: str, timeout: float) -> bool:
+    """Make the kernel write back the dirty pages it holds for `mountpoint` (syncfs(2) on it);
+    False if that failed or took longer than `timeout`.
+
+    The daemon calls this on its own mount, so the syncfs runs in a worker thread: the WRITE
+    requests it causes are served by the trio thread meanwhile (a syncfs there would wait for
+    itself forever). On a timeout the thread is abandoned; it ends when the kernel is done.
+    """
+
+    def syncfs() -> None:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _libc().syncfs(fd) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code))
+        finally:
+            os.close(fd)
+
+    with trio.move_on_after(timeout):
+        try:
+            await trio.to_thread.run_sync(syncfs, abandon_on_cancel=True)
+            return True
+        except OSError as exc:
+            log.warning("fuse: the kernel could not write back its pages of %s: %s", mountpoint, exc)
+            return False
+    log.warning("fuse: the kernel did not write back its pages of %s within %g s", mountpoint, timeout)
+    return False
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)  # os has no syncfs
 
 
 READAHEAD_KIB = 1024
