@@ -72,7 +72,9 @@ from safefs.errors import (
 )
 from safefs.flusher import Flusher
 from safefs.fs import Filesystem, Limiters
-from safefs.fuse_ops import CachePolicy, KernelNotifier, SafeOperations, Session, mount_device
+from safefs.fuse_ops import (
+    WRITEBACK_CACHE, CachePolicy, KernelNotifier, SafeOperations, Session, flush_kernel_pages, mount_device,
+)
 from safefs.history import Event as HistoryEvent
 from safefs.history import HistoryLog
 from safefs.inodes import ROOT_INO, InodeTable
@@ -98,6 +100,7 @@ HISTORY_QUEUE = 100  # lease events waiting to be appended to the project's hist
 HISTORY_CHECK_INTERVAL = 1.0  # how often new conflicts are looked for, to record them
 MARKER_UNKNOWN = ("unknown",)  # Daemon._marker before we looked: a marker of ours may exist
 ETCD_CALL_TIMEOUT = 5.0  # one etcd request (publish, read) from the daemon; abandoned after this
+KERNEL_FLUSH_TIMEOUT = 300.0  # syncfs of our own mount before a write-back without a timeout
 ETCD_WATCH_WAIT = 10.0  # a follower's long-poll watch of the generation key lasts this long
 ETCD_FALLBACK_POLL = 30.0  # while etcd tells followers of generations, they read the NFS file this often
 MOUNT_WATCH_INTERVAL = 0.5  # how often the mount table is read for our mount (Daemon._watch_mount)
@@ -292,7 +295,9 @@ class Daemon:
 
     async def _serve_mount(self, services: trio.Nursery) -> int:
         config = self.config
-        ops = self.ops = SafeOperations(self.fs, self.policy)
+        writeback_cache = WRITEBACK_CACHE and self.role == "writer"  # see fuse_ops.CachePolicy
+        ops = self.ops = SafeOperations(self.fs, self.policy, writeback_cache=writeback_cache)
+        self.fs.kernel_owns_sizes = writeback_cache
         session = self.session = Session(ops, str(config.mnt), allow_other=config.allow_other)
         clean_exit = False
         try:
@@ -861,6 +866,7 @@ class Daemon:
             "evictions": self.fs.stats.evictions,
             "inodes": len(self.fs.table.inodes),
             "internal_errors": self.ops.bugs,
+            "kernel_writeback_cache": self.ops.enable_writeback_cache,
             "writeback_delay": config.writeback_delay,
             "lease": lease,
             "warnings": logs.recent(),
@@ -926,6 +932,7 @@ class Daemon:
         """_write_back in the background, answering within about `timeout` whatever a backing
         call in flight does, and telling the client each second what it waits for. On a
         timeout the write-back goes on by itself; the SyncTimeout names the real cause."""
+        await self._flush_kernel(timeout)
         outcome: list[Any] = []
         done = trio.Event()
 
@@ -945,6 +952,12 @@ class Daemon:
         if isinstance(outcome[0], Exception):
             raise outcome[0]
         return outcome[0]
+
+    async def _flush_kernel(self, timeout: float | None) -> None:
+        """With the writeback cache, the kernel holds pages written to files still open: make
+        it send them before a write-back that `sync`, `sync --release` or `umount` asked for."""
+        if self.state == "mounted" and getattr(self, "ops", None) is not None and self.ops.enable_writeback_cache:
+            await flush_kernel_pages(str(self.config.mnt), KERNEL_FLUSH_TIMEOUT if timeout is None else timeout)
 
     async def _wait_reporting(self, event: trio.Event, progress: Any, what: Any) -> None:
         """Wait for `event`; meanwhile tell `progress` every PROGRESS_INTERVAL how far the

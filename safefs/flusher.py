@@ -974,6 +974,8 @@ class Flusher:
             inode.present = ranges.EMPTY
             inode.dirty = ranges.EMPTY
             inode.attr_dirty = False
+            if fs.kernel_owns_sizes:
+                cur = None  # the kernel keeps this inode's size: the name gets a new inode
             if cur is not None and stat.S_ISREG(cur.st_mode):
                 Filesystem._copy_stat(inode, cur)
                 inode.origin = fingerprint_tuple(Fingerprint.of(cur))
@@ -984,6 +986,8 @@ class Flusher:
         if cur is None or not stat.S_ISREG(cur.st_mode):
             for link_parent, link_name in list(inode.links):
                 self.table.unlink(link_parent, link_name)
+                if fs.kernel_owns_sizes and link_parent in self.table.inodes:
+                    self.table.inodes[link_parent].stale = True  # a refresh finds theirs
                 await fs.invalidator.invalidate_entry(link_parent, link_name)
             inode.blinks.clear()
             await fs.collect(inode)

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 FETCH_BLOCK = 128 * 1024  # reads fetch whole aligned blocks of this size
+WHOLE_FILE_FETCH = 1 << 20  # a read of a file this small fetches all of it (see fetch)
 NAME_MAX = 255
 NEGATIVE_NAMES_MAX = 100_000  # absences the kernel may cache at once (see note_absent)
 XATTR_CREATE, XATTR_REPLACE = 1, 2
@@ -231,6 +232,10 @@ class Filesystem:
         self._absent: dict[int, set[bytes]] = {}  # names the kernel may cache as absent
         self._absent_count = 0
         self.follower = False  # no local changes at all; the kernel must not keep pages
+        # The kernel writeback cache is on: the kernel never takes a regular file's size or
+        # mtime from us again once it has the inode, so a file changed on the backing tree
+        # must become a new inode (see _revalidate), even when nobody has it open.
+        self.kernel_owns_sizes = False
         self.stats = FsStats()
         self.on_change: Callable[[], None] = lambda: None  # the flusher pokes itself here
         self.inject_bug_name: bytes | None = None  # tests: a lookup of this name raises a bug
@@ -480,10 +485,11 @@ class Filesystem:
                         else (d.ino, name) in child.blinks  # put there by us (older caches)
                     )
                 )
-                if same_object and child.opens > 0 and child.is_reg:
+                if same_object and (child.opens > 0 or self.kernel_owns_sizes) and child.is_reg:
                     assert entry is not None
                     # Changed in place while open: the open version stays whole with its
                     # openers (see _split_open_version); the name gets a new inode below.
+                    # So does any changed file while the kernel keeps its own sizes.
                     same_object = same_content(child.origin, fingerprint_tuple(Fingerprint.of(entry.st)))
                 if same_object:
                     assert entry is not None
@@ -960,16 +966,17 @@ class Filesystem:
                     self.table.backing_path(inode.ino))  # fmt: skip
 
     def _split_open_version(self, inode: Inode) -> None:
-        """The backing file changed while `inode` is open: the open version stays with those
-        who have it open, as after a rename over it on a local disk, and its names go to the
-        new file, which a lookup (of the refreshed directory) gives a new inode.
+        """The backing file changed while `inode` is open (or, with the kernel writeback cache,
+        while the kernel keeps its own size of it): the open version stays with those who
+        have it open, as after a rename over it on a local disk, and its names go to the new
+        file, which a lookup (of the refreshed directory) gives a new inode.
 
         Dropping the cached bytes instead would let an open reader continue in the new
         version: a torn file. A follower fetched the whole file at open (`_snapshot`); bytes
         this version never fetched now fail with EIO rather than come from the new one.
         """
-        log.info("fs: %r changed on the backing tree while open; its names move to the new file",
-                 self.table.backing_path(inode.ino))  # fmt: skip
+        log.info("fs: %r changed on the backing tree while open or cached by the kernel; its names "
+                 "move to the new file", self.table.backing_path(inode.ino))  # fmt: skip
         for parent, name in list(inode.links):
             parent_inode = self.table.inodes.get(parent)
             if parent_inode is not None:
@@ -1000,7 +1007,7 @@ class Filesystem:
         async with self.inode_locks(inode.ino):
             if inode.needs_flush:
                 return False
-            if inode.opens > 0:
+            if inode.opens > 0 or self.kernel_owns_sizes:
                 self._split_open_version(inode)
                 raise FsError(errno.ESTALE, "replaced on the project")  # the kernel looks again
             log.info("fs: %r changed on the backing tree; dropping its cached bytes", path)
@@ -1030,12 +1037,22 @@ class Filesystem:
         return await self.in_cache(self.cache.pread, inode.ino, offset, end - offset)
 
     async def fetch(self, inode: Inode, start: int, end: int) -> None:
-        """Bring [start, end) of a file into the cache from the backing tree."""
+        """Bring [start, end) of a file into the cache from the backing tree.
+
+        A small file (up to WHOLE_FILE_FETCH) comes whole, in one read of the span of its
+        gaps: a cold read of it is one worker trip (the store, the journal record and the
+        reply's pread run inline), and no later read of it goes to the project.
+        """
+        small = inode.size <= WHOLE_FILE_FETCH
+        if small:
+            start, end = 0, inode.size
         start -= start % FETCH_BLOCK
         end = min(inode.size, end + (-end % FETCH_BLOCK))
         todo = inode.gaps(records.PRESENT, start, end)
         if not todo:
             return
+        if small:  # present bytes in between are read again but not stored: one trip
+            todo = [(todo[0][0], todo[-1][1])]
         if self.table.backing_path(inode.ino) is None:
             raise FsError(errno.EIO, "bytes of a file not on the backing tree are missing")
         self.stats.fetches += 1
@@ -1092,7 +1109,9 @@ class Filesystem:
             await self.in_cache(self.cache.refresh_free_space)  # count what eviction freed
         self._reserve(len(data))
         async with self.inode_locks(inode.ino):
-            if handle.flags & os.O_APPEND:
+            if handle.flags & os.O_APPEND and not self.kernel_owns_sizes:
+                # With the writeback cache the kernel resolved O_APPEND itself, and its WRITEs
+                # carry pages of any writer (an mmap too) through whichever handle it picks.
                 offset = inode.size
             end = offset + len(data)
             ahead = None

@@ -4,7 +4,8 @@ This is the only module that imports pyfuse3; the daemon drives the kernel sessi
 `Session` (mount, serve, close).
 
 Invariants:
-- Every handler goes through `fuse_errors`: a `SafefsError` or `OSError` becomes its errno;
+- Every handler goes through `fuse_errors` (getxattr's `security.capability` answer, which
+  can raise nothing but FUSEError, comes before it): a `SafefsError` or `OSError` becomes its errno;
   anything else is a bug, which is logged with its traceback and answered with EIO. No
   exception ever escapes into `pyfuse3.main()` (that would take the mount down).
 - `forget` never raises (pyfuse3 forbids it).
@@ -17,6 +18,7 @@ Threading: handlers run as trio tasks on the trio thread and interleave at every
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import errno
 import functools
@@ -37,6 +39,8 @@ log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
+CAPABILITY = b"security.capability"
+
 
 @dataclasses.dataclass
 class CachePolicy:
@@ -50,12 +54,20 @@ class CachePolicy:
 
     The whole kernel cache policy, and the measurement behind each choice (2-CPU VM; numbers
     from `scripts/bench` and from single-workload A/B runs noted in the commits):
-    - Writeback cache: OFF. With it the kernel acknowledges write() from its page cache and
-      sends the bytes later; a killed daemon would lose them, which G2 forbids ("data whose
-      write() returned is in the cache"). It is what makes a plain pass-through fast: a
-      pyfuse3 pass-through did 1,286 SQLite tx/s with it and 299 without, random 4 KiB
-      writes 277,000 vs 16,800 IOPS. safefs pays that price on purpose: every write() is a
-      request, and those targets of the benchmark stay out of reach.
+    - Writeback cache: ON for a mount that starts as the writer (`WRITEBACK_CACHE` turns it
+      off everywhere). The kernel acknowledges write() from its page cache and sends the pages
+      later, in large WRITEs: a pyfuse3 pass-through did 1,286 SQLite tx/s with it and 299
+      without, random 4 KiB writes 277,000 vs 16,800 IOPS. G2 allows it: fsync, and close()
+      (the kernel writes an inode's dirty pages back before it answers close(), FLUSH handler
+      or not), make the pages reach a WRITE, which is in the cache file and the journal
+      before it is answered; only pages of a file still open and not fsynced are lost when
+      the daemon dies. `sync`, `umount` and a release first make the kernel send what it holds
+      (`flush_kernel_pages`); a kernel unmount sends them itself. The kernel then owns size,
+      mtime and ctime of a regular file it caches (it never takes them from our replies), so
+      the mode is negotiated once, at INIT, and a mount that starts as a follower never has it
+      (a follower's files change under it). A writer that later turns follower keeps it:
+      it cannot write any more, so it holds no dirty pages, but a size the kernel cached
+      before stays until the file is looked up afresh.
     - Page cache across opens (`keep_cache`): on for the writer when the file's fingerprint
       on the backing tree is unchanged (only this host changes it); never on a follower.
     - Entry and attribute timeouts: 60 s on the writer, min(poll, 1 s) on a follower.
@@ -66,8 +78,8 @@ class CachePolicy:
     - Readahead 1 MiB instead of 128 KiB (`raise_readahead`): cold sequential reads 2.6x
       faster. Writes already arrive in requests of up to 1 MiB (libfuse's max_write with
       the kernel's max_pages).
-    - Left as it is: the kernel asks for `security.capability` before every write (pyfuse3
-      offers no FUSE_HANDLE_KILLPRIV); the answer comes from memory, but it is a round trip.
+    - The kernel asks for `security.capability` before every write (pyfuse3 offers no
+      FUSE_HANDLE_KILLPRIV): `getxattr` answers it first thing, from memory; still a round trip.
     """
 
     entry_timeout: float = 60.0
@@ -152,13 +164,15 @@ class KernelNotifier:
 class SafeOperations(pyfuse3.Operations):
     """Translate kernel requests into Filesystem calls."""
 
-    enable_writeback_cache = False  # write() must reach the journal before it returns (G2)
     # No `flush` handler: close() has nothing to report that write() and fsync() did not, and
     # the ENOSYS of pyfuse3's default tells the kernel to stop sending FLUSH at all, which
-    # saves a round trip per close().
+    # saves a round trip per close(). With the writeback cache the kernel still writes the
+    # file's dirty pages back (and waits for them) before it answers close(): fuse_flush()
+    # does that before it looks at whether FLUSH is implemented.
 
-    def __init__(self, fs: Filesystem, policy: CachePolicy) -> None:
+    def __init__(self, fs: Filesystem, policy: CachePolicy, *, writeback_cache: bool = False) -> None:
         super().__init__()
+        self.enable_writeback_cache = writeback_cache  # read by pyfuse3 at INIT (CachePolicy)
         self.fs = fs
         self.policy = policy
         self.bugs = 0
@@ -332,8 +346,20 @@ class SafeOperations(pyfuse3.Operations):
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         await self.fs.setxattr(inode, name, value)
 
-    @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if name == CAPABILITY:
+            # The kernel asks this before every write (pyfuse3 offers no FUSE_HANDLE_KILLPRIV),
+            # so it is answered first, from memory: an NFS project never carries security.*
+            # xattrs (NFSv4.2 has user.* only), so only one set through this mount can exist.
+            known = self.fs.table.inodes.get(inode)
+            value = known.xattrs.get(name) if known is not None and known.xattrs else None
+            if value is None:
+                raise pyfuse3.FUSEError(errno.ENODATA)
+            return value
+        return await self._getxattr(inode, name)
+
+    @fuse_errors
+    async def _getxattr(self, inode: int, name: bytes) -> bytes:
         return await self.fs.getxattr(inode, name)
 
     @fuse_errors
@@ -389,6 +415,43 @@ def mount_options(*, allow_other: bool) -> set[str]:
     return options
 
 
+
+
+WRITEBACK_CACHE = True  # the one switch for the kernel writeback cache (see CachePolicy)
+
+
+async def flush_kernel_pages(mountpoint: str, timeout: float) -> bool:
+    """Make the kernel write back the dirty pages it holds for `mountpoint` (syncfs(2) on it);
+    False if that failed or took longer than `timeout`.
+
+    The daemon calls this on its own mount, so the syncfs runs in a worker thread: the WRITE
+    requests it causes are served by the trio thread meanwhile (a syncfs there would wait for
+    itself forever). On a timeout the thread is abandoned; it ends when the kernel is done.
+    """
+
+    def syncfs() -> None:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            if _libc().syncfs(fd) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code))
+        finally:
+            os.close(fd)
+
+    with trio.move_on_after(timeout):
+        try:
+            await trio.to_thread.run_sync(syncfs, abandon_on_cancel=True)
+            return True
+        except OSError as exc:
+            log.warning("fuse: the kernel could not write back its pages of %s: %s", mountpoint, exc)
+            return False
+    log.warning("fuse: the kernel did not write back its pages of %s within %g s", mountpoint, timeout)
+    return False
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)  # os has no syncfs
 
 
 READAHEAD_KIB = 1024

@@ -6,6 +6,9 @@
 Systems (one directory tree each, all on the same local disk, under --dir):
 - local:      the local disk itself, the limit every ratio is taken against.
 - safefs:     a safefs writer mount (`python -m safefs mount SRC MNT --cache-dir ...`).
+- ceiling:    scripts/passthrough.py, a minimal durable pyfuse3 pass-through (kernel writeback
+              cache, 60 s entry/attr timeouts, fsync forwarded): what Python on pyfuse3 can
+              do here at best, so each row also reads as a fraction of that.
 - rclone:     `rclone mount --vfs-cache-mode full` of a local directory (the write-back-cache
               peer users pick). Needs the Debian package rclone; installed with apt-get when
               missing and we are root, else the column is skipped with a note.
@@ -89,7 +92,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 MIB = 1024 * 1024
-DEFAULT_SYSTEMS = ("local", "safefs", "rclone", "nfs")
+DEFAULT_SYSTEMS = ("local", "safefs", "ceiling", "rclone", "nfs")
 ALL_SYSTEMS = (*DEFAULT_SYSTEMS, "safefs-nfs")
 WORKLOADS = ("seq", "fetch", "rand", "tar", "sqlite", "busy", "git", "writeback", "tree")
 BUSY_SYSTEMS = ("local", "safefs", "safefs-nfs")  # busy needs a write-back; local is its baseline
@@ -333,6 +336,47 @@ class Rclone(System):
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 problems.append("rclone ignored SIGTERM for 30 s; killed")
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        problem = lazy_unmount(self.root)
+        return problems + ([problem] if problem else [])
+
+
+class Ceiling(System):
+    """scripts/passthrough.py over its own backing directory."""
+
+    name = "ceiling"
+    label = "py ceiling"
+
+    def __init__(self, base: Path) -> None:
+        super().__init__(base)
+        self.root = self.base / "mnt"
+        self.root.mkdir()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def mount(self) -> None:
+        log = open(self.base / "passthrough.log", "wb")
+        self.proc = subprocess.Popen([PY, str(REPO / "scripts" / "passthrough.py"), str(self.backing), str(self.root)],
+                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)  # fmt: skip
+        log.close()
+        deadline = time.monotonic() + 30
+        while not is_mounted(self.root):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"passthrough failed: {(self.base / 'passthrough.log').read_text()[-1000:]}")
+            time.sleep(0.05)
+
+    def daemon_pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def unmount(self) -> list[str]:
+        problems = []
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # it unmounts itself on SIGTERM
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                problems.append("passthrough ignored SIGTERM for 30 s; killed")
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         problem = lazy_unmount(self.root)
@@ -983,6 +1027,8 @@ def make_system(name: str, base: Path, args: argparse.Namespace) -> System:
         return Safefs(base)
     if name == "rclone":
         return Rclone(base)
+    if name == "ceiling":
+        return Ceiling(base)
     if name == "nfs":
         return SlowNfs(base, args.nfs_latency_ms, args.nfs_cache_timeout)
     return SafefsOverNfs(base, args.nfs_latency_ms, args.nfs_cache_timeout)

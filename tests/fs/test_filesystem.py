@@ -788,3 +788,50 @@ async def test_kernel_notifier_is_usable_as_the_fs_invalidator(tmp_path: Path, m
             nursery.cancel_scope.cancel()
     finally:
         await s.close()
+
+
+async def test_security_capability_is_answered_from_memory(stack: Stack) -> None:
+    """The kernel asks for security.capability before every write (issue 10, item 5): the
+    answer is ENODATA at once, without reading the file's xattrs from the backing tree."""
+    pyfuse3 = pytest.importorskip("pyfuse3")
+    from safefs.fuse_ops import CachePolicy, SafeOperations
+
+    (stack.src / "f").write_bytes(b"x")
+    f = await stack.resolve("f")
+    assert f.xattrs is None  # not read from the backing tree yet
+    ops = SafeOperations(stack.fs, CachePolicy())
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.getxattr(f.ino, b"security.capability", None)
+    assert info.value.errno == errno.ENODATA
+    assert f.xattrs is None  # answered from memory: no trip to the backing tree
+    await stack.fs.setxattr(f.ino, b"security.capability", b"cap")
+    assert await ops.getxattr(f.ino, b"security.capability", None) == b"cap"
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.getxattr(f.ino, b"user.absent", None)  # other names take the usual way
+    assert info.value.errno == errno.ENODATA
+
+
+async def test_a_cold_read_of_a_small_file_fetches_it_whole_in_one_trip(stack: Stack) -> None:
+    """Issue 10, item 6: one backing read brings the whole small file; later reads of any
+    part of it are served from the cache."""
+    from safefs.fs import WHOLE_FILE_FETCH
+
+    data = os.urandom(WHOLE_FILE_FETCH - 5)
+    (stack.src / "small").write_bytes(data)
+    reads: list[tuple[int, int]] = []
+    real = stack.backing.read
+
+    def counting(path: Any, offset: int, size: int) -> bytes:
+        reads.append((offset, size))
+        return real(path, offset, size)
+
+    stack.backing.read = counting  # type: ignore[method-assign]
+    fh = await stack.open("small")
+    try:
+        assert await stack.fs.read(fh, 300_000, 4096) == data[300_000:304_096]
+        assert reads == [(0, len(data))], "a cold read of a small file took more than one trip"
+        assert await stack.fs.read(fh, 0, 4096) == data[:4096]
+        assert await stack.fs.read(fh, len(data) - 10, 4096) == data[-10:]
+        assert len(reads) == 1
+    finally:
+        await stack.fs.release(fh)

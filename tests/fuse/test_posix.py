@@ -864,7 +864,10 @@ def test_posix_probe_gives_the_same_answers_as_the_local_disk(open_root, mount_f
 
     expected, got = probe(local), probe(m.mnt / "t")
     assert len(expected) > 60
-    differ = [f"disk: {a}\n  mount: {b}" for a, b in zip(expected, got) if a != b]
+    # With the kernel writeback cache the kernel keeps a file's times itself, and moves them
+    # on truncate(2) only when the size changes: what POSIX asks, less than ext4 does.
+    same_size = "truncate same size times: ok ()" if m.status()["kernel_writeback_cache"] else None
+    differ = [f"disk: {a}\n  mount: {b}" for a, b in zip(expected, got) if a != b and b != same_size]
     assert not differ and len(got) == len(expected), "\n".join(differ)
     m.umount()
     assert tree_facts(src / "t") == tree_facts(local)
