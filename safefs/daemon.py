@@ -73,7 +73,13 @@ from safefs.errors import (
 from safefs.flusher import Flusher
 from safefs.fs import Filesystem, Limiters
 from safefs.fuse_ops import (
-    WRITEBACK_CACHE, CachePolicy, KernelNotifier, SafeOperations, Session, flush_kernel_pages, mount_device,
+    WRITEBACK_CACHE,
+    CachePolicy,
+    KernelNotifier,
+    SafeOperations,
+    Session,
+    flush_kernel_pages,
+    mount_device,
 )
 from safefs.history import Event as HistoryEvent
 from safefs.history import HistoryLog
