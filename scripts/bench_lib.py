@@ -302,9 +302,10 @@ class Safefs(System):
         return problems
 
 
-class Rclone(System):
-    name = "rclone"
-    label = "rclone vfs full"
+class _MountProcess(System):
+    """A FUSE filesystem run as one foreground process that unmounts itself on SIGTERM."""
+
+    log_name = "?"  # the process's output, kept in the system's base dir
 
     def __init__(self, base: Path) -> None:
         super().__init__(base)
@@ -312,17 +313,18 @@ class Rclone(System):
         self.root.mkdir()
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
     def mount(self) -> None:
-        log = open(self.base / "rclone.log", "wb")
-        self.proc = subprocess.Popen(
-            ["rclone", "mount", str(self.backing), str(self.root), "--vfs-cache-mode", "full",
-             "--cache-dir", str(self.base / "cache"), "--config", "/dev/null"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
+        log_path = self.base / self.log_name
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(self.command(), stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         deadline = time.monotonic() + 30
         while not is_mounted(self.root):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"rclone mount failed: {(self.base / 'rclone.log').read_text()[-1000:]}")
+                raise RuntimeError(f"{self.label} mount failed: {log_path.read_text()[-1000:]}")
             time.sleep(0.05)
 
     def daemon_pid(self) -> int | None:
@@ -331,56 +333,36 @@ class Rclone(System):
     def unmount(self) -> list[str]:
         problems = []
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # rclone unmounts itself on SIGTERM
+            self.proc.terminate()
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                problems.append("rclone ignored SIGTERM for 30 s; killed")
+                problems.append(f"{self.label} ignored SIGTERM for 30 s; killed")
                 self.proc.kill()
                 self.proc.wait(timeout=10)
         problem = lazy_unmount(self.root)
         return problems + ([problem] if problem else [])
 
 
-class Ceiling(System):
+class Rclone(_MountProcess):
+    name = "rclone"
+    label = "rclone vfs full"
+    log_name = "rclone.log"
+
+    def command(self) -> list[str]:
+        return ["rclone", "mount", str(self.backing), str(self.root), "--vfs-cache-mode", "full",
+                "--cache-dir", str(self.base / "cache"), "--config", "/dev/null"]  # fmt: skip
+
+
+class Ceiling(_MountProcess):
     """scripts/passthrough.py over its own backing directory."""
 
     name = "ceiling"
     label = "py ceiling"
+    log_name = "passthrough.log"
 
-    def __init__(self, base: Path) -> None:
-        super().__init__(base)
-        self.root = self.base / "mnt"
-        self.root.mkdir()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def mount(self) -> None:
-        log = open(self.base / "passthrough.log", "wb")
-        self.proc = subprocess.Popen([PY, str(REPO / "scripts" / "passthrough.py"), str(self.backing), str(self.root)],
-                                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)  # fmt: skip
-        log.close()
-        deadline = time.monotonic() + 30
-        while not is_mounted(self.root):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"passthrough failed: {(self.base / 'passthrough.log').read_text()[-1000:]}")
-            time.sleep(0.05)
-
-    def daemon_pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    def unmount(self) -> list[str]:
-        problems = []
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()  # it unmounts itself on SIGTERM
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                problems.append("passthrough ignored SIGTERM for 30 s; killed")
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        problem = lazy_unmount(self.root)
-        return problems + ([problem] if problem else [])
+    def command(self) -> list[str]:
+        return [PY, str(REPO / "scripts" / "passthrough.py"), str(self.backing), str(self.root)]
 
 
 class SlowNfs(System):
