@@ -7,8 +7,12 @@ tests/conftest.py because the multihost tier needs it too.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
+from tests.faultfs import FaultFS
 from tests.helpers import Mount, MountFactory
 
 
@@ -18,3 +22,18 @@ def mounted(mount_factory: MountFactory) -> Mount:
     tmp_path/cache, write-back delay 0.5 s. Torn down (and reaped) by mount_factory.
     """
     return mount_factory()
+
+
+@pytest.fixture
+def nfs(tmp_path: Path) -> Iterator[FaultFS]:
+    """A FaultFS (a pass-through FUSE layer that can fail, hang or slow requests) over
+    tmp_path/real, mounted at tmp_path/nfs: the project's NFS server for fault tests."""
+    real, mnt = tmp_path / "real", tmp_path / "nfs"
+    real.mkdir()
+    mnt.mkdir()
+    ffs = FaultFS.start(real, mnt, log_path=tmp_path / "faultfs.log")
+    try:
+        yield ffs
+    finally:
+        problems = ffs.stop()
+        assert not problems, f"faultfs cleanup: {problems}"

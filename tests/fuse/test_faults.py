@@ -48,19 +48,6 @@ MOUNT_ARGS = (
 
 
 @pytest.fixture
-def nfs(tmp_path: Path) -> Iterator[FaultFS]:
-    real, mnt = tmp_path / "real", tmp_path / "nfs"
-    real.mkdir()
-    mnt.mkdir()
-    ffs = FaultFS.start(real, mnt, log_path=tmp_path / "faultfs.log")
-    try:
-        yield ffs
-    finally:
-        problems = ffs.stop()
-        assert not problems, f"faultfs cleanup: {problems}"
-
-
-@pytest.fixture
 def rig(nfs: FaultFS, mount_factory: MountFactory) -> Iterator[tuple[FaultFS, Callable[..., Mount]]]:
     """(nfs, mount(*extra_args, **kw)) with SRC = the faultfs mount. Teardown clears the
     faults first, so the daemons' final write-back at teardown meets a working SRC."""

@@ -13,8 +13,6 @@ SRC must be exactly the file's.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -25,19 +23,6 @@ pytestmark = [pytest.mark.fuse, pytest.mark.timeout(300)]
 
 MIB = 1 << 20
 OTHERS = 300  # more than cache.MAX_OPEN_FILES
-
-
-@pytest.fixture
-def nfs(tmp_path: Path) -> Iterator[FaultFS]:
-    real, mnt = tmp_path / "real", tmp_path / "nfs"
-    real.mkdir()
-    mnt.mkdir()
-    ffs = FaultFS.start(real, mnt, log_path=tmp_path / "faultfs.log")
-    try:
-        yield ffs
-    finally:
-        problems = ffs.stop()
-        assert not problems, f"faultfs cleanup: {problems}"
 
 
 def test_write_back_while_more_than_256_other_files_are_open(nfs: FaultFS, mount_factory: MountFactory) -> None:

@@ -420,3 +420,12 @@ def cluster(mount_factory: MountFactory, tmp_path: Path, host_mode: str) -> Iter
     """`cluster.start(name, *extra_args, writeback_delay=0.5, src=None, umask=-1)` starts a
     host; `cluster.src` is the shared project; `cluster.timings` the lease timings."""
     yield Cluster(tmp_path, mount_factory, host_mode)
+
+
+def fenced(host) -> dict | None:
+    """The status once `host` says it is not (or no longer) a writable writer, else None."""
+    status = host.status()
+    lease = status["lease"]
+    if lease.get("writable") or not (status["role"] == "follower" or lease.get("state") == "lost"):
+        return None
+    return status

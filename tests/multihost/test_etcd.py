@@ -28,7 +28,7 @@ import pytest
 from safefs.errors import ExitCode
 from tests.etcd_server import EtcdServer, etcd_server  # noqa: F401  (fixture)
 from tests.helpers import describe, wait_until
-from tests.multihost.conftest import TIMINGS, snapshot
+from tests.multihost.conftest import TIMINGS, fenced, snapshot
 
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(300)]
 
@@ -62,14 +62,6 @@ def etcd_generation(server: EtcdServer) -> dict | None:
     with urllib.request.urlopen(urllib.request.Request(server.url + "/v3/kv/range", data=body), timeout=5) as r:
         kvs = json.load(r).get("kvs") or []
     return json.loads(base64.b64decode(kvs[0]["value"])) if kvs else None
-
-
-def fenced(host) -> dict | None:
-    status = host.status()
-    lease = status["lease"]
-    if lease.get("writable") or not (status["role"] == "follower" or lease.get("state") == "lost"):
-        return None
-    return status
 
 
 def test_mounts_racing_for_the_lease_get_exactly_one_writer_every_round(etcd_cluster):

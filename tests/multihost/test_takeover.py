@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import describe, wait_until
-from tests.multihost.conftest import TIMINGS, snapshot
+from tests.multihost.conftest import TIMINGS, fenced, snapshot
 
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(300)]
 
@@ -70,15 +70,6 @@ def published_epoch(src: Path) -> int | None:
 def diff(before: dict, after: dict) -> dict:
     keys = set(before) | set(after)
     return {k: (before.get(k), after.get(k)) for k in sorted(keys) if before.get(k) != after.get(k)}
-
-
-def fenced(host) -> dict | None:
-    """The status once `host` says it is not (or no longer) a writable writer, else None."""
-    status = host.status()
-    lease = status["lease"]
-    if lease.get("writable") or not (status["role"] == "follower" or lease.get("state") == "lost"):
-        return None
-    return status
 
 
 def pause_until_taken_over(cluster, writeback_delay):
