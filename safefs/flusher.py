@@ -52,11 +52,15 @@ from typing import Any
 import trio
 
 from safefs import generation, ranges, records
-from safefs.backing import Attrs, Fingerprint
-from safefs.config import CONTROL_DIR_NAME
+from safefs.backing import Attrs, Backing, Fingerprint
+from safefs.cache import ContentCache
+from safefs.clock import Clock
+from safefs.config import CONTROL_DIR_NAME, MountConfig
+from safefs.content import Content, fingerprint_tuple, same_content
 from safefs.errors import BackingFailed, ReadOnly, SafefsError, SyncTimeout
-from safefs.fs import Filesystem, fingerprint_tuple, same_content
-from safefs.inodes import ROOT_INO, Inode
+from safefs.inodes import ROOT_INO, Inode, InodeTable
+from safefs.negative import NegativeNames
+from safefs.ports import Invalidator, WriteGate
 
 log = logging.getLogger(__name__)
 _CREATED_TOO = "made in the mount while the project got another object of that name"
@@ -112,12 +116,34 @@ class Receipt:
 
 
 class Flusher:
-    def __init__(self, fs: Filesystem, host_name: str) -> None:
-        self.fs = fs
-        self.table = fs.table
-        self.backing = fs.backing
-        self.clock = fs.clock
-        self.config = fs.config
+    """The write-back service. Built from the pieces it works on, not from the Filesystem: it
+    learns of changes through `poke` (the daemon hands that to the filesystem as its
+    `on_change`), and shares with the filesystem only what sits below both (the inode table,
+    the contents with their locks and thread hops, the remembered negative entries)."""
+
+    def __init__(
+        self,
+        *,
+        table: InodeTable,
+        cache: ContentCache,
+        content: Content,
+        backing: Backing,
+        gate: WriteGate,
+        clock: Clock,
+        config: MountConfig,
+        invalidator: Invalidator,
+        negative: NegativeNames,
+        host_name: str,
+    ) -> None:
+        self.table = table
+        self.cache = cache
+        self.content = content
+        self.backing = backing
+        self.gate = gate
+        self.clock = clock
+        self.config = config
+        self.invalidator = invalidator
+        self.negative = negative
         self.host_name = host_name
         self._wake = trio.Event()
         self._wake_at = math.inf  # when run() looks next by itself (see poke)
@@ -140,7 +166,6 @@ class Flusher:
         self._generation_pending = False  # a sync must publish a generation before it returns
         self.announce: Callable[[dict[str, Any]], None] | None = None  # told of every published generation
         self.busy = False
-        fs.on_change = self.poke
 
     def poke(self) -> None:
         """A change was made. Wake the service only if it would otherwise look too late: a
@@ -219,7 +244,7 @@ class Flusher:
 
     async def _publish_generation(self, changed: set[BPath]) -> None:
         """Tell followers that the project moved: `.safefs/generation`, epoch and counter."""
-        epoch = self.fs.gate.require_publishable()
+        epoch = self.gate.require_publishable()
         number = max(self.generation, int(self.table.meta.get("generation", 0))) + 1
         self._generation_pending = True  # until the record is out
         record = await self._call(
@@ -275,7 +300,7 @@ class Flusher:
                     await trio.sleep(self._backoff)
                     continue
                 if self._done_since(start_versions, start_seq) and not self._generation_pending:
-                    await self.fs.table.sync()
+                    await self.table.sync()
                     total.generation = self.generation
                     return total
                 continue
@@ -305,7 +330,7 @@ class Flusher:
             for ino in op.inodes:  # an inode only the op kept alive may go now
                 inode = self.table.inodes.get(ino)
                 if inode is not None:
-                    await self.fs.collect(inode)
+                    await self.content.collect(inode)
             # The backing tree just stamped the directory with its own mtime; publish ours
             # (what the user saw, possibly set explicitly by tar or rsync) afterwards.
             for dir_ino in op.dirs:
@@ -323,7 +348,7 @@ class Flusher:
         touched and cleared (with the op) after. At start-up an op still marked in flight may
         or may not have taken effect, and its handler accepts both (`self._maybe_done`).
         """
-        self.fs.gate.require_publishable()
+        self.gate.require_publishable()
         self._seq = seq
         self._maybe_done = self.table.meta.get("in_flight") == seq
         if not self._maybe_done:
@@ -400,7 +425,7 @@ class Flusher:
         return self.table.dir_backing_path(ino)
 
     async def _attrs(self, inode: Inode) -> Attrs:
-        xattrs = await self.fs.xattrs_of(inode)
+        xattrs = await self.content.xattrs_of(inode)
         return Attrs(
             mode=stat.S_IMODE(inode.mode),
             uid=inode.uid,
@@ -415,19 +440,19 @@ class Flusher:
         path = args[0] if args and isinstance(args[0], tuple) else ()
         self._in_call = (getattr(fn, "__name__", "call"), path, self.clock.monotonic())
         try:
-            return await self.fs.in_backing(self._if_publishable, fn, *args)
+            return await self.content.in_backing(self._if_publishable, fn, *args)
         finally:
             self._in_call = None
 
     def _if_publishable(self, fn: Any, *args: Any) -> Any:
         """In the worker thread: ask the lease once more right before the call (it may have
         been lost while the call waited for a thread)."""
-        if not self.fs.gate.publishable():
+        if not self.gate.publishable():
             raise ReadOnly("the write lease no longer allows changes to the project")
         return fn(*args)
 
     def _staging(self) -> BPath:
-        epoch = getattr(self.fs.gate, "epoch", 0)
+        epoch = getattr(self.gate, "epoch", 0)
         return (CONTROL_DIR_NAME, b"staging", str(epoch).encode())
 
     def _conflict_name(self, name: bytes) -> bytes:
@@ -472,14 +497,14 @@ class Flusher:
         if moved:  # the name shows the project's object (after a refresh); ours the copy
             self.table.unlink(parent, name)
             self.table.link(parent, copy, inode)
-            self.fs._name_made(parent, copy)
+            self.negative.made(parent, copy)
         if parent in self.table.inodes:
             self.table.inodes[parent].stale = True
         self._record_conflict(dpath + (name,), dpath + (copy,), why)
         await self.table.commit()
         if moved:
-            await self.fs.invalidator.invalidate_entry(parent, name)
-            await self.fs.invalidator.invalidate_entry(parent, copy)
+            await self.invalidator.invalidate_entry(parent, name)
+            await self.invalidator.invalidate_entry(parent, copy)
         return copy
 
     async def _move_aside(self, path: BPath, parent: int | None, why: str) -> BPath:
@@ -619,7 +644,7 @@ class Flusher:
     async def _keep_content(self, inode: Inode | None) -> None:
         """Before a file loses a name on the backing tree, fetch what an open fd may still read."""
         if inode is not None and inode.is_reg and inode.opens > 0 and len(inode.blinks) <= 1:
-            await self.fs.fill(inode)
+            await self.content.fill(inode)
 
     async def _forget_blink(self, inode: Inode | None, link: tuple[int, bytes]) -> None:
         if inode is None:
@@ -627,7 +652,7 @@ class Flusher:
         if link in inode.blinks:
             inode.blinks.remove(link)
             self.table.mark(inode)
-        await self.fs.collect(inode)
+        await self.content.collect(inode)
 
     async def _op_unlink(self, parent: int, name: bytes, ino: int) -> None:
         inode = self.table.inodes.get(ino)
@@ -786,7 +811,7 @@ class Flusher:
 
     # -- publishing ----------------------------------------------------------------------
     async def _publish(self, inode: Inode, receipt: Receipt) -> None:
-        self.fs.gate.require_publishable()
+        self.gate.require_publishable()
         path = self.table.backing_path(inode.ino) if inode.ino != ROOT_INO else ()
         if path is None or (not inode.links and inode.ino != ROOT_INO):
             return  # not on the backing tree, or about to leave it: nothing to publish
@@ -813,7 +838,6 @@ class Flusher:
     async def _publish_file(
         self, inode: Inode, path: BPath, blink: tuple[int, bytes], *, atomic: bool | None, receipt: Receipt | None
     ) -> None:
-        fs = self.fs
         backing_links = 1
         if not inode.new and inode.origin is not None:
             st_now = await self._unchanged_behind_us(inode, path)
@@ -831,7 +855,7 @@ class Flusher:
         attrs = await self._attrs(inode)
         async with self._pinned(inode.ino) as fd:
             if whole:
-                await fs.fill(inode)
+                await self.content.fill(inode)
                 staging = self._staging()
                 tmp = b"publish-%x-%x-%s.tmp" % (inode.ino, version, os.urandom(6).hex().encode())
                 await self._record_publishing(inode, staging + (tmp,))
@@ -857,7 +881,7 @@ class Flusher:
             inode.blinks = [blink]
             inode.new = False
             if st.st_nlink > 1:
-                fs._by_backing_ino[st.st_ino] = inode.ino
+                self.table.note_backing_ino(st.st_ino, inode)
         if inode.version == version:
             inode.dirty = ranges.EMPTY
             inode.attr_dirty = False
@@ -870,15 +894,15 @@ class Flusher:
     async def _pinned(self, ino: int) -> AsyncIterator[int]:
         """The inode's cache descriptor, pinned: the cache's table of open files cannot close
         it (and hand its number to another file) while a backing call copies from it."""
-        fd = await self.fs.in_cache(self.fs.cache.pin, ino)
+        fd = await self.content.in_cache(self.cache.pin, ino)
         try:
             yield fd
         finally:
-            self.fs.cache.unpin(fd)
+            self.cache.unpin(fd)
 
     async def _clean_staging(self) -> None:
         """Remove staging files a crash left behind, except those a record still names."""
-        self.fs.gate.require_publishable()
+        self.gate.require_publishable()
         staging = self._staging()
         try:
             entries = await self._call(self.backing.listdir, staging)
@@ -935,7 +959,6 @@ class Flusher:
 
     async def _publish_conflict(self, inode: Inode, path: BPath) -> None:
         """The backing file changed behind safefs's back: keep both versions side by side."""
-        fs = self.fs
         parent = inode.blinks[0][0] if inode.blinks else ROOT_INO
         if path[:-1] and not await self._call(self.backing.is_dir, path[:-1]):
             # Its directory is gone too (removed or renamed behind our back): keep our version
@@ -946,7 +969,7 @@ class Flusher:
         attrs = await self._attrs(inode)
         async with self._pinned(inode.ino) as fd:
             try:
-                await fs.fill(inode)
+                await self.content.fill(inode)
             except (OSError, Exception):  # the original may be gone; publish what we have
                 pass
             st = await self._call(self.backing.publish_atomic, aside, self._staging(), fd, inode.size, attrs)
@@ -954,7 +977,7 @@ class Flusher:
         # Our version now lives under the conflict name; the original name shows the backing
         # tree's version again (or goes, if the backing tree no longer has it).
         copy = self.table.new_inode(stat.S_IFREG | stat.S_IMODE(inode.mode), inode.uid, inode.gid, st.st_ctime_ns)
-        Filesystem._copy_stat(copy, st)
+        self.table.update_attrs(copy, st)
         copy.origin = fingerprint_tuple(Fingerprint.of(st))
         copy.blinks = [(parent, name)]
         copy.xattrs = dict(attrs.xattrs)
@@ -969,15 +992,15 @@ class Flusher:
             if exc.errno != errno.ELOOP:
                 raise
             cur = None
-        async with fs.inode_locks(inode.ino):
-            await fs.in_cache(fs.cache.delete, inode.ino)
+        async with self.content.inode_locks(inode.ino):
+            await self.content.in_cache(self.cache.delete, inode.ino)
             inode.present = ranges.EMPTY
             inode.dirty = ranges.EMPTY
             inode.attr_dirty = False
-            if fs.kernel_owns_sizes:
+            if self.content.kernel_owns_sizes:
                 cur = None  # the kernel keeps this inode's size: the name gets a new inode
             if cur is not None and stat.S_ISREG(cur.st_mode):
-                Filesystem._copy_stat(inode, cur)
+                self.table.update_attrs(inode, cur)
                 inode.origin = fingerprint_tuple(Fingerprint.of(cur))
             else:
                 inode.size = 0
@@ -986,14 +1009,14 @@ class Flusher:
         if cur is None or not stat.S_ISREG(cur.st_mode):
             for link_parent, link_name in list(inode.links):
                 self.table.unlink(link_parent, link_name)
-                if fs.kernel_owns_sizes and link_parent in self.table.inodes:
+                if self.content.kernel_owns_sizes and link_parent in self.table.inodes:
                     self.table.inodes[link_parent].stale = True  # a refresh finds theirs
-                await fs.invalidator.invalidate_entry(link_parent, link_name)
+                await self.invalidator.invalidate_entry(link_parent, link_name)
             inode.blinks.clear()
-            await fs.collect(inode)
-        await fs.invalidator.invalidate_inode(inode.ino)
+            await self.content.collect(inode)
+        await self.invalidator.invalidate_inode(inode.ino)
         if parent in self.table.inodes:
-            await fs.invalidator.invalidate_entry(parent, name)
+            await self.invalidator.invalidate_entry(parent, name)
 
     async def _restore_dir_times(self) -> None:
         """A staging rename into a directory moved its times on the project: give it back the
@@ -1003,7 +1026,7 @@ class Flusher:
             d, path = self.table.inodes.get(ino), self._dir_path(ino)
             if d is None or path is None:
                 continue
-            self.fs.gate.require_writable()
+            self.gate.require_writable()
             try:
                 await self._call(self.backing.set_times, path, d.atime_ns, d.mtime_ns)
             except (FileNotFoundError, NotADirectoryError):

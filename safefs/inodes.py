@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import stat
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -274,8 +275,9 @@ class InodeTable:
         self.op_times: dict[int, float] = {}  # seq -> monotonic time it happened (memory only)
         self._maybe_dirty: set[int] = set()  # every inode that needs a flush is in here
         self._op_refs: dict[int, int] = {}  # inode -> number of pending ops naming it
+        self._by_backing_ino: dict[int, int] = {}  # backing st_ino -> inode, for hard links (memory only)
         # The flusher moves the backing view one op at a time; a reader that resolved a path
-        # just before a move may miss the object, and looks again (Filesystem.on_backing).
+        # just before a move may miss the object, and looks again (Content.on_backing).
         self.view_version = 0
         self.view_busy = False
         self.meta: dict[str, Any] = {}
@@ -330,6 +332,11 @@ class InodeTable:
     def names(self, parent: int) -> dict[bytes, int]:
         return self.children.get(parent, {})
 
+    def by_backing_ino(self, st_ino: int) -> Inode | None:
+        """The inode known to be the backing file `st_ino` (a file with several links)."""
+        known = self._by_backing_ino.get(st_ino)
+        return self.inodes.get(known) if known is not None else None
+
     def cache_path(self, ino: int) -> bytes:
         """A path of the inode in the cache view, for log lines and status (not for I/O)."""
         parts: list[bytes] = []
@@ -367,6 +374,19 @@ class InodeTable:
         self.inodes[inode.ino] = inode
         self.mark(inode)
         return inode
+
+    def note_backing_ino(self, st_ino: int, inode: Inode) -> None:
+        """`inode` is the backing file `st_ino`, which has (or may get) several names there."""
+        self._by_backing_ino[st_ino] = inode.ino
+
+    def update_attrs(self, inode: Inode, st: os.stat_result) -> None:
+        """Take the attributes of the backing object `st` (mode, owner, size, times)."""
+        inode.mode = st.st_mode
+        inode.uid, inode.gid = st.st_uid, st.st_gid
+        inode.size = st.st_size if not stat.S_ISDIR(st.st_mode) else 0
+        inode.rdev = st.st_rdev
+        inode.atime_ns, inode.mtime_ns, inode.ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+        self.mark(inode)
 
     def add_root(self, inode: Inode) -> None:
         self.inodes[ROOT_INO] = inode
