@@ -218,10 +218,8 @@ class Content:
             async with self.inode_locks(inode.ino):
                 if inode.dirty or inode.opens > 0:
                     continue
-                freed = ranges.total(inode.present)
                 await self.in_cache(self.cache.delete, inode.ino)
-                inode.present = ranges.EMPTY
-                table.mark(inode)
+                freed = table.drop_present(inode)
             total -= freed
             self.stats.evictions += 1
         self.cached_bytes_estimate = total

@@ -336,9 +336,7 @@ class Flusher:
             for dir_ino in op.dirs:
                 d = self.table.inodes.get(dir_ino)
                 if d is not None and d.blinks or dir_ino == ROOT_INO:
-                    d = self.table.inodes[dir_ino]
-                    d.attr_dirty = True
-                    self.table.mark(d)
+                    self.table.mark_attrs_dirty(self.table.inodes[dir_ino])
             await self.table.commit()
 
     async def _replay_one(self, seq: int, op: records.Op) -> None:
@@ -386,7 +384,7 @@ class Flusher:
         inode = self.table.inodes.get(ino)
         if inode is not None and inode.is_reg and inode.links:
             name = min(inode.links)[1]
-            inode.new = False
+            self.table.mark_existing(inode)
             await self._publish_conflict(inode, (name,))
         return True
 
@@ -498,8 +496,7 @@ class Flusher:
             self.table.unlink(parent, name)
             self.table.link(parent, copy, inode)
             self.negative.made(parent, copy)
-        if parent in self.table.inodes:
-            self.table.inodes[parent].stale = True
+        self.table.set_stale(parent)
         self._record_conflict(dpath + (name,), dpath + (copy,), why)
         await self.table.commit()
         if moved:
@@ -514,8 +511,8 @@ class Flusher:
         With `parent` (the directory's inode), the directory is marked stale so the kept
         object shows up in the mount too.
         """
-        if parent is not None and parent in self.table.inodes:
-            self.table.inodes[parent].stale = True
+        if parent is not None:
+            self.table.set_stale(parent)
         while True:
             candidate = await self._free_conflict_path(path)
             try:
@@ -544,10 +541,8 @@ class Flusher:
             st = await self._call(self.backing.lstat, path)
             if not stat.S_ISDIR(st.st_mode) or (inode.blinks and not self._maybe_done):
                 return await self._op_mkdir(parent, await self._divert(parent, name, inode, _CREATED_TOO), ino)
-        inode.origin = fingerprint_tuple(Fingerprint.of(st))  # so a refresh knows it as ours
-        inode.blinks = [(parent, name)]
-        inode.new = False
-        self.table.mark(inode)
+        # The fingerprint, so a refresh knows it as ours.
+        self.table.mark_on_backing(inode, fingerprint_tuple(Fingerprint.of(st)), (parent, name), attrs=False)
         self._dirs_to_sync.add(dpath)
 
     async def _op_create(self, parent: int, name: bytes, ino: int) -> None:
@@ -578,11 +573,7 @@ class Flusher:
                 if not await self._made_by_us(inode, path):
                     return await self._op_create(parent, await self._divert(parent, name, inode, _CREATED_TOO), ino)
                 st = await self._call(self.backing.lstat, path)
-            inode.origin = fingerprint_tuple(Fingerprint.of(st))
-            inode.blinks = [(parent, name)]
-            inode.new = False
-            inode.attr_dirty = False
-            self.table.mark(inode)
+            self.table.mark_on_backing(inode, fingerprint_tuple(Fingerprint.of(st)), (parent, name), attrs=True)
         self._dirs_to_sync.add(dpath)
 
     async def _made_by_us(self, inode: Inode, path: BPath) -> bool:
@@ -613,9 +604,7 @@ class Flusher:
                 return await self._op_link(ino, parent, await self._divert(parent, name, inode, why))
             else:
                 self._linked_before_crash(inode, st)
-        if (parent, name) not in inode.blinks:
-            inode.blinks.append((parent, name))
-        self.table.mark(inode)
+        self.table.add_blink(inode, (parent, name))
         self._dirs_to_sync.add(dpath)
 
     async def _changed_behind_us(self, inode: Inode | None, path: BPath) -> bool:
@@ -649,9 +638,7 @@ class Flusher:
     async def _forget_blink(self, inode: Inode | None, link: tuple[int, bytes]) -> None:
         if inode is None:
             return
-        if link in inode.blinks:
-            inode.blinks.remove(link)
-            self.table.mark(inode)
+        self.table.drop_blink(inode, link)
         await self.content.collect(inode)
 
     async def _op_unlink(self, parent: int, name: bytes, ino: int) -> None:
@@ -673,7 +660,7 @@ class Flusher:
             except FileNotFoundError:
                 before = None  # replayed before a crash, or removed behind our back
             if len(inode.blinks) > 1:  # another name of it stays on the project
-                inode.blinks.remove((parent, name))
+                self.table.drop_blink(inode, (parent, name))
                 await self._other_links_moved(inode, before)
         await self._forget_blink(inode, (parent, name))
         self._dirs_to_sync.add(dpath)
@@ -764,14 +751,12 @@ class Flusher:
             n_new = await self._divert(p_new, n_new, src_inode, why)
             dst = d_new + (n_new,)
             self._moved_by_us(src_inode, *await self._call(self.backing.rename, src, dst, 1))
-        src_inode.blinks.remove((p_old, n_old))
-        src_inode.blinks.insert(0, (p_new, n_new))
-        self.table.mark(src_inode)
+        self.table.drop_blink(src_inode, (p_old, n_old))
+        self.table.add_blink(src_inode, (p_new, n_new), first=True)
         if dst_inode is not None and dst_known:
-            dst_inode.blinks.remove((p_new, n_new))
+            self.table.drop_blink(dst_inode, (p_new, n_new))
             if exchange:
-                dst_inode.blinks.insert(0, (p_old, n_old))
-                self.table.mark(dst_inode)
+                self.table.add_blink(dst_inode, (p_old, n_old), first=True)
             else:
                 await self._forget_blink(dst_inode, (p_new, n_new))
             await self._other_links_moved(dst_inode, other_before if rename_flags >= 0 else None)
@@ -781,16 +766,14 @@ class Flusher:
         """safefs itself just renamed or linked this object on the project, which moved its
         ctime: if it was what we had recorded just before, record what it is now."""
         if inode is not None and inode.origin is not None and same_content(inode.origin, _fingerprint(before)):
-            inode.origin = _fingerprint(after)
-            self.table.mark(inode)
+            self.table.set_origin(inode, _fingerprint(after))
 
     def _linked_before_crash(self, inode: Inode | None, st: os.stat_result) -> None:
         """The op had already taken effect when the daemon died, before the fingerprint after
         it was recorded: only the ctime may differ, and that change was ours."""
         if self._maybe_done and inode is not None and inode.origin is not None:
             if tuple(inode.origin[:3]) == _fingerprint(st)[:3]:
-                inode.origin = _fingerprint(st)
-                self.table.mark(inode)
+                self.table.set_origin(inode, _fingerprint(st))
 
     async def _other_links_moved(self, inode: Inode | None, before: os.stat_result | None) -> None:
         """A name of `inode` went (replaced or unlinked by us): re-record the fingerprint from
@@ -831,9 +814,7 @@ class Flusher:
             self.conflicts.append({"path": os.fsdecode(b"/".join(path)), "error": str(exc),
                                    "why": "removed or replaced in the project; the mount's attributes are not applied",
                                    "time": _utc(self.clock.wall())})  # fmt: skip
-        if inode.version == version:
-            inode.attr_dirty = False
-            self.table.mark(inode)
+        self.table.mark_attrs_published(inode, version)
 
     async def _publish_file(
         self, inode: Inode, path: BPath, blink: tuple[int, bytes], *, atomic: bool | None, receipt: Receipt | None
@@ -869,25 +850,14 @@ class Flusher:
                 written = ranges.total(dirty)
             else:
                 return
-        inode.publishing = None
         if not inode.new:
             self.published_files += 1
         receipt = receipt or self._receipt
         if receipt is not None:
             receipt.files += 1
             receipt.bytes += written
-        inode.origin = fingerprint_tuple(Fingerprint.of(st))
-        if inode.new:
-            inode.blinks = [blink]
-            inode.new = False
-            if st.st_nlink > 1:
-                self.table.note_backing_ino(st.st_ino, inode)
-        if inode.version == version:
-            inode.dirty = ranges.EMPTY
-            inode.attr_dirty = False
-            inode.low_size = None
-            inode.unclean = False
-        self.table.mark(inode)
+        hard_linked = st.st_ino if st.st_nlink > 1 else None
+        self.table.mark_published(inode, fingerprint_tuple(Fingerprint.of(st)), blink, version, hard_linked)
         self._dirs_to_sync.add(path[:-1])
 
     @contextlib.asynccontextmanager
@@ -917,14 +887,12 @@ class Flusher:
 
     async def _record_publishing(self, inode: Inode, what: tuple[bytes, ...]) -> None:
         if not inode.new:
-            inode.publishing = what
-            self.table.mark(inode)
+            self.table.set_publishing(inode, what)
             await self.table.commit()
 
     async def _ours_after_crash(self, inode: Inode, st: os.stat_result) -> bool:
         """Is the unexpected backing file the result of our own publish, cut short by a crash?"""
-        publishing, inode.publishing = inode.publishing, None
-        self.table.mark(inode)
+        publishing = self.table.set_publishing(inode, None)
         if publishing is None or not stat.S_ISREG(st.st_mode) or inode.origin is None:
             return False
         if publishing == ():
@@ -953,7 +921,7 @@ class Flusher:
                 await self._ours_after_crash(inode, st)
             return st
         if await self._ours_after_crash(inode, st):
-            inode.origin = fingerprint
+            self.table.set_origin(inode, fingerprint)
             return st
         return None
 
@@ -978,8 +946,7 @@ class Flusher:
         # tree's version again (or goes, if the backing tree no longer has it).
         copy = self.table.new_inode(stat.S_IFREG | stat.S_IMODE(inode.mode), inode.uid, inode.gid, st.st_ctime_ns)
         self.table.update_attrs(copy, st)
-        copy.origin = fingerprint_tuple(Fingerprint.of(st))
-        copy.blinks = [(parent, name)]
+        self.table.mark_on_backing(copy, fingerprint_tuple(Fingerprint.of(st)), (parent, name), attrs=False)
         copy.xattrs = dict(attrs.xattrs)
         if parent in self.table.inodes and self.table.child(parent, name) is None:
             self.table.link(parent, name, copy)
@@ -994,25 +961,22 @@ class Flusher:
             cur = None
         async with self.content.inode_locks(inode.ino):
             await self.content.in_cache(self.cache.delete, inode.ino)
-            inode.present = ranges.EMPTY
-            inode.dirty = ranges.EMPTY
-            inode.attr_dirty = False
+            self.table.discard_changes(inode)
             if self.content.kernel_owns_sizes:
                 cur = None  # the kernel keeps this inode's size: the name gets a new inode
             if cur is not None and stat.S_ISREG(cur.st_mode):
                 self.table.update_attrs(inode, cur)
-                inode.origin = fingerprint_tuple(Fingerprint.of(cur))
+                self.table.set_origin(inode, fingerprint_tuple(Fingerprint.of(cur)))
             else:
                 inode.size = 0
-                inode.origin = None
-            self.table.mark(inode)
+                self.table.set_origin(inode, None)
         if cur is None or not stat.S_ISREG(cur.st_mode):
             for link_parent, link_name in list(inode.links):
                 self.table.unlink(link_parent, link_name)
-                if self.content.kernel_owns_sizes and link_parent in self.table.inodes:
-                    self.table.inodes[link_parent].stale = True  # a refresh finds theirs
+                if self.content.kernel_owns_sizes:
+                    self.table.set_stale(link_parent)  # a refresh finds theirs
                 await self.invalidator.invalidate_entry(link_parent, link_name)
-            inode.blinks.clear()
+            self.table.clear_blinks(inode)
             await self.content.collect(inode)
         await self.invalidator.invalidate_inode(inode.ino)
         if parent in self.table.inodes:

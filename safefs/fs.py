@@ -158,8 +158,7 @@ class Filesystem:
             # Clean cache bytes were never fsynced: after a host crash they may be garbage.
             for inode in table.inodes.values():
                 if inode.present and not inode.dirty and not inode.new:
-                    inode.present = ranges.EMPTY
-                    table.mark(inode)
+                    table.drop_present(inode)
             table.set_meta("boot_id", boot_id)
         self.mark_stale()  # the backing tree may have changed while we were not mounted
         # What a crash left behind counts as changed now: it is written back after the usual
@@ -203,15 +202,7 @@ class Filesystem:
         return parent == ROOT_INO and name == CONTROL_DIR_NAME
 
     def _changed(self, inode: Inode, *, data: bool = False, attrs: bool = False) -> None:
-        now = self.now_ns()
-        inode.ctime_ns = now
-        if data:
-            inode.mtime_ns = now
-        inode.version += 1
-        inode.changed_at = self.clock.monotonic()
-        if attrs:
-            inode.attr_dirty = True
-        self.table.mark(inode)
+        self.table.mark_changed(inode, self.now_ns(), self.clock.monotonic(), data=data, attrs=attrs)
 
     def _log(self, op: records.Op) -> None:
         self.table.append_op(op, self.clock.monotonic())
@@ -225,8 +216,7 @@ class Filesystem:
             gid = parent.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
-        inode = self.table.new_inode(mode, uid, gid, self.now_ns())
-        inode.new = True
+        inode = self.table.new_inode(mode, uid, gid, self.now_ns(), new=True)
         inode.changed_at = self.clock.monotonic()
         return inode
 
@@ -342,8 +332,7 @@ class Filesystem:
         """A clean inode still at its place: adopt its attributes, drop content that changed."""
         fingerprint = fingerprint_tuple(Fingerprint.of(entry.st))
         if inode.is_reg and not same_content(inode.origin, fingerprint) and inode.present:
-            self.content.cached_bytes_estimate -= ranges.total(inode.present)
-            inode.present = ranges.EMPTY
+            self.content.cached_bytes_estimate -= self.table.drop_present(inode)
             self.dropped_content.add(inode.ino)
             self.invalidator.later_inode(inode.ino)
         elif (inode.mode, inode.uid, inode.gid, inode.mtime_ns) != (
@@ -351,7 +340,7 @@ class Filesystem:
         ):
             self.invalidator.later_inode(inode.ino)
         self.table.update_attrs(inode, entry.st)
-        inode.origin = fingerprint
+        self.table.set_origin(inode, fingerprint)
         inode.target = entry.link_target
         inode.xattrs = None
         if inode.is_dir:
@@ -371,8 +360,7 @@ class Filesystem:
                 if sub is not None:
                     self._forget_name(child.ino, sub_name, sub)
         self.table.unlink(parent, name)
-        if (parent, name) in child.blinks:
-            child.blinks.remove((parent, name))
+        self.table.drop_blink(child, (parent, name))
         self.invalidator.later_entry(parent, name)
         if self.table.collectable(child):
             self.table.drop(child)
@@ -383,15 +371,13 @@ class Filesystem:
         if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
             known = self.table.by_backing_ino(st.st_ino)
             if known is not None:
-                inode = known
-                inode.blinks.append((parent, entry.name))
-                return inode
+                self.table.add_blink(known, (parent, entry.name))
+                return known
         inode = self.table.new_inode(st.st_mode, st.st_uid, st.st_gid, st.st_ctime_ns)
         self.table.update_attrs(inode, st)
         inode.target = entry.link_target
         inode.xattrs = None  # read from the backing tree on first use
-        inode.origin = fingerprint_tuple(Fingerprint.of(st))
-        inode.blinks = [(parent, entry.name)]
+        self.table.mark_on_backing(inode, fingerprint_tuple(Fingerprint.of(st)), (parent, entry.name), attrs=False)
         if stat.S_ISDIR(st.st_mode):
             inode.parent = parent
         if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
@@ -651,11 +637,9 @@ class Filesystem:
             # elsewhere); cut them so the new region reads as zeros.
             await self.in_cache(self._extend_cache_file, inode.ino, old, size)
             # Present (as zeros) but not dirty: the backing file grows by a truncate too.
-            inode.present = ranges.add(inode.present, old, size)
+            self.table.mark_zeros_present(inode, old, size)
         else:
-            inode.present = ranges.clip(inode.present, size)
-            inode.dirty = ranges.clip(inode.dirty, size)
-            inode.low_size = size if inode.low_size is None else min(inode.low_size, size)
+            self.table.truncate_ranges(inode, size)
             inode.size = size
             self._changed(inode, data=True, attrs=True)
             # The journal first: killed in between, a longer cache file is harmless (bytes
@@ -780,11 +764,9 @@ class Filesystem:
         log.info("fs: %r changed on the backing tree while open or cached by the kernel; its names "
                  "move to the new file", self.table.backing_path(inode.ino))  # fmt: skip
         for parent, name in list(inode.links):
-            parent_inode = self.table.inodes.get(parent)
-            if parent_inode is not None:
-                parent_inode.stale = True
+            self.table.set_stale(parent)
             self._forget_name(parent, name, inode)
-        inode.blinks.clear()  # it is nowhere on the backing tree any more
+        self.table.clear_blinks(inode)  # it is nowhere on the backing tree any more
 
     async def _revalidate(self, inode: Inode) -> bool:
         """Drop clean cached bytes of a file changed on the backing tree. True if dropped."""
@@ -796,9 +778,7 @@ class Filesystem:
         except FileNotFoundError:
             # Removed (or renamed) on the backing tree behind us: so is our clean copy.
             for parent, name in list(inode.blinks):
-                parent_inode = self.table.inodes.get(parent)
-                if parent_inode is not None:
-                    parent_inode.stale = True
+                self.table.set_stale(parent)
                 self.invalidator.later_entry(parent, name)
             raise FsError(errno.ENOENT, "removed from the project") from None
         except (OSError, FsError) as exc:
@@ -813,12 +793,10 @@ class Filesystem:
                 self._split_open_version(inode)
                 raise FsError(errno.ESTALE, "replaced on the project")  # the kernel looks again
             log.info("fs: %r changed on the backing tree; dropping its cached bytes", path)
-            self.content.cached_bytes_estimate -= ranges.total(inode.present)
             await self.in_cache(self.cache.delete, inode.ino)
-            inode.present = ranges.EMPTY
+            self.content.cached_bytes_estimate -= self.table.drop_present(inode)
             self.table.update_attrs(inode, st)
-            inode.origin = fingerprint_tuple(Fingerprint.of(st))
-            self.table.mark(inode)
+            self.table.set_origin(inode, fingerprint_tuple(Fingerprint.of(st)))
             await self.table.commit()
         await self.invalidator.invalidate_inode(inode.ino)
         return True
@@ -885,8 +863,7 @@ class Filesystem:
                 # leave the cache and the project different with nothing marked to write back
                 # (replay takes the file's present bytes for dirty). Later writes need no such
                 # commit ahead, until a write-back leaves the file clean again.
-                inode.unclean = True
-                self.table.mark(inode)
+                self.table.mark_unclean(inode)
                 ahead = self.table.render_ahead()
             saved = (inode.size, inode.mtime_ns, inode.ctime_ns)
             changes = []
