@@ -91,7 +91,7 @@ class Content:
         self.stats = FsStats()
         # The kernel writeback cache is on: the kernel never takes a regular file's size or
         # mtime from us again once it has the inode, so a file changed on the backing tree
-        # must become a new inode (see fs._revalidate), even when nobody has it open.
+        # must become a new inode (see coherence.py), even when nobody has it open.
         self.kernel_owns_sizes = False
 
     # -- threads -------------------------------------------------------------------------

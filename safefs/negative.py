@@ -31,8 +31,8 @@ class NegativeNames:
         A negative entry spares a round trip per failed lookup (SQLite looks for its -journal
         and -wal on every transaction; `open(O_CREAT)` looks before it creates). Names made
         through the mount replace the kernel's negative entry themselves; names that appear
-        from the backing tree (a refresh, another host's generation) come through fs's `_refresh`
-        or `mark_stale`, which invalidate what is remembered here.
+        from the backing tree (a refresh, another host's generation) come through coherence.py
+        (`_refresh`, `mark_stale`), which invalidate what is remembered here.
         """
         names = self._names.setdefault(parent, set())
         if name not in names:
