@@ -82,6 +82,7 @@ def test_each_contract_breaks_on_a_planted_violation(tmp_path: Path) -> None:
     plant("daemon", "import trio")
     plant("config", "import safefs.daemon")  # layers: core imports the composition root
     plant("flusher", "import safefs.fs")  # layers: fs and the flusher are independent siblings
+    plant("fs", "import safefs.replay")  # writeback-flusher-only
     plant("cli", "import trio")  # cli-light
     plant("clock", "import trio")  # core-pure
     plant("violation_lmdb", "import lmdb")  # lmdb-journal-only
