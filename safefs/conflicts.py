@@ -27,7 +27,7 @@ from safefs import records
 from safefs.backing import Fingerprint
 from safefs.content import fingerprint_tuple
 from safefs.inodes import ROOT_INO, Inode
-from safefs.writeback import BPath, WriteBack, _utc
+from safefs.writeback import BPath, WriteBack, utc_text
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class Conflicts(WriteBack):
         log.warning("flush: conflict: %r: %s; the mount's version is %r", path, why, copy)
         self.conflicts.append({"path": os.fsdecode(b"/".join(path)), "kept_as": os.fsdecode(b"/".join(copy)),
                                "copy_holds": "the mount's version", "why": why,
-                               "time": _utc(self.clock.wall())})  # fmt: skip
+                               "time": utc_text(self.clock.wall())})  # fmt: skip
 
     async def _divert(self, parent: int, name: bytes, inode: Inode, why: str) -> bytes:
         """The project has its own object at (parent, name), where the op being replayed would
@@ -121,7 +121,7 @@ class Conflicts(WriteBack):
         log.warning("flush: conflict: kept %s as %s", os.fsdecode(b"/".join(path)), os.fsdecode(b"/".join(candidate)))
         self.conflicts.append(
             {"path": os.fsdecode(b"/".join(path)), "kept_as": os.fsdecode(b"/".join(candidate)),
-             "copy_holds": "the project's version", "why": why, "time": _utc(self.clock.wall())}
+             "copy_holds": "the project's version", "why": why, "time": utc_text(self.clock.wall())}
         )  # fmt: skip
         return candidate
 

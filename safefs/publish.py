@@ -30,7 +30,7 @@ from safefs.backing import Fingerprint
 from safefs.conflicts import Conflicts
 from safefs.content import fingerprint_tuple, same_content
 from safefs.inodes import ROOT_INO, Inode
-from safefs.writeback import BPath, Receipt, _utc
+from safefs.writeback import BPath, Receipt, utc_text
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Publisher(Conflicts):
             log.warning("flush: conflict: cannot set attributes of %s: %s", os.fsdecode(b"/".join(path)), exc)
             self.conflicts.append({"path": os.fsdecode(b"/".join(path)), "error": str(exc),
                                    "why": "removed or replaced in the project; the mount's attributes are not applied",
-                                   "time": _utc(self.clock.wall())})  # fmt: skip
+                                   "time": utc_text(self.clock.wall())})  # fmt: skip
         self.table.mark_attrs_published(inode, version)
 
     async def _publish_file(

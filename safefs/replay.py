@@ -30,7 +30,7 @@ from safefs.content import fingerprint_tuple, same_content
 from safefs.errors import SafefsError
 from safefs.inodes import ROOT_INO, Inode
 from safefs.publish import Publisher
-from safefs.writeback import BPath, Receipt, _fingerprint, _utc
+from safefs.writeback import BPath, Receipt, fingerprint_of, utc_text
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ class Replayer(Publisher):
             # by inode, at wherever the backing view says they are, or kept as conflict copies.
             log.warning("flush: conflict: cannot replay %s (%s); the project changed behind us", op.kind, exc)
             self.conflicts.append({"op": op.kind, "error": str(exc), "why": "the project changed so that the mount's "
-                                   f"{op.kind} cannot apply", "time": _utc(self.clock.wall())})  # fmt: skip
+                                   f"{op.kind} cannot apply", "time": utc_text(self.clock.wall())})  # fmt: skip
         finally:
             self.table.view_busy = False
             self.table.view_version += 1
@@ -381,15 +381,15 @@ class Replayer(Publisher):
     def _moved_by_us(self, inode: Inode | None, before: os.stat_result, after: os.stat_result) -> None:
         """safefs itself just renamed or linked this object on the project, which moved its
         ctime: if it was what we had recorded just before, record what it is now."""
-        if inode is not None and inode.origin is not None and same_content(inode.origin, _fingerprint(before)):
-            self.table.set_origin(inode, _fingerprint(after))
+        if inode is not None and inode.origin is not None and same_content(inode.origin, fingerprint_of(before)):
+            self.table.set_origin(inode, fingerprint_of(after))
 
     def _linked_before_crash(self, inode: Inode | None, st: os.stat_result) -> None:
         """The op had already taken effect when the daemon died, before the fingerprint after
         it was recorded: only the ctime may differ, and that change was ours."""
         if self._maybe_done and inode is not None and inode.origin is not None:
-            if tuple(inode.origin[:3]) == _fingerprint(st)[:3]:
-                self.table.set_origin(inode, _fingerprint(st))
+            if tuple(inode.origin[:3]) == fingerprint_of(st)[:3]:
+                self.table.set_origin(inode, fingerprint_of(st))
 
     async def _other_links_moved(self, inode: Inode | None, before: os.stat_result | None) -> None:
         """A name of `inode` went (replaced or unlinked by us): re-record the fingerprint from

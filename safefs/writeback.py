@@ -41,12 +41,13 @@ from safefs.ports import Invalidator, WriteGate
 log = logging.getLogger(__name__)
 
 
-def _utc(wall: float) -> str:
+def utc_text(wall: float) -> str:
     """A wall time for status and receipts, readable by humans."""
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(wall))
 
 
-def _fingerprint(st: os.stat_result) -> tuple[int, int, int, int]:
+def fingerprint_of(st: os.stat_result) -> tuple[int, int, int, int]:
+    """The fingerprint (Inode.origin) of a backing object's stat."""
     return fingerprint_tuple(Fingerprint.of(st))
 
 

@@ -1,6 +1,7 @@
 """No module reads another module's private names (issue 13: one owner for each piece of state).
 
-A name with a leading underscore belongs to the module that defines it. Reading `x._name` is
+A name with a leading underscore belongs to the module that defines it (nor may another
+module of the package import it: `from safefs.x import _name`). Reading `x._name` is
 fine on `self`/`cls`, and on any object of the same module (an Inode's `_present` inside
 inodes.py, say: the module is the owner); anywhere else it reaches into someone else's state,
 which must go through a public method instead. The check reads the code (`ast`), not the
@@ -56,6 +57,13 @@ def offenders(path: Path, root: Path = REPO) -> list[str]:
     own = _defined_privates(tree)
     found = []
     for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("safefs"):
+            found += [
+                f"{path.relative_to(root)}:{node.lineno}: from {node.module} import {alias.name}"
+                for alias in node.names
+                if alias.name.startswith("_") and not alias.name.startswith("__")
+            ]
+            continue
         if not isinstance(node, ast.Attribute):
             continue
         name = node.attr
@@ -121,9 +129,10 @@ def test_the_check_sees_a_reach_through(tmp_path: Path) -> None:
         '"""A docstring may name fs._by_backing_ino."""\n'
         "class Own:\n    def __init__(self):\n        self._mine = 1\n"
         "def f(fs, other):\n    return other._mine, fs._by_backing_ino, Filesystem._copy_stat, self._x\n"
+        "from safefs.writeback import _utc\n"
     )
-    found = [line.split(": ", 1)[1] for line in offenders(planted, tmp_path)]
-    assert found == ["fs._by_backing_ino", "Filesystem._copy_stat"]
+    found = {line.split(": ", 1)[1] for line in offenders(planted, tmp_path)}
+    assert found == {"fs._by_backing_ino", "Filesystem._copy_stat", "from safefs.writeback import _utc"}
 
 
 def test_the_state_check_sees_a_direct_write(tmp_path: Path) -> None:
