@@ -14,7 +14,7 @@ Invariants:
   descriptor in use (`pin`/`unpin`, `pinned`, and every method here) is never closed, so its
   number is never reused for another file under its user.
 
-Threading: methods run inline on the trio thread (fs.Filesystem.in_cache): pread, pwrite,
+Threading: methods run inline on the trio thread (content.Content.in_cache): pread, pwrite,
 truncate and unlink work in the page cache and return in microseconds; they block only while
 the kernel throttles a disk flooded with dirty pages. `fsync` waits for the device and runs in
 a worker thread (InodeTable.sync) while the trio thread goes on writing, so the descriptor

@@ -268,7 +268,11 @@ class Daemon:
         if bug:
             fs.inject_bug_name = os.fsencode(bug)
         self.fs, self.backing, self.cache = fs, backing, cache
-        self.flusher = Flusher(fs, self.host_name)
+        self.flusher = Flusher(
+            table=table, cache=cache, content=fs.content, backing=backing, gate=fs.gate, clock=self.clock,
+            config=config, invalidator=fs.invalidator, negative=fs.negative, host_name=self.host_name,
+        )  # fmt: skip
+        fs.on_change = self.flusher.poke  # the filesystem's change channel
         if store.etcd is not None:
             self.flusher.announce = self._announce_generation
         try:

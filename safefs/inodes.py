@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import stat
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -274,8 +275,9 @@ class InodeTable:
         self.op_times: dict[int, float] = {}  # seq -> monotonic time it happened (memory only)
         self._maybe_dirty: set[int] = set()  # every inode that needs a flush is in here
         self._op_refs: dict[int, int] = {}  # inode -> number of pending ops naming it
+        self._by_backing_ino: dict[int, int] = {}  # backing st_ino -> inode, for hard links (memory only)
         # The flusher moves the backing view one op at a time; a reader that resolved a path
-        # just before a move may miss the object, and looks again (Filesystem.on_backing).
+        # just before a move may miss the object, and looks again (Content.on_backing).
         self.view_version = 0
         self.view_busy = False
         self.meta: dict[str, Any] = {}
@@ -330,6 +332,11 @@ class InodeTable:
     def names(self, parent: int) -> dict[bytes, int]:
         return self.children.get(parent, {})
 
+    def by_backing_ino(self, st_ino: int) -> Inode | None:
+        """The inode known to be the backing file `st_ino` (a file with several links)."""
+        known = self._by_backing_ino.get(st_ino)
+        return self.inodes.get(known) if known is not None else None
+
     def cache_path(self, ino: int) -> bytes:
         """A path of the inode in the cache view, for log lines and status (not for I/O)."""
         parts: list[bytes] = []
@@ -360,13 +367,28 @@ class InodeTable:
         return () if ino == ROOT_INO else self.backing_path(ino)
 
     # -- mutation ------------------------------------------------------------------------
-    def new_inode(self, mode: int, uid: int, gid: int, now_ns: int) -> Inode:
+    def new_inode(self, mode: int, uid: int, gid: int, now_ns: int, *, new: bool = False) -> Inode:
+        """A fresh inode; with `new`, made through the mount (not yet on the backing tree)."""
         inode = Inode(self.next_ino, mode, uid, gid, now_ns)
+        inode.new = new
         self.next_ino += 1
         self.set_meta("next_ino", self.next_ino)
         self.inodes[inode.ino] = inode
         self.mark(inode)
         return inode
+
+    def note_backing_ino(self, st_ino: int, inode: Inode) -> None:
+        """`inode` is the backing file `st_ino`, which has (or may get) several names there."""
+        self._by_backing_ino[st_ino] = inode.ino
+
+    def update_attrs(self, inode: Inode, st: os.stat_result) -> None:
+        """Take the attributes of the backing object `st` (mode, owner, size, times)."""
+        inode.mode = st.st_mode
+        inode.uid, inode.gid = st.st_uid, st.st_gid
+        inode.size = st.st_size if not stat.S_ISDIR(st.st_mode) else 0
+        inode.rdev = st.st_rdev
+        inode.atime_ns, inode.mtime_ns, inode.ctime_ns = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+        self.mark(inode)
 
     def add_root(self, inode: Inode) -> None:
         self.inodes[ROOT_INO] = inode
@@ -394,6 +416,139 @@ class InodeTable:
     def mark(self, inode: Inode) -> None:
         self._marked_inodes.add(inode.ino)
         self._maybe_dirty.add(inode.ino)
+
+    # -- inode state: fs, the contents and the flusher change it through these -----------
+    # Each changes memory and marks the inode, so the next commit carries it (see mark).
+    def mark_changed(self, inode: Inode, now_ns: int, now: float, *, data: bool = False, attrs: bool = False) -> None:
+        """A change through the mount: its ctime (and with `data` its mtime) is `now_ns`, it
+        is due for write-back `writeback_delay` after `now`, and with `attrs` its attributes
+        are to be published too."""
+        inode.ctime_ns = now_ns
+        if data:
+            inode.mtime_ns = now_ns
+        inode.version += 1
+        inode.changed_at = now
+        if attrs:
+            inode.attr_dirty = True
+        self.mark(inode)
+
+    def mark_attrs_dirty(self, inode: Inode) -> None:
+        """Publish the inode's attributes again (its times moved on the project)."""
+        inode.attr_dirty = True
+        self.mark(inode)
+
+    def mark_unclean(self, inode: Inode) -> None:
+        """The cache file is about to hold bytes not yet recorded as dirty (see fs.write)."""
+        inode.unclean = True
+        self.mark(inode)
+
+    def drop_present(self, inode: Inode) -> int:
+        """The cached bytes of the inode are gone (dropped, evicted, or not to be trusted).
+        Returns how many bytes were present."""
+        freed = ranges.total(inode.present)
+        inode.present = ranges.EMPTY
+        self.mark(inode)
+        return freed
+
+    def truncate_ranges(self, inode: Inode, size: int) -> None:
+        """The file was cut to `size`: nothing past it is present or dirty, and an in-place
+        publish must cut the backing file there first (`low_size`)."""
+        inode.present = ranges.clip(inode.present, size)
+        inode.dirty = ranges.clip(inode.dirty, size)
+        inode.low_size = size if inode.low_size is None else min(inode.low_size, size)
+        self.mark(inode)
+
+    def mark_zeros_present(self, inode: Inode, start: int, end: int) -> None:
+        """[start, end) of the cache file reads as zeros, as the backing file's will (a file
+        grown by truncate): present, not dirty."""
+        inode.present = ranges.add(inode.present, start, end)
+        self.mark(inode)
+
+    def set_origin(self, inode: Inode, origin: tuple[int, int, int, int] | None) -> None:
+        """The fingerprint of the backing object as safefs last saw or made it."""
+        inode.origin = origin
+        self.mark(inode)
+
+    def mark_on_backing(self, inode: Inode, origin: tuple[int, int, int, int], link: BLink, *, attrs: bool) -> None:
+        """The object is on the backing tree at `link` (and there only): found there, or
+        created there by the flusher (with `attrs`: with the attributes the mount has)."""
+        inode.origin = origin
+        inode.blinks = [link]
+        inode.new = False
+        if attrs:
+            inode.attr_dirty = False
+        self.mark(inode)
+
+    def mark_existing(self, inode: Inode) -> None:
+        """A new inode that will not be created on the backing tree as such (it is kept as a
+        conflict copy instead)."""
+        inode.new = False
+        self.mark(inode)
+
+    def set_publishing(self, inode: Inode, what: tuple[bytes, ...] | None) -> tuple[bytes, ...] | None:
+        """Record a publish under way (see Inode.publishing); returns what was recorded before."""
+        before, inode.publishing = inode.publishing, what
+        self.mark(inode)
+        return before
+
+    def mark_published(
+        self, inode: Inode, origin: tuple[int, int, int, int], blink: BLink, version: int, st_ino: int | None
+    ) -> None:
+        """The inode's content and attributes as of `version` are on the backing tree, at
+        `blink` if it was new there (`st_ino` if that file has several links). A change
+        since `version` keeps it dirty, to be published again."""
+        inode.publishing = None
+        inode.origin = origin
+        if inode.new:
+            inode.blinks = [blink]
+            inode.new = False
+            if st_ino is not None:
+                self.note_backing_ino(st_ino, inode)
+        if inode.version == version:
+            inode.dirty = ranges.EMPTY
+            inode.attr_dirty = False
+            inode.low_size = None
+            inode.unclean = False
+        self.mark(inode)
+
+    def mark_attrs_published(self, inode: Inode, version: int) -> None:
+        """The attributes as of `version` are on the backing tree."""
+        if inode.version == version:
+            inode.attr_dirty = False
+            self.mark(inode)
+
+    def discard_changes(self, inode: Inode) -> None:
+        """The mount's version of the file was kept elsewhere (a conflict copy): nothing of
+        it stays in the cache or waits for write-back."""
+        inode.present = ranges.EMPTY
+        inode.dirty = ranges.EMPTY
+        inode.attr_dirty = False
+        self.mark(inode)
+
+    def add_blink(self, inode: Inode, link: BLink, *, first: bool = False) -> None:
+        """The object now also has the name `link` on the backing tree (`first`: its main one)."""
+        if first:
+            inode.blinks.insert(0, link)
+        elif link not in inode.blinks:
+            inode.blinks.append(link)
+        self.mark(inode)
+
+    def drop_blink(self, inode: Inode, link: BLink) -> None:
+        """The object no longer has the name `link` on the backing tree."""
+        if link in inode.blinks:
+            inode.blinks.remove(link)
+            self.mark(inode)
+
+    def clear_blinks(self, inode: Inode) -> None:
+        """The object is nowhere on the backing tree any more."""
+        inode.blinks.clear()
+        self.mark(inode)
+
+    def set_stale(self, ino: int) -> None:
+        """Directory `ino` may have changed on the backing tree: compare it on its next use."""
+        inode = self.inodes.get(ino)
+        if inode is not None:
+            inode.stale = True
 
     def set_meta(self, key: str, value: Any) -> None:
         self.meta[key] = value

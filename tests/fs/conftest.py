@@ -224,7 +224,12 @@ class Stack:
             self.table, self.cache, self.backing, self.config, self.clock, self.limiters,
             self.gate, self.invalidator,
         )  # fmt: skip
-        self.flusher = Flusher(self.fs, HOST)
+        self.flusher = Flusher(
+            table=self.table, cache=self.cache, content=self.fs.content, backing=self.backing, gate=self.fs.gate,
+            clock=self.clock, config=self.config, invalidator=self.fs.invalidator, negative=self.fs.negative,
+            host_name=HOST,
+        )  # fmt: skip
+        self.fs.on_change = self.flusher.poke
         await self.fs.start(self.boot_id)
         # As the daemon does for a writer: finish the op a crash interrupted, if any.
         settle = getattr(self.flusher, "settle", None)

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 import trio
 
+from safefs.content import FETCH_BLOCK
 from safefs.errors import ReadOnly
-from safefs.fs import FETCH_BLOCK, RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE
+from safefs.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE
 from safefs.inodes import ROOT_INO
 from safefs.testing import FaultPlan
 from tests.fs.conftest import GID, UID, Stack, fails_with, files, src_tree
@@ -816,7 +817,7 @@ async def test_security_capability_is_answered_from_memory(stack: Stack) -> None
 async def test_a_cold_read_of_a_small_file_fetches_it_whole_in_one_trip(stack: Stack) -> None:
     """Issue 10, item 6: one backing read brings the whole small file; later reads of any
     part of it are served from the cache."""
-    from safefs.fs import WHOLE_FILE_FETCH
+    from safefs.content import WHOLE_FILE_FETCH
 
     data = os.urandom(WHOLE_FILE_FETCH - 5)
     (stack.src / "small").write_bytes(data)

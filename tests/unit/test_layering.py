@@ -81,6 +81,8 @@ def test_each_contract_breaks_on_a_planted_violation(tmp_path: Path) -> None:
     plant("cli", "import safefs.daemon")  # cli -> daemon is allowed; daemon needs to exist
     plant("daemon", "import trio")
     plant("config", "import safefs.daemon")  # layers: core imports the composition root
+    plant("flusher", "import safefs.fs")  # layers: fs and the flusher are independent siblings
+    plant("fs", "import safefs.replay")  # writeback-flusher-only
     plant("cli", "import trio")  # cli-light
     plant("clock", "import trio")  # core-pure
     plant("violation_lmdb", "import lmdb")  # lmdb-journal-only
@@ -93,6 +95,7 @@ def test_each_contract_breaks_on_a_planted_violation(tmp_path: Path) -> None:
     assert done.returncode != 0, output
     for contract in CONTRACTS.values():
         assert f"{contract['name']} BROKEN" in output, f"planted violation not caught by: {contract['name']}\n{output}"
+    assert "safefs.flusher is not allowed to import safefs.fs" in output, output
     assert "violation_lmdb" in output and "violation_fuse" in output and "violation_testing" in output, output
 
 

@@ -1,0 +1,140 @@
+"""What the parts of the flusher share: its state, and the way it calls the backing tree.
+
+The flusher (flusher.py: scheduling, sync, generations, status) is built in layers, each a
+
+
+class in its own module: WriteBack (this one: calls into the backing tree, attributes, the
+staging directory, pinned cache descriptors) < Conflicts (conflicts.py) < Publisher
+(publish.py) < Replayer (replay.py) < Flusher. Flusher.__init__ sets every field declared
+here; see flusher.py for the invariants of write-back as a whole.
+
+Invariants:
+- Every call into the backing tree goes through `_call`: in a worker thread behind the
+  backing limiter, with the lease asked once more in that thread right before the call
+  (`_if_publishable`); a call that hangs shows in status.
+- A content file's cache descriptor is pinned while a backing call copies from it (`_pinned`).
+
+Threading: trio thread; backing calls in worker threads (Content.in_backing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import stat
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from safefs.backing import Attrs, Backing, Fingerprint
+from safefs.cache import ContentCache
+from safefs.clock import Clock
+from safefs.config import CONTROL_DIR_NAME, MountConfig
+from safefs.content import Content, fingerprint_tuple
+from safefs.errors import ReadOnly
+from safefs.inodes import Inode, InodeTable
+from safefs.negative import NegativeNames
+from safefs.ports import Invalidator, WriteGate
+
+log = logging.getLogger(__name__)
+
+
+def utc_text(wall: float) -> str:
+    """A wall time for status and receipts, readable by humans."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(wall))
+
+
+def fingerprint_of(st: os.stat_result) -> tuple[int, int, int, int]:
+    """The fingerprint (Inode.origin) of a backing object's stat."""
+    return fingerprint_tuple(Fingerprint.of(st))
+
+
+BPath = tuple[bytes, ...]
+HUNG_CALL = 5.0  # a backing call running longer than this is listed in status as an error
+
+
+@dataclasses.dataclass
+class FlushError:
+    op: str
+    path: str
+    error: str
+    retry_at: float  # wall time
+
+
+@dataclasses.dataclass
+class Receipt:
+    files: int = 0
+    bytes: int = 0
+    ops: int = 0
+    generation: int = 0
+
+
+class WriteBack:
+    """The flusher's state and its calls into the backing tree (set up by Flusher.__init__)."""
+
+    table: InodeTable
+    cache: ContentCache
+    content: Content
+    backing: Backing
+    gate: WriteGate
+    clock: Clock
+    config: MountConfig
+    invalidator: Invalidator
+    negative: NegativeNames
+    host_name: str
+    conflicts: list[dict[str, Any]]
+    _conflicts_reported: int
+    published_files: int
+    _dirs_to_sync: set[BPath]
+    _renamed_into: set[int]
+    _staging_cleaned: bool
+    _maybe_done: bool
+    _seq: int
+    _in_call: tuple[str, BPath, float] | None
+    _receipt: Receipt | None
+
+    def _dir_path(self, ino: int) -> BPath | None:
+        return self.table.dir_backing_path(ino)
+
+    async def _attrs(self, inode: Inode) -> Attrs:
+        xattrs = await self.content.xattrs_of(inode)
+        return Attrs(
+            mode=stat.S_IMODE(inode.mode),
+            uid=inode.uid,
+            gid=inode.gid,
+            atime_ns=inode.atime_ns,
+            mtime_ns=inode.mtime_ns,
+            xattrs=dict(xattrs),
+        )
+
+    async def _call(self, fn: Any, *args: Any) -> Any:
+        """A call into the backing tree; one that hangs shows in status (see statistics)."""
+        path = args[0] if args and isinstance(args[0], tuple) else ()
+        self._in_call = (getattr(fn, "__name__", "call"), path, self.clock.monotonic())
+        try:
+            return await self.content.in_backing(self._if_publishable, fn, *args)
+        finally:
+            self._in_call = None
+
+    def _if_publishable(self, fn: Any, *args: Any) -> Any:
+        """In the worker thread: ask the lease once more right before the call (it may have
+        been lost while the call waited for a thread)."""
+        if not self.gate.publishable():
+            raise ReadOnly("the write lease no longer allows changes to the project")
+        return fn(*args)
+
+    def _staging(self) -> BPath:
+        epoch = getattr(self.gate, "epoch", 0)
+        return (CONTROL_DIR_NAME, b"staging", str(epoch).encode())
+
+    @contextlib.asynccontextmanager
+    async def _pinned(self, ino: int) -> AsyncIterator[int]:
+        """The inode's cache descriptor, pinned: the cache's table of open files cannot close
+        it (and hand its number to another file) while a backing call copies from it."""
+        fd = await self.content.in_cache(self.cache.pin, ino)
+        try:
+            yield fd
+        finally:
+            self.cache.unpin(fd)
