@@ -34,8 +34,25 @@ from typing import Any, TextIO
 
 from safefs import __version__, checks, history, human, options, procs, settings, unmount
 from safefs.config import LeaseTimings, MountConfig, default_cache_dir, runtime_dir, socket_path
-from safefs.control import client
-from safefs.control.protocol import error_from_wire, error_to_wire
+from safefs.control import client, protocol
+from safefs.control.protocol import (
+    AcquireReceipt,
+    Conflict,
+    EtcdStatistics,
+    Holder,
+    LeaseStatistics,
+    LogWarning,
+    Orphan,
+    Ping,
+    ProgressReport,
+    RecoverReceipt,
+    Status,
+    SyncReceipt,
+    UnmountReceipt,
+    WriteBackError,
+    error_from_wire,
+    error_to_wire,
+)
 from safefs.errors import (
     EXIT_CODE_MEANING,
     BackingFailed,
@@ -44,6 +61,7 @@ from safefs.errors import (
     ExitCode,
     LeaseHeldElsewhere,
     NotMounted,
+    ProtocolError,
     Refused,
     SafefsError,
     SyncTimeout,
@@ -438,7 +456,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         checks.check_setup(config)
     except SafefsError as exc:
         if args.ready_fd is not None:
-            _write_ready(args.ready_fd, {"ok": False, "error": error_to_wire(exc)})
+            _write_ready(args.ready_fd, protocol.Ready(ok=False, error=error_to_wire(exc)))
         raise
     from safefs import daemon  # only here: the daemon imports trio, pyfuse3 and lmdb
 
@@ -599,33 +617,31 @@ def spawn_daemon(config: MountConfig, *, debug: bool, announce: bool = True) -> 
         how = "exited" if code is None else f"exited with status {code}"
         raise DaemonFailed(f"the daemon {how} before the mount was ready", hint=f"its log is {log_path}")
     try:
-        ready = json.loads(line)
-        if not isinstance(ready, dict):
-            raise ValueError("not an object")
-    except ValueError:
+        ready = protocol.from_wire(protocol.Ready, json.loads(line))
+    except (ValueError, ProtocolError):
         raise DaemonFailed(
             f"the daemon sent a malformed ready message: {line[:200]!r}", hint=f"its log is {log_path}"
         ) from None
-    if not ready.get("ok"):
-        raise error_from_wire(ready.get("error"))
+    if not ready.ok:
+        raise error_from_wire(ready.error)
     if announce:
         print(mounted_message(config, ready))
     return int(ExitCode.OK)
 
 
-def mounted_message(config: MountConfig, ready: dict[str, Any]) -> str:
+def mounted_message(config: MountConfig, ready: protocol.Ready) -> str:
     umount = f"unmount with: safefs umount {shlex.quote(os.fspath(config.mnt))}"
     where = f"safefs: mounted {config.src} at {config.mnt}"
-    if ready.get("role") == "writer":
+    if ready.role == "writer":
         return f"{where} as writer (cache {config.cache_dir}); {umount}"
-    holder = ready.get("holder")
-    held = f"{describe_holder(holder)} holds the write lease; " if isinstance(holder, dict) else ""
+    holder = ready.holder
+    held = f"{describe_holder(holder)} holds the write lease; " if holder is not None else ""
     return f"{where} as read-only follower ({held}cache {config.cache_dir}); {umount}"
 
 
-def describe_holder(holder: dict[str, Any]) -> str:
-    details = [f"{key} {holder[key]}" for key in ("pid", "user") if holder.get(key) is not None]
-    name = str(holder.get("host") or "another host")
+def describe_holder(holder: Holder) -> str:
+    details = [f"{key} {value}" for key, value in (("pid", holder.pid), ("user", holder.user)) if value is not None]
+    name = str(holder.host or "another host")
     return f"{name} ({', '.join(details)})" if details else name
 
 
@@ -666,9 +682,9 @@ def _read_line(fd: int, timeout: float | None, on_slow: Callable[[], None] | Non
     return bytes(data.split(b"\n", 1)[0])
 
 
-def _write_ready(fd: int, message: dict[str, Any]) -> None:
+def _write_ready(fd: int, message: protocol.Ready) -> None:
     try:
-        os.write(fd, json.dumps(message).encode() + b"\n")
+        os.write(fd, json.dumps(protocol.to_wire(message)).encode() + b"\n")
         os.close(fd)
     except OSError:
         pass  # the parent is gone; stderr (the log) still has the error
@@ -704,7 +720,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
     mnt = checks.resolve_mountpoint(args.mnt)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     ping_timeout = STATUS_TIMEOUT if deadline is None else min(STATUS_TIMEOUT, args.timeout)
-    pid = int(call(mnt, "ping", timeout=ping_timeout)["pid"])
+    ping: Ping = call(mnt, "ping", timeout=ping_timeout)
+    pid = ping.pid
     waits = WaitReport()
     # Watch the daemon from before the unmount, so a recycled pid can never be mistaken for it.
     with ProcessWatch(pid) as daemon:
@@ -712,10 +729,10 @@ def cmd_umount(args: argparse.Namespace) -> int:
             with ProgressBar("writing back") as bar:
                 # The daemon writes back, unmounts (refused if busy, before it releases
                 # anything), waits for its final write-back and says what that left.
-                result = call(
+                result: UnmountReceipt = call(
                     mnt,
                     "prepare_unmount",
-                    {"timeout": _remaining(deadline), "lazy": args.lazy},
+                    protocol.PrepareUnmountArgs(timeout=_remaining(deadline), lazy=args.lazy),
                     timeout=_client_timeout(deadline),
                     on_progress=_report_to(bar, waits),
                 )
@@ -736,28 +753,29 @@ def cmd_umount(args: argparse.Namespace) -> int:
                 f"anyway with `fusermount3 -u {mnt}`: the next mount on this host with the same "
                 "cache writes the data back",
             ) from None
-        if not result.get("unmounted"):
+        if not result.final.unmounted:
             fusermount_unmount(mnt, lazy=args.lazy)  # a daemon that leaves the unmount to us
         if not waits.wait_exit(daemon, _remaining(deadline), f"the daemon (pid {pid}) to exit"):
             raise SyncTimeout(
                 f"{mnt} is unmounted, but its daemon (pid {pid}) is still running after {args.timeout:g} s",
                 hint="it is finishing up; its log is daemon.log in the cache dir",
             )
-    project = result.get("src") or "the project"
-    if result.get("unwritten"):
+    project = result.final.src or "the project"
+    if result.final.unwritten:
         raise unwritten_error(mnt, result)
     print(f"safefs: unmounted {mnt}; everything was written back to {project}")
     return int(ExitCode.OK)
 
 
-def unwritten_error(mnt: Path, result: dict[str, Any]) -> Unwritten:
+def unwritten_error(mnt: Path, result: UnmountReceipt) -> Unwritten:
     """After an unmount that left changes in the cache: how many, where, why, what to run."""
-    cache_dir, src = result.get("cache_dir") or "?", result.get("src") or "?"
-    why = f" ({result['unwritten_reason']})" if result.get("unwritten_reason") else ""
-    what = f"{plural(result['unwritten'], 'change')} ({human_bytes(result.get('unwritten_bytes') or 0)})"
-    if isinstance(result.get("unwritten_files"), int) and isinstance(result.get("unwritten_ops"), int):
-        what = f"{plural(result['unwritten_files'], 'file')} ({human_bytes(result.get('unwritten_bytes') or 0)}) " \
-            f"and {plural(result['unwritten_ops'], 'pending operation')}"  # fmt: skip
+    final = result.final
+    cache_dir, src = final.cache_dir or "?", final.src or "?"
+    why = f" ({final.unwritten_reason})" if final.unwritten_reason else ""
+    what = f"{plural(final.unwritten, 'change')} ({human_bytes(final.unwritten_bytes or 0)})"
+    if final.unwritten_files is not None and final.unwritten_ops is not None:
+        what = f"{plural(final.unwritten_files, 'file')} ({human_bytes(final.unwritten_bytes or 0)}) " \
+            f"and {plural(final.unwritten_ops, 'pending operation')}"  # fmt: skip
     return Unwritten(
         f"unmounted {mnt}, but {what} were not written back: they stay in the cache {cache_dir}{why}",
         hint=f"run `safefs recover --cache-dir {shlex.quote(cache_dir)} {shlex.quote(src)}` on this host "
@@ -787,57 +805,46 @@ def cmd_sync(args: argparse.Namespace) -> int:
     mnt = checks.resolve_mountpoint(args.mnt)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     with ProgressBar("syncing") as bar:
-        result = call(
+        result: SyncReceipt = call(
             mnt,
             "sync",
-            {"release": args.release, "timeout": args.timeout},
+            protocol.SyncArgs(release=args.release, timeout=args.timeout),
             timeout=_client_timeout(deadline),
             on_progress=_report_to(bar, WaitReport()),
         )
     if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
+        print(json.dumps(protocol.to_wire(result), indent=2, sort_keys=True))
     else:
         print(sync_receipt(mnt, result, released=args.release))
-    return int(ExitCode.SYNC_CONFLICTS if result.get("conflicts") else ExitCode.OK)
+    return int(ExitCode.SYNC_CONFLICTS if result.conflicts else ExitCode.OK)
 
 
-def sync_receipt(mnt: Path, result: dict[str, Any], *, released: bool) -> str:
+def sync_receipt(mnt: Path, result: SyncReceipt, *, released: bool) -> str:
     """One line: what the sync wrote and which generation it published."""
-    parts = []
-    # `files_written`/`bytes_written` are the documented keys; `files`/`bytes` are accepted too.
-    files = _first_present(result, "files_written", "files")
-    written = _first_present(result, "bytes_written", "bytes")
-    if files is not None:
-        parts.append(plural(files, "file"))
-    if isinstance(written, (int, float)):
-        parts.append(f"{human_bytes(written)} written")
-    if result.get("generation") is not None:
-        epoch = f" (epoch {result['epoch']})" if result.get("epoch") is not None else ""
-        parts.append(f"generation {result['generation']}{epoch} published")
-    line = f"safefs: synced {mnt}" + (f": {', '.join(parts)}" if parts else "")
+    parts = [plural(result.files, "file"), f"{human_bytes(result.bytes)} written"]
+    if result.generation is not None:
+        epoch = f" (epoch {result.epoch})" if result.epoch is not None else ""
+        parts.append(f"generation {result.generation}{epoch} published")
+    line = f"safefs: synced {mnt}: {', '.join(parts)}"
     if released:
         line += "; write lease released, the mount is read-only now"
-    conflicts = result.get("conflicts") or []
+    conflicts = result.conflicts or []
     if conflicts:
         line += f"\n{plural(len(conflicts), 'conflict')} (both versions kept side by side):"
         line += "".join(f"\n  {describe_conflict(c)}" for c in conflicts)
     return line
 
 
-def describe_conflict(item: dict[str, Any]) -> str:
+def describe_conflict(item: Conflict) -> str:
     """One line for a conflict record: which name, why, and where the other version went."""
-    text = f"{item.get('path') or item.get('op')}: {item.get('why') or 'conflict'}"
-    if item.get("kept_as"):
-        text += f"; {item.get('copy_holds') or 'the other version'} is {item['kept_as']}"
-    if item.get("error"):
-        text += f" ({item['error']})"
-    if item.get("time") is not None:
-        text += f", at {_when(item['time'])}"
+    text = f"{item.path or item.op}: {item.why or 'conflict'}"
+    if item.kept_as:
+        text += f"; {item.copy_holds or 'the other version'} is {item.kept_as}"
+    if item.error:
+        text += f" ({item.error})"
+    if item.time is not None:
+        text += f", at {_when(item.time)}"
     return text
-
-
-def _first_present(result: dict[str, Any], *keys: str) -> Any:
-    return next((result[key] for key in keys if result.get(key) is not None), None)
 
 
 def cmd_acquire(args: argparse.Namespace) -> int:
@@ -845,11 +852,11 @@ def cmd_acquire(args: argparse.Namespace) -> int:
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     # Without --wait a live holder is refused at once, but a takeover of a dead one (T_break,
     # then the lock delay) is waited for: as long as the daemon reports, each second, on it.
-    result = call(
-        mnt, "acquire", {"wait": args.wait, "timeout": args.timeout}, timeout=_client_timeout(deadline),
-        on_progress=WaitReport().update, idle_timeout=STATUS_TIMEOUT + CALL_GRACE,
+    result: AcquireReceipt = call(
+        mnt, "acquire", protocol.AcquireArgs(wait=args.wait, timeout=args.timeout),
+        timeout=_client_timeout(deadline), on_progress=WaitReport().update, idle_timeout=STATUS_TIMEOUT + CALL_GRACE,
     )  # fmt: skip
-    epoch = f" (epoch {result['epoch']})" if result.get("epoch") is not None else ""
+    epoch = f" (epoch {result.epoch})" if result.epoch is not None else ""
     print(f"safefs: {mnt} is the writer now{epoch}")
     return int(ExitCode.OK)
 
@@ -861,35 +868,35 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
         return recover.run(args)
     if args.mnt is None:
-        statuses = []
+        statuses: list[Status] = []
         for sock in client.list_daemons(runtime_dir(os.environ, os.getuid())):
             try:
                 statuses.append(client.call(sock, "status", timeout=STATUS_TIMEOUT))
             except SafefsError:
                 continue
         # A writer writes back by itself; only a mount that may not holds an orphan.
-        orphans = [s for s in statuses if (s.get("dirty_files") or s.get("pending_ops")) and s.get("role") != "writer"]
+        orphans = [s for s in statuses if (s.flush.dirty_files or s.flush.pending_ops) and s.role != "writer"]
         for status in orphans:
-            print(f"{status['mnt']}: {status.get('dirty_files', 0)} files, {status.get('dirty_bytes', 0)} B "
-                  f"not in the project (role {status.get('role')}); run: safefs recover {status['mnt']}")
+            print(f"{status.mnt}: {status.flush.dirty_files or 0} files, {status.flush.dirty_bytes or 0} B "
+                  f"not in the project (role {status.role}); run: safefs recover {status.mnt}")
         if not orphans:
             print("safefs: no mounted cache holds changes the project lacks")
         # Markers of caches that are not mounted here, found in the projects of our mounts.
-        local = {(s.get("host"), s.get("cache_dir")) for s in statuses}
+        local = {(s.host, s.cache_dir) for s in statuses}
         others: dict[tuple[Any, Any], str] = {}
         for status in statuses:
-            for orphan in _orphan_records(status):
-                key = (orphan.get("host"), orphan.get("cache_dir"))
+            for orphan in status.orphan_listing.orphans or []:
+                key = (orphan.host, orphan.cache_dir)
                 if key not in local and key not in others:
-                    others[key] = f"{status.get('src')}: {describe_orphan(orphan)}"
+                    others[key] = f"{status.src}: {describe_orphan(orphan)}"
         if others:
             print("caches elsewhere hold changes the projects of these mounts lack:")
             print("\n".join(f"  {line}" for line in others.values()))
         return int(ExitCode.OK)
     mnt = checks.resolve_mountpoint(args.mnt)
-    result = call(mnt, "recover", {"timeout": args.timeout}, timeout=None)
-    print(f"safefs: recovered {plural(result['files'], 'change')} ({human_bytes(result['bytes'])}) from {mnt}")
-    for conflict in result.get("conflicts", []):
+    result: RecoverReceipt = call(mnt, "recover", protocol.RecoverArgs(timeout=args.timeout), timeout=None)
+    print(f"safefs: recovered {plural(result.files, 'change')} ({human_bytes(result.bytes)}) from {mnt}")
+    for conflict in result.conflicts:
         print(f"  conflict: {describe_conflict(conflict)}")
     return int(ExitCode.OK)
 
@@ -899,8 +906,8 @@ def project_of(path: str) -> Path:
     resolved = Path(os.path.realpath(path))
     fstype = checks.mount_type_at(resolved)
     if fstype is not None and fstype.startswith("fuse"):
-        status = call(resolved, "status", timeout=STATUS_TIMEOUT)
-        return Path(str(status["src"]))
+        status: Status = call(resolved, "status", timeout=STATUS_TIMEOUT)
+        return Path(str(status.src))
     if not resolved.is_dir():
         raise NotMounted(f"{resolved} is neither a safefs mount nor a project directory")
     return resolved
@@ -931,49 +938,63 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     if args.mnt is not None:
-        status = call(checks.resolve_mountpoint(args.mnt), "status", timeout=STATUS_TIMEOUT)
+        status: Status = call(checks.resolve_mountpoint(args.mnt), "status", timeout=STATUS_TIMEOUT)
         if args.prometheus:
             print(_prometheus([status]), end="")
         else:
-            print(json.dumps(status, indent=2, sort_keys=True) if args.json else format_status(status))
+            wire = protocol.to_wire(status)
+            print(json.dumps(wire, indent=2, sort_keys=True) if args.json else format_status(status))
         return int(ExitCode.OK)
 
-    statuses, code = [], ExitCode.OK
+    statuses: list[Status | Unanswered] = []
+    code = ExitCode.OK
     for sock in client.list_daemons(runtime_dir(os.environ, os.getuid())):
         try:
             statuses.append(client.call(sock, "status", timeout=STATUS_TIMEOUT))
         except NotMounted:
             continue  # a dead daemon's leftover socket
         except SafefsError as exc:
-            statuses.append({"socket": os.fspath(sock), "error": exc.message})
+            statuses.append(Unanswered(socket=os.fspath(sock), error=exc.message))
             code = ExitCode.DAEMON_FAILED
     if args.prometheus:
-        print(_prometheus([s for s in statuses if "error" not in s]), end="")
+        print(_prometheus([s for s in statuses if isinstance(s, Status)]), end="")
     elif args.json:
-        print(json.dumps(statuses, indent=2, sort_keys=True))
+        print(json.dumps(protocol.to_wire(statuses), indent=2, sort_keys=True))
     elif not statuses:
         print("safefs: no mounts are running")
     else:
-        print("\n\n".join(format_status(status) for status in statuses))
+        print("\n\n".join(format_status(s) if isinstance(s, Status) else s.format() for s in statuses))
     return int(code)
 
 
-def _prometheus(statuses: list[dict[str, Any]]) -> str:
+@dataclasses.dataclass(frozen=True)
+class Unanswered:
+    """A daemon `safefs status` found a socket of, but got no status from (in place of its status)."""
+
+    socket: str
+    error: str
+
+    def format(self) -> str:
+        return f"error:  {self.error}\nsocket: {self.socket}"
+
+
+def _prometheus(statuses: list[Status]) -> str:
     from safefs import metrics  # only here: prometheus-client is needed by this option alone
 
-    return metrics.exposition(statuses)
+    return metrics.exposition([protocol.to_wire(status) for status in statuses])
 
 
 def call(
     mnt: Path,
     op: str,
-    args: dict[str, Any] | None = None,
+    args: protocol.OpArgs | None = None,
     *,
     timeout: float | None,
-    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    on_progress: Callable[[ProgressReport], None] | None = None,
     idle_timeout: float | None = None,
-) -> dict[str, Any]:
-    """`client.call` on the daemon serving `mnt`, saying which mountpoint is not mounted."""
+) -> Any:
+    """`client.call` on the daemon serving `mnt`, saying which mountpoint is not mounted.
+    The result is the op's type in protocol.OP_RESULTS."""
     try:
         return client.call(
             socket_path(mnt, os.environ, os.getuid()),
@@ -1086,20 +1107,20 @@ class ProgressBar:
         self._progress: Any = None
         self._task: Any = None
 
-    def update(self, progress: dict[str, Any]) -> None:
+    def update(self, progress: ProgressReport) -> None:
         if not self.enabled or time.monotonic() - self.started < self.delay:
             return
         if self._progress is None:
             self._start()
-        bytes_done, bytes_total = _number(progress.get("bytes_done")), _number(progress.get("bytes_total"))
-        files_done, files_total = _number(progress.get("files_done")), _number(progress.get("files_total"))
+        bytes_done, bytes_total = progress.bytes_done, progress.bytes_total
+        files_done, files_total = progress.files_done, progress.files_total
         files = ""
         if files_total is not None and files_done is not None:
             files = f"{plural(int(files_total - files_done), 'file')} left"
-        waiting = progress.get("waiting_for")
+        waiting = progress.waiting_for
         self._progress.update(
             self._task,
-            description=str(progress.get("phase") or self.label),
+            description=str(progress.phase or self.label),
             total=bytes_total if bytes_total else None,
             completed=bytes_done or 0,
             files=files,
@@ -1150,12 +1171,12 @@ class WaitReport:
         self.started = time.monotonic()
         self.said: str | None = None
 
-    def update(self, progress: dict[str, Any]) -> None:
-        what = progress.get("waiting_for")
-        if not isinstance(what, str) or what == self.said or time.monotonic() - self.started < self.delay:
+    def update(self, progress: ProgressReport) -> None:
+        what = progress.waiting_for
+        if what is None or what == self.said or time.monotonic() - self.started < self.delay:
             return
         self.said = what
-        detail = progress.get("detail")
+        detail = progress.detail
         print(f"safefs: waiting for {what}" + (f" ({detail})" if detail else ""), file=self.stream, flush=True)
 
     def wait_exit(self, watch: ProcessWatch, timeout: float | None, what: str) -> bool:
@@ -1164,24 +1185,22 @@ class WaitReport:
         if watch.wait_exit(first):
             return True
         self.started = -math.inf
-        self.update({"waiting_for": what})
+        self.update(ProgressReport(waiting_for=what))
         return watch.wait_exit(None if timeout is None else max(0.0, timeout - first))
 
 
-def _report_to(bar: ProgressBar, waits: WaitReport) -> Callable[[dict[str, Any]], None]:
-    def report(progress: dict[str, Any]) -> None:
+def _report_to(bar: ProgressBar, waits: WaitReport) -> Callable[[ProgressReport], None]:
+    def report(progress: ProgressReport) -> None:
         bar.update(progress)
         waits.update(progress)
 
     return report
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def human_value(key: str, value: Any) -> str:
     """Any status value as words: yes/no, none, durations for keys that hold seconds, no Python syntax."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = protocol.to_wire(value)
     if isinstance(value, bool):
         return "yes" if value else "no"
     if value is None:
@@ -1205,17 +1224,29 @@ def _when(value: Any) -> str:
     return str(value)
 
 
-# Keys format_status shows itself; any other key is shown as it comes, so new fields are never hidden.
-_SHOWN_KEYS = frozenset(
+# Fields format_status shows in rows of its own. Every other field that is set, and every key
+# this side does not know (`extra`: a newer daemon's), is shown as it comes, so nothing is hidden.
+_SHOWN_FIELDS = frozenset(
     {
         "mnt", "src", "cache_dir", "pid", "role", "state", "lease", "dirty_bytes", "dirty_files", "oldest_dirty_age",
         "pending_ops", "bytes_fetched", "bytes_written", "cache_bytes", "cache_limit", "errors", "conflicts",
-        "orphans", "orphans_error", "orphans_skipped", "warnings",
+        "orphan_listing", "warnings", "flush", "extra",
     }
 )  # fmt: skip
 
 
-def format_status(status: dict[str, Any]) -> str:
+def _other_fields(status: Status) -> dict[str, Any]:
+    """The fields of `status` (its flusher's too) that format_status has no row of its own for."""
+    fields = {}
+    for payload in (status, status.flush):
+        for field in dataclasses.fields(payload):
+            value = getattr(payload, field.name)
+            if field.name not in _SHOWN_FIELDS and value is not None:
+                fields[field.name] = value
+    return {**fields, **status.extra}
+
+
+def format_status(status: Status) -> str:
     """A daemon's status as aligned `key: value` lines."""
     rows: list[tuple[str, str]] = []
     details: list[str] = []
@@ -1224,140 +1255,132 @@ def format_status(status: dict[str, Any]) -> str:
         if value is not None:
             rows.append((key, str(value)))
 
-    row("mount", status.get("mnt"))
-    row("project", status.get("src"))
+    flush = status.flush
+    row("mount", status.mnt)
+    row("project", status.src)
     row("role", describe_role(status))
-    if status.get("state") == "unmounted":
-        changes = (_number(status.get("dirty_files")) or 0) + (_number(status.get("pending_ops")) or 0)
+    if status.state == "unmounted":
+        changes = (flush.dirty_files or 0) + (flush.pending_ops or 0)
         row("state", f"unmounted, writing back {plural(int(changes), 'file')} / "
-                     f"{human_bytes(status.get('dirty_bytes') or 0)}")  # fmt: skip
+                     f"{human_bytes(flush.dirty_bytes or 0)}")  # fmt: skip
     else:
-        row("state", status.get("state"))
-    lease = status["lease"] if isinstance(status.get("lease"), dict) else {}
-    row("epoch", lease.get("epoch"))
-    row("generation", lease.get("generation"))
-    holder = lease.get("holder")
-    if isinstance(holder, dict):
+        row("state", status.state)
+    lease = status.lease or LeaseStatistics()
+    row("epoch", lease.epoch)
+    row("generation", lease.generation)
+    holder = lease.holder
+    if holder is not None:
         text = describe_holder(holder)
-        if holder.get("since") is not None:
-            text += f", since {_when(holder['since'])}"
-        if isinstance(holder.get("heartbeat_age"), (int, float)):
-            text += f", heartbeat {human_seconds(holder['heartbeat_age'])} ago"
+        if holder.since is not None:
+            text += f", since {_when(holder.since)}"
+        if holder.heartbeat_age is not None:
+            text += f", heartbeat {human_seconds(holder.heartbeat_age)} ago"
         row("lease holder", text)
-    elif "holder" in lease:
+    elif status.lease is not None:
         row("lease holder", "nobody")
-    if isinstance(lease.get("deadline"), (int, float)):
-        row("lease deadline", f"in {human_seconds(lease['deadline'])}")
-    if lease.get("backend") == "etcd":
-        text = f"etcd {','.join(lease.get('endpoints') or [])}, prefix {lease.get('prefix')}, TTL {lease.get('ttl')} s"
-        if isinstance(lease.get("expires_in"), (int, float)):
-            text += f", expires in {human_seconds(lease['expires_in'])}"
-        row("lease backend", text + f", revision {lease.get('revision')}")
-    elif lease.get("backend"):
-        row("lease backend", lease["backend"])
-    if status.get("dirty_bytes") is not None:
-        dirty = f"{human_bytes(status['dirty_bytes'])} in {plural(status.get('dirty_files', '?'), 'file')}"
-        if isinstance(status.get("oldest_dirty_age"), (int, float)):
-            dirty += f", oldest {human_seconds(status['oldest_dirty_age'])}"
+    if lease.deadline is not None:
+        row("lease deadline", f"in {human_seconds(lease.deadline)}")
+    if lease.backend == "etcd":
+        etcd = lease.etcd or EtcdStatistics()
+        text = f"etcd {','.join(etcd.endpoints or [])}, prefix {etcd.prefix}, TTL {etcd.ttl} s"
+        if etcd.expires_in is not None:
+            text += f", expires in {human_seconds(etcd.expires_in)}"
+        row("lease backend", text + f", revision {etcd.revision}")
+    elif lease.backend:
+        row("lease backend", lease.backend)
+    if flush.dirty_bytes is not None:
+        files = flush.dirty_files if flush.dirty_files is not None else "?"
+        dirty = f"{human_bytes(flush.dirty_bytes)} in {plural(files, 'file')}"
+        if flush.oldest_dirty_age is not None:
+            dirty += f", oldest {human_seconds(flush.oldest_dirty_age)}"
         row("dirty", dirty)
-    pending = status.get("pending_ops")
-    row("pending ops", len(pending) if isinstance(pending, list) else pending)
-    if status.get("bytes_fetched") is not None:
-        row("fetched", f"{human_bytes(status['bytes_fetched'])} from the project")
-    if status.get("bytes_written") is not None:
-        row("written", f"{human_bytes(status['bytes_written'])} to the project")
-    if status.get("cache_bytes") is not None:
-        limit = status.get("cache_limit")
-        row(
-            "cache",
-            human_bytes(status["cache_bytes"]) + (f" of {human_bytes(limit)}" if limit is not None else ""),
-        )
-    row("cache dir", status.get("cache_dir"))
-    row("pid", status.get("pid"))
-    for key, items in (("errors", status.get("errors")), ("conflicts", status.get("conflicts"))):
-        if isinstance(items, list):
-            row(key, len(items) if items else "none")
-            describe = describe_conflict if key == "conflicts" else _describe_item
-            details += [f"  {key[:-1]}: {describe(item) if isinstance(item, dict) else item}" for item in items]
-    if isinstance(status.get("warnings"), list):  # recent WARNING/ERROR log messages (safefs.logs)
-        row("warnings", len(status["warnings"]) if status["warnings"] else "none")
-        details += [f"  {_describe_warning(item)}" for item in status["warnings"] if isinstance(item, dict)]
-    if isinstance(status.get("orphans"), list):
-        row("orphans", len(status["orphans"]) if status["orphans"] else "none")
-        details += [f"  {describe_orphan(item, status)}" for item in _orphan_records(status)]
-    elif status.get("orphans_error"):
-        row("orphans", f"unknown: {status['orphans_error']}")
-    if isinstance(status.get("orphans_skipped"), list):
-        details += [f"  unreadable orphan marker: {_describe_item(item)}" for item in status["orphans_skipped"]]
-    for key in sorted(status.keys() - _SHOWN_KEYS):
-        row(key.replace("_", " "), human_value(key, status[key]))
+    row("pending ops", flush.pending_ops)
+    if status.bytes_fetched is not None:
+        row("fetched", f"{human_bytes(status.bytes_fetched)} from the project")
+    if status.bytes_written is not None:
+        row("written", f"{human_bytes(status.bytes_written)} to the project")
+    if status.cache_bytes is not None:
+        limit = status.cache_limit
+        row("cache", human_bytes(status.cache_bytes) + (f" of {human_bytes(limit)}" if limit is not None else ""))
+    row("cache dir", status.cache_dir)
+    row("pid", status.pid)
+    if flush.errors is not None:
+        row("errors", len(flush.errors) if flush.errors else "none")
+        details += [f"  error: {describe_write_back_error(error)}" for error in flush.errors]
+    if flush.conflicts is not None:
+        row("conflicts", len(flush.conflicts) if flush.conflicts else "none")
+        details += [f"  conflict: {describe_conflict(conflict)}" for conflict in flush.conflicts]
+    if status.warnings is not None:  # recent WARNING/ERROR log messages (safefs.logs)
+        row("warnings", len(status.warnings) if status.warnings else "none")
+        details += [f"  {_describe_warning(item)}" for item in status.warnings]
+    listing = status.orphan_listing
+    if listing.orphans is not None:
+        row("orphans", len(listing.orphans) if listing.orphans else "none")
+        details += [f"  {describe_orphan(orphan, status)}" for orphan in listing.orphans]
+    elif listing.orphans_error:
+        row("orphans", f"unknown: {listing.orphans_error}")
+    for skipped in listing.orphans_skipped or []:
+        details.append(f"  unreadable orphan marker: name={skipped.name}, error={skipped.error}")
+    others = _other_fields(status)
+    for key in sorted(others):
+        row(key.replace("_", " "), human_value(key, others[key]))
 
     width = max((len(key) for key, _ in rows), default=0) + 1
     return "\n".join([f"{key + ':':<{width}} {value}" for key, value in rows] + details)
 
 
-def describe_role(status: dict[str, Any]) -> Any:
+def describe_role(status: Status) -> str | None:
     """`writer`, `writer (publishing from HH:MM:SS)` during the lock delay after a takeover, or
     `follower`; a fenced ex-writer says that its unwritten changes stay for `safefs recover`."""
-    role = status.get("role")
-    lease = status["lease"] if isinstance(status.get("lease"), dict) else {}
-    until = lease.get("publishing_from")
-    if role == "writer" and isinstance(until, (int, float)) and not isinstance(until, bool):
+    role = status.role
+    lease = status.lease or LeaseStatistics()
+    until = lease.publishing_from
+    if role == "writer" and until is not None:
         return f"writer (publishing from {time.strftime('%H:%M:%S', time.localtime(until))})"
-    unwritten = (_number(status.get("dirty_files")) or 0) + (_number(status.get("pending_ops")) or 0)
-    if role != "writer" and lease.get("state") == "lost" and unwritten:
+    unwritten = (status.flush.dirty_files or 0) + (status.flush.pending_ops or 0)
+    if role != "writer" and lease.state == "lost" and unwritten:
         return (f"{role} (lost the write lease; its unwritten changes stay in its cache for "
                 f"`safefs recover`)")  # fmt: skip
     return role
 
 
-def _orphan_records(status: dict[str, Any]) -> list[dict[str, Any]]:
-    orphans = status.get("orphans")
-    return [o for o in orphans if isinstance(o, dict)] if isinstance(orphans, list) else []
-
-
-def _is_own_orphan(orphan: dict[str, Any], status: dict[str, Any]) -> bool:
+def _is_own_orphan(orphan: Orphan, status: Status) -> bool:
     """Whether `orphan` is the marker of the mount `status` describes (same host, same cache)."""
-    return orphan.get("host") == status.get("host") and orphan.get("cache_dir") == status.get("cache_dir")
+    return orphan.host == status.host and orphan.cache_dir == status.cache_dir
 
 
-def describe_orphan(orphan: dict[str, Any], status: dict[str, Any] | None = None) -> str:
+def describe_orphan(orphan: Orphan, status: Status | None = None) -> str:
     """One line for an orphan marker: whose, how much, since when, why, and what to do.
 
     `status` is the mount that found it: its own marker gets the `safefs recover MNT` to run."""
-    host = orphan.get("host") or "an unknown host"
+    host = orphan.host or "an unknown host"
     counts = []
-    ops, files, nbytes = (_number(orphan.get(k)) for k in ("pending_ops", "dirty_files", "dirty_bytes"))
-    if ops:
-        counts.append(plural(int(ops), "pending op"))
-    if files or nbytes:
-        counts.append(f"{human_bytes(nbytes or 0)} in {plural(int(files or 0), 'file')}")
+    if orphan.pending_ops:
+        counts.append(plural(int(orphan.pending_ops), "pending op"))
+    if orphan.dirty_files or orphan.dirty_bytes:
+        counts.append(f"{human_bytes(orphan.dirty_bytes or 0)} in {plural(int(orphan.dirty_files or 0), 'file')}")
     changes = " and ".join(counts) or "changes"
-    text = f"orphaned changes: host {host} (cache {orphan.get('cache_dir')}) {changes} unwritten"
-    if orphan.get("since") is not None:
-        text += f" since {_when(orphan['since'])}"
-    why = [str(orphan["reason"])] if orphan.get("reason") else []
-    if orphan.get("epoch") is not None:
-        why.append(f"epoch {orphan['epoch']}")
+    text = f"orphaned changes: host {host} (cache {orphan.cache_dir}) {changes} unwritten"
+    if orphan.since is not None:
+        text += f" since {_when(orphan.since)}"
+    why = [str(orphan.reason)] if orphan.reason else []
+    if orphan.epoch is not None:
+        why.append(f"epoch {orphan.epoch}")
     if why:
         text += f" ({'; '.join(why)})"
-    if status is not None and _is_own_orphan(orphan, status) and status.get("mnt"):
-        return text + f"; run `safefs recover {status['mnt']}` on this host"
+    if status is not None and _is_own_orphan(orphan, status) and status.mnt:
+        return text + f"; run `safefs recover {status.mnt}` on this host"
     return text + f"; run `safefs recover` on {host}"
 
 
-def _describe_warning(item: dict[str, Any]) -> str:
+def _describe_warning(item: LogWarning) -> str:
     repeats = ""
-    if _number(item.get("count")) and item["count"] > 1:
-        repeats = f" ({item['count']} times, last at {_when(item.get('time'))})"
-    when = "" if repeats else f" at {_when(item.get('time'))}"
-    return f"{item.get('level', 'warning')}: {item.get('message')}{when}{repeats}"
+    if item.count and item.count > 1:
+        repeats = f" ({item.count} times, last at {_when(item.time)})"
+    when = "" if repeats else f" at {_when(item.time)}"
+    return f"{item.level or 'warning'}: {item.message}{when}{repeats}"
 
 
-def _describe_item(item: Any) -> str:
-    if not isinstance(item, dict):
-        return str(item)
-    if {"op", "path", "error"} <= item.keys():
-        retry = f" (retry at {_when(item['retry_at'])})" if item.get("retry_at") is not None else ""
-        return f"{item['op']} {item['path']}: {item['error']}{retry}"
-    return ", ".join(f"{key}={value}" for key, value in item.items())
+def describe_write_back_error(error: WriteBackError) -> str:
+    retry = f" (retry at {_when(error.retry_at)})" if error.retry_at is not None else ""
+    return f"{error.op} {error.path}: {error.error}{retry}"

@@ -30,6 +30,7 @@ import pytest
 import trio
 
 from safefs import cli, config
+from safefs.control import protocol
 from safefs.control.server import serve
 from safefs.errors import BackingFailed, Busy, ExitCode, SafefsError, SyncTimeout
 from tests.helpers import REPO
@@ -198,7 +199,7 @@ def test_recover_without_a_mount_lists_mounts_holding_unwritten_changes(
         "/run/c.sock": {"mnt": "/m/c", "dirty_files": 3, "dirty_bytes": 30, "pending_ops": 2, "role": "writer"},
     }
     monkeypatch.setattr(cli.client, "list_daemons", lambda _: list(statuses))
-    monkeypatch.setattr(cli.client, "call", lambda sock, op, **kw: statuses[sock])
+    monkeypatch.setattr(cli.client, "call", lambda sock, op, **kw: status_of(statuses[sock]))
     assert cli.main(["recover"]) == ExitCode.OK
     out = capsys.readouterr().out
     assert "safefs recover /m/a" in out and "/m/b" not in out and "/m/c" not in out
@@ -579,8 +580,8 @@ class FakeTerminal(io.StringIO):
 def test_progress_bar_draws_on_a_terminal_and_clears_it() -> None:
     terminal = FakeTerminal()
     with cli.ProgressBar("syncing", terminal, delay=0) as bar:
-        bar.update({"bytes_done": 1 << 30, "bytes_total": 4 << 30, "files_done": 1, "files_total": 4,
-                    "waiting_for": "the write-back"})  # fmt: skip
+        bar.update(protocol.ProgressReport(bytes_done=1 << 30, bytes_total=4 << 30, files_done=1, files_total=4,
+                                           waiting_for="the write-back"))  # fmt: skip
     drawn = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", terminal.getvalue())
     for part in ("syncing", "1.0/4.0", "GiB", "3 files left", "waiting for the write-back"):
         assert part in drawn, drawn
@@ -590,11 +591,16 @@ def test_progress_bar_draws_on_a_terminal_and_clears_it() -> None:
 def test_progress_bar_stays_quiet_off_a_terminal_and_for_quick_operations() -> None:
     pipe = io.StringIO()
     with cli.ProgressBar("syncing", pipe, delay=0) as bar:
-        bar.update({"files_done": 1})
+        bar.update(protocol.ProgressReport(files_done=1))
     terminal = FakeTerminal()
     with cli.ProgressBar("syncing", terminal, delay=3600) as bar:
-        bar.update({"files_done": 1})
+        bar.update(protocol.ProgressReport(files_done=1))
     assert pipe.getvalue() == terminal.getvalue() == ""
+
+
+def status_of(wire: dict[str, Any]) -> protocol.Status:
+    """The Status a daemon sending `wire` gives the CLI."""
+    return protocol.from_wire(protocol.Status, wire)
 
 
 FULL_STATUS = {
@@ -609,7 +615,7 @@ FULL_STATUS = {
 
 
 def test_status_formatting_shows_every_contract_key() -> None:
-    lines = cli.format_status(FULL_STATUS).splitlines()
+    lines = cli.format_status(status_of(FULL_STATUS)).splitlines()
     assert lines == [
         "mount:        /home/u/proj",
         "project:      /nfs/proj",
@@ -642,7 +648,7 @@ def test_status_formatting_lists_orphans_and_says_where_to_recover() -> None:
     own = {**ORPHAN_A, "host": "hostb", "cache_dir": "/var/tmp/c", "epoch": None, "pending_ops": 0, "reason": ""}
     status = {**FULL_STATUS, "host": "hostb", "orphans": [ORPHAN_A, own], "orphans_error": None,
               "orphans_skipped": [{"name": "x.json", "error": "not valid JSON"}]}  # fmt: skip
-    lines = cli.format_status(status).splitlines()
+    lines = cli.format_status(status_of(status)).splitlines()
     assert "orphans:      2" in lines
     since = cli._when(ORPHAN_A["since"])
     assert (
@@ -661,9 +667,9 @@ def test_status_formatting_says_when_orphans_could_not_be_read() -> None:
     status = {**FULL_STATUS, "orphans": None, "orphans_error": "/nfs/proj/.safefs/orphans did not answer within 3 s",
               "orphans_skipped": []}  # fmt: skip
     assert "orphans:      unknown: /nfs/proj/.safefs/orphans did not answer within 3 s" in cli.format_status(
-        status
+        status_of(status)
     ).splitlines()
-    assert "orphans:      none" in cli.format_status({**status, "orphans": []}).splitlines()
+    assert "orphans:      none" in cli.format_status(status_of({**status, "orphans": []})).splitlines()
 
 
 def test_recover_without_a_mount_also_names_other_hosts_orphans(
@@ -677,7 +683,7 @@ def test_recover_without_a_mount_also_names_other_hosts_orphans(
         "/run/b.sock": {"mnt": "/m/b", "src": "/p", "host": "here", "cache_dir": "/c/b", "dirty_files": 1,
                         "pending_ops": 0, "orphans": [ORPHAN_A, local]},
     }  # fmt: skip
-    monkeypatch.setattr(cli.client, "call", lambda sock, op, **kw: statuses[sock])
+    monkeypatch.setattr(cli.client, "call", lambda sock, op, **kw: status_of(statuses[sock]))
     assert cli.main(["recover"]) == ExitCode.OK
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("/m/b: 1 files") and out[0].endswith("safefs recover /m/b")
@@ -692,21 +698,21 @@ CONFLICT = {"path": "d/x", "kept_as": "d/x.safefs-conflict-h-20261207-101500", "
 
 
 def test_sync_receipt_lists_conflicts_by_name_copy_and_reason() -> None:
-    receipt = cli.sync_receipt(Path("/m"), {"files": 1, "bytes": 4, "generation": 5, "epoch": 1,
-                                            "conflicts": [CONFLICT]}, released=False)  # fmt: skip
+    receipt = cli.sync_receipt(Path("/m"), protocol.from_wire(protocol.SyncReceipt, {
+        "files": 1, "bytes": 4, "generation": 5, "epoch": 1, "conflicts": [CONFLICT]}), released=False)  # fmt: skip
     assert receipt.splitlines() == [
         "safefs: synced /m: 1 file, 4 B written, generation 5 (epoch 1) published",
         "1 conflict (both versions kept side by side):",
         "  d/x: made in the mount while the project got another object of that name; the mount's version is "
         "d/x.safefs-conflict-h-20261207-101500, at 2026-12-07 10:15:00 UTC",
     ]
-    assert "conflict" not in cli.sync_receipt(Path("/m"), {"files": 0, "conflicts": []}, released=False)
+    assert "conflict" not in cli.sync_receipt(Path("/m"), protocol.SyncReceipt(conflicts=[]), released=False)
 
 
 def test_status_formatting_shows_conflicts_with_readable_times() -> None:
-    lines = cli.format_status({**FULL_STATUS, "conflicts": [CONFLICT]}).splitlines()
+    lines = cli.format_status(status_of({**FULL_STATUS, "conflicts": [CONFLICT]})).splitlines()
     assert "conflicts:    1" in lines
-    assert f"  conflict: {cli.describe_conflict(CONFLICT)}" in lines
+    assert f"  conflict: {cli.describe_conflict(protocol.from_wire(protocol.Conflict, CONFLICT))}" in lines
     assert "time=" not in "\n".join(lines)
 
 
