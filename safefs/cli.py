@@ -82,7 +82,7 @@ LOG_TAIL_LINES = 20
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        argv = options.translate(sys.argv[1:] if argv is None else argv, COMMANDS, _subparser(parser, "mount"))
+        argv = options.translate(sys.argv[1:] if argv is None else argv, COMMANDS)
     except options.OptionError as exc:
         print(f"safefs: error: {exc}", file=sys.stderr)
         return int(ExitCode.USAGE)
@@ -142,6 +142,28 @@ def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentP
     return sub
 
 
+# How `safefs mount` reads the value of each kind of option (options.MOUNT_OPTIONS).
+_ARGUMENT_TYPES: dict[str, dict[str, Any]] = {
+    options.SECONDS: {"type": parse_seconds}, options.SIZE: {"type": parse_size}, options.TEXT: {},
+    options.PATH: {}, options.FLAG: {"action": "store_true"}, options.PORT: {"type": settings.port},
+    options.LEVEL: {"choices": settings.LOG_LEVELS}, options.FD: {"type": int},
+}  # fmt: skip
+
+
+def add_mount_options(mount: argparse.ArgumentParser) -> None:
+    """The arguments of `safefs mount`, one per options.MOUNT_OPTIONS entry, in its order."""
+    advanced = None
+    for option in options.MOUNT_OPTIONS:
+        group: Any = mount
+        if option.advanced:
+            advanced = advanced or mount.add_argument_group("advanced options (mostly for tests)")
+            group = advanced
+        extra = {"metavar": option.metavar} if option.metavar else {}
+        group.add_argument(
+            option.flag, help=option.help or argparse.SUPPRESS, **_ARGUMENT_TYPES[option.kind], **extra
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     codes = "\n".join(f"  {int(code)}  {meaning}" for code, meaning in EXIT_CODE_MEANING.items())
     parser = argparse.ArgumentParser(
@@ -182,72 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.set_defaults(command=cmd_mount)
     mount.add_argument("src", metavar="SRC", help="the project directory (on NFS)")
     mount.add_argument("mnt", metavar="MNT", help="an empty directory to mount it on")
-    mount.add_argument(
-        "--cache-dir", metavar="DIR", help="local cache (default: $XDG_CACHE_HOME/safefs/NAME-KEY)"
-    )
-    mount.add_argument(
-        "--writeback-delay",
-        type=parse_seconds,
-        metavar="SECONDS",
-        help="write back a file quiet this long (default 5)",
-    )
-    mount.add_argument(
-        "--cache-size",
-        type=parse_size,
-        metavar="SIZE",
-        help="evict clean data above this, e.g. 10G (default 10G)",
-    )
-    mount.add_argument("--allow-other", action="store_true", help="let other users use the mount")
-    mount.add_argument("--foreground", action="store_true", help="run the daemon in this process (debugging)")
-    mount.add_argument(
-        "--host-id", metavar="NAME", help="human-readable host name in the lease (default: hostname)"
-    )
-    mount.add_argument("--debug", action="store_true", help="log debug messages")
-    mount.add_argument(
-        "--cache-root",
-        metavar="DIR",
-        help="make the cache dir under this (DIR/NAME-KEY), e.g. node-local scratch",
-    )
-    mount.add_argument(
-        "--follower", action="store_true", help="never take the write lease by itself (-o ro)"
-    )
-    mount.add_argument(
-        "--log-file", metavar="FILE", help="log here, rotated (default: daemon.log in the cache dir)"
-    )
-    mount.add_argument(
-        "--log-level", choices=settings.LOG_LEVELS, help="least severe messages logged (default info)"
-    )
-    mount.add_argument(
-        "--metrics-port",
-        type=settings.port,
-        metavar="PORT",
-        help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (default: no listener)",
-    )
-    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
-    advanced = mount.add_argument_group("advanced options (mostly for tests)")
-    advanced.add_argument("--lease-renew", type=parse_seconds, metavar="S", help="heartbeat interval")
-    advanced.add_argument(
-        "--lease-break", type=parse_seconds, metavar="S", help="take over a lease silent this long"
-    )
-    advanced.add_argument(
-        "--lease-epsilon", type=parse_seconds, metavar="S", help="safety margin of the holder"
-    )
-    advanced.add_argument(
-        "--lock-delay", type=parse_seconds, metavar="S",
-        help="after a takeover, wait this long before changing the project",
-    )
-    advanced.add_argument(
-        "--lease-poll", type=parse_seconds, metavar="S", help="how often to read the holder's heartbeat"
-    )
-    advanced.add_argument(
-        "--follower-poll", type=parse_seconds, metavar="S", help="how often a follower looks for news"
-    )
-    advanced.add_argument(
-        "--backing-timeout", type=parse_seconds, metavar="S", help="fail reads of the project after this"
-    )
-    advanced.add_argument(
-        "--wait-lease", action="store_true", help="wait for the write lease instead of following"
-    )
+    add_mount_options(mount)
 
     umount = commands.add_parser(
         "umount",
@@ -418,33 +375,17 @@ def mount_config(args: argparse.Namespace) -> MountConfig:
     if args.cache_root:
         cache_dir = Path(args.cache_root) / cache_dir.name
     cache_dir = Path(os.path.realpath(args.cache_dir or cache_dir))
-    lease_options = {
-        "renew": args.lease_renew,
-        "t_break": args.lease_break,
-        "epsilon": args.lease_epsilon,
-        "lock_delay": args.lock_delay,
-        "poll": args.lease_poll,
-    }
-    options = {
-        "writeback_delay": args.writeback_delay,
-        "cache_size": args.cache_size,
-        "host_id": args.host_id,
-        "follower_poll": args.follower_poll,
-        "backing_timeout": args.backing_timeout,
-    }
-    return MountConfig(
-        src=src,
-        mnt=mnt,
-        cache_dir=cache_dir,
-        allow_other=args.allow_other,
-        wait_for_lease=args.wait_lease,
-        follower=args.follower,
-        log_level=args.log_level or "info",
-        log_file=Path(os.path.realpath(args.log_file)) if args.log_file else None,
-        metrics_port=args.metrics_port,
-        lease=LeaseTimings(**{k: v for k, v in lease_options.items() if v is not None}),
-        **{k: v for k, v in options.items() if v is not None},
-    )
+    fields: dict[str, Any] = {}
+    lease: dict[str, Any] = {}
+    for option in options.MOUNT_OPTIONS:
+        value = getattr(args, option.name)
+        if option.field is None or option.field == "cache_dir" or value is None or value is False:
+            continue  # not given: MountConfig's default (the cache dir is resolved above)
+        if option.kind == options.PATH:
+            value = Path(os.path.realpath(value))
+        owner, _, name = option.field.rpartition(".")
+        (lease if owner == "lease" else fields)[name] = value
+    return MountConfig(src=src, mnt=mnt, cache_dir=cache_dir, lease=LeaseTimings(**lease), **fields)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -465,25 +406,28 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 def setting_defaults() -> dict[str, Any]:
     """What `safefs mount` uses for each config-file key that no file and no option sets."""
-    mount, lease = MountConfig(src=Path("/"), mnt=Path("/"), cache_dir=Path("/")), LeaseTimings()
-    return {
-        "cache_root": os.fspath(default_cache_dir(Path("/x"), os.environ).parent),
-        "cache_dir": "NAME-KEY under cache_root",
-        "writeback_delay": mount.writeback_delay,
-        "cache_size": mount.cache_size,
-        "allow_other": mount.allow_other,
-        "host_id": "this host's name",
-        "lease_renew": lease.renew,
-        "lease_break": lease.t_break,
-        "lease_epsilon": lease.epsilon,
-        "lock_delay": lease.lock_delay,
-        "lease_poll": lease.poll,
-        "follower_poll": mount.follower_poll,
-        "backing_timeout": mount.backing_timeout,
-        "log_level": mount.log_level,
-        "log_file": "daemon.log in the cache dir",
-        "metrics_port": "none (no listener)",
-    }
+    mount = MountConfig(src=Path("/"), mnt=Path("/"), cache_dir=Path("/"))
+    defaults = {}
+    for option in options.MOUNT_OPTIONS:
+        if not option.config:
+            continue
+        if option.default_text is not None:
+            defaults[option.name] = option.default_text
+        elif option.field is not None:
+            defaults[option.name] = _field_value(mount, option)
+        else:  # cache_root, the one without a field: the cache dirs' parent, from the environment
+            defaults[option.name] = os.fspath(default_cache_dir(Path("/x"), os.environ).parent)
+    return defaults
+
+
+def _field_value(config: MountConfig, option: options.Option) -> Any:
+    """The value of `option`'s MountConfig field in `config` (None for an option without one)."""
+    if option.field is None:
+        return None
+    value: Any = config
+    for name in option.field.split("."):
+        value = getattr(value, name)
+    return value
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -517,37 +461,23 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def daemon_argv(config: MountConfig, *, ready_fd: int, debug: bool) -> list[str]:
-    """The command line of a foreground daemon with exactly `config`."""
-    lease = config.lease
-    argv = [
-        sys.executable, "-m", "safefs", "mount", os.fspath(config.src), os.fspath(config.mnt),
-        "--foreground", "--ready-fd", str(ready_fd),
-        "--cache-dir", os.fspath(config.cache_dir),
-        "--writeback-delay", repr(config.writeback_delay),
-        "--cache-size", str(config.cache_size),
-        "--follower-poll", repr(config.follower_poll),
-        "--backing-timeout", repr(config.backing_timeout),
-        "--lease-renew", repr(lease.renew),
-        "--lease-break", repr(lease.t_break),
-        "--lease-epsilon", repr(lease.epsilon),
-        "--lock-delay", repr(lease.lock_delay),
-        "--lease-poll", repr(lease.poll),
-    ]  # fmt: skip
-    if config.allow_other:
-        argv.append("--allow-other")
-    if config.host_id is not None:
-        argv += ["--host-id", config.host_id]
-    if config.wait_for_lease:
-        argv.append("--wait-lease")
-    if config.follower:
-        argv.append("--follower")
-    argv += ["--log-level", config.log_level]
-    if config.log_file is not None:
-        argv += ["--log-file", os.fspath(config.log_file)]
-    if config.metrics_port is not None:
-        argv += ["--metrics-port", str(config.metrics_port)]
+    """The command line of a foreground daemon with exactly `config`: every option with a
+    MountConfig field, with that field's value (floats as repr, so they come back equal)."""
+    flags = options.OPTIONS
+    argv = [sys.executable, "-m", "safefs", "mount", os.fspath(config.src), os.fspath(config.mnt),
+            flags["foreground"].flag, flags["ready_fd"].flag, str(ready_fd)]  # fmt: skip
+    for option in options.MOUNT_OPTIONS:
+        value = _field_value(config, option)
+        if option.field is None or value is None or value is False:
+            continue
+        if option.kind == options.FLAG:
+            argv.append(option.flag)
+        elif isinstance(value, float):
+            argv += [option.flag, repr(value)]
+        else:
+            argv += [option.flag, os.fspath(value) if isinstance(value, Path) else str(value)]
     if debug:
-        argv.append("--debug")
+        argv.append(flags["debug"].flag)
     return argv
 
 
