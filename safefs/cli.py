@@ -17,66 +17,57 @@ Single-threaded; blocking calls are fine here.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import os
-import select
-import shlex
-import subprocess
 import sys
-import sysconfig
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TextIO
 
-from safefs import __version__, checks, history, human, options, procs, settings, unmount
-from safefs.config import LeaseTimings, MountConfig, default_cache_dir, runtime_dir, socket_path
+from safefs import __version__, checks, history, options, settings
+from safefs.cli_launcher import ProcessWatch, _write_ready, busy_error, fusermount_unmount, spawn_daemon
+from safefs.cli_options import add_mount_options, mount_config, parse_seconds, setting_defaults
+from safefs.cli_render import (
+    ProgressBar,
+    Unanswered,
+    WaitReport,
+    _report_to,
+    _when,
+    describe_conflict,
+    describe_orphan,
+    format_status,
+    sync_receipt,
+    unwritten_error,
+)
+from safefs.config import LeaseTimings, runtime_dir, socket_path
 from safefs.control import client, protocol
 from safefs.control.protocol import (
     AcquireReceipt,
-    Conflict,
-    EtcdStatistics,
-    Holder,
-    LeaseStatistics,
-    LogWarning,
-    Orphan,
     Ping,
     ProgressReport,
     RecoverReceipt,
     Status,
     SyncReceipt,
     UnmountReceipt,
-    WriteBackError,
-    error_from_wire,
     error_to_wire,
 )
 from safefs.errors import (
     EXIT_CODE_MEANING,
     BackingFailed,
     Busy,
-    DaemonFailed,
     ExitCode,
     LeaseHeldElsewhere,
     NotMounted,
-    ProtocolError,
     Refused,
     SafefsError,
     SyncTimeout,
-    Unwritten,
 )
-from safefs.human import human_bytes, human_seconds, plural
+from safefs.human import human_bytes, plural
 
 INTERRUPTED = 130  # the shell's code for "killed by SIGINT"
-READY_TIMEOUT = 60.0  # a daemon not ready after this long is stopped (unless it waits for the lease)
 STATUS_TIMEOUT = 10.0  # ping and status answer from memory; longer means the daemon is stuck
 CALL_GRACE = 15.0  # the daemon enforces an op's timeout; the client waits this much longer
-STOP_TIMEOUT = 10.0
-PROGRESS_DELAY = 0.5  # operations quicker than this show no progress bar
-WAIT_REPORT_DELAY = 1.0  # a command that waits longer than this says what it waits for
-LOG_TAIL_LINES = 20
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,54 +105,8 @@ def print_error(exc: SafefsError, stream: TextIO | None = None) -> None:
 # ---- command line ------------------------------------------------------------------------------
 
 
-def parse_size(text: str) -> int:
-    """Bytes in `text`: a plain number or one with a binary suffix (512M, 10G, 1.5TiB, 64k)."""
-    size = human.parse_size(text)
-    if size is None:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (try 512M or 10G)")
-    return size
-
-
-def parse_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"seconds must be a non-negative number, not {text!r}")
-    return value
-
-
 # The subcommands (test_cli checks): anything else first is the mount(8) form `safefs SRC MNT -o ...`.
 COMMANDS = ("init", "mount", "umount", "sync", "status", "acquire", "recover", "config", "history")
-
-
-def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
-    (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
-    sub: argparse.ArgumentParser = commands.choices[name]
-    return sub
-
-
-# How `safefs mount` reads the value of each kind of option (options.MOUNT_OPTIONS).
-_ARGUMENT_TYPES: dict[str, dict[str, Any]] = {
-    options.SECONDS: {"type": parse_seconds}, options.SIZE: {"type": parse_size}, options.TEXT: {},
-    options.PATH: {}, options.FLAG: {"action": "store_true"}, options.PORT: {"type": settings.port},
-    options.LEVEL: {"choices": settings.LOG_LEVELS}, options.FD: {"type": int},
-}  # fmt: skip
-
-
-def add_mount_options(mount: argparse.ArgumentParser) -> None:
-    """The arguments of `safefs mount`, one per options.MOUNT_OPTIONS entry, in its order."""
-    advanced = None
-    for option in options.MOUNT_OPTIONS:
-        group: Any = mount
-        if option.advanced:
-            advanced = advanced or mount.add_argument_group("advanced options (mostly for tests)")
-            group = advanced
-        extra = {"metavar": option.metavar} if option.metavar else {}
-        group.add_argument(
-            option.flag, help=option.help or argparse.SUPPRESS, **_ARGUMENT_TYPES[option.kind], **extra
-        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,28 +311,6 @@ def _refuse_if_held(src: Path, conf: Any) -> None:
 # ---- mount ----------------------------------------------------------------------------------------
 
 
-def mount_config(args: argparse.Namespace) -> MountConfig:
-    """The resolved MountConfig for `safefs mount` arguments; defaults come from MountConfig itself."""
-    settings.fill(args, settings.load(os.environ))
-    src = Path(os.path.realpath(args.src))
-    mnt = checks.resolve_mountpoint(args.mnt)
-    cache_dir = default_cache_dir(src, os.environ)
-    if args.cache_root:
-        cache_dir = Path(args.cache_root) / cache_dir.name
-    cache_dir = Path(os.path.realpath(args.cache_dir or cache_dir))
-    fields: dict[str, Any] = {}
-    lease: dict[str, Any] = {}
-    for option in options.MOUNT_OPTIONS:
-        value = getattr(args, option.name)
-        if option.field is None or option.field == "cache_dir" or value is None or value is False:
-            continue  # not given: MountConfig's default (the cache dir is resolved above)
-        if option.kind == options.PATH:
-            value = Path(os.path.realpath(value))
-        owner, _, name = option.field.rpartition(".")
-        (lease if owner == "lease" else fields)[name] = value
-    return MountConfig(src=src, mnt=mnt, cache_dir=cache_dir, lease=LeaseTimings(**lease), **fields)
-
-
 def cmd_mount(args: argparse.Namespace) -> int:
     config = mount_config(args)
     if not args.foreground:
@@ -402,32 +325,6 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from safefs import daemon  # only here: the daemon imports trio, pyfuse3 and lmdb
 
     return int(daemon.run(config, ready_fd=args.ready_fd, debug=args.debug))
-
-
-def setting_defaults() -> dict[str, Any]:
-    """What `safefs mount` uses for each config-file key that no file and no option sets."""
-    mount = MountConfig(src=Path("/"), mnt=Path("/"), cache_dir=Path("/"))
-    defaults = {}
-    for option in options.MOUNT_OPTIONS:
-        if not option.config:
-            continue
-        if option.default_text is not None:
-            defaults[option.name] = option.default_text
-        elif option.field is not None:
-            defaults[option.name] = _field_value(mount, option)
-        else:  # cache_root, the one without a field: the cache dirs' parent, from the environment
-            defaults[option.name] = os.fspath(default_cache_dir(Path("/x"), os.environ).parent)
-    return defaults
-
-
-def _field_value(config: MountConfig, option: options.Option) -> Any:
-    """The value of `option`'s MountConfig field in `config` (None for an option without one)."""
-    if option.field is None:
-        return None
-    value: Any = config
-    for name in option.field.split("."):
-        value = getattr(value, name)
-    return value
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -458,189 +355,6 @@ def cmd_config(args: argparse.Namespace) -> int:
             value = f"{value:g} s"
         print(f"{key:<{width}}  {value}  ({row['source']})")
     return int(ExitCode.OK)
-
-
-def daemon_argv(config: MountConfig, *, ready_fd: int, debug: bool) -> list[str]:
-    """The command line of a foreground daemon with exactly `config`: every option with a
-    MountConfig field, with that field's value (floats as repr, so they come back equal)."""
-    flags = options.OPTIONS
-    argv = [sys.executable, "-m", "safefs", "mount", os.fspath(config.src), os.fspath(config.mnt),
-            flags["foreground"].flag, flags["ready_fd"].flag, str(ready_fd)]  # fmt: skip
-    for option in options.MOUNT_OPTIONS:
-        value = _field_value(config, option)
-        if option.field is None or value is None or value is False:
-            continue
-        if option.kind == options.FLAG:
-            argv.append(option.flag)
-        elif isinstance(value, float):
-            argv += [option.flag, repr(value)]
-        else:
-            argv += [option.flag, os.fspath(value) if isinstance(value, Path) else str(value)]
-    if debug:
-        argv.append(flags["debug"].flag)
-    return argv
-
-
-def spawn_daemon(config: MountConfig, *, debug: bool, announce: bool = True) -> int:
-    """Start the daemon in its own session, wait until its mount is ready, say where it is
-    (unless not `announce`)."""
-    try:
-        config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise Refused(
-            f"cannot create cache dir {config.cache_dir}: {exc.strerror}", hint="give another --cache-dir"
-        ) from None
-    if config.log_file is None:
-        config = dataclasses.replace(config, log_file=config.cache_dir / "daemon.log")
-    assert config.log_file is not None
-    log_path = config.log_file
-    try:
-        log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise Refused(f"cannot create the log's directory {log_path.parent}: {exc.strerror}") from None
-    read_fd, write_fd = os.pipe()
-    try:
-        try:
-            log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            os.fchmod(log_fd, 0o600)  # the log names files of the project: private like the cache
-            with open(log_fd, "ab") as log_file:
-                log_start = log_file.tell()
-                process = subprocess.Popen(
-                    daemon_argv(config, ready_fd=write_fd, debug=debug),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=log_file,
-                    pass_fds=(write_fd,),
-                    start_new_session=True,  # a Ctrl-C or hang-up of this shell must not reach the daemon
-                    cwd="/",  # keep no directory busy
-                    env=_daemon_environment(),
-                )
-        finally:
-            os.close(write_fd)  # the daemon has its copy; EOF on read_fd now means it is gone
-        what = "the write lease before mounting (--wait-lease)" if config.wait_for_lease else \
-            f"the daemon (pid {process.pid}) to mount"  # fmt: skip
-        try:
-            line = _read_line(
-                read_fd, None if config.wait_for_lease else READY_TIMEOUT,
-                on_slow=lambda: print(f"safefs: waiting for {what} (its log: {log_path})",
-                                      file=sys.stderr, flush=True),
-            )  # fmt: skip
-        except TimeoutError:
-            _stop(process)
-            _print_log_tail(log_path, log_start)
-            raise DaemonFailed(
-                f"the daemon did not get ready within {READY_TIMEOUT:.0f} s, so it was stopped",
-                hint=f"its log is {log_path}",
-            ) from None
-        except BaseException:
-            _stop(process)  # Ctrl-C: the user no longer wants this mount
-            raise
-    finally:
-        os.close(read_fd)
-
-    if not line:
-        try:
-            code: int | None = process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            code = None
-        _print_log_tail(log_path, log_start)
-        how = "exited" if code is None else f"exited with status {code}"
-        raise DaemonFailed(f"the daemon {how} before the mount was ready", hint=f"its log is {log_path}")
-    try:
-        ready = protocol.from_wire(protocol.Ready, json.loads(line))
-    except (ValueError, ProtocolError):
-        raise DaemonFailed(
-            f"the daemon sent a malformed ready message: {line[:200]!r}", hint=f"its log is {log_path}"
-        ) from None
-    if not ready.ok:
-        raise error_from_wire(ready.error)
-    if announce:
-        print(mounted_message(config, ready))
-    return int(ExitCode.OK)
-
-
-def mounted_message(config: MountConfig, ready: protocol.Ready) -> str:
-    umount = f"unmount with: safefs umount {shlex.quote(os.fspath(config.mnt))}"
-    where = f"safefs: mounted {config.src} at {config.mnt}"
-    if ready.role == "writer":
-        return f"{where} as writer (cache {config.cache_dir}); {umount}"
-    holder = ready.holder
-    held = f"{describe_holder(holder)} holds the write lease; " if holder is not None else ""
-    return f"{where} as read-only follower ({held}cache {config.cache_dir}); {umount}"
-
-
-def describe_holder(holder: Holder) -> str:
-    details = [f"{key} {value}" for key, value in (("pid", holder.pid), ("user", holder.user)) if value is not None]
-    name = str(holder.host or "another host")
-    return f"{name} ({', '.join(details)})" if details else name
-
-
-def _daemon_environment() -> dict[str, str]:
-    env = dict(os.environ)
-    # A source checkout is not on the path of an interpreter started in "/": put it there.
-    package_root = str(Path(__file__).resolve().parent.parent)
-    installed = {sysconfig.get_paths()[key] for key in ("purelib", "platlib")}
-    if package_root not in installed:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    return env
-
-
-def _read_line(fd: int, timeout: float | None, on_slow: Callable[[], None] | None = None) -> bytes:
-    """The first line written to `fd` (b"" if it is closed first). TimeoutError after `timeout`.
-    `on_slow` is called once if that takes longer than WAIT_REPORT_DELAY."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    slow_at = time.monotonic() + WAIT_REPORT_DELAY
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    data = bytearray()
-    while b"\n" not in data:
-        if on_slow is not None and time.monotonic() >= slow_at:
-            on_slow()
-            on_slow = None
-        wait_ms = None if deadline is None else max(deadline - time.monotonic(), 0) * 1000
-        if wait_ms == 0:
-            raise TimeoutError
-        if on_slow is not None:
-            wait_ms = max(0.0, slow_at - time.monotonic()) * 1000 if wait_ms is None else \
-                min(wait_ms, max(0.0, slow_at - time.monotonic()) * 1000 + 1)  # fmt: skip
-        if not poller.poll(wait_ms):
-            continue
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data.split(b"\n", 1)[0])
-
-
-def _write_ready(fd: int, message: protocol.Ready) -> None:
-    try:
-        os.write(fd, json.dumps(protocol.to_wire(message)).encode() + b"\n")
-        os.close(fd)
-    except OSError:
-        pass  # the parent is gone; stderr (the log) still has the error
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()  # the daemon stops cleanly on SIGTERM: writes back, unmounts
-    try:
-        process.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        print(f"safefs: the daemon (pid {process.pid}) is still stopping", file=sys.stderr)
-
-
-def _print_log_tail(log_path: Path, start: int) -> None:
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(start)
-            lines = f.read()[-(64 << 10) :].decode(errors="replace").splitlines()[-LOG_TAIL_LINES:]
-    except OSError:
-        return
-    if lines:
-        print(f"safefs: the daemon's last log lines ({log_path}):", file=sys.stderr)
-        for line in lines:
-            print(f"  | {line}", file=sys.stderr)
 
 
 # ---- commands that talk to a daemon ------------------------------------------------------------
@@ -697,40 +411,6 @@ def cmd_umount(args: argparse.Namespace) -> int:
     return int(ExitCode.OK)
 
 
-def unwritten_error(mnt: Path, result: UnmountReceipt) -> Unwritten:
-    """After an unmount that left changes in the cache: how many, where, why, what to run."""
-    final = result.final
-    cache_dir, src = final.cache_dir or "?", final.src or "?"
-    why = f" ({final.unwritten_reason})" if final.unwritten_reason else ""
-    what = f"{plural(final.unwritten, 'change')} ({human_bytes(final.unwritten_bytes or 0)})"
-    if final.unwritten_files is not None and final.unwritten_ops is not None:
-        what = f"{plural(final.unwritten_files, 'file')} ({human_bytes(final.unwritten_bytes or 0)}) " \
-            f"and {plural(final.unwritten_ops, 'pending operation')}"  # fmt: skip
-    return Unwritten(
-        f"unmounted {mnt}, but {what} were not written back: they stay in the cache {cache_dir}{why}",
-        hint=f"run `safefs recover --cache-dir {shlex.quote(cache_dir)} {shlex.quote(src)}` on this host "
-        "to write them back (a file changed meanwhile is kept beside as a conflict copy)",
-    )
-
-
-def fusermount_unmount(mnt: Path, *, lazy: bool) -> None:
-    try:
-        unmount.fusermount(mnt, lazy=lazy)
-    except Busy:
-        raise busy_error(mnt) from None
-
-
-def busy_error(mnt: Path) -> Busy:
-    """A refused unmount: who keeps `mnt` busy, and that nothing changed."""
-    inside = Path(os.getcwd()) == mnt or mnt in Path(os.getcwd()).parents
-    who = "your shell's current directory is inside it" if inside else f"`fuser -vm {mnt}` lists who"
-    return Busy(
-        f"{mnt} is busy: files or directories in it are still open ({who}); nothing was changed",
-        hint=f"close them and run `safefs umount {mnt}` again, or use --lazy "
-        "(detach now; the daemon writes back and exits once the last file is closed)",
-    )
-
-
 def cmd_sync(args: argparse.Namespace) -> int:
     mnt = checks.resolve_mountpoint(args.mnt)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
@@ -747,34 +427,6 @@ def cmd_sync(args: argparse.Namespace) -> int:
     else:
         print(sync_receipt(mnt, result, released=args.release))
     return int(ExitCode.SYNC_CONFLICTS if result.conflicts else ExitCode.OK)
-
-
-def sync_receipt(mnt: Path, result: SyncReceipt, *, released: bool) -> str:
-    """One line: what the sync wrote and which generation it published."""
-    parts = [plural(result.files, "file"), f"{human_bytes(result.bytes)} written"]
-    if result.generation is not None:
-        epoch = f" (epoch {result.epoch})" if result.epoch is not None else ""
-        parts.append(f"generation {result.generation}{epoch} published")
-    line = f"safefs: synced {mnt}: {', '.join(parts)}"
-    if released:
-        line += "; write lease released, the mount is read-only now"
-    conflicts = result.conflicts or []
-    if conflicts:
-        line += f"\n{plural(len(conflicts), 'conflict')} (both versions kept side by side):"
-        line += "".join(f"\n  {describe_conflict(c)}" for c in conflicts)
-    return line
-
-
-def describe_conflict(item: Conflict) -> str:
-    """One line for a conflict record: which name, why, and where the other version went."""
-    text = f"{item.path or item.op}: {item.why or 'conflict'}"
-    if item.kept_as:
-        text += f"; {item.copy_holds or 'the other version'} is {item.kept_as}"
-    if item.error:
-        text += f" ({item.error})"
-    if item.time is not None:
-        text += f", at {_when(item.time)}"
-    return text
 
 
 def cmd_acquire(args: argparse.Namespace) -> int:
@@ -897,17 +549,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return int(code)
 
 
-@dataclasses.dataclass(frozen=True)
-class Unanswered:
-    """A daemon `safefs status` found a socket of, but got no status from (in place of its status)."""
-
-    socket: str
-    error: str
-
-    def format(self) -> str:
-        return f"error:  {self.error}\nsocket: {self.socket}"
-
-
 def _prometheus(statuses: list[Status]) -> str:
     from safefs import metrics  # only here: prometheus-client is needed by this option alone
 
@@ -969,348 +610,3 @@ def _remaining(deadline: float | None) -> float | None:
 def _client_timeout(deadline: float | None) -> float | None:
     remaining = _remaining(deadline)
     return None if remaining is None else remaining + CALL_GRACE
-
-
-class ProcessWatch:
-    """Waits for a process that is not our child to exit, through a pidfd (no pid-reuse race)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self._fd: int | None = None
-        self._gone = False
-        try:
-            self._fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            self._gone = True
-        except OSError:
-            pass  # no pidfd on this kernel: poll the pid instead
-
-    def wait_exit(self, timeout: float | None) -> bool:
-        """True once the process has exited; False if it still runs after `timeout` seconds."""
-        if self._gone:
-            return True
-        if self._fd is not None:
-            poller = select.poll()
-            poller.register(self._fd, select.POLLIN)
-            return bool(poller.poll(None if timeout is None else timeout * 1000))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while _pid_alive(self.pid):
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            select.select([], [], [], 0.1)
-        return True
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> ProcessWatch:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-def _pid_alive(pid: int) -> bool:
-    return procs.process_alive(pid)  # a zombie daemon has exited, whoever reaps it
-
-
-# ---- output -------------------------------------------------------------------------------------
-
-
-class ProgressBar:
-    """Progress of a write-back on stderr, drawn with rich: only on a terminal, only after PROGRESS_DELAY.
-
-    Shows the bytes done of the total, the files left, the rate and the time left (rich derives
-    both from the updates) and what the daemon waits for (the write-back, a lock delay, a
-    failing project). Off a terminal nothing is drawn and rich is not even imported.
-    """
-
-    def __init__(self, label: str, stream: TextIO | None = None, *, delay: float = PROGRESS_DELAY) -> None:
-        self.label = label
-        self.stream = stream or sys.stderr
-        self.delay = delay
-        self.enabled = self.stream.isatty()
-        self.started = time.monotonic()
-        self.drawn = False
-        self._progress: Any = None
-        self._task: Any = None
-
-    def update(self, progress: ProgressReport) -> None:
-        if not self.enabled or time.monotonic() - self.started < self.delay:
-            return
-        if self._progress is None:
-            self._start()
-        bytes_done, bytes_total = progress.bytes_done, progress.bytes_total
-        files_done, files_total = progress.files_done, progress.files_total
-        files = ""
-        if files_total is not None and files_done is not None:
-            files = f"{plural(int(files_total - files_done), 'file')} left"
-        waiting = progress.waiting_for
-        self._progress.update(
-            self._task,
-            description=str(progress.phase or self.label),
-            total=bytes_total if bytes_total else None,
-            completed=bytes_done or 0,
-            files=files,
-            waiting=f"waiting for {waiting}" if waiting else "",
-        )
-        self._progress.refresh()
-        self.drawn = True
-
-    def _start(self) -> None:
-        from rich.console import Console  # only here: a terminal that waits long enough to need it
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,  # fmt: skip
-        )
-
-        console = Console(file=self.stream, force_terminal=True)
-        self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(bar_width=24), DownloadColumn(binary_units=True),
-            TextColumn("{task.fields[files]}"), TransferSpeedColumn(), TimeRemainingColumn(),
-            TextColumn("{task.fields[waiting]}"),
-            console=console, auto_refresh=False, transient=True, redirect_stdout=False, redirect_stderr=False,
-        )  # fmt: skip
-        self._progress.start()
-        self._task = self._progress.add_task(self.label, total=None, files="", waiting="")
-
-    def __enter__(self) -> ProgressBar:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._progress is not None:
-            self._progress.stop()  # transient: the line is erased; the receipt follows
-
-
-class WaitReport:
-    """Says on stderr (terminal or not) what a command waits for, once it has waited longer
-    than WAIT_REPORT_DELAY: one line per new reason, from the daemon's `waiting_for` progress
-    or from the command itself (`wait_exit`)."""
-
-    def __init__(self, stream: TextIO | None = None, *, delay: float = WAIT_REPORT_DELAY) -> None:
-        self.stream = stream or sys.stderr
-        self.delay = delay
-        self.started = time.monotonic()
-        self.said: str | None = None
-
-    def update(self, progress: ProgressReport) -> None:
-        what = progress.waiting_for
-        if what is None or what == self.said or time.monotonic() - self.started < self.delay:
-            return
-        self.said = what
-        detail = progress.detail
-        print(f"safefs: waiting for {what}" + (f" ({detail})" if detail else ""), file=self.stream, flush=True)
-
-    def wait_exit(self, watch: ProcessWatch, timeout: float | None, what: str) -> bool:
-        """`watch.wait_exit(timeout)`, saying what it waits for after the first second."""
-        first = self.delay if timeout is None else min(self.delay, timeout)
-        if watch.wait_exit(first):
-            return True
-        self.started = -math.inf
-        self.update(ProgressReport(waiting_for=what))
-        return watch.wait_exit(None if timeout is None else max(0.0, timeout - first))
-
-
-def _report_to(bar: ProgressBar, waits: WaitReport) -> Callable[[ProgressReport], None]:
-    def report(progress: ProgressReport) -> None:
-        bar.update(progress)
-        waits.update(progress)
-
-    return report
-
-
-def human_value(key: str, value: Any) -> str:
-    """Any status value as words: yes/no, none, durations for keys that hold seconds, no Python syntax."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = protocol.to_wire(value)
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if value is None:
-        return "none"
-    if isinstance(value, float):
-        if key.endswith(("delay", "age", "timeout", "poll", "interval", "seconds")):
-            return human_seconds(value)
-        return f"{value:g}"
-    if isinstance(value, dict):
-        parts = [f"{k.replace('_', ' ')} {human_value(k, v)}" for k, v in value.items()]
-        return ", ".join(parts) if parts else "none"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(human_value(key, v) for v in value) if value else "none"
-    return str(value)
-
-
-def _when(value: Any) -> str:
-    """A wall-clock time from status (seconds since the epoch) for humans; text passes through."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return human.wall_time(value)
-    return str(value)
-
-
-# Fields format_status shows in rows of its own. Every other field that is set, and every key
-# this side does not know (`extra`: a newer daemon's), is shown as it comes, so nothing is hidden.
-_SHOWN_FIELDS = frozenset(
-    {
-        "mnt", "src", "cache_dir", "pid", "role", "state", "lease", "dirty_bytes", "dirty_files", "oldest_dirty_age",
-        "pending_ops", "bytes_fetched", "bytes_written", "cache_bytes", "cache_limit", "errors", "conflicts",
-        "orphan_listing", "warnings", "flush", "extra",
-    }
-)  # fmt: skip
-
-
-def _other_fields(status: Status) -> dict[str, Any]:
-    """The fields of `status` (its flusher's too) that format_status has no row of its own for."""
-    fields = {}
-    for payload in (status, status.flush):
-        for field in dataclasses.fields(payload):
-            value = getattr(payload, field.name)
-            if field.name not in _SHOWN_FIELDS and value is not None:
-                fields[field.name] = value
-    return {**fields, **status.extra}
-
-
-def format_status(status: Status) -> str:
-    """A daemon's status as aligned `key: value` lines."""
-    rows: list[tuple[str, str]] = []
-    details: list[str] = []
-
-    def row(key: str, value: Any) -> None:
-        if value is not None:
-            rows.append((key, str(value)))
-
-    flush = status.flush
-    row("mount", status.mnt)
-    row("project", status.src)
-    row("role", describe_role(status))
-    if status.state == "unmounted":
-        changes = (flush.dirty_files or 0) + (flush.pending_ops or 0)
-        row("state", f"unmounted, writing back {plural(int(changes), 'file')} / "
-                     f"{human_bytes(flush.dirty_bytes or 0)}")  # fmt: skip
-    else:
-        row("state", status.state)
-    lease = status.lease or LeaseStatistics()
-    row("epoch", lease.epoch)
-    row("generation", lease.generation)
-    holder = lease.holder
-    if holder is not None:
-        text = describe_holder(holder)
-        if holder.since is not None:
-            text += f", since {_when(holder.since)}"
-        if holder.heartbeat_age is not None:
-            text += f", heartbeat {human_seconds(holder.heartbeat_age)} ago"
-        row("lease holder", text)
-    elif status.lease is not None:
-        row("lease holder", "nobody")
-    if lease.deadline is not None:
-        row("lease deadline", f"in {human_seconds(lease.deadline)}")
-    if lease.backend == "etcd":
-        etcd = lease.etcd or EtcdStatistics()
-        text = f"etcd {','.join(etcd.endpoints or [])}, prefix {etcd.prefix}, TTL {etcd.ttl} s"
-        if etcd.expires_in is not None:
-            text += f", expires in {human_seconds(etcd.expires_in)}"
-        row("lease backend", text + f", revision {etcd.revision}")
-    elif lease.backend:
-        row("lease backend", lease.backend)
-    if flush.dirty_bytes is not None:
-        files = flush.dirty_files if flush.dirty_files is not None else "?"
-        dirty = f"{human_bytes(flush.dirty_bytes)} in {plural(files, 'file')}"
-        if flush.oldest_dirty_age is not None:
-            dirty += f", oldest {human_seconds(flush.oldest_dirty_age)}"
-        row("dirty", dirty)
-    row("pending ops", flush.pending_ops)
-    if status.bytes_fetched is not None:
-        row("fetched", f"{human_bytes(status.bytes_fetched)} from the project")
-    if status.bytes_written is not None:
-        row("written", f"{human_bytes(status.bytes_written)} to the project")
-    if status.cache_bytes is not None:
-        limit = status.cache_limit
-        row("cache", human_bytes(status.cache_bytes) + (f" of {human_bytes(limit)}" if limit is not None else ""))
-    row("cache dir", status.cache_dir)
-    row("pid", status.pid)
-    if flush.errors is not None:
-        row("errors", len(flush.errors) if flush.errors else "none")
-        details += [f"  error: {describe_write_back_error(error)}" for error in flush.errors]
-    if flush.conflicts is not None:
-        row("conflicts", len(flush.conflicts) if flush.conflicts else "none")
-        details += [f"  conflict: {describe_conflict(conflict)}" for conflict in flush.conflicts]
-    if status.warnings is not None:  # recent WARNING/ERROR log messages (safefs.logs)
-        row("warnings", len(status.warnings) if status.warnings else "none")
-        details += [f"  {_describe_warning(item)}" for item in status.warnings]
-    listing = status.orphan_listing
-    if listing.orphans is not None:
-        row("orphans", len(listing.orphans) if listing.orphans else "none")
-        details += [f"  {describe_orphan(orphan, status)}" for orphan in listing.orphans]
-    elif listing.orphans_error:
-        row("orphans", f"unknown: {listing.orphans_error}")
-    for skipped in listing.orphans_skipped or []:
-        details.append(f"  unreadable orphan marker: name={skipped.name}, error={skipped.error}")
-    others = _other_fields(status)
-    for key in sorted(others):
-        row(key.replace("_", " "), human_value(key, others[key]))
-
-    width = max((len(key) for key, _ in rows), default=0) + 1
-    return "\n".join([f"{key + ':':<{width}} {value}" for key, value in rows] + details)
-
-
-def describe_role(status: Status) -> str | None:
-    """`writer`, `writer (publishing from HH:MM:SS)` during the lock delay after a takeover, or
-    `follower`; a fenced ex-writer says that its unwritten changes stay for `safefs recover`."""
-    role = status.role
-    lease = status.lease or LeaseStatistics()
-    until = lease.publishing_from
-    if role == "writer" and until is not None:
-        return f"writer (publishing from {time.strftime('%H:%M:%S', time.localtime(until))})"
-    unwritten = (status.flush.dirty_files or 0) + (status.flush.pending_ops or 0)
-    if role != "writer" and lease.state == "lost" and unwritten:
-        return (f"{role} (lost the write lease; its unwritten changes stay in its cache for "
-                f"`safefs recover`)")  # fmt: skip
-    return role
-
-
-def _is_own_orphan(orphan: Orphan, status: Status) -> bool:
-    """Whether `orphan` is the marker of the mount `status` describes (same host, same cache)."""
-    return orphan.host == status.host and orphan.cache_dir == status.cache_dir
-
-
-def describe_orphan(orphan: Orphan, status: Status | None = None) -> str:
-    """One line for an orphan marker: whose, how much, since when, why, and what to do.
-
-    `status` is the mount that found it: its own marker gets the `safefs recover MNT` to run."""
-    host = orphan.host or "an unknown host"
-    counts = []
-    if orphan.pending_ops:
-        counts.append(plural(int(orphan.pending_ops), "pending op"))
-    if orphan.dirty_files or orphan.dirty_bytes:
-        counts.append(f"{human_bytes(orphan.dirty_bytes or 0)} in {plural(int(orphan.dirty_files or 0), 'file')}")
-    changes = " and ".join(counts) or "changes"
-    text = f"orphaned changes: host {host} (cache {orphan.cache_dir}) {changes} unwritten"
-    if orphan.since is not None:
-        text += f" since {_when(orphan.since)}"
-    why = [str(orphan.reason)] if orphan.reason else []
-    if orphan.epoch is not None:
-        why.append(f"epoch {orphan.epoch}")
-    if why:
-        text += f" ({'; '.join(why)})"
-    if status is not None and _is_own_orphan(orphan, status) and status.mnt:
-        return text + f"; run `safefs recover {status.mnt}` on this host"
-    return text + f"; run `safefs recover` on {host}"
-
-
-def _describe_warning(item: LogWarning) -> str:
-    repeats = ""
-    if item.count and item.count > 1:
-        repeats = f" ({item.count} times, last at {_when(item.time)})"
-    when = "" if repeats else f" at {_when(item.time)}"
-    return f"{item.level or 'warning'}: {item.message}{when}{repeats}"
-
-
-def describe_write_back_error(error: WriteBackError) -> str:
-    retry = f" (retry at {_when(error.retry_at)})" if error.retry_at is not None else ""
-    return f"{error.op} {error.path}: {error.error}{retry}"

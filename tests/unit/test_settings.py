@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from safefs import cli, config, options, settings
+from safefs import cli, cli_launcher, cli_options, config, options, settings
 from safefs.errors import ExitCode
 
 
@@ -158,7 +158,7 @@ def test_a_bad_o_option_is_one_line(opts: str, expected: str, capsys: pytest.Cap
 def test_every_declared_option_reaches_the_parser_the_config_keys_o_and_mount_config() -> None:
     """options.MOUNT_OPTIONS is the only list: each surface is made from it, nothing is added beside it."""
     declared = options.MOUNT_OPTIONS
-    mount = cli._subparser(cli.build_parser(), "mount")
+    mount = cli_options._subparser(cli.build_parser(), "mount")
     parsed = {s for action in mount._actions for s in action.option_strings if s.startswith("--")}
     assert parsed - {"--help"} == {o.flag for o in declared}
     assert set(settings.KEYS) == {o.name for o in declared if o.config}
@@ -174,7 +174,7 @@ def test_every_declared_option_reaches_the_parser_the_config_keys_o_and_mount_co
 def test_the_code_that_uses_options_spells_none_of_them() -> None:
     # mount_config resolves the cache dir from two of them by name: that rule is code, not a spelling.
     resolving = {"cache_dir", "cache_root"}
-    for code in (cli.mount_config, cli.daemon_argv, cli.setting_defaults, cli.add_mount_options):
+    for code in (cli.mount_config, cli_launcher.daemon_argv, cli.setting_defaults, cli_options.add_mount_options):
         source = inspect.getsource(code)
         for option in options.MOUNT_OPTIONS:
             assert f'"{option.flag}"' not in source, (code, option.name)
@@ -191,6 +191,6 @@ def test_daemon_argv_passes_every_field_the_options_set(tmp_path: Path) -> None:
     default = config.MountConfig(src=conf.src, mnt=conf.mnt, cache_dir=conf.cache_dir)
     for option in options.MOUNT_OPTIONS:
         if option.field is not None and option.field != "cache_dir":
-            assert cli._field_value(conf, option) != cli._field_value(default, option), option.name
-    argv = cli.daemon_argv(conf, ready_fd=3, debug=False)
+            assert cli_options._field_value(conf, option) != cli_options._field_value(default, option), option.name
+    argv = cli_launcher.daemon_argv(conf, ready_fd=3, debug=False)
     assert cli.mount_config(cli.build_parser().parse_args(argv[3:])) == conf
