@@ -1,8 +1,12 @@
-"""The `safefs` command: init, mount, umount, sync, status, acquire, recover.
+"""The `safefs` command: init, mount, umount, sync, status, acquire, recover, config, history.
 
 Every command but `mount --foreground` talks to a running daemon over its control socket
 (safefs.control.client); `mount` spawns the daemon as `python -m safefs mount ...
 --foreground --ready-fd N` in a new session and waits for its one-line JSON ready message.
+This module holds main, the command table (build_parser) and the commands; beside it:
+cli_options (value parsers, the mount options made from options.MOUNT_OPTIONS),
+cli_launcher (spawning, stopping and unmounting the daemon) and cli_render (everything
+printed: status, receipts, progress).
 
 Invariants:
 - This module imports none of trio, pyfuse3 or lmdb, not even indirectly, so `safefs status`
@@ -26,17 +30,17 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from safefs import __version__, checks, history, options, settings
-from safefs.cli_launcher import ProcessWatch, _write_ready, busy_error, fusermount_unmount, spawn_daemon
+from safefs.cli_launcher import ProcessWatch, busy_error, fusermount_unmount, spawn_daemon, write_ready
 from safefs.cli_options import add_mount_options, mount_config, parse_seconds, setting_defaults
 from safefs.cli_render import (
     ProgressBar,
     Unanswered,
     WaitReport,
-    _report_to,
-    _when,
     describe_conflict,
     describe_orphan,
     format_status,
+    human_time,
+    report_to,
     sync_receipt,
     unwritten_error,
 )
@@ -320,7 +324,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         checks.check_setup(config)
     except SafefsError as exc:
         if args.ready_fd is not None:
-            _write_ready(args.ready_fd, protocol.Ready(ok=False, error=error_to_wire(exc)))
+            write_ready(args.ready_fd, protocol.Ready(ok=False, error=error_to_wire(exc)))
         raise
     from safefs import daemon  # only here: the daemon imports trio, pyfuse3 and lmdb
 
@@ -378,7 +382,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
                     "prepare_unmount",
                     protocol.PrepareUnmountArgs(timeout=_remaining(deadline), lazy=args.lazy),
                     timeout=_client_timeout(deadline),
-                    on_progress=_report_to(bar, waits),
+                    on_progress=report_to(bar, waits),
                 )
         except Busy:
             raise busy_error(mnt) from None
@@ -420,7 +424,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
             "sync",
             protocol.SyncArgs(release=args.release, timeout=args.timeout),
             timeout=_client_timeout(deadline),
-            on_progress=_report_to(bar, WaitReport()),
+            on_progress=report_to(bar, WaitReport()),
         )
     if args.json:
         print(json.dumps(protocol.to_wire(result), indent=2, sort_keys=True))
@@ -511,7 +515,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         epoch = f"epoch {record['epoch']}" if record.get("epoch") is not None else ""
         who = f"{record.get('user', '?')}@{record.get('host', '?')}"
         detail = f"  {record['detail']}" if record.get("detail") else ""
-        print(f"{_when(record['time'])}  {str(record.get('event', '?')):<10} {epoch:<9} {who}{detail}")
+        print(f"{human_time(record['time'])}  {str(record.get('event', '?')):<10} {epoch:<9} {who}{detail}")
     if found.bad_lines:
         print(f"safefs: {plural(found.bad_lines, 'line')} of {project}/.safefs/history were not records "
               "(skipped)", file=sys.stderr)  # fmt: skip

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from safefs import options, procs, unmount
-from safefs.cli_options import _field_value
+from safefs.cli_options import field_value
 from safefs.cli_render import WAIT_REPORT_DELAY, mounted_message
 from safefs.config import MountConfig
 from safefs.control import protocol
@@ -47,7 +47,7 @@ def daemon_argv(config: MountConfig, *, ready_fd: int, debug: bool) -> list[str]
     argv = [sys.executable, "-m", "safefs", "mount", os.fspath(config.src), os.fspath(config.mnt),
             flags["foreground"].flag, flags["ready_fd"].flag, str(ready_fd)]  # fmt: skip
     for option in options.MOUNT_OPTIONS:
-        value = _field_value(config, option)
+        value = field_value(config, option)
         if option.field is None or value is None or value is False:
             continue
         if option.kind == options.FLAG:
@@ -176,7 +176,7 @@ def _read_line(fd: int, timeout: float | None, on_slow: Callable[[], None] | Non
     return bytes(data.split(b"\n", 1)[0])
 
 
-def _write_ready(fd: int, message: protocol.Ready) -> None:
+def write_ready(fd: int, message: protocol.Ready) -> None:
     try:
         os.write(fd, json.dumps(protocol.to_wire(message)).encode() + b"\n")
         os.close(fd)

@@ -38,12 +38,6 @@ def parse_seconds(text: str) -> float:
     return value
 
 
-def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
-    (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
-    sub: argparse.ArgumentParser = commands.choices[name]
-    return sub
-
-
 # How `safefs mount` reads the value of each kind of option (options.MOUNT_OPTIONS).
 _ARGUMENT_TYPES: dict[str, dict[str, Any]] = {
     options.SECONDS: {"type": parse_seconds}, options.SIZE: {"type": parse_size}, options.TEXT: {},
@@ -98,13 +92,13 @@ def setting_defaults() -> dict[str, Any]:
         if option.default_text is not None:
             defaults[option.name] = option.default_text
         elif option.field is not None:
-            defaults[option.name] = _field_value(mount, option)
+            defaults[option.name] = field_value(mount, option)
         else:  # cache_root, the one without a field: the cache dirs' parent, from the environment
             defaults[option.name] = os.fspath(default_cache_dir(Path("/x"), os.environ).parent)
     return defaults
 
 
-def _field_value(config: MountConfig, option: options.Option) -> Any:
+def field_value(config: MountConfig, option: options.Option) -> Any:
     """The value of `option`'s MountConfig field in `config` (None for an option without one)."""
     if option.field is None:
         return None

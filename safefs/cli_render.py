@@ -107,7 +107,7 @@ def describe_conflict(item: Conflict) -> str:
     if item.error:
         text += f" ({item.error})"
     if item.time is not None:
-        text += f", at {_when(item.time)}"
+        text += f", at {human_time(item.time)}"
     return text
 
 
@@ -222,7 +222,7 @@ class WaitReport:
         return watch.wait_exit(None if timeout is None else max(0.0, timeout - first))
 
 
-def _report_to(bar: ProgressBar, waits: WaitReport) -> Callable[[ProgressReport], None]:
+def report_to(bar: ProgressBar, waits: WaitReport) -> Callable[[ProgressReport], None]:
     def report(progress: ProgressReport) -> None:
         bar.update(progress)
         waits.update(progress)
@@ -250,7 +250,7 @@ def human_value(key: str, value: Any) -> str:
     return str(value)
 
 
-def _when(value: Any) -> str:
+def human_time(value: Any) -> str:
     """A wall-clock time from status (seconds since the epoch) for humans; text passes through."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return human.wall_time(value)
@@ -305,7 +305,7 @@ def format_status(status: Status) -> str:
     if holder is not None:
         text = describe_holder(holder)
         if holder.since is not None:
-            text += f", since {_when(holder.since)}"
+            text += f", since {human_time(holder.since)}"
         if holder.heartbeat_age is not None:
             text += f", heartbeat {human_seconds(holder.heartbeat_age)} ago"
         row("lease holder", text)
@@ -395,7 +395,7 @@ def describe_orphan(orphan: Orphan, status: Status | None = None) -> str:
     changes = " and ".join(counts) or "changes"
     text = f"orphaned changes: host {host} (cache {orphan.cache_dir}) {changes} unwritten"
     if orphan.since is not None:
-        text += f" since {_when(orphan.since)}"
+        text += f" since {human_time(orphan.since)}"
     why = [str(orphan.reason)] if orphan.reason else []
     if orphan.epoch is not None:
         why.append(f"epoch {orphan.epoch}")
@@ -409,11 +409,11 @@ def describe_orphan(orphan: Orphan, status: Status | None = None) -> str:
 def _describe_warning(item: LogWarning) -> str:
     repeats = ""
     if item.count and item.count > 1:
-        repeats = f" ({item.count} times, last at {_when(item.time)})"
-    when = "" if repeats else f" at {_when(item.time)}"
+        repeats = f" ({item.count} times, last at {human_time(item.time)})"
+    when = "" if repeats else f" at {human_time(item.time)}"
     return f"{item.level or 'warning'}: {item.message}{when}{repeats}"
 
 
 def describe_write_back_error(error: WriteBackError) -> str:
-    retry = f" (retry at {_when(error.retry_at)})" if error.retry_at is not None else ""
+    retry = f" (retry at {human_time(error.retry_at)})" if error.retry_at is not None else ""
     return f"{error.op} {error.path}: {error.error}{retry}"

@@ -36,6 +36,7 @@ import tempfile
 from pathlib import Path
 
 from safefs import checks, cli, human
+from safefs.cli_launcher import ProcessWatch, fusermount_unmount, spawn_daemon
 from safefs.config import MountConfig
 from safefs.control import protocol
 from safefs.control.protocol import RecoverReceipt, Status
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         config = MountConfig(src=src, mnt=mnt, cache_dir=cache_dir, host_id=host_id, follower=True)
         checks.check_setup(config)
         _note(f"reading {cache_dir} through a private mount at {mnt}")
-        cli.spawn_daemon(config, debug=False, announce=False)
+        spawn_daemon(config, debug=False, announce=False)
         try:
             if args.write:
                 return _write_back(mnt, cache_dir, src, args.timeout, command)
@@ -162,11 +163,11 @@ def _stop(mnt: Path) -> None:
     except SafefsError:
         pid = None
     with contextlib.ExitStack() as stack:
-        daemon = stack.enter_context(cli.ProcessWatch(pid)) if pid is not None else None
+        daemon = stack.enter_context(ProcessWatch(pid)) if pid is not None else None
         try:
-            cli.fusermount_unmount(mnt, lazy=False)
+            fusermount_unmount(mnt, lazy=False)
         except SafefsError:
-            cli.fusermount_unmount(mnt, lazy=True)  # nobody else should use it; detach anyway
+            fusermount_unmount(mnt, lazy=True)  # nobody else should use it; detach anyway
         if daemon is None or daemon.wait_exit(EXIT_WAIT):
             return
         with contextlib.suppress(ProcessLookupError):

@@ -650,7 +650,7 @@ def test_status_formatting_lists_orphans_and_says_where_to_recover() -> None:
               "orphans_skipped": [{"name": "x.json", "error": "not valid JSON"}]}  # fmt: skip
     lines = cli.format_status(status_of(status)).splitlines()
     assert "orphans:      2" in lines
-    since = cli_render._when(ORPHAN_A["since"])
+    since = cli_render.human_time(ORPHAN_A["since"])
     assert (
         f"  orphaned changes: host hostA (cache /var/tmp/ca) 3 pending ops and 12.0 KiB in 2 files unwritten "
         f"since {since} (lease lost: epoch 5 was claimed by another mount; epoch 4); run `safefs recover` on hostA"

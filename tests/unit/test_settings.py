@@ -11,6 +11,7 @@ Invariants protected:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import inspect
 import json
@@ -158,7 +159,8 @@ def test_a_bad_o_option_is_one_line(opts: str, expected: str, capsys: pytest.Cap
 def test_every_declared_option_reaches_the_parser_the_config_keys_o_and_mount_config() -> None:
     """options.MOUNT_OPTIONS is the only list: each surface is made from it, nothing is added beside it."""
     declared = options.MOUNT_OPTIONS
-    mount = cli_options._subparser(cli.build_parser(), "mount")
+    (commands,) = (a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    mount = commands.choices["mount"]
     parsed = {s for action in mount._actions for s in action.option_strings if s.startswith("--")}
     assert parsed - {"--help"} == {o.flag for o in declared}
     assert set(settings.KEYS) == {o.name for o in declared if o.config}
@@ -191,6 +193,6 @@ def test_daemon_argv_passes_every_field_the_options_set(tmp_path: Path) -> None:
     default = config.MountConfig(src=conf.src, mnt=conf.mnt, cache_dir=conf.cache_dir)
     for option in options.MOUNT_OPTIONS:
         if option.field is not None and option.field != "cache_dir":
-            assert cli_options._field_value(conf, option) != cli_options._field_value(default, option), option.name
+            assert cli_options.field_value(conf, option) != cli_options.field_value(default, option), option.name
     argv = cli_launcher.daemon_argv(conf, ready_fd=3, debug=False)
     assert cli.mount_config(cli.build_parser().parse_args(argv[3:])) == conf
