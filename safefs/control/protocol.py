@@ -313,6 +313,7 @@ class Ping:
     pid: int
     version: str
     protocol: int
+    extra: dict[str, Any] = _extra()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,6 +326,7 @@ class Ready:
     role: str | None = dataclasses.field(default=None, metadata=OMIT_NONE)
     holder: Holder | None = None
     error: dict[str, Any] | None = dataclasses.field(default=None, metadata=OMIT_NONE)  # as error_to_wire
+    extra: dict[str, Any] = _extra()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,7 +372,7 @@ class WriteBackError:
 
 @dataclasses.dataclass(frozen=True)
 class FlushStatistics:
-    """The flusher's counters (merged into `status`)."""
+    """The flusher's counters (merged into `status`; from_wire refuses a key it has no field for)."""
 
     dirty_bytes: int | None = None
     dirty_files: int | None = None
@@ -602,7 +604,12 @@ def from_wire(cls: type[_T], data: Any) -> _T:
     """The `cls` payload in the JSON object `data`. Raises ProtocolError if it is malformed."""
     if not isinstance(data, dict):
         raise ProtocolError(f"malformed {cls.__name__}: not a JSON object")
-    value: _T = _decode_object(cls, data)[0]
+    value: _T
+    value, used = _decode_object(cls, data)
+    if data.keys() - used:
+        # Only a class without `extra`, which is merged into another (FlushStatistics): a key it
+        # does not know would vanish from that one's JSON, so it is refused, loudly.
+        raise ProtocolError(f"{cls.__name__} has no field for {sorted(data.keys() - used)}")
     return value
 
 

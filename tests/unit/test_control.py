@@ -539,6 +539,7 @@ def test_every_shape_of_sync_receipt_keeps_its_keys(wire: dict[str, Any]) -> Non
         (Status, {"dirty_files": True}),
         (SyncReceipt, {"conflicts": [1]}),
         (protocol.Ping, {"pid": 1, "version": "1"}),  # no protocol
+        (FlushStatistics, {"dirty_files": 1, "new_counter": 2}),  # would vanish from status
     ],
 )
 def test_a_malformed_payload_is_a_protocol_error(cls: type, wire: dict[str, Any]) -> None:
