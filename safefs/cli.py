@@ -1,8 +1,12 @@
-"""The `safefs` command: init, mount, umount, sync, status, acquire, recover.
+"""The `safefs` command: init, mount, umount, sync, status, acquire, recover, config, history.
 
 Every command but `mount --foreground` talks to a running daemon over its control socket
 (safefs.control.client); `mount` spawns the daemon as `python -m safefs mount ...
 --foreground --ready-fd N` in a new session and waits for its one-line JSON ready message.
+This module holds main, the command table (build_parser) and the commands; beside it:
+cli_options (value parsers, the mount options made from options.MOUNT_OPTIONS),
+cli_launcher (spawning, stopping and unmounting the daemon) and cli_render (everything
+printed: status, receipts, progress).
 
 Invariants:
 - This module imports none of trio, pyfuse3 or lmdb, not even indirectly, so `safefs status`
@@ -17,54 +21,63 @@ Single-threaded; blocking calls are fine here.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import os
-import select
-import shlex
-import subprocess
 import sys
-import sysconfig
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import TracebackType
 from typing import Any, TextIO
 
-from safefs import __version__, checks, history, human, options, procs, settings, unmount
-from safefs.config import LeaseTimings, MountConfig, default_cache_dir, runtime_dir, socket_path
-from safefs.control import client
-from safefs.control.protocol import error_from_wire, error_to_wire
+from safefs import __version__, checks, history, options, settings
+from safefs.cli_launcher import ProcessWatch, busy_error, fusermount_unmount, spawn_daemon, write_ready
+from safefs.cli_options import add_mount_options, mount_config, parse_seconds, setting_defaults
+from safefs.cli_render import (
+    ProgressBar,
+    Unanswered,
+    WaitReport,
+    describe_conflict,
+    describe_orphan,
+    format_status,
+    human_time,
+    report_to,
+    sync_receipt,
+    unwritten_error,
+)
+from safefs.config import LeaseTimings, runtime_dir, socket_path
+from safefs.control import client, protocol
+from safefs.control.protocol import (
+    AcquireReceipt,
+    Ping,
+    ProgressReport,
+    RecoverReceipt,
+    Status,
+    SyncReceipt,
+    UnmountReceipt,
+    error_to_wire,
+)
 from safefs.errors import (
     EXIT_CODE_MEANING,
     BackingFailed,
     Busy,
-    DaemonFailed,
     ExitCode,
     LeaseHeldElsewhere,
     NotMounted,
     Refused,
     SafefsError,
     SyncTimeout,
-    Unwritten,
 )
-from safefs.human import human_bytes, human_seconds, plural
+from safefs.human import human_bytes, plural
 
 INTERRUPTED = 130  # the shell's code for "killed by SIGINT"
-READY_TIMEOUT = 60.0  # a daemon not ready after this long is stopped (unless it waits for the lease)
 STATUS_TIMEOUT = 10.0  # ping and status answer from memory; longer means the daemon is stuck
 CALL_GRACE = 15.0  # the daemon enforces an op's timeout; the client waits this much longer
-STOP_TIMEOUT = 10.0
-PROGRESS_DELAY = 0.5  # operations quicker than this show no progress bar
-WAIT_REPORT_DELAY = 1.0  # a command that waits longer than this says what it waits for
-LOG_TAIL_LINES = 20
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        argv = options.translate(sys.argv[1:] if argv is None else argv, COMMANDS, _subparser(parser, "mount"))
+        argv = options.translate(sys.argv[1:] if argv is None else argv, COMMANDS)
     except options.OptionError as exc:
         print(f"safefs: error: {exc}", file=sys.stderr)
         return int(ExitCode.USAGE)
@@ -96,32 +109,8 @@ def print_error(exc: SafefsError, stream: TextIO | None = None) -> None:
 # ---- command line ------------------------------------------------------------------------------
 
 
-def parse_size(text: str) -> int:
-    """Bytes in `text`: a plain number or one with a binary suffix (512M, 10G, 1.5TiB, 64k)."""
-    size = human.parse_size(text)
-    if size is None:
-        raise argparse.ArgumentTypeError(f"invalid size {text!r} (try 512M or 10G)")
-    return size
-
-
-def parse_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid number of seconds {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"seconds must be a non-negative number, not {text!r}")
-    return value
-
-
 # The subcommands (test_cli checks): anything else first is the mount(8) form `safefs SRC MNT -o ...`.
 COMMANDS = ("init", "mount", "umount", "sync", "status", "acquire", "recover", "config", "history")
-
-
-def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
-    (commands,) = (a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
-    sub: argparse.ArgumentParser = commands.choices[name]
-    return sub
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,72 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     mount.set_defaults(command=cmd_mount)
     mount.add_argument("src", metavar="SRC", help="the project directory (on NFS)")
     mount.add_argument("mnt", metavar="MNT", help="an empty directory to mount it on")
-    mount.add_argument(
-        "--cache-dir", metavar="DIR", help="local cache (default: $XDG_CACHE_HOME/safefs/NAME-KEY)"
-    )
-    mount.add_argument(
-        "--writeback-delay",
-        type=parse_seconds,
-        metavar="SECONDS",
-        help="write back a file quiet this long (default 5)",
-    )
-    mount.add_argument(
-        "--cache-size",
-        type=parse_size,
-        metavar="SIZE",
-        help="evict clean data above this, e.g. 10G (default 10G)",
-    )
-    mount.add_argument("--allow-other", action="store_true", help="let other users use the mount")
-    mount.add_argument("--foreground", action="store_true", help="run the daemon in this process (debugging)")
-    mount.add_argument(
-        "--host-id", metavar="NAME", help="human-readable host name in the lease (default: hostname)"
-    )
-    mount.add_argument("--debug", action="store_true", help="log debug messages")
-    mount.add_argument(
-        "--cache-root",
-        metavar="DIR",
-        help="make the cache dir under this (DIR/NAME-KEY), e.g. node-local scratch",
-    )
-    mount.add_argument(
-        "--follower", action="store_true", help="never take the write lease by itself (-o ro)"
-    )
-    mount.add_argument(
-        "--log-file", metavar="FILE", help="log here, rotated (default: daemon.log in the cache dir)"
-    )
-    mount.add_argument(
-        "--log-level", choices=settings.LOG_LEVELS, help="least severe messages logged (default info)"
-    )
-    mount.add_argument(
-        "--metrics-port",
-        type=settings.port,
-        metavar="PORT",
-        help="serve Prometheus metrics on http://127.0.0.1:PORT/metrics (default: no listener)",
-    )
-    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
-    advanced = mount.add_argument_group("advanced options (mostly for tests)")
-    advanced.add_argument("--lease-renew", type=parse_seconds, metavar="S", help="heartbeat interval")
-    advanced.add_argument(
-        "--lease-break", type=parse_seconds, metavar="S", help="take over a lease silent this long"
-    )
-    advanced.add_argument(
-        "--lease-epsilon", type=parse_seconds, metavar="S", help="safety margin of the holder"
-    )
-    advanced.add_argument(
-        "--lock-delay", type=parse_seconds, metavar="S",
-        help="after a takeover, wait this long before changing the project",
-    )
-    advanced.add_argument(
-        "--lease-poll", type=parse_seconds, metavar="S", help="how often to read the holder's heartbeat"
-    )
-    advanced.add_argument(
-        "--follower-poll", type=parse_seconds, metavar="S", help="how often a follower looks for news"
-    )
-    advanced.add_argument(
-        "--backing-timeout", type=parse_seconds, metavar="S", help="fail reads of the project after this"
-    )
-    advanced.add_argument(
-        "--wait-lease", action="store_true", help="wait for the write lease instead of following"
-    )
+    add_mount_options(mount)
 
     umount = commands.add_parser(
         "umount",
@@ -391,44 +315,6 @@ def _refuse_if_held(src: Path, conf: Any) -> None:
 # ---- mount ----------------------------------------------------------------------------------------
 
 
-def mount_config(args: argparse.Namespace) -> MountConfig:
-    """The resolved MountConfig for `safefs mount` arguments; defaults come from MountConfig itself."""
-    settings.fill(args, settings.load(os.environ))
-    src = Path(os.path.realpath(args.src))
-    mnt = checks.resolve_mountpoint(args.mnt)
-    cache_dir = default_cache_dir(src, os.environ)
-    if args.cache_root:
-        cache_dir = Path(args.cache_root) / cache_dir.name
-    cache_dir = Path(os.path.realpath(args.cache_dir or cache_dir))
-    lease_options = {
-        "renew": args.lease_renew,
-        "t_break": args.lease_break,
-        "epsilon": args.lease_epsilon,
-        "lock_delay": args.lock_delay,
-        "poll": args.lease_poll,
-    }
-    options = {
-        "writeback_delay": args.writeback_delay,
-        "cache_size": args.cache_size,
-        "host_id": args.host_id,
-        "follower_poll": args.follower_poll,
-        "backing_timeout": args.backing_timeout,
-    }
-    return MountConfig(
-        src=src,
-        mnt=mnt,
-        cache_dir=cache_dir,
-        allow_other=args.allow_other,
-        wait_for_lease=args.wait_lease,
-        follower=args.follower,
-        log_level=args.log_level or "info",
-        log_file=Path(os.path.realpath(args.log_file)) if args.log_file else None,
-        metrics_port=args.metrics_port,
-        lease=LeaseTimings(**{k: v for k, v in lease_options.items() if v is not None}),
-        **{k: v for k, v in options.items() if v is not None},
-    )
-
-
 def cmd_mount(args: argparse.Namespace) -> int:
     config = mount_config(args)
     if not args.foreground:
@@ -438,34 +324,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
         checks.check_setup(config)
     except SafefsError as exc:
         if args.ready_fd is not None:
-            _write_ready(args.ready_fd, {"ok": False, "error": error_to_wire(exc)})
+            write_ready(args.ready_fd, protocol.Ready(ok=False, error=error_to_wire(exc)))
         raise
     from safefs import daemon  # only here: the daemon imports trio, pyfuse3 and lmdb
 
     return int(daemon.run(config, ready_fd=args.ready_fd, debug=args.debug))
-
-
-def setting_defaults() -> dict[str, Any]:
-    """What `safefs mount` uses for each config-file key that no file and no option sets."""
-    mount, lease = MountConfig(src=Path("/"), mnt=Path("/"), cache_dir=Path("/")), LeaseTimings()
-    return {
-        "cache_root": os.fspath(default_cache_dir(Path("/x"), os.environ).parent),
-        "cache_dir": "NAME-KEY under cache_root",
-        "writeback_delay": mount.writeback_delay,
-        "cache_size": mount.cache_size,
-        "allow_other": mount.allow_other,
-        "host_id": "this host's name",
-        "lease_renew": lease.renew,
-        "lease_break": lease.t_break,
-        "lease_epsilon": lease.epsilon,
-        "lock_delay": lease.lock_delay,
-        "lease_poll": lease.poll,
-        "follower_poll": mount.follower_poll,
-        "backing_timeout": mount.backing_timeout,
-        "log_level": mount.log_level,
-        "log_file": "daemon.log in the cache dir",
-        "metrics_port": "none (no listener)",
-    }
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -498,205 +361,6 @@ def cmd_config(args: argparse.Namespace) -> int:
     return int(ExitCode.OK)
 
 
-def daemon_argv(config: MountConfig, *, ready_fd: int, debug: bool) -> list[str]:
-    """The command line of a foreground daemon with exactly `config`."""
-    lease = config.lease
-    argv = [
-        sys.executable, "-m", "safefs", "mount", os.fspath(config.src), os.fspath(config.mnt),
-        "--foreground", "--ready-fd", str(ready_fd),
-        "--cache-dir", os.fspath(config.cache_dir),
-        "--writeback-delay", repr(config.writeback_delay),
-        "--cache-size", str(config.cache_size),
-        "--follower-poll", repr(config.follower_poll),
-        "--backing-timeout", repr(config.backing_timeout),
-        "--lease-renew", repr(lease.renew),
-        "--lease-break", repr(lease.t_break),
-        "--lease-epsilon", repr(lease.epsilon),
-        "--lock-delay", repr(lease.lock_delay),
-        "--lease-poll", repr(lease.poll),
-    ]  # fmt: skip
-    if config.allow_other:
-        argv.append("--allow-other")
-    if config.host_id is not None:
-        argv += ["--host-id", config.host_id]
-    if config.wait_for_lease:
-        argv.append("--wait-lease")
-    if config.follower:
-        argv.append("--follower")
-    argv += ["--log-level", config.log_level]
-    if config.log_file is not None:
-        argv += ["--log-file", os.fspath(config.log_file)]
-    if config.metrics_port is not None:
-        argv += ["--metrics-port", str(config.metrics_port)]
-    if debug:
-        argv.append("--debug")
-    return argv
-
-
-def spawn_daemon(config: MountConfig, *, debug: bool, announce: bool = True) -> int:
-    """Start the daemon in its own session, wait until its mount is ready, say where it is
-    (unless not `announce`)."""
-    try:
-        config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise Refused(
-            f"cannot create cache dir {config.cache_dir}: {exc.strerror}", hint="give another --cache-dir"
-        ) from None
-    if config.log_file is None:
-        config = dataclasses.replace(config, log_file=config.cache_dir / "daemon.log")
-    assert config.log_file is not None
-    log_path = config.log_file
-    try:
-        log_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise Refused(f"cannot create the log's directory {log_path.parent}: {exc.strerror}") from None
-    read_fd, write_fd = os.pipe()
-    try:
-        try:
-            log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            os.fchmod(log_fd, 0o600)  # the log names files of the project: private like the cache
-            with open(log_fd, "ab") as log_file:
-                log_start = log_file.tell()
-                process = subprocess.Popen(
-                    daemon_argv(config, ready_fd=write_fd, debug=debug),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=log_file,
-                    pass_fds=(write_fd,),
-                    start_new_session=True,  # a Ctrl-C or hang-up of this shell must not reach the daemon
-                    cwd="/",  # keep no directory busy
-                    env=_daemon_environment(),
-                )
-        finally:
-            os.close(write_fd)  # the daemon has its copy; EOF on read_fd now means it is gone
-        what = "the write lease before mounting (--wait-lease)" if config.wait_for_lease else \
-            f"the daemon (pid {process.pid}) to mount"  # fmt: skip
-        try:
-            line = _read_line(
-                read_fd, None if config.wait_for_lease else READY_TIMEOUT,
-                on_slow=lambda: print(f"safefs: waiting for {what} (its log: {log_path})",
-                                      file=sys.stderr, flush=True),
-            )  # fmt: skip
-        except TimeoutError:
-            _stop(process)
-            _print_log_tail(log_path, log_start)
-            raise DaemonFailed(
-                f"the daemon did not get ready within {READY_TIMEOUT:.0f} s, so it was stopped",
-                hint=f"its log is {log_path}",
-            ) from None
-        except BaseException:
-            _stop(process)  # Ctrl-C: the user no longer wants this mount
-            raise
-    finally:
-        os.close(read_fd)
-
-    if not line:
-        try:
-            code: int | None = process.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            code = None
-        _print_log_tail(log_path, log_start)
-        how = "exited" if code is None else f"exited with status {code}"
-        raise DaemonFailed(f"the daemon {how} before the mount was ready", hint=f"its log is {log_path}")
-    try:
-        ready = json.loads(line)
-        if not isinstance(ready, dict):
-            raise ValueError("not an object")
-    except ValueError:
-        raise DaemonFailed(
-            f"the daemon sent a malformed ready message: {line[:200]!r}", hint=f"its log is {log_path}"
-        ) from None
-    if not ready.get("ok"):
-        raise error_from_wire(ready.get("error"))
-    if announce:
-        print(mounted_message(config, ready))
-    return int(ExitCode.OK)
-
-
-def mounted_message(config: MountConfig, ready: dict[str, Any]) -> str:
-    umount = f"unmount with: safefs umount {shlex.quote(os.fspath(config.mnt))}"
-    where = f"safefs: mounted {config.src} at {config.mnt}"
-    if ready.get("role") == "writer":
-        return f"{where} as writer (cache {config.cache_dir}); {umount}"
-    holder = ready.get("holder")
-    held = f"{describe_holder(holder)} holds the write lease; " if isinstance(holder, dict) else ""
-    return f"{where} as read-only follower ({held}cache {config.cache_dir}); {umount}"
-
-
-def describe_holder(holder: dict[str, Any]) -> str:
-    details = [f"{key} {holder[key]}" for key in ("pid", "user") if holder.get(key) is not None]
-    name = str(holder.get("host") or "another host")
-    return f"{name} ({', '.join(details)})" if details else name
-
-
-def _daemon_environment() -> dict[str, str]:
-    env = dict(os.environ)
-    # A source checkout is not on the path of an interpreter started in "/": put it there.
-    package_root = str(Path(__file__).resolve().parent.parent)
-    installed = {sysconfig.get_paths()[key] for key in ("purelib", "platlib")}
-    if package_root not in installed:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
-    return env
-
-
-def _read_line(fd: int, timeout: float | None, on_slow: Callable[[], None] | None = None) -> bytes:
-    """The first line written to `fd` (b"" if it is closed first). TimeoutError after `timeout`.
-    `on_slow` is called once if that takes longer than WAIT_REPORT_DELAY."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    slow_at = time.monotonic() + WAIT_REPORT_DELAY
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    data = bytearray()
-    while b"\n" not in data:
-        if on_slow is not None and time.monotonic() >= slow_at:
-            on_slow()
-            on_slow = None
-        wait_ms = None if deadline is None else max(deadline - time.monotonic(), 0) * 1000
-        if wait_ms == 0:
-            raise TimeoutError
-        if on_slow is not None:
-            wait_ms = max(0.0, slow_at - time.monotonic()) * 1000 if wait_ms is None else \
-                min(wait_ms, max(0.0, slow_at - time.monotonic()) * 1000 + 1)  # fmt: skip
-        if not poller.poll(wait_ms):
-            continue
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        data += chunk
-    return bytes(data.split(b"\n", 1)[0])
-
-
-def _write_ready(fd: int, message: dict[str, Any]) -> None:
-    try:
-        os.write(fd, json.dumps(message).encode() + b"\n")
-        os.close(fd)
-    except OSError:
-        pass  # the parent is gone; stderr (the log) still has the error
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()  # the daemon stops cleanly on SIGTERM: writes back, unmounts
-    try:
-        process.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        print(f"safefs: the daemon (pid {process.pid}) is still stopping", file=sys.stderr)
-
-
-def _print_log_tail(log_path: Path, start: int) -> None:
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(start)
-            lines = f.read()[-(64 << 10) :].decode(errors="replace").splitlines()[-LOG_TAIL_LINES:]
-    except OSError:
-        return
-    if lines:
-        print(f"safefs: the daemon's last log lines ({log_path}):", file=sys.stderr)
-        for line in lines:
-            print(f"  | {line}", file=sys.stderr)
-
-
 # ---- commands that talk to a daemon ------------------------------------------------------------
 
 
@@ -704,7 +368,8 @@ def cmd_umount(args: argparse.Namespace) -> int:
     mnt = checks.resolve_mountpoint(args.mnt)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     ping_timeout = STATUS_TIMEOUT if deadline is None else min(STATUS_TIMEOUT, args.timeout)
-    pid = int(call(mnt, "ping", timeout=ping_timeout)["pid"])
+    ping: Ping = call(mnt, "ping", timeout=ping_timeout)
+    pid = ping.pid
     waits = WaitReport()
     # Watch the daemon from before the unmount, so a recycled pid can never be mistaken for it.
     with ProcessWatch(pid) as daemon:
@@ -712,12 +377,12 @@ def cmd_umount(args: argparse.Namespace) -> int:
             with ProgressBar("writing back") as bar:
                 # The daemon writes back, unmounts (refused if busy, before it releases
                 # anything), waits for its final write-back and says what that left.
-                result = call(
+                result: UnmountReceipt = call(
                     mnt,
                     "prepare_unmount",
-                    {"timeout": _remaining(deadline), "lazy": args.lazy},
+                    protocol.PrepareUnmountArgs(timeout=_remaining(deadline), lazy=args.lazy),
                     timeout=_client_timeout(deadline),
-                    on_progress=_report_to(bar, waits),
+                    on_progress=report_to(bar, waits),
                 )
         except Busy:
             raise busy_error(mnt) from None
@@ -736,108 +401,36 @@ def cmd_umount(args: argparse.Namespace) -> int:
                 f"anyway with `fusermount3 -u {mnt}`: the next mount on this host with the same "
                 "cache writes the data back",
             ) from None
-        if not result.get("unmounted"):
+        if not result.final.unmounted:
             fusermount_unmount(mnt, lazy=args.lazy)  # a daemon that leaves the unmount to us
         if not waits.wait_exit(daemon, _remaining(deadline), f"the daemon (pid {pid}) to exit"):
             raise SyncTimeout(
                 f"{mnt} is unmounted, but its daemon (pid {pid}) is still running after {args.timeout:g} s",
                 hint="it is finishing up; its log is daemon.log in the cache dir",
             )
-    project = result.get("src") or "the project"
-    if result.get("unwritten"):
+    project = result.final.src or "the project"
+    if result.final.unwritten:
         raise unwritten_error(mnt, result)
     print(f"safefs: unmounted {mnt}; everything was written back to {project}")
     return int(ExitCode.OK)
-
-
-def unwritten_error(mnt: Path, result: dict[str, Any]) -> Unwritten:
-    """After an unmount that left changes in the cache: how many, where, why, what to run."""
-    cache_dir, src = result.get("cache_dir") or "?", result.get("src") or "?"
-    why = f" ({result['unwritten_reason']})" if result.get("unwritten_reason") else ""
-    what = f"{plural(result['unwritten'], 'change')} ({human_bytes(result.get('unwritten_bytes') or 0)})"
-    if isinstance(result.get("unwritten_files"), int) and isinstance(result.get("unwritten_ops"), int):
-        what = f"{plural(result['unwritten_files'], 'file')} ({human_bytes(result.get('unwritten_bytes') or 0)}) " \
-            f"and {plural(result['unwritten_ops'], 'pending operation')}"  # fmt: skip
-    return Unwritten(
-        f"unmounted {mnt}, but {what} were not written back: they stay in the cache {cache_dir}{why}",
-        hint=f"run `safefs recover --cache-dir {shlex.quote(cache_dir)} {shlex.quote(src)}` on this host "
-        "to write them back (a file changed meanwhile is kept beside as a conflict copy)",
-    )
-
-
-def fusermount_unmount(mnt: Path, *, lazy: bool) -> None:
-    try:
-        unmount.fusermount(mnt, lazy=lazy)
-    except Busy:
-        raise busy_error(mnt) from None
-
-
-def busy_error(mnt: Path) -> Busy:
-    """A refused unmount: who keeps `mnt` busy, and that nothing changed."""
-    inside = Path(os.getcwd()) == mnt or mnt in Path(os.getcwd()).parents
-    who = "your shell's current directory is inside it" if inside else f"`fuser -vm {mnt}` lists who"
-    return Busy(
-        f"{mnt} is busy: files or directories in it are still open ({who}); nothing was changed",
-        hint=f"close them and run `safefs umount {mnt}` again, or use --lazy "
-        "(detach now; the daemon writes back and exits once the last file is closed)",
-    )
 
 
 def cmd_sync(args: argparse.Namespace) -> int:
     mnt = checks.resolve_mountpoint(args.mnt)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     with ProgressBar("syncing") as bar:
-        result = call(
+        result: SyncReceipt = call(
             mnt,
             "sync",
-            {"release": args.release, "timeout": args.timeout},
+            protocol.SyncArgs(release=args.release, timeout=args.timeout),
             timeout=_client_timeout(deadline),
-            on_progress=_report_to(bar, WaitReport()),
+            on_progress=report_to(bar, WaitReport()),
         )
     if args.json:
-        print(json.dumps(result, indent=2, sort_keys=True))
+        print(json.dumps(protocol.to_wire(result), indent=2, sort_keys=True))
     else:
         print(sync_receipt(mnt, result, released=args.release))
-    return int(ExitCode.SYNC_CONFLICTS if result.get("conflicts") else ExitCode.OK)
-
-
-def sync_receipt(mnt: Path, result: dict[str, Any], *, released: bool) -> str:
-    """One line: what the sync wrote and which generation it published."""
-    parts = []
-    # `files_written`/`bytes_written` are the documented keys; `files`/`bytes` are accepted too.
-    files = _first_present(result, "files_written", "files")
-    written = _first_present(result, "bytes_written", "bytes")
-    if files is not None:
-        parts.append(plural(files, "file"))
-    if isinstance(written, (int, float)):
-        parts.append(f"{human_bytes(written)} written")
-    if result.get("generation") is not None:
-        epoch = f" (epoch {result['epoch']})" if result.get("epoch") is not None else ""
-        parts.append(f"generation {result['generation']}{epoch} published")
-    line = f"safefs: synced {mnt}" + (f": {', '.join(parts)}" if parts else "")
-    if released:
-        line += "; write lease released, the mount is read-only now"
-    conflicts = result.get("conflicts") or []
-    if conflicts:
-        line += f"\n{plural(len(conflicts), 'conflict')} (both versions kept side by side):"
-        line += "".join(f"\n  {describe_conflict(c)}" for c in conflicts)
-    return line
-
-
-def describe_conflict(item: dict[str, Any]) -> str:
-    """One line for a conflict record: which name, why, and where the other version went."""
-    text = f"{item.get('path') or item.get('op')}: {item.get('why') or 'conflict'}"
-    if item.get("kept_as"):
-        text += f"; {item.get('copy_holds') or 'the other version'} is {item['kept_as']}"
-    if item.get("error"):
-        text += f" ({item['error']})"
-    if item.get("time") is not None:
-        text += f", at {_when(item['time'])}"
-    return text
-
-
-def _first_present(result: dict[str, Any], *keys: str) -> Any:
-    return next((result[key] for key in keys if result.get(key) is not None), None)
+    return int(ExitCode.SYNC_CONFLICTS if result.conflicts else ExitCode.OK)
 
 
 def cmd_acquire(args: argparse.Namespace) -> int:
@@ -845,11 +438,11 @@ def cmd_acquire(args: argparse.Namespace) -> int:
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     # Without --wait a live holder is refused at once, but a takeover of a dead one (T_break,
     # then the lock delay) is waited for: as long as the daemon reports, each second, on it.
-    result = call(
-        mnt, "acquire", {"wait": args.wait, "timeout": args.timeout}, timeout=_client_timeout(deadline),
-        on_progress=WaitReport().update, idle_timeout=STATUS_TIMEOUT + CALL_GRACE,
+    result: AcquireReceipt = call(
+        mnt, "acquire", protocol.AcquireArgs(wait=args.wait, timeout=args.timeout),
+        timeout=_client_timeout(deadline), on_progress=WaitReport().update, idle_timeout=STATUS_TIMEOUT + CALL_GRACE,
     )  # fmt: skip
-    epoch = f" (epoch {result['epoch']})" if result.get("epoch") is not None else ""
+    epoch = f" (epoch {result.epoch})" if result.epoch is not None else ""
     print(f"safefs: {mnt} is the writer now{epoch}")
     return int(ExitCode.OK)
 
@@ -861,35 +454,35 @@ def cmd_recover(args: argparse.Namespace) -> int:
 
         return recover.run(args)
     if args.mnt is None:
-        statuses = []
+        statuses: list[Status] = []
         for sock in client.list_daemons(runtime_dir(os.environ, os.getuid())):
             try:
                 statuses.append(client.call(sock, "status", timeout=STATUS_TIMEOUT))
             except SafefsError:
                 continue
         # A writer writes back by itself; only a mount that may not holds an orphan.
-        orphans = [s for s in statuses if (s.get("dirty_files") or s.get("pending_ops")) and s.get("role") != "writer"]
+        orphans = [s for s in statuses if (s.flush.dirty_files or s.flush.pending_ops) and s.role != "writer"]
         for status in orphans:
-            print(f"{status['mnt']}: {status.get('dirty_files', 0)} files, {status.get('dirty_bytes', 0)} B "
-                  f"not in the project (role {status.get('role')}); run: safefs recover {status['mnt']}")
+            print(f"{status.mnt}: {status.flush.dirty_files or 0} files, {status.flush.dirty_bytes or 0} B "
+                  f"not in the project (role {status.role}); run: safefs recover {status.mnt}")
         if not orphans:
             print("safefs: no mounted cache holds changes the project lacks")
         # Markers of caches that are not mounted here, found in the projects of our mounts.
-        local = {(s.get("host"), s.get("cache_dir")) for s in statuses}
+        local = {(s.host, s.cache_dir) for s in statuses}
         others: dict[tuple[Any, Any], str] = {}
         for status in statuses:
-            for orphan in _orphan_records(status):
-                key = (orphan.get("host"), orphan.get("cache_dir"))
+            for orphan in status.orphan_listing.orphans or []:
+                key = (orphan.host, orphan.cache_dir)
                 if key not in local and key not in others:
-                    others[key] = f"{status.get('src')}: {describe_orphan(orphan)}"
+                    others[key] = f"{status.src}: {describe_orphan(orphan)}"
         if others:
             print("caches elsewhere hold changes the projects of these mounts lack:")
             print("\n".join(f"  {line}" for line in others.values()))
         return int(ExitCode.OK)
     mnt = checks.resolve_mountpoint(args.mnt)
-    result = call(mnt, "recover", {"timeout": args.timeout}, timeout=None)
-    print(f"safefs: recovered {plural(result['files'], 'change')} ({human_bytes(result['bytes'])}) from {mnt}")
-    for conflict in result.get("conflicts", []):
+    result: RecoverReceipt = call(mnt, "recover", protocol.RecoverArgs(timeout=args.timeout), timeout=None)
+    print(f"safefs: recovered {plural(result.files, 'change')} ({human_bytes(result.bytes)}) from {mnt}")
+    for conflict in result.conflicts:
         print(f"  conflict: {describe_conflict(conflict)}")
     return int(ExitCode.OK)
 
@@ -899,8 +492,8 @@ def project_of(path: str) -> Path:
     resolved = Path(os.path.realpath(path))
     fstype = checks.mount_type_at(resolved)
     if fstype is not None and fstype.startswith("fuse"):
-        status = call(resolved, "status", timeout=STATUS_TIMEOUT)
-        return Path(str(status["src"]))
+        status: Status = call(resolved, "status", timeout=STATUS_TIMEOUT)
+        return Path(str(status.src))
     if not resolved.is_dir():
         raise NotMounted(f"{resolved} is neither a safefs mount nor a project directory")
     return resolved
@@ -922,7 +515,7 @@ def cmd_history(args: argparse.Namespace) -> int:
         epoch = f"epoch {record['epoch']}" if record.get("epoch") is not None else ""
         who = f"{record.get('user', '?')}@{record.get('host', '?')}"
         detail = f"  {record['detail']}" if record.get("detail") else ""
-        print(f"{_when(record['time'])}  {str(record.get('event', '?')):<10} {epoch:<9} {who}{detail}")
+        print(f"{human_time(record['time'])}  {str(record.get('event', '?')):<10} {epoch:<9} {who}{detail}")
     if found.bad_lines:
         print(f"safefs: {plural(found.bad_lines, 'line')} of {project}/.safefs/history were not records "
               "(skipped)", file=sys.stderr)  # fmt: skip
@@ -931,49 +524,52 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     if args.mnt is not None:
-        status = call(checks.resolve_mountpoint(args.mnt), "status", timeout=STATUS_TIMEOUT)
+        status: Status = call(checks.resolve_mountpoint(args.mnt), "status", timeout=STATUS_TIMEOUT)
         if args.prometheus:
             print(_prometheus([status]), end="")
         else:
-            print(json.dumps(status, indent=2, sort_keys=True) if args.json else format_status(status))
+            wire = protocol.to_wire(status)
+            print(json.dumps(wire, indent=2, sort_keys=True) if args.json else format_status(status))
         return int(ExitCode.OK)
 
-    statuses, code = [], ExitCode.OK
+    statuses: list[Status | Unanswered] = []
+    code = ExitCode.OK
     for sock in client.list_daemons(runtime_dir(os.environ, os.getuid())):
         try:
             statuses.append(client.call(sock, "status", timeout=STATUS_TIMEOUT))
         except NotMounted:
             continue  # a dead daemon's leftover socket
         except SafefsError as exc:
-            statuses.append({"socket": os.fspath(sock), "error": exc.message})
+            statuses.append(Unanswered(socket=os.fspath(sock), error=exc.message))
             code = ExitCode.DAEMON_FAILED
     if args.prometheus:
-        print(_prometheus([s for s in statuses if "error" not in s]), end="")
+        print(_prometheus([s for s in statuses if isinstance(s, Status)]), end="")
     elif args.json:
-        print(json.dumps(statuses, indent=2, sort_keys=True))
+        print(json.dumps(protocol.to_wire(statuses), indent=2, sort_keys=True))
     elif not statuses:
         print("safefs: no mounts are running")
     else:
-        print("\n\n".join(format_status(status) for status in statuses))
+        print("\n\n".join(format_status(s) if isinstance(s, Status) else s.format() for s in statuses))
     return int(code)
 
 
-def _prometheus(statuses: list[dict[str, Any]]) -> str:
+def _prometheus(statuses: list[Status]) -> str:
     from safefs import metrics  # only here: prometheus-client is needed by this option alone
 
-    return metrics.exposition(statuses)
+    return metrics.exposition([protocol.to_wire(status) for status in statuses])
 
 
 def call(
     mnt: Path,
     op: str,
-    args: dict[str, Any] | None = None,
+    args: protocol.OpArgs | None = None,
     *,
     timeout: float | None,
-    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    on_progress: Callable[[ProgressReport], None] | None = None,
     idle_timeout: float | None = None,
-) -> dict[str, Any]:
-    """`client.call` on the daemon serving `mnt`, saying which mountpoint is not mounted."""
+) -> Any:
+    """`client.call` on the daemon serving `mnt`, saying which mountpoint is not mounted.
+    The result is the op's type in protocol.OP_RESULTS."""
     try:
         return client.call(
             socket_path(mnt, os.environ, os.getuid()),
@@ -1018,346 +614,3 @@ def _remaining(deadline: float | None) -> float | None:
 def _client_timeout(deadline: float | None) -> float | None:
     remaining = _remaining(deadline)
     return None if remaining is None else remaining + CALL_GRACE
-
-
-class ProcessWatch:
-    """Waits for a process that is not our child to exit, through a pidfd (no pid-reuse race)."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self._fd: int | None = None
-        self._gone = False
-        try:
-            self._fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            self._gone = True
-        except OSError:
-            pass  # no pidfd on this kernel: poll the pid instead
-
-    def wait_exit(self, timeout: float | None) -> bool:
-        """True once the process has exited; False if it still runs after `timeout` seconds."""
-        if self._gone:
-            return True
-        if self._fd is not None:
-            poller = select.poll()
-            poller.register(self._fd, select.POLLIN)
-            return bool(poller.poll(None if timeout is None else timeout * 1000))
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while _pid_alive(self.pid):
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            select.select([], [], [], 0.1)
-        return True
-
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self) -> ProcessWatch:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-
-def _pid_alive(pid: int) -> bool:
-    return procs.process_alive(pid)  # a zombie daemon has exited, whoever reaps it
-
-
-# ---- output -------------------------------------------------------------------------------------
-
-
-class ProgressBar:
-    """Progress of a write-back on stderr, drawn with rich: only on a terminal, only after PROGRESS_DELAY.
-
-    Shows the bytes done of the total, the files left, the rate and the time left (rich derives
-    both from the updates) and what the daemon waits for (the write-back, a lock delay, a
-    failing project). Off a terminal nothing is drawn and rich is not even imported.
-    """
-
-    def __init__(self, label: str, stream: TextIO | None = None, *, delay: float = PROGRESS_DELAY) -> None:
-        self.label = label
-        self.stream = stream or sys.stderr
-        self.delay = delay
-        self.enabled = self.stream.isatty()
-        self.started = time.monotonic()
-        self.drawn = False
-        self._progress: Any = None
-        self._task: Any = None
-
-    def update(self, progress: dict[str, Any]) -> None:
-        if not self.enabled or time.monotonic() - self.started < self.delay:
-            return
-        if self._progress is None:
-            self._start()
-        bytes_done, bytes_total = _number(progress.get("bytes_done")), _number(progress.get("bytes_total"))
-        files_done, files_total = _number(progress.get("files_done")), _number(progress.get("files_total"))
-        files = ""
-        if files_total is not None and files_done is not None:
-            files = f"{plural(int(files_total - files_done), 'file')} left"
-        waiting = progress.get("waiting_for")
-        self._progress.update(
-            self._task,
-            description=str(progress.get("phase") or self.label),
-            total=bytes_total if bytes_total else None,
-            completed=bytes_done or 0,
-            files=files,
-            waiting=f"waiting for {waiting}" if waiting else "",
-        )
-        self._progress.refresh()
-        self.drawn = True
-
-    def _start(self) -> None:
-        from rich.console import Console  # only here: a terminal that waits long enough to need it
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,  # fmt: skip
-        )
-
-        console = Console(file=self.stream, force_terminal=True)
-        self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(bar_width=24), DownloadColumn(binary_units=True),
-            TextColumn("{task.fields[files]}"), TransferSpeedColumn(), TimeRemainingColumn(),
-            TextColumn("{task.fields[waiting]}"),
-            console=console, auto_refresh=False, transient=True, redirect_stdout=False, redirect_stderr=False,
-        )  # fmt: skip
-        self._progress.start()
-        self._task = self._progress.add_task(self.label, total=None, files="", waiting="")
-
-    def __enter__(self) -> ProgressBar:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        if self._progress is not None:
-            self._progress.stop()  # transient: the line is erased; the receipt follows
-
-
-class WaitReport:
-    """Says on stderr (terminal or not) what a command waits for, once it has waited longer
-    than WAIT_REPORT_DELAY: one line per new reason, from the daemon's `waiting_for` progress
-    or from the command itself (`wait_exit`)."""
-
-    def __init__(self, stream: TextIO | None = None, *, delay: float = WAIT_REPORT_DELAY) -> None:
-        self.stream = stream or sys.stderr
-        self.delay = delay
-        self.started = time.monotonic()
-        self.said: str | None = None
-
-    def update(self, progress: dict[str, Any]) -> None:
-        what = progress.get("waiting_for")
-        if not isinstance(what, str) or what == self.said or time.monotonic() - self.started < self.delay:
-            return
-        self.said = what
-        detail = progress.get("detail")
-        print(f"safefs: waiting for {what}" + (f" ({detail})" if detail else ""), file=self.stream, flush=True)
-
-    def wait_exit(self, watch: ProcessWatch, timeout: float | None, what: str) -> bool:
-        """`watch.wait_exit(timeout)`, saying what it waits for after the first second."""
-        first = self.delay if timeout is None else min(self.delay, timeout)
-        if watch.wait_exit(first):
-            return True
-        self.started = -math.inf
-        self.update({"waiting_for": what})
-        return watch.wait_exit(None if timeout is None else max(0.0, timeout - first))
-
-
-def _report_to(bar: ProgressBar, waits: WaitReport) -> Callable[[dict[str, Any]], None]:
-    def report(progress: dict[str, Any]) -> None:
-        bar.update(progress)
-        waits.update(progress)
-
-    return report
-
-
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def human_value(key: str, value: Any) -> str:
-    """Any status value as words: yes/no, none, durations for keys that hold seconds, no Python syntax."""
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if value is None:
-        return "none"
-    if isinstance(value, float):
-        if key.endswith(("delay", "age", "timeout", "poll", "interval", "seconds")):
-            return human_seconds(value)
-        return f"{value:g}"
-    if isinstance(value, dict):
-        parts = [f"{k.replace('_', ' ')} {human_value(k, v)}" for k, v in value.items()]
-        return ", ".join(parts) if parts else "none"
-    if isinstance(value, (list, tuple)):
-        return ", ".join(human_value(key, v) for v in value) if value else "none"
-    return str(value)
-
-
-def _when(value: Any) -> str:
-    """A wall-clock time from status (seconds since the epoch) for humans; text passes through."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return human.wall_time(value)
-    return str(value)
-
-
-# Keys format_status shows itself; any other key is shown as it comes, so new fields are never hidden.
-_SHOWN_KEYS = frozenset(
-    {
-        "mnt", "src", "cache_dir", "pid", "role", "state", "lease", "dirty_bytes", "dirty_files", "oldest_dirty_age",
-        "pending_ops", "bytes_fetched", "bytes_written", "cache_bytes", "cache_limit", "errors", "conflicts",
-        "orphans", "orphans_error", "orphans_skipped", "warnings",
-    }
-)  # fmt: skip
-
-
-def format_status(status: dict[str, Any]) -> str:
-    """A daemon's status as aligned `key: value` lines."""
-    rows: list[tuple[str, str]] = []
-    details: list[str] = []
-
-    def row(key: str, value: Any) -> None:
-        if value is not None:
-            rows.append((key, str(value)))
-
-    row("mount", status.get("mnt"))
-    row("project", status.get("src"))
-    row("role", describe_role(status))
-    if status.get("state") == "unmounted":
-        changes = (_number(status.get("dirty_files")) or 0) + (_number(status.get("pending_ops")) or 0)
-        row("state", f"unmounted, writing back {plural(int(changes), 'file')} / "
-                     f"{human_bytes(status.get('dirty_bytes') or 0)}")  # fmt: skip
-    else:
-        row("state", status.get("state"))
-    lease = status["lease"] if isinstance(status.get("lease"), dict) else {}
-    row("epoch", lease.get("epoch"))
-    row("generation", lease.get("generation"))
-    holder = lease.get("holder")
-    if isinstance(holder, dict):
-        text = describe_holder(holder)
-        if holder.get("since") is not None:
-            text += f", since {_when(holder['since'])}"
-        if isinstance(holder.get("heartbeat_age"), (int, float)):
-            text += f", heartbeat {human_seconds(holder['heartbeat_age'])} ago"
-        row("lease holder", text)
-    elif "holder" in lease:
-        row("lease holder", "nobody")
-    if isinstance(lease.get("deadline"), (int, float)):
-        row("lease deadline", f"in {human_seconds(lease['deadline'])}")
-    if lease.get("backend") == "etcd":
-        text = f"etcd {','.join(lease.get('endpoints') or [])}, prefix {lease.get('prefix')}, TTL {lease.get('ttl')} s"
-        if isinstance(lease.get("expires_in"), (int, float)):
-            text += f", expires in {human_seconds(lease['expires_in'])}"
-        row("lease backend", text + f", revision {lease.get('revision')}")
-    elif lease.get("backend"):
-        row("lease backend", lease["backend"])
-    if status.get("dirty_bytes") is not None:
-        dirty = f"{human_bytes(status['dirty_bytes'])} in {plural(status.get('dirty_files', '?'), 'file')}"
-        if isinstance(status.get("oldest_dirty_age"), (int, float)):
-            dirty += f", oldest {human_seconds(status['oldest_dirty_age'])}"
-        row("dirty", dirty)
-    pending = status.get("pending_ops")
-    row("pending ops", len(pending) if isinstance(pending, list) else pending)
-    if status.get("bytes_fetched") is not None:
-        row("fetched", f"{human_bytes(status['bytes_fetched'])} from the project")
-    if status.get("bytes_written") is not None:
-        row("written", f"{human_bytes(status['bytes_written'])} to the project")
-    if status.get("cache_bytes") is not None:
-        limit = status.get("cache_limit")
-        row(
-            "cache",
-            human_bytes(status["cache_bytes"]) + (f" of {human_bytes(limit)}" if limit is not None else ""),
-        )
-    row("cache dir", status.get("cache_dir"))
-    row("pid", status.get("pid"))
-    for key, items in (("errors", status.get("errors")), ("conflicts", status.get("conflicts"))):
-        if isinstance(items, list):
-            row(key, len(items) if items else "none")
-            describe = describe_conflict if key == "conflicts" else _describe_item
-            details += [f"  {key[:-1]}: {describe(item) if isinstance(item, dict) else item}" for item in items]
-    if isinstance(status.get("warnings"), list):  # recent WARNING/ERROR log messages (safefs.logs)
-        row("warnings", len(status["warnings"]) if status["warnings"] else "none")
-        details += [f"  {_describe_warning(item)}" for item in status["warnings"] if isinstance(item, dict)]
-    if isinstance(status.get("orphans"), list):
-        row("orphans", len(status["orphans"]) if status["orphans"] else "none")
-        details += [f"  {describe_orphan(item, status)}" for item in _orphan_records(status)]
-    elif status.get("orphans_error"):
-        row("orphans", f"unknown: {status['orphans_error']}")
-    if isinstance(status.get("orphans_skipped"), list):
-        details += [f"  unreadable orphan marker: {_describe_item(item)}" for item in status["orphans_skipped"]]
-    for key in sorted(status.keys() - _SHOWN_KEYS):
-        row(key.replace("_", " "), human_value(key, status[key]))
-
-    width = max((len(key) for key, _ in rows), default=0) + 1
-    return "\n".join([f"{key + ':':<{width}} {value}" for key, value in rows] + details)
-
-
-def describe_role(status: dict[str, Any]) -> Any:
-    """`writer`, `writer (publishing from HH:MM:SS)` during the lock delay after a takeover, or
-    `follower`; a fenced ex-writer says that its unwritten changes stay for `safefs recover`."""
-    role = status.get("role")
-    lease = status["lease"] if isinstance(status.get("lease"), dict) else {}
-    until = lease.get("publishing_from")
-    if role == "writer" and isinstance(until, (int, float)) and not isinstance(until, bool):
-        return f"writer (publishing from {time.strftime('%H:%M:%S', time.localtime(until))})"
-    unwritten = (_number(status.get("dirty_files")) or 0) + (_number(status.get("pending_ops")) or 0)
-    if role != "writer" and lease.get("state") == "lost" and unwritten:
-        return (f"{role} (lost the write lease; its unwritten changes stay in its cache for "
-                f"`safefs recover`)")  # fmt: skip
-    return role
-
-
-def _orphan_records(status: dict[str, Any]) -> list[dict[str, Any]]:
-    orphans = status.get("orphans")
-    return [o for o in orphans if isinstance(o, dict)] if isinstance(orphans, list) else []
-
-
-def _is_own_orphan(orphan: dict[str, Any], status: dict[str, Any]) -> bool:
-    """Whether `orphan` is the marker of the mount `status` describes (same host, same cache)."""
-    return orphan.get("host") == status.get("host") and orphan.get("cache_dir") == status.get("cache_dir")
-
-
-def describe_orphan(orphan: dict[str, Any], status: dict[str, Any] | None = None) -> str:
-    """One line for an orphan marker: whose, how much, since when, why, and what to do.
-
-    `status` is the mount that found it: its own marker gets the `safefs recover MNT` to run."""
-    host = orphan.get("host") or "an unknown host"
-    counts = []
-    ops, files, nbytes = (_number(orphan.get(k)) for k in ("pending_ops", "dirty_files", "dirty_bytes"))
-    if ops:
-        counts.append(plural(int(ops), "pending op"))
-    if files or nbytes:
-        counts.append(f"{human_bytes(nbytes or 0)} in {plural(int(files or 0), 'file')}")
-    changes = " and ".join(counts) or "changes"
-    text = f"orphaned changes: host {host} (cache {orphan.get('cache_dir')}) {changes} unwritten"
-    if orphan.get("since") is not None:
-        text += f" since {_when(orphan['since'])}"
-    why = [str(orphan["reason"])] if orphan.get("reason") else []
-    if orphan.get("epoch") is not None:
-        why.append(f"epoch {orphan['epoch']}")
-    if why:
-        text += f" ({'; '.join(why)})"
-    if status is not None and _is_own_orphan(orphan, status) and status.get("mnt"):
-        return text + f"; run `safefs recover {status['mnt']}` on this host"
-    return text + f"; run `safefs recover` on {host}"
-
-
-def _describe_warning(item: dict[str, Any]) -> str:
-    repeats = ""
-    if _number(item.get("count")) and item["count"] > 1:
-        repeats = f" ({item['count']} times, last at {_when(item.get('time'))})"
-    when = "" if repeats else f" at {_when(item.get('time'))}"
-    return f"{item.get('level', 'warning')}: {item.get('message')}{when}{repeats}"
-
-
-def _describe_item(item: Any) -> str:
-    if not isinstance(item, dict):
-        return str(item)
-    if {"op", "path", "error"} <= item.keys():
-        retry = f" (retry at {_when(item['retry_at'])})" if item.get("retry_at") is not None else ""
-        return f"{item['op']} {item['path']}: {item['error']}{retry}"
-    return ", ".join(f"{key}={value}" for key, value in item.items())

@@ -59,6 +59,7 @@ from safefs.backing import Backing
 from safefs.cache import ContentCache
 from safefs.clock import SystemClock
 from safefs.config import MountConfig, socket_path
+from safefs.control import protocol
 from safefs.control.server import serve as serve_control
 from safefs.errors import (
     DaemonFailed,
@@ -470,7 +471,7 @@ class Daemon:
                         f"from {time.strftime('%H:%M:%S', time.localtime(until))}")  # fmt: skip
                 log.info("daemon: %s", what)
                 if progress is not None:
-                    await progress({"phase": what, "waiting_for": "lock delay", "until": until})
+                    await progress(protocol.ProgressReport(phase=what, waiting_for="lock delay", until=until))
             await self.keeper.wait_publishable()
         remaining = deadline - trio.current_time()
         return await self.flusher.sync(timeout=None if remaining == float("inf") else max(0.0, remaining))
@@ -823,7 +824,7 @@ class Daemon:
         def statuses() -> list[dict[str, Any]]:
             if not self.serving:
                 return []
-            return [trio.from_thread.run(self.status, trio_token=token)]
+            return [protocol.to_wire(trio.from_thread.run(self.status, trio_token=token))]
 
         try:
             self.metrics_listener = metrics.serve(port, statuses)
@@ -849,41 +850,42 @@ class Daemon:
                 await self.fs.table.sync()
 
     # -- the control socket's handler ----------------------------------------------------
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> protocol.Status:
         config = self.config
-        stats = self.flusher.statistics()
-        lease = self.keeper.statistics()
-        lease["generation"] = self.flusher.generation if self.role == "writer" else \
-            (self.seen_generation or {}).get("generation")  # fmt: skip
-        lease.update(self.lease_store.describe())
-        lease["project_polls"] = self.lease_store.project_requests + self.generation_reads
-        lease["generation_seen_at"] = self.generation_seen_at if self.role != "writer" else None
-        return {
-            "src": str(config.src),
-            "mnt": str(config.mnt),
-            "cache_dir": str(config.cache_dir),
-            "pid": os.getpid(),
-            "host": self.host_name,
-            "role": self.keeper.role,
-            "state": self.state,
-            **stats,
-            "bytes_fetched": self.backing.bytes_read,
-            "bytes_written": self.backing.bytes_written,
-            "cache_bytes": self.fs.cached_bytes(),
-            "cache_limit": config.cache_size,
-            "cache_hits": self.fs.stats.cache_hits,
-            "fetches": self.fs.stats.fetches,
-            "evictions": self.fs.stats.evictions,
-            "inodes": len(self.fs.table.inodes),
-            "internal_errors": self.ops.bugs,
-            "kernel_writeback_cache": self.ops.enable_writeback_cache,
-            "writeback_delay": config.writeback_delay,
-            "lease": lease,
-            "warnings": logs.recent(),
-            **await self._orphan_listing(),
-        }
+        # The keeper, the lease store and the flusher report dicts; the protocol types them.
+        lease = dataclasses.replace(
+            protocol.from_wire(protocol.LeaseStatistics, {**self.keeper.statistics(), **self.lease_store.describe()}),
+            generation=self.flusher.generation if self.role == "writer" else
+            (self.seen_generation or {}).get("generation"),
+            project_polls=self.lease_store.project_requests + self.generation_reads,
+            generation_seen_at=self.generation_seen_at if self.role != "writer" else None,
+        )  # fmt: skip
+        return protocol.Status(
+            src=str(config.src),
+            mnt=str(config.mnt),
+            cache_dir=str(config.cache_dir),
+            pid=os.getpid(),
+            host=self.host_name,
+            role=self.keeper.role,
+            state=self.state,
+            flush=protocol.from_wire(protocol.FlushStatistics, self.flusher.statistics()),
+            bytes_fetched=self.backing.bytes_read,
+            bytes_written=self.backing.bytes_written,
+            cache_bytes=self.fs.cached_bytes(),
+            cache_limit=config.cache_size,
+            cache_hits=self.fs.stats.cache_hits,
+            fetches=self.fs.stats.fetches,
+            evictions=self.fs.stats.evictions,
+            inodes=len(self.fs.table.inodes),
+            internal_errors=self.ops.bugs,
+            kernel_writeback_cache=self.ops.enable_writeback_cache,
+            writeback_delay=config.writeback_delay,
+            lease=lease,
+            warnings=[protocol.from_wire(protocol.LogWarning, item) for item in logs.recent()],
+            orphan_listing=await self._orphan_listing(),
+        )
 
-    async def _orphan_listing(self) -> dict[str, Any]:
+    async def _orphan_listing(self) -> protocol.OrphanListing:
         """Every host's orphan markers (ours too) for `status`: `orphans` (a list of records,
         or None if the project did not answer in time), `orphans_error`, `orphans_skipped`."""
         try:
@@ -893,26 +895,23 @@ class Daemon:
                 )
         except trio.TooSlowError:
             error = f"{self.orphans.path} did not answer within {ORPHAN_READ_TIMEOUT:g} s"
-            return {"orphans": None, "orphans_error": error, "orphans_skipped": []}
+            return protocol.OrphanListing(orphans=None, orphans_error=error, orphans_skipped=[])
         except OSError as exc:
             error = f"cannot read {self.orphans.path}: {exc.strerror or exc}"
-            return {"orphans": None, "orphans_error": error, "orphans_skipped": []}
-        records = []
-        for name, record in listing.records:
-            item = record.to_dict()
-            item.pop("v", None)
-            records.append({"name": name, **item})
-        skipped = [{"name": s.name, "error": s.error} for s in listing.skipped]
-        return {"orphans": records, "orphans_error": None, "orphans_skipped": skipped}
+            return protocol.OrphanListing(orphans=None, orphans_error=error, orphans_skipped=[])
+        records = [protocol.Orphan(name=name, **dataclasses.asdict(record)) for name, record in listing.records]
+        skipped = [protocol.SkippedOrphan(name=s.name, error=s.error) for s in listing.skipped]
+        return protocol.OrphanListing(orphans=records, orphans_error=None, orphans_skipped=skipped)
 
-    async def sync(self, *, release: bool, timeout: float | None, progress: Any) -> dict[str, Any]:
+    async def sync(self, *, release: bool, timeout: float | None, progress: Any) -> protocol.SyncReceipt:
         if self.state != "mounted":  # unmounted: sync means "wait for the final write-back"
             outcome = await self._wait_final(timeout, progress)
             self._refuse_if_orphaned(unmounted=True)
             final = self._final_receipt
-            return {**outcome, "files": getattr(final, "files", 0), "bytes": getattr(final, "bytes", 0),
-                    "ops": getattr(final, "ops", 0), "generation": getattr(final, "generation", None),
-                    "epoch": self._held_epoch, "released": True}  # fmt: skip
+            return protocol.SyncReceipt(role=outcome.role, final=outcome.final, files=getattr(final, "files", 0),
+                                        bytes=getattr(final, "bytes", 0), ops=getattr(final, "ops", 0),
+                                        generation=getattr(final, "generation", None), epoch=self._held_epoch,
+                                        released=True)  # fmt: skip
         if self.keeper.role != "writer":
             self._refuse_if_orphaned()
             # A follower has nothing to write back; sync means "show me the latest".
@@ -920,23 +919,24 @@ class Daemon:
             self._invalidate_kernel()
             record = await self._read_generation()
             self.seen_generation = record or self.seen_generation
-            return {"role": "follower", "epoch": self.keeper.epoch, "generation": (record or {}).get("generation"),
-                    "files": 0, "bytes": 0, "ops": 0, "released": False}  # fmt: skip
+            return protocol.SyncReceipt(role="follower", epoch=self.keeper.epoch,
+                                        generation=(record or {}).get("generation"))  # fmt: skip
         receipt = await self._write_back_reported(timeout, progress)
         epoch = self.keeper.epoch
         if release:
             await self.keeper.release()
             await self._take_role()
-        return {
-            "role": self.keeper.role,
-            "epoch": epoch,
-            "generation": receipt.generation,
-            "files": receipt.files,
-            "bytes": receipt.bytes,
-            "ops": receipt.ops,
-            "released": release,
-            "conflicts": self.flusher.report_conflicts(),  # since the last sync, background ones too
-        }
+        return protocol.SyncReceipt(
+            role=self.keeper.role,
+            epoch=epoch,
+            generation=receipt.generation,
+            files=receipt.files,
+            bytes=receipt.bytes,
+            ops=receipt.ops,
+            released=release,
+            # since the last sync, background ones too
+            conflicts=[protocol.from_wire(protocol.Conflict, c) for c in self.flusher.report_conflicts()],
+        )
 
     async def _write_back_reported(self, timeout: float | None, progress: Any) -> Any:
         """_write_back in the background, answering within about `timeout` whatever a backing
@@ -984,11 +984,11 @@ class Daemon:
             ops, files, nbytes = self._unwritten_counts()
             files_total, bytes_total = max(files_total, ops + files), max(bytes_total, nbytes)
             waiting_for, detail = what()
-            await progress({
-                "waiting_for": waiting_for, "detail": detail,
-                "files_done": files_total - ops - files, "files_total": files_total,
-                "bytes_done": bytes_total - nbytes, "bytes_total": bytes_total,
-            })  # fmt: skip
+            await progress(protocol.ProgressReport(
+                waiting_for=waiting_for, detail=detail,
+                files_done=files_total - ops - files, files_total=files_total,
+                bytes_done=bytes_total - nbytes, bytes_total=bytes_total,
+            ))  # fmt: skip
 
     def _write_back_wait(self) -> tuple[str, str]:
         ops, files, nbytes = self._unwritten_counts()
@@ -1018,7 +1018,7 @@ class Daemon:
             hint="it goes on in the background; run `safefs sync` again to wait for it",
         )
 
-    async def _wait_final(self, timeout: float | None, progress: Any) -> dict[str, Any]:
+    async def _wait_final(self, timeout: float | None, progress: Any) -> protocol.UnmountReceipt:
         """Wait for the final write-back of an unmounted mount; what it left, for the caller."""
         self._final_waiters += 1
         try:
@@ -1042,16 +1042,16 @@ class Daemon:
         waiting_for, detail = self._write_back_wait()
         return f"{waiting_for} (final, after the unmount)", detail
 
-    def _outcome(self) -> dict[str, Any]:
+    def _outcome(self) -> protocol.UnmountReceipt:
         """What an unmount left: everything written back, or how much stays in which cache."""
         ops, files, nbytes = self._unwritten_counts()
-        return {
-            "src": str(self.config.src), "cache_dir": str(self.config.cache_dir), "pid": os.getpid(),
-            "role": self.keeper.role, "state": self.state, "unmounted": True,
-            "unwritten": ops + files, "unwritten_files": files, "unwritten_ops": ops, "unwritten_bytes": nbytes,
-            "unwritten_reason": self._exit_detail or self._orphan_reason or self._why_orphaned()
+        return protocol.UnmountReceipt(role=self.keeper.role, final=protocol.FinalWriteBack(
+            src=str(self.config.src), cache_dir=str(self.config.cache_dir), pid=os.getpid(),
+            state=self.state, unmounted=True,
+            unwritten=ops + files, unwritten_files=files, unwritten_ops=ops, unwritten_bytes=nbytes,
+            unwritten_reason=self._exit_detail or self._orphan_reason or self._why_orphaned()
             if ops + files else None,
-        }  # fmt: skip
+        ))  # fmt: skip
 
     def _unwritten(self) -> tuple[int, int]:
         """(files, bytes) this cache holds that the project does not have."""
@@ -1079,7 +1079,7 @@ class Daemon:
                 "is kept beside as a conflict copy)",
             )
 
-    async def acquire(self, *, wait: bool, timeout: float | None, progress: Any = None) -> dict[str, Any]:
+    async def acquire(self, *, wait: bool, timeout: float | None, progress: Any = None) -> protocol.AcquireReceipt:
         """Become the writer. Without `wait` a live holder is refused (once its heartbeat was
         seen to move: up to one renewal); a holder whose heartbeat stands still is taken over,
         and that is waited for (T_break, then the lock delay). Meanwhile the client is told
@@ -1112,7 +1112,7 @@ class Daemon:
                 await self._wait_reporting(done, progress, self._lease_wait)
             if isinstance(result[0], SafefsError):
                 raise result[0]
-            return {"role": self.keeper.role, "epoch": result[0]}
+            return protocol.AcquireReceipt(role=self.keeper.role, epoch=result[0])
         raise LeaseHeldElsewhere(
             "gave up waiting for the lease", hint="see `safefs status` for who holds it"
         )
@@ -1154,14 +1154,14 @@ class Daemon:
                 f"of {timings.lock_delay:g} s"  # fmt: skip
         return "the lease", "looking for a free epoch"
 
-    async def recover(self, *, timeout: float | None) -> dict[str, Any]:
+    async def recover(self, *, timeout: float | None) -> protocol.RecoverReceipt:
         """Write back what this cache holds and the project does not (an orphan of a lost
         lease, or of a crash while another host wrote): take the lease for it if needed,
         publish under the usual rules (a file changed meanwhile elsewhere is kept side by side
         as a conflict copy, never overwritten), then give the lease back if it was taken."""
         files, nbytes = self._unwritten()
         if not files:
-            return {"files": 0, "bytes": 0, "conflicts": [], "epoch": self.keeper.epoch}
+            return protocol.RecoverReceipt(files=0, bytes=0, conflicts=[], epoch=self.keeper.epoch)
         took = self.keeper.role != "writer"
         if took:
             await self.keeper.acquire(wait=False)  # LeaseHeldElsewhere names a live holder
@@ -1174,14 +1174,15 @@ class Daemon:
             await self._take_role()
         await self._update_orphan_marker_now()  # so that `recover` returning means the marker is gone
         self._record_event("recover", self.keeper.epoch, f"{files} changes ({nbytes} bytes) written back")
-        return {
-            "files": files, "bytes": nbytes, "epoch": self.keeper.epoch, "generation": receipt.generation,
-            "conflicts": self.flusher.conflicts[conflicts_before:], "released": took,
-        }  # fmt: skip
+        return protocol.RecoverReceipt(
+            files=files, bytes=nbytes, epoch=self.keeper.epoch, generation=receipt.generation,
+            conflicts=[protocol.from_wire(protocol.Conflict, c) for c in self.flusher.conflicts[conflicts_before:]],
+            released=took,
+        )  # fmt: skip
 
     async def prepare_unmount(
         self, *, timeout: float | None, lazy: bool = False, progress: Any = None
-    ) -> dict[str, Any]:
+    ) -> protocol.UnmountReceipt:
         """Write back, unmount (here, in our own mount namespace), wait for the final write-back
         and say what it left. A refused (busy) unmount raises Busy before anything was
         released: the mount stays the writer and its open files keep working."""

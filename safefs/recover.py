@@ -34,10 +34,12 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from safefs import checks, cli, human
+from safefs.cli_launcher import ProcessWatch, fusermount_unmount, spawn_daemon
 from safefs.config import MountConfig
+from safefs.control import protocol
+from safefs.control.protocol import RecoverReceipt, Status
 from safefs.errors import ExitCode, Refused, SafefsError
 from safefs.lease.store import local_identity
 from safefs.orphans import OrphanStore
@@ -74,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         config = MountConfig(src=src, mnt=mnt, cache_dir=cache_dir, host_id=host_id, follower=True)
         checks.check_setup(config)
         _note(f"reading {cache_dir} through a private mount at {mnt}")
-        cli.spawn_daemon(config, debug=False, announce=False)
+        spawn_daemon(config, debug=False, announce=False)
         try:
             if args.write:
                 return _write_back(mnt, cache_dir, src, args.timeout, command)
@@ -86,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
             mnt.rmdir()
 
 
-def _list(status: dict[str, Any], cache_dir: Path, src: Path, command: str) -> int:
+def _list(status: Status, cache_dir: Path, src: Path, command: str) -> int:
     if not _unwritten(status):
         print(f"safefs: {cache_dir} holds nothing that {src} lacks")
         return int(ExitCode.OK)
@@ -102,7 +104,7 @@ def _write_back(mnt: Path, cache_dir: Path, src: Path, timeout: float | None, co
         return int(ExitCode.OK)
     _note(f"writing back {_describe(before)} under a fresh lease")
     try:
-        result = cli.call(mnt, "recover", {"timeout": timeout}, timeout=None)
+        result: RecoverReceipt = cli.call(mnt, "recover", protocol.RecoverArgs(timeout=timeout), timeout=None)
     except SafefsError as exc:
         if exc.exit_code != ExitCode.LEASE_HELD:
             raise
@@ -114,11 +116,11 @@ def _write_back(mnt: Path, cache_dir: Path, src: Path, timeout: float | None, co
         )
         refusal.exit_code = exc.exit_code
         raise refusal from None
-    print(f"safefs: recovered {result['files']} changes ({human.human_bytes(result['bytes'])}) "
-          f"from {cache_dir} into {src} (epoch {result.get('epoch')})")  # fmt: skip
-    for conflict in result.get("conflicts", []):
-        kept = conflict.get("kept_as")
-        print(f"  conflict: {conflict.get('path') or conflict.get('op')}" + (f" kept as {kept}" if kept else ""))
+    print(f"safefs: recovered {result.files} changes ({human.human_bytes(result.bytes)}) "
+          f"from {cache_dir} into {src} (epoch {result.epoch})")  # fmt: skip
+    for conflict in result.conflicts:
+        kept = conflict.kept_as
+        print(f"  conflict: {conflict.path or conflict.op}" + (f" kept as {kept}" if kept else ""))
     after = cli.call(mnt, "status", timeout=cli.STATUS_TIMEOUT)
     if _unwritten(after):
         print(f"safefs: {_describe(after)} still not in {src}; they stay in {cache_dir}")
@@ -139,12 +141,13 @@ def _marker_host(src: Path, cache_dir: Path) -> str | None:
     return hosts.pop() if len(hosts) == 1 else None
 
 
-def _unwritten(status: dict[str, Any]) -> bool:
-    return bool(status.get("dirty_files") or status.get("pending_ops"))
+def _unwritten(status: Status) -> bool:
+    return bool(status.flush.dirty_files or status.flush.pending_ops)
 
 
-def _describe(status: dict[str, Any]) -> str:
-    files, nbytes, ops = status.get("dirty_files") or 0, status.get("dirty_bytes") or 0, status.get("pending_ops") or 0
+def _describe(status: Status) -> str:
+    flush = status.flush
+    files, nbytes, ops = flush.dirty_files or 0, flush.dirty_bytes or 0, flush.pending_ops or 0
     return f"{human.plural(files, 'changed file')} ({human.human_bytes(nbytes)}) and {human.plural(ops, 'pending op')}"
 
 
@@ -156,15 +159,15 @@ def _stop(mnt: Path) -> None:
     namespace (made by `unshare` while ours existed) can delay indefinitely: after a short wait
     it is told to stop (SIGTERM: as a follower its final write-back has nothing to write)."""
     try:
-        pid = int(cli.call(mnt, "ping", timeout=cli.STATUS_TIMEOUT)["pid"])
+        pid = cli.call(mnt, "ping", timeout=cli.STATUS_TIMEOUT).pid
     except SafefsError:
         pid = None
     with contextlib.ExitStack() as stack:
-        daemon = stack.enter_context(cli.ProcessWatch(pid)) if pid is not None else None
+        daemon = stack.enter_context(ProcessWatch(pid)) if pid is not None else None
         try:
-            cli.fusermount_unmount(mnt, lazy=False)
+            fusermount_unmount(mnt, lazy=False)
         except SafefsError:
-            cli.fusermount_unmount(mnt, lazy=True)  # nobody else should use it; detach anyway
+            fusermount_unmount(mnt, lazy=True)  # nobody else should use it; detach anyway
         if daemon is None or daemon.wait_exit(EXIT_WAIT):
             return
         with contextlib.suppress(ProcessLookupError):

@@ -5,8 +5,9 @@ Files (TOML, read with tomllib), later ones winning key by key:
 2. the user file, `$XDG_CONFIG_HOME/safefs/config.toml`, default `~/.config/safefs/config.toml`
    (SAFEFS_CONFIG overrides the path).
 The command line and `-o` options win over both. Only the `[mount]` table is read; its keys are
-the `safefs mount` long option names with underscores (KEYS), plus `cache_root`: the
-directory under which each project's cache dir is made (node-local scratch on a cluster).
+the `safefs mount` long option names with underscores (KEYS, from options.MOUNT_OPTIONS), among
+them `cache_root`: the directory under which each project's cache dir is made (node-local
+scratch on a cluster).
 
 Invariants:
 - A missing file is no error; a bad one is a SettingsError whose message is one line naming
@@ -27,7 +28,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from safefs import human
+from safefs import human, options
 from safefs.errors import ExitCode, SafefsError
 
 SITE_CONFIG = Path("/etc/safefs/config.toml")
@@ -100,25 +101,12 @@ def log_level(value: Any) -> str:
     return value
 
 
-# key -> converter. The keys are `safefs mount` option names (the argparse dests).
-KEYS: dict[str, Callable[[Any], Any]] = {
-    "cache_root": path,
-    "cache_dir": path,
-    "writeback_delay": seconds,
-    "cache_size": size,
-    "allow_other": flag,
-    "host_id": text,
-    "lease_renew": seconds,
-    "lease_break": seconds,
-    "lease_epsilon": seconds,
-    "lock_delay": seconds,
-    "lease_poll": seconds,
-    "follower_poll": seconds,
-    "backing_timeout": seconds,
-    "log_level": log_level,
-    "log_file": path,
-    "metrics_port": port,
-}
+_CONVERTERS: dict[str, Callable[[Any], Any]] = {
+    options.SECONDS: seconds, options.SIZE: size, options.TEXT: text, options.PATH: path, options.FLAG: flag,
+    options.PORT: port, options.LEVEL: log_level,
+}  # fmt: skip
+# key -> converter: the `safefs mount` options declared `config` (options.MOUNT_OPTIONS).
+KEYS: dict[str, Callable[[Any], Any]] = {o.name: _CONVERTERS[o.kind] for o in options.MOUNT_OPTIONS if o.config}
 
 
 @dataclasses.dataclass(frozen=True)

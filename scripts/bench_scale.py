@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from safefs.config import socket_path  # noqa: E402
-from safefs.control import client  # noqa: E402
+from safefs.control import client, protocol  # noqa: E402
 
 PY = sys.executable
 
@@ -62,7 +62,10 @@ def safefs(*args: object, timeout: float = 120) -> subprocess.CompletedProcess[s
 
 
 def status(mnt: Path) -> dict[str, Any]:
-    return client.call(socket_path(mnt, os.environ, os.getuid()), "status", timeout=10)  # type: ignore[no-any-return]
+    # The JSON object, as `safefs status --json` prints it.
+    status = client.call(socket_path(mnt, os.environ, os.getuid()), "status", timeout=10)
+    wire: dict[str, Any] = protocol.to_wire(status)
+    return wire
 
 
 class Etcd:

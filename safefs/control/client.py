@@ -1,8 +1,9 @@
 """The `safefs` command's side of the control socket: blocking, stdlib only (no trio).
 
-`call(sock_path, op, args)` sends one request and returns the result dict, passing progress
-lines to `on_progress` as they arrive; an error reply is raised as the `safefs.errors`
-exception it names. `list_daemons(runtime_dir)` finds the sockets of running daemons.
+`call(sock_path, op, args)` sends one request and returns its typed result (the op's class in
+`protocol.OP_RESULTS`, e.g. a `Status`), passing each progress line to `on_progress` as a
+`ProgressReport` as it arrives; an error reply is raised as the `safefs.errors` exception it
+names. `list_daemons(runtime_dir)` finds the sockets of running daemons.
 
 Invariants:
 - Nothing listening (no socket file, or a dead daemon's leftover) is `NotMounted`; a daemon
@@ -15,6 +16,7 @@ Threading: a call owns its socket; calls from several threads are independent.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import socket
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from safefs.control import protocol
-from safefs.control.protocol import ErrorReply, Progress, Request, Result
+from safefs.control.protocol import ErrorReply, OpArgs, Progress, ProgressReport, Request, Result
 from safefs.errors import DaemonFailed, NotMounted, ProtocolError, SafefsError
 
 _RECEIVE_BYTES = 1 << 16
@@ -34,22 +36,26 @@ _RECEIVE_BYTES = 1 << 16
 def call(
     sock_path: Path | str,
     op: str,
-    args: dict[str, Any] | None = None,
+    args: OpArgs | dict[str, Any] | None = None,
     *,
     timeout: float | None = None,
-    on_progress: Callable[[dict[str, Any]], None] | None = None,
+    on_progress: Callable[[ProgressReport], None] | None = None,
     label: str | None = None,
     idle_timeout: float | None = None,
-) -> dict[str, Any]:
+) -> Any:
     """Run `op` on the daemon listening at `sock_path`; wait at most `timeout` seconds (None: forever).
 
     With `idle_timeout` (and no `timeout`) the wait has no bound as long as the daemon sends a
     line (progress) at least that often: for operations whose length only the daemon knows.
     `label` names the daemon in error messages (e.g. "for /home/u/proj"); default: its socket.
+    `args` are the op's typed arguments (protocol.SyncArgs, ...) or their dict. The result is
+    an instance of `protocol.OP_RESULTS[op]`.
     """
+    wire_args = dict(args or {}) if isinstance(args, dict) or args is None else dataclasses.asdict(args)
     deadline = None if timeout is None else time.monotonic() + timeout
     idle = idle_timeout if timeout is None else None
-    request = protocol.encode(Request(op, dict(args or {})))
+    request = protocol.encode(Request(op, wire_args))
+    result_type = protocol.OP_RESULTS.get(op)
     daemon = f"the safefs daemon {label or f'at {sock_path}'}"
     with _connect(Path(sock_path), timeout, daemon) as sock:
         # The daemon may have answered (a refusal) and closed already: the reply is read below.
@@ -59,9 +65,9 @@ def call(
             reply = protocol.decode_reply(line)
             if isinstance(reply, Progress):
                 if on_progress is not None:
-                    on_progress(reply.data)
+                    on_progress(protocol.from_wire(ProgressReport, reply.data))
             elif isinstance(reply, Result):
-                return reply.result
+                return reply.result if result_type is None else protocol.from_wire(result_type, reply.result)
             else:
                 assert isinstance(reply, ErrorReply)
                 raise reply.to_exception()

@@ -6,14 +6,13 @@ Wire format (each message one line of UTF-8 JSON ending in b"\\n"):
 - result:   {"v": 1, "ok": true, "result": {...}}
 - error:    {"v": 1, "ok": false, "error": {"type", "message", "hint", "exit_code", "errno"}}
 
-Progress payloads are free-form dicts; the CLI's progress bar understands `phase` (str),
-`bytes_done`, `bytes_total`, `files_done`, `files_total` (ints, totals may be absent); a
-call that waits sends `waiting_for` and `detail` (str) each second, which the CLI prints.
-Results are dicts too; `ping` (answered by the server itself) gives `pid`, `version`,
-`protocol`; the CLI's sync receipt reads `epoch`, `generation`, `files_written`,
-`bytes_written`; `status` keys are listed in the shared contract, plus `orphans` (every
-host's orphan markers in the project, safefs/orphans.py; null if they could not be read),
-`orphans_error` and `orphans_skipped`.
+Payloads are typed: each op's result is a frozen dataclass below (OP_RESULTS: `Ping`,
+`Status`, `SyncReceipt`, `AcquireReceipt`, `UnmountReceipt`, `RecoverReceipt`), progress is a
+`ProgressReport`, and `Status` is built from statistics objects (`FlushStatistics`,
+`LeaseStatistics`, `OrphanListing`, ...). `to_wire` and `from_wire` map them to and from JSON
+objects, and are the only code that spells the keys (the rules are above them); the daemon
+returns the dataclasses, the server encodes them, the client decodes them and the CLI reads
+their attributes. The keys are a public interface (`safefs status --json`, `sync --json`).
 
 Invariants:
 - Every decode either returns a well-formed message or raises `ProtocolError`; nothing else.
@@ -28,8 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import errno as _errno
+import functools
 import json
-from typing import Any
+import types
+import typing
+from typing import Any, TypeVar
 
 from safefs import errors
 from safefs.errors import ExitCode, ProtocolError, SafefsError
@@ -275,3 +277,435 @@ def _error_reply(error: Any) -> ErrorReply:
         exit_code=code if isinstance(code, int) and not isinstance(code, bool) else int(ExitCode.ERROR),
         errno=err if isinstance(err, int) and not isinstance(err, bool) else None,
     )
+
+
+# ---- typed payloads: results, progress and statistics ---------------------------------------
+#
+# Every result, progress report and statistics object is a frozen dataclass below; `to_wire`
+# turns one into its JSON object and `from_wire` rebuilds it, and these two are the only code
+# that spells a key of the contract. The rules of the mapping:
+# - a field's key is its name;
+# - a field with OMIT_NONE metadata is left out of the object while it is None (the key's
+#   absence is what older clients and the `--json` output have always seen);
+# - a field with FLAT metadata (a nested payload) has its keys merged into the parent's object;
+#   a FLAT field that may be None is present when any of its keys is;
+# - `extra` (FLAT) keeps the keys this side does not know (a newer daemon's), so that they are
+#   shown and passed on, never dropped;
+# - a key that is missing decodes as the field's default (nearly every field has one: an older
+#   daemon, or a partial status in a test, is still readable); a missing key without a default,
+#   or a value of the wrong type, is a ProtocolError. Numbers are not converted: 5 stays 5 and
+#   5.0 stays 5.0, so a decoded result encodes to the same JSON.
+
+_T = TypeVar("_T")
+
+OMIT_NONE: dict[str, bool] = {"omit_none": True}
+FLAT: dict[str, bool] = {"flat": True}
+
+
+def _extra() -> Any:
+    return dataclasses.field(default_factory=dict, metadata=FLAT)
+
+
+@dataclasses.dataclass(frozen=True)
+class Ping:
+    """`ping`, answered by the server itself: who serves this socket."""
+
+    pid: int
+    version: str
+    protocol: int
+    extra: dict[str, Any] = _extra()
+
+
+@dataclasses.dataclass(frozen=True)
+class Ready:
+    """The daemon's one-line ready message to `safefs mount` (on --ready-fd, not the socket):
+    the role it mounted with and the lease holder, or the error that stopped it."""
+
+    ok: bool
+    pid: int | None = dataclasses.field(default=None, metadata=OMIT_NONE)
+    role: str | None = dataclasses.field(default=None, metadata=OMIT_NONE)
+    holder: Holder | None = None
+    error: dict[str, Any] | None = dataclasses.field(default=None, metadata=OMIT_NONE)  # as error_to_wire
+    extra: dict[str, Any] = _extra()
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgressReport:
+    """What a long operation is doing, sent about once a second. Only the fields set are sent."""
+
+    phase: str | None = dataclasses.field(default=None, metadata=OMIT_NONE)
+    waiting_for: str | None = dataclasses.field(default=None, metadata=OMIT_NONE)
+    detail: str | None = dataclasses.field(default=None, metadata=OMIT_NONE)
+    until: float | None = dataclasses.field(default=None, metadata=OMIT_NONE)  # wall time
+    files_done: int | None = dataclasses.field(default=None, metadata=OMIT_NONE)
+    files_total: int | None = dataclasses.field(default=None, metadata=OMIT_NONE)
+    bytes_done: int | None = dataclasses.field(default=None, metadata=OMIT_NONE)
+    bytes_total: int | None = dataclasses.field(default=None, metadata=OMIT_NONE)
+    extra: dict[str, Any] = _extra()
+
+
+@dataclasses.dataclass(frozen=True)
+class Conflict:
+    """A conflict the write-back ran into: which name, why, where the other version went.
+    Which fields are set depends on the kind (a name kept side by side, an op that cannot apply)."""
+
+    path: str | None = dataclasses.field(default=None, metadata=OMIT_NONE)
+    op: str | None = dataclasses.field(default=None, metadata=OMIT_NONE)
+    kept_as: str | None = dataclasses.field(default=None, metadata=OMIT_NONE)
+    copy_holds: str | None = dataclasses.field(default=None, metadata=OMIT_NONE)
+    why: str | None = dataclasses.field(default=None, metadata=OMIT_NONE)
+    error: str | None = dataclasses.field(default=None, metadata=OMIT_NONE)
+    time: str | float | None = dataclasses.field(default=None, metadata=OMIT_NONE)
+    extra: dict[str, Any] = _extra()
+
+
+@dataclasses.dataclass(frozen=True)
+class WriteBackError:
+    """The project failed (or hangs) on an op of the write-back; it is retried at `retry_at`."""
+
+    op: str | None = None
+    path: str | None = None
+    error: str | None = None
+    retry_at: float | None = None  # wall time
+    extra: dict[str, Any] = _extra()
+
+
+@dataclasses.dataclass(frozen=True)
+class FlushStatistics:
+    """The flusher's counters (merged into `status`; from_wire refuses a key it has no field for)."""
+
+    dirty_bytes: int | None = None
+    dirty_files: int | None = None
+    oldest_dirty_age: float | None = None
+    pending_ops: int | None = None
+    flushes: int | None = None
+    flushing: bool | None = None
+    errors: list[WriteBackError] | None = None
+    conflicts: list[Conflict] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Holder:
+    """Who holds the write lease, as its lease record says."""
+
+    host: str | None = None
+    pid: int | None = None
+    user: str | None = None
+    since: float | str | None = None  # wall time
+    heartbeat_age: float | None = None
+    extra: dict[str, Any] = _extra()
+
+
+@dataclasses.dataclass(frozen=True)
+class EtcdStatistics:
+    """The etcd lease backend, when the project uses it (merged into `lease`)."""
+
+    endpoints: list[str] | None = None
+    prefix: str | None = None
+    ttl: float | None = None
+    expires_in: float | None = None
+    revision: int | None = None
+    etcd_requests: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LeaseStatistics:
+    """The lease keeper's view (`status`'s `lease`), with the generation and the backend."""
+
+    role: str | None = None
+    state: str | None = None
+    epoch: int | None = None
+    writable: bool | None = None
+    publishable: bool | None = None
+    publishing_from: float | None = None  # wall time the lock delay ends, while it runs
+    holder: Holder | None = None
+    deadline: float | None = None
+    lock_delay: float | None = None
+    lost_reason: str | None = None
+    last_error: str | None = None
+    generation: int | None = None
+    backend: str | None = dataclasses.field(default=None, metadata=OMIT_NONE)
+    etcd: EtcdStatistics | None = dataclasses.field(default=None, metadata=FLAT)
+    project_polls: int | None = None
+    generation_seen_at: float | None = None
+    extra: dict[str, Any] = _extra()
+
+
+@dataclasses.dataclass(frozen=True)
+class LogWarning:
+    """A recent WARNING or ERROR of the daemon's log, repeats counted (safefs.logs)."""
+
+    level: str | None = None
+    message: str | None = None
+    time: float | None = None  # wall time of the last one
+    count: int | None = None
+    extra: dict[str, Any] = _extra()
+
+
+@dataclasses.dataclass(frozen=True)
+class Orphan:
+    """A host's orphan marker in the project (safefs/orphans.py): changes a cache holds unwritten."""
+
+    name: str | None = None
+    host: str | None = None
+    machine_id: str | None = None
+    cache_dir: str | None = None
+    pid: int | None = None
+    user: str | None = None
+    epoch: int | None = None
+    pending_ops: int | None = None
+    dirty_files: int | None = None
+    dirty_bytes: int | None = None
+    since: float | None = None
+    updated: float | None = None
+    reason: str | None = None
+    extra: dict[str, Any] = _extra()
+
+
+@dataclasses.dataclass(frozen=True)
+class SkippedOrphan:
+    name: str | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OrphanListing:
+    """Every host's orphan markers (merged into `status`); `orphans` is None if they could not be read."""
+
+    orphans: list[Orphan] | None = None
+    orphans_error: str | None = None
+    orphans_skipped: list[SkippedOrphan] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+    """`status`: one mount's state and counters."""
+
+    src: str | None = None
+    mnt: str | None = None
+    cache_dir: str | None = None
+    pid: int | None = None
+    host: str | None = None
+    role: str | None = None
+    state: str | None = None  # mounted -> unmounted (final write-back) -> exiting
+    flush: FlushStatistics = dataclasses.field(default_factory=FlushStatistics, metadata=FLAT)
+    bytes_fetched: int | None = None
+    bytes_written: int | None = None
+    cache_bytes: int | None = None
+    cache_limit: int | None = None
+    cache_hits: int | None = None
+    fetches: int | None = None
+    evictions: int | None = None
+    inodes: int | None = None
+    internal_errors: int | None = None
+    kernel_writeback_cache: bool | None = None
+    writeback_delay: float | None = None
+    lease: LeaseStatistics | None = None
+    warnings: list[LogWarning] | None = None
+    orphan_listing: OrphanListing = dataclasses.field(default_factory=OrphanListing, metadata=FLAT)
+    extra: dict[str, Any] = _extra()
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalWriteBack:
+    """What an unmounted mount's final write-back left: everything written, or how much stays
+    in which cache and why."""
+
+    src: str | None = None
+    cache_dir: str | None = None
+    pid: int | None = None
+    state: str | None = None
+    unmounted: bool | None = None
+    unwritten: int | None = None  # files + pending ops
+    unwritten_files: int | None = None
+    unwritten_ops: int | None = None
+    unwritten_bytes: int | None = None
+    unwritten_reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class UnmountReceipt:
+    """`prepare_unmount`: the role at the end and what the final write-back left."""
+
+    role: str | None = None
+    final: FinalWriteBack = dataclasses.field(default_factory=FinalWriteBack, metadata=FLAT)
+    extra: dict[str, Any] = _extra()
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncReceipt:
+    """`sync`: what was written back and which generation it published. On an unmounted mount
+    (sync waits for the final write-back) `final` says what that left."""
+
+    role: str | None = None
+    epoch: int | None = None
+    generation: int | None = None
+    files: int = 0
+    bytes: int = 0
+    ops: int = 0
+    released: bool = False
+    conflicts: list[Conflict] | None = dataclasses.field(default=None, metadata=OMIT_NONE)  # since the last sync
+    final: FinalWriteBack | None = dataclasses.field(default=None, metadata=FLAT)
+    extra: dict[str, Any] = _extra()
+
+
+@dataclasses.dataclass(frozen=True)
+class AcquireReceipt:
+    role: str | None = None
+    epoch: int | None = None
+    extra: dict[str, Any] = _extra()
+
+
+@dataclasses.dataclass(frozen=True)
+class RecoverReceipt:
+    """`recover`: the changes written back (counted before), conflicts, and whether the lease
+    taken for it was given back."""
+
+    files: int = 0
+    bytes: int = 0
+    epoch: int | None = None
+    generation: int | None = dataclasses.field(default=None, metadata=OMIT_NONE)
+    conflicts: list[Conflict] = dataclasses.field(default_factory=list)
+    released: bool | None = dataclasses.field(default=None, metadata=OMIT_NONE)
+    extra: dict[str, Any] = _extra()
+
+
+# The result type of each op: what the handler returns, the server sends and the client gets.
+OP_RESULTS: dict[str, type] = {
+    "ping": Ping,
+    "status": Status,
+    "sync": SyncReceipt,
+    "acquire": AcquireReceipt,
+    "prepare_unmount": UnmountReceipt,
+    "recover": RecoverReceipt,
+}
+
+
+def to_wire(payload: Any) -> Any:
+    """The JSON value of a payload dataclass (or of lists and dicts of them, or a plain value)."""
+    if dataclasses.is_dataclass(payload) and not isinstance(payload, type):
+        obj: dict[str, Any] = {}
+        for field in dataclasses.fields(payload):
+            value = getattr(payload, field.name)
+            if field.metadata.get("flat"):
+                if value is not None:
+                    obj.update(to_wire(value))
+            elif value is not None or not field.metadata.get("omit_none"):
+                obj[field.name] = to_wire(value)
+        return obj
+    if isinstance(payload, (list, tuple)):
+        return [to_wire(item) for item in payload]
+    if isinstance(payload, dict):
+        return {key: to_wire(value) for key, value in payload.items()}
+    return payload
+
+
+def from_wire(cls: type[_T], data: Any) -> _T:
+    """The `cls` payload in the JSON object `data`. Raises ProtocolError if it is malformed."""
+    if not isinstance(data, dict):
+        raise ProtocolError(f"malformed {cls.__name__}: not a JSON object")
+    value: _T
+    value, used = _decode_object(cls, data)
+    if data.keys() - used:
+        # Only a class without `extra`, which is merged into another (FlushStatistics): a key it
+        # does not know would vanish from that one's JSON, so it is refused, loudly.
+        raise ProtocolError(f"{cls.__name__} has no field for {sorted(data.keys() - used)}")
+    return value
+
+
+
+def _keys(cls: Any) -> set[str]:
+    """Every key an object of `cls` may hold, its FLAT fields' included (not `extra`'s)."""
+    keys = set()
+    hints = _hints(cls)
+    for field in dataclasses.fields(cls):
+        if field.metadata.get("flat"):
+            if field.name != "extra":
+                keys |= _keys(_payload_class(hints[field.name]))
+        else:
+            keys.add(field.name)
+    return keys
+
+
+def _decode_object(cls: Any, data: dict[str, Any]) -> tuple[Any, set[str]]:
+    """(the `cls` payload in `data`, the keys it used)."""
+    hints = _hints(cls)
+    values: dict[str, Any] = {}
+    used: set[str] = set()
+    for field in dataclasses.fields(cls):
+        if field.name == "extra" and field.metadata.get("flat"):
+            continue
+        hint = hints[field.name]
+        if field.metadata.get("flat"):
+            sub = _payload_class(hint)
+            if _optional(hint) and not (_keys(sub) & data.keys()):
+                values[field.name] = None
+                continue
+            values[field.name], sub_used = _decode_object(sub, data)
+            used |= sub_used
+        elif field.name in data:
+            values[field.name] = _decode_value(hint, data[field.name], f"{cls.__name__}.{field.name}")
+            used.add(field.name)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ProtocolError(f"malformed {cls.__name__}: no {field.name!r}")
+    if any(f.name == "extra" for f in dataclasses.fields(cls)):
+        values["extra"] = {key: value for key, value in data.items() if key not in _keys(cls)}
+        used |= values["extra"].keys()
+    return cls(**values), used
+
+
+def _decode_value(hint: Any, value: Any, where: str) -> Any:
+    if hint is Any:
+        return value
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        arms = typing.get_args(hint)
+        if value is None and type(None) in arms:
+            return None
+        for arm in arms:
+            if arm is type(None):
+                continue
+            try:
+                return _decode_value(arm, value, where)
+            except ProtocolError:
+                continue
+        raise ProtocolError(f"malformed {where}: {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ProtocolError(f"malformed {where}: not a list")
+        (item,) = typing.get_args(hint)
+        return [_decode_value(item, v, where) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError(f"malformed {where}: not an object")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ProtocolError(f"malformed {where}: not an object")
+        return _decode_object(hint, value)[0]
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        raise ProtocolError(f"malformed {where}: {value!r} is not a {hint.__name__}")
+    return value
+
+
+@functools.cache
+def _hints(cls: Any) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _optional(hint: Any) -> bool:
+    return typing.get_origin(hint) in (types.UnionType, typing.Union) and type(None) in typing.get_args(hint)
+
+
+def _payload_class(hint: Any) -> type:
+    """The dataclass of a FLAT field's hint (`X` or `X | None`)."""
+    if _optional(hint):
+        (hint,) = (arm for arm in typing.get_args(hint) if arm is not type(None))
+    assert dataclasses.is_dataclass(hint), hint
+    return hint  # type: ignore[return-value]

@@ -37,12 +37,24 @@ import trio
 
 from safefs import __version__
 from safefs.control import protocol
-from safefs.control.protocol import ErrorReply, Progress, Request, Result
+from safefs.control.protocol import (
+    AcquireReceipt,
+    ErrorReply,
+    Ping,
+    Progress,
+    ProgressReport,
+    RecoverReceipt,
+    Request,
+    Result,
+    Status,
+    SyncReceipt,
+    UnmountReceipt,
+)
 from safefs.errors import ProtocolError, Refused, SafefsError
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[dict[str, Any]], Awaitable[None]]
+ProgressFn = Callable[[ProgressReport], Awaitable[None]]
 
 REQUEST_TIMEOUT = 10.0  # a client gets this long to send its one request line
 MAX_REQUEST_BYTES = 64 << 10
@@ -53,17 +65,18 @@ _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
 class ControlHandler(Protocol):
-    """What the daemon offers the control socket. Each method returns a JSON-serialisable dict."""
+    """What the daemon offers the control socket. Each method returns its op's result type
+    (protocol.OP_RESULTS), which the server encodes."""
 
-    async def status(self) -> dict[str, Any]: ...
+    async def status(self) -> Status: ...
 
-    async def sync(self, *, release: bool, timeout: float | None, progress: ProgressFn) -> dict[str, Any]: ...
+    async def sync(self, *, release: bool, timeout: float | None, progress: ProgressFn) -> SyncReceipt: ...
 
-    async def acquire(self, *, wait: bool, timeout: float | None, progress: ProgressFn) -> dict[str, Any]: ...
+    async def acquire(self, *, wait: bool, timeout: float | None, progress: ProgressFn) -> AcquireReceipt: ...
 
-    async def prepare_unmount(self, *, timeout: float | None, lazy: bool, progress: ProgressFn) -> dict[str, Any]: ...
+    async def prepare_unmount(self, *, timeout: float | None, lazy: bool, progress: ProgressFn) -> UnmountReceipt: ...
 
-    async def recover(self, *, timeout: float | None) -> dict[str, Any]: ...
+    async def recover(self, *, timeout: float | None) -> RecoverReceipt: ...
 
 
 async def serve(
@@ -186,12 +199,12 @@ class _Connection:
                 log.info("control: client stopped reading; dropping its connection")
                 self.alive = False
 
-    async def progress(self, data: dict[str, Any]) -> None:
+    async def progress(self, report: ProgressReport) -> None:
         try:
-            line = protocol.encode(Progress(data))
+            line = protocol.encode(Progress(protocol.to_wire(report)))
         except (TypeError, ValueError):
             # A malformed progress report must not abort the operation it reports on.
-            log.exception("control: progress data is not JSON-serialisable: %r", data)
+            log.exception("control: progress data is not JSON-serialisable: %r", report)
             return
         await self.send(line)
 
@@ -260,7 +273,7 @@ async def _receive_line(stream: trio.SocketStream) -> bytes | None:
 async def _dispatch(handler: ControlHandler, request: Request, connection: _Connection) -> dict[str, Any]:
     args = request.typed_args()
     if request.op == "ping":
-        result: Any = {"pid": os.getpid(), "version": __version__, "protocol": protocol.PROTOCOL_VERSION}
+        result: Any = Ping(pid=os.getpid(), version=__version__, protocol=protocol.PROTOCOL_VERSION)
     elif request.op == "status":
         result = await handler.status()
     elif isinstance(args, protocol.SyncArgs):
@@ -273,6 +286,8 @@ async def _dispatch(handler: ControlHandler, request: Request, connection: _Conn
         result = await handler.recover(timeout=args.timeout)
     else:
         raise ProtocolError(f"unknown control operation {request.op!r}")
-    if not isinstance(result, dict):
-        raise TypeError(f"handler.{request.op} returned {type(result).__name__}, not a dict")
-    return result
+    expected = protocol.OP_RESULTS[request.op]
+    if not isinstance(result, expected):
+        raise TypeError(f"handler.{request.op} returned {type(result).__name__}, not a {expected.__name__}")
+    wire: dict[str, Any] = protocol.to_wire(result)
+    return wire

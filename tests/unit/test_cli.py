@@ -29,7 +29,8 @@ from typing import Any
 import pytest
 import trio
 
-from safefs import cli, config
+from safefs import cli, cli_launcher, cli_options, cli_render, config
+from safefs.control import protocol
 from safefs.control.server import serve
 from safefs.errors import BackingFailed, Busy, ExitCode, SafefsError, SyncTimeout
 from tests.helpers import REPO
@@ -97,13 +98,13 @@ def daemon(
      ("2TB", 2 << 40), ("1.5G", 3 << 29), (" 3 m ", 3 << 20), ("0", 0)],
 )  # fmt: skip
 def test_sizes_are_parsed_with_binary_units(text: str, size: int) -> None:
-    assert cli.parse_size(text) == size
+    assert cli_options.parse_size(text) == size
 
 
 @pytest.mark.parametrize("text", ["", "G", "12Q", "-1G", "1..2G", "10 gigs"])
 def test_bad_sizes_are_usage_errors(text: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(Exception, match="invalid size"):
-        cli.parse_size(text)
+        cli_options.parse_size(text)
     assert cli.main(["mount", str(tmp_path), str(tmp_path), f"--cache-size={text}"]) == ExitCode.USAGE
     assert "invalid size" in capsys.readouterr().err
 
@@ -135,7 +136,7 @@ def test_daemon_argv_reproduces_the_config_exactly(tmp_path: Path) -> None:
     )  # fmt: skip
     conf = cli.mount_config(args)
     assert conf.cache_size == 3 << 30 and conf.lease.t_break == 4.0 and conf.wait_for_lease
-    argv = cli.daemon_argv(conf, ready_fd=7, debug=True)
+    argv = cli_launcher.daemon_argv(conf, ready_fd=7, debug=True)
     assert argv[:4] == [PYTHON, "-m", "safefs", "mount"]
     again = cli.build_parser().parse_args(argv[3:])
     assert again.foreground and again.ready_fd == 7 and again.debug
@@ -198,7 +199,7 @@ def test_recover_without_a_mount_lists_mounts_holding_unwritten_changes(
         "/run/c.sock": {"mnt": "/m/c", "dirty_files": 3, "dirty_bytes": 30, "pending_ops": 2, "role": "writer"},
     }
     monkeypatch.setattr(cli.client, "list_daemons", lambda _: list(statuses))
-    monkeypatch.setattr(cli.client, "call", lambda sock, op, **kw: statuses[sock])
+    monkeypatch.setattr(cli.client, "call", lambda sock, op, **kw: status_of(statuses[sock]))
     assert cli.main(["recover"]) == ExitCode.OK
     out = capsys.readouterr().out
     assert "safefs recover /m/a" in out and "/m/b" not in out and "/m/c" not in out
@@ -290,7 +291,7 @@ def fake_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any
 
     def mount(mode: str) -> int:
         monkeypatch.setattr(
-            cli,
+            cli_launcher,
             "daemon_argv",
             lambda conf, *, ready_fd, debug: [PYTHON, "-c", FAKE_DAEMON, str(ready_fd), mode],
         )
@@ -357,7 +358,7 @@ def test_mount_rejects_a_garbled_ready_message(fake_daemon: Any, capsys: pytest.
 def test_mount_stops_a_daemon_that_never_gets_ready(
     fake_daemon: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(cli, "READY_TIMEOUT", 0.5)
+    monkeypatch.setattr(cli_launcher, "READY_TIMEOUT", 0.5)
     started: list[subprocess.Popen[bytes]] = []
     real_popen = subprocess.Popen
 
@@ -365,7 +366,7 @@ def test_mount_stops_a_daemon_that_never_gets_ready(
         started.append(real_popen(*args, **kwargs))
         return started[-1]
 
-    monkeypatch.setattr(cli.subprocess, "Popen", popen)
+    monkeypatch.setattr(subprocess, "Popen", popen)
     assert fake_daemon("hangs") == ExitCode.DAEMON_FAILED
     assert "did not get ready within" in capsys.readouterr().err
     assert started[0].poll() == -signal.SIGTERM
@@ -525,7 +526,7 @@ def test_a_busy_mount_is_a_busy_error_with_a_hint(monkeypatch: pytest.MonkeyPatc
             command, 1, "", f"fusermount3: failed to unmount {tmp_path}: Device or resource busy\n"
         )
 
-    monkeypatch.setattr(cli.subprocess, "run", busy)
+    monkeypatch.setattr(subprocess, "run", busy)
     with pytest.raises(Busy) as info:
         cli.fusermount_unmount(tmp_path, lazy=False)
     assert info.value.exit_code == ExitCode.BUSY
@@ -536,7 +537,7 @@ def test_another_fusermount_failure_is_reported_verbatim(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr(
-        cli.subprocess,
+        subprocess,
         "run",
         lambda command, **kw: subprocess.CompletedProcess(command, 1, "", "fusermount3: entry not found\n"),
     )
@@ -578,9 +579,9 @@ class FakeTerminal(io.StringIO):
 
 def test_progress_bar_draws_on_a_terminal_and_clears_it() -> None:
     terminal = FakeTerminal()
-    with cli.ProgressBar("syncing", terminal, delay=0) as bar:
-        bar.update({"bytes_done": 1 << 30, "bytes_total": 4 << 30, "files_done": 1, "files_total": 4,
-                    "waiting_for": "the write-back"})  # fmt: skip
+    with cli_render.ProgressBar("syncing", terminal, delay=0) as bar:
+        bar.update(protocol.ProgressReport(bytes_done=1 << 30, bytes_total=4 << 30, files_done=1, files_total=4,
+                                           waiting_for="the write-back"))  # fmt: skip
     drawn = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", terminal.getvalue())
     for part in ("syncing", "1.0/4.0", "GiB", "3 files left", "waiting for the write-back"):
         assert part in drawn, drawn
@@ -589,12 +590,17 @@ def test_progress_bar_draws_on_a_terminal_and_clears_it() -> None:
 
 def test_progress_bar_stays_quiet_off_a_terminal_and_for_quick_operations() -> None:
     pipe = io.StringIO()
-    with cli.ProgressBar("syncing", pipe, delay=0) as bar:
-        bar.update({"files_done": 1})
+    with cli_render.ProgressBar("syncing", pipe, delay=0) as bar:
+        bar.update(protocol.ProgressReport(files_done=1))
     terminal = FakeTerminal()
-    with cli.ProgressBar("syncing", terminal, delay=3600) as bar:
-        bar.update({"files_done": 1})
+    with cli_render.ProgressBar("syncing", terminal, delay=3600) as bar:
+        bar.update(protocol.ProgressReport(files_done=1))
     assert pipe.getvalue() == terminal.getvalue() == ""
+
+
+def status_of(wire: dict[str, Any]) -> protocol.Status:
+    """The Status a daemon sending `wire` gives the CLI."""
+    return protocol.from_wire(protocol.Status, wire)
 
 
 FULL_STATUS = {
@@ -609,7 +615,7 @@ FULL_STATUS = {
 
 
 def test_status_formatting_shows_every_contract_key() -> None:
-    lines = cli.format_status(FULL_STATUS).splitlines()
+    lines = cli.format_status(status_of(FULL_STATUS)).splitlines()
     assert lines == [
         "mount:        /home/u/proj",
         "project:      /nfs/proj",
@@ -642,9 +648,9 @@ def test_status_formatting_lists_orphans_and_says_where_to_recover() -> None:
     own = {**ORPHAN_A, "host": "hostb", "cache_dir": "/var/tmp/c", "epoch": None, "pending_ops": 0, "reason": ""}
     status = {**FULL_STATUS, "host": "hostb", "orphans": [ORPHAN_A, own], "orphans_error": None,
               "orphans_skipped": [{"name": "x.json", "error": "not valid JSON"}]}  # fmt: skip
-    lines = cli.format_status(status).splitlines()
+    lines = cli.format_status(status_of(status)).splitlines()
     assert "orphans:      2" in lines
-    since = cli._when(ORPHAN_A["since"])
+    since = cli_render.human_time(ORPHAN_A["since"])
     assert (
         f"  orphaned changes: host hostA (cache /var/tmp/ca) 3 pending ops and 12.0 KiB in 2 files unwritten "
         f"since {since} (lease lost: epoch 5 was claimed by another mount; epoch 4); run `safefs recover` on hostA"
@@ -661,9 +667,9 @@ def test_status_formatting_says_when_orphans_could_not_be_read() -> None:
     status = {**FULL_STATUS, "orphans": None, "orphans_error": "/nfs/proj/.safefs/orphans did not answer within 3 s",
               "orphans_skipped": []}  # fmt: skip
     assert "orphans:      unknown: /nfs/proj/.safefs/orphans did not answer within 3 s" in cli.format_status(
-        status
+        status_of(status)
     ).splitlines()
-    assert "orphans:      none" in cli.format_status({**status, "orphans": []}).splitlines()
+    assert "orphans:      none" in cli.format_status(status_of({**status, "orphans": []})).splitlines()
 
 
 def test_recover_without_a_mount_also_names_other_hosts_orphans(
@@ -677,7 +683,7 @@ def test_recover_without_a_mount_also_names_other_hosts_orphans(
         "/run/b.sock": {"mnt": "/m/b", "src": "/p", "host": "here", "cache_dir": "/c/b", "dirty_files": 1,
                         "pending_ops": 0, "orphans": [ORPHAN_A, local]},
     }  # fmt: skip
-    monkeypatch.setattr(cli.client, "call", lambda sock, op, **kw: statuses[sock])
+    monkeypatch.setattr(cli.client, "call", lambda sock, op, **kw: status_of(statuses[sock]))
     assert cli.main(["recover"]) == ExitCode.OK
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("/m/b: 1 files") and out[0].endswith("safefs recover /m/b")
@@ -692,21 +698,21 @@ CONFLICT = {"path": "d/x", "kept_as": "d/x.safefs-conflict-h-20261207-101500", "
 
 
 def test_sync_receipt_lists_conflicts_by_name_copy_and_reason() -> None:
-    receipt = cli.sync_receipt(Path("/m"), {"files": 1, "bytes": 4, "generation": 5, "epoch": 1,
-                                            "conflicts": [CONFLICT]}, released=False)  # fmt: skip
+    receipt = cli.sync_receipt(Path("/m"), protocol.from_wire(protocol.SyncReceipt, {
+        "files": 1, "bytes": 4, "generation": 5, "epoch": 1, "conflicts": [CONFLICT]}), released=False)  # fmt: skip
     assert receipt.splitlines() == [
         "safefs: synced /m: 1 file, 4 B written, generation 5 (epoch 1) published",
         "1 conflict (both versions kept side by side):",
         "  d/x: made in the mount while the project got another object of that name; the mount's version is "
         "d/x.safefs-conflict-h-20261207-101500, at 2026-12-07 10:15:00 UTC",
     ]
-    assert "conflict" not in cli.sync_receipt(Path("/m"), {"files": 0, "conflicts": []}, released=False)
+    assert "conflict" not in cli.sync_receipt(Path("/m"), protocol.SyncReceipt(conflicts=[]), released=False)
 
 
 def test_status_formatting_shows_conflicts_with_readable_times() -> None:
-    lines = cli.format_status({**FULL_STATUS, "conflicts": [CONFLICT]}).splitlines()
+    lines = cli.format_status(status_of({**FULL_STATUS, "conflicts": [CONFLICT]})).splitlines()
     assert "conflicts:    1" in lines
-    assert f"  conflict: {cli.describe_conflict(CONFLICT)}" in lines
+    assert f"  conflict: {cli.describe_conflict(protocol.from_wire(protocol.Conflict, CONFLICT))}" in lines
     assert "time=" not in "\n".join(lines)
 
 

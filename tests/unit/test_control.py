@@ -29,7 +29,19 @@ import trio
 
 from safefs import errors
 from safefs.control import client, protocol, server
-from safefs.control.protocol import ErrorReply, Progress, Request, Result
+from safefs.control.protocol import (
+    AcquireReceipt,
+    ErrorReply,
+    FinalWriteBack,
+    FlushStatistics,
+    Progress,
+    ProgressReport,
+    Request,
+    Result,
+    Status,
+    SyncReceipt,
+    UnmountReceipt,
+)
 from safefs.control.server import ProgressFn, serve
 from safefs.errors import ExitCode, SafefsError
 
@@ -52,23 +64,23 @@ class FakeHandler:
             failure, self.fail_with = self.fail_with, None
             raise failure
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> Status:
         self._record("status")
-        return {"role": "writer", "pid": os.getpid(), "mnt": "/m", "src": "/s", "dirty_bytes": 0}
+        return Status(role="writer", pid=os.getpid(), mnt="/m", src="/s", flush=FlushStatistics(dirty_bytes=0))
 
-    async def sync(self, *, release: bool, timeout: float | None, progress: ProgressFn) -> dict[str, Any]:
+    async def sync(self, *, release: bool, timeout: float | None, progress: ProgressFn) -> SyncReceipt:
         self._record("sync", release=release, timeout=timeout)
         for done in (1, 2, 3):
-            await progress({"phase": "flushing", "files_done": done, "files_total": 3})
-        return {"epoch": 2, "generation": 7, "files_written": 3, "bytes_written": 300}
+            await progress(ProgressReport(phase="flushing", files_done=done, files_total=3))
+        return SyncReceipt(role="writer", epoch=2, generation=7, files=3, bytes=300, conflicts=[])
 
-    async def acquire(self, *, wait: bool, timeout: float | None, progress: ProgressFn) -> dict[str, Any]:
+    async def acquire(self, *, wait: bool, timeout: float | None, progress: ProgressFn) -> AcquireReceipt:
         self._record("acquire", wait=wait, timeout=timeout)
-        return {"epoch": 3}
+        return AcquireReceipt(role="writer", epoch=3)
 
-    async def prepare_unmount(self, *, timeout: float | None, lazy: bool, progress: ProgressFn) -> dict[str, Any]:
+    async def prepare_unmount(self, *, timeout: float | None, lazy: bool, progress: ProgressFn) -> UnmountReceipt:
         self._record("prepare_unmount", timeout=timeout, lazy=lazy)
-        return {"src": "/s", "pid": os.getpid()}
+        return UnmountReceipt(role="follower", final=FinalWriteBack(src="/s", pid=os.getpid()))
 
 
 @pytest.fixture
@@ -206,29 +218,30 @@ def test_op_arguments_are_typed_and_checked() -> None:
 async def test_ping_is_answered_by_the_server_with_its_pid(served: tuple[FakeHandler, Path]) -> None:
     handler, path = served
     result = await call(path, "ping", timeout=5)
-    assert result["pid"] == os.getpid() and result["protocol"] == protocol.PROTOCOL_VERSION
+    assert result.pid == os.getpid() and result.protocol == protocol.PROTOCOL_VERSION
     assert handler.calls == []
 
 
-async def test_status_returns_the_handlers_dict(served: tuple[FakeHandler, Path]) -> None:
+async def test_status_returns_the_handlers_status(served: tuple[FakeHandler, Path]) -> None:
     handler, path = served
-    assert (await call(path, "status", timeout=5))["role"] == "writer"
+    status = await call(path, "status", timeout=5)
+    assert status == Status(role="writer", pid=os.getpid(), mnt="/m", src="/s", flush=FlushStatistics(dirty_bytes=0))
     assert handler.calls == [("status", {})]
 
 
 async def test_sync_streams_progress_lines_before_its_result(served: tuple[FakeHandler, Path]) -> None:
     handler, path = served
-    seen: list[dict[str, Any]] = []
-    result = await call(path, "sync", {"release": True, "timeout": 4}, on_progress=seen.append)
-    assert [p["files_done"] for p in seen] == [1, 2, 3]
-    assert result == {"epoch": 2, "generation": 7, "files_written": 3, "bytes_written": 300}
+    seen: list[ProgressReport] = []
+    result = await call(path, "sync", protocol.SyncArgs(release=True, timeout=4), on_progress=seen.append)
+    assert [p.files_done for p in seen] == [1, 2, 3]
+    assert result == SyncReceipt(role="writer", epoch=2, generation=7, files=3, bytes=300, conflicts=[])
     assert handler.calls == [("sync", {"release": True, "timeout": 4.0})]
 
 
 async def test_acquire_and_prepare_unmount_get_their_arguments(served: tuple[FakeHandler, Path]) -> None:
     handler, path = served
-    assert await call(path, "acquire", {"wait": True}) == {"epoch": 3}
-    assert (await call(path, "prepare_unmount", {"timeout": 9}))["src"] == "/s"
+    assert await call(path, "acquire", {"wait": True}) == AcquireReceipt(role="writer", epoch=3)
+    assert (await call(path, "prepare_unmount", {"timeout": 9})).final.src == "/s"
     assert handler.calls == [
         ("acquire", {"wait": True, "timeout": None}),
         ("prepare_unmount", {"timeout": 9.0, "lazy": False}),
@@ -258,7 +271,7 @@ async def test_a_crashing_handler_gives_an_error_reply_and_the_server_keeps_serv
     assert exc.exit_code == ExitCode.ERROR and "RuntimeError: flusher exploded" in exc.message
     (record,) = [r for r in caplog.records if r.name == server.__name__ and r.levelno >= logging.ERROR]
     assert record.exc_info is not None and "control:" in record.getMessage()
-    assert (await call(path, "status"))["role"] == "writer"
+    assert (await call(path, "status")).role == "writer"
 
 
 async def test_an_unknown_op_or_bad_arguments_get_a_protocol_error(served: tuple[FakeHandler, Path]) -> None:
@@ -308,14 +321,14 @@ async def test_a_dead_daemons_socket_is_replaced(short_dir: Path, nursery: trio.
     with pytest.raises(errors.NotMounted):
         client.call(path, "ping", timeout=5)
     await nursery.start(serve, path, FakeHandler())
-    assert (await call(path, "ping", timeout=5))["pid"] == os.getpid()
+    assert (await call(path, "ping", timeout=5)).pid == os.getpid()
 
 
 async def test_a_live_daemons_socket_is_never_stolen(served: tuple[FakeHandler, Path]) -> None:
     _, path = served
     with pytest.raises(errors.Refused, match="already serves"):
         await serve(path, FakeHandler())
-    assert (await call(path, "ping", timeout=5))["pid"] == os.getpid()
+    assert (await call(path, "ping", timeout=5)).pid == os.getpid()
 
 
 async def test_a_file_that_is_not_a_socket_is_left_alone(short_dir: Path) -> None:
@@ -380,12 +393,12 @@ async def test_progress_that_cannot_be_sent_does_not_abort_the_operation(
     finished = trio.Event()
 
     class SlowSync(FakeHandler):
-        async def sync(self, *, release: bool, timeout: float | None, progress: ProgressFn) -> dict[str, Any]:
-            await progress({"not json": {1, 2}})  # a handler bug: logged, dropped
+        async def sync(self, *, release: bool, timeout: float | None, progress: ProgressFn) -> SyncReceipt:
+            await progress(ProgressReport(extra={"not json": {1, 2}}))  # a handler bug: logged, dropped
             await trio.sleep(0.2)  # meanwhile the client hangs up
-            await progress({"files_done": 1})
+            await progress(ProgressReport(files_done=1))
             finished.set()
-            return {}
+            return SyncReceipt()
 
     path = await nursery.start(serve, short_dir / "m.sock", SlowSync())
 
@@ -397,7 +410,7 @@ async def test_progress_that_cannot_be_sent_does_not_abort_the_operation(
     await trio.to_thread.run_sync(hang_up_early)
     with trio.fail_after(5):
         await finished.wait()
-    assert (await call(path, "ping", timeout=5))["pid"] == os.getpid()
+    assert (await call(path, "ping", timeout=5)).pid == os.getpid()
 
 
 # ---- client on its own ---------------------------------------------------------------------------
@@ -451,3 +464,84 @@ def test_list_daemons_finds_only_sockets(short_dir: Path) -> None:
     finally:
         for sock in sockets:
             sock.close()
+
+
+# ---- typed payloads ------------------------------------------------------------------------------
+
+# A writer's status as the daemon sends it (every key of the contract, an etcd lease backend).
+WIRE_STATUS: dict[str, Any] = {
+    "src": "/nfs/p", "mnt": "/m", "cache_dir": "/c", "pid": 12, "host": "h", "role": "writer", "state": "mounted",
+    "dirty_bytes": 5, "dirty_files": 1, "oldest_dirty_age": 0.5, "pending_ops": 2, "flushes": 3, "flushing": False,
+    "errors": [{"op": "flush", "path": "a", "error": "EIO", "retry_at": 1.5e9}],
+    "conflicts": [{"op": "rename", "error": "ENOENT", "why": "gone", "time": "2026-12-07 10:15:00 UTC"}],
+    "bytes_fetched": 7, "bytes_written": 8, "cache_bytes": 9, "cache_limit": 10, "cache_hits": 11, "fetches": 12,
+    "evictions": 0, "inodes": 4, "internal_errors": 0, "kernel_writeback_cache": True, "writeback_delay": 5,
+    "lease": {"role": "writer", "state": "held", "epoch": 3, "writable": True, "publishable": True,
+              "publishing_from": None, "holder": {"host": "h", "pid": 12, "user": "u", "since": 1.7e9,
+                                                  "heartbeat_age": 0.1},
+              "deadline": 9.5, "lock_delay": 0.0, "lost_reason": None, "last_error": None, "generation": 4,
+              "backend": "etcd", "endpoints": ["http://e:2379"], "prefix": "p/", "ttl": 180, "expires_in": None,
+              "revision": 5, "etcd_requests": 6, "project_polls": 7, "generation_seen_at": None},
+    "warnings": [{"message": "m", "count": 2, "level": "warning", "time": 1.7e9}],
+    "orphans": [{"name": "n", "host": "o", "machine_id": "x", "cache_dir": "/oc", "pid": 1, "user": "u", "epoch": None,
+                 "pending_ops": 0, "dirty_files": 1, "dirty_bytes": 2, "since": 1.0, "updated": 2.0, "reason": "r"}],
+    "orphans_error": None, "orphans_skipped": [{"name": "bad", "error": "not JSON"}],
+}  # fmt: skip
+
+
+def test_a_status_decodes_to_attributes_and_encodes_to_the_same_json() -> None:
+    status = protocol.from_wire(Status, WIRE_STATUS)
+    assert status.flush.errors is not None and status.flush.errors[0].error == "EIO"
+    assert status.lease is not None and status.lease.holder is not None and status.lease.holder.pid == 12
+    assert status.lease.etcd is not None and status.lease.etcd.ttl == 180
+    assert status.orphan_listing.orphans is not None and status.orphan_listing.orphans[0].host == "o"
+    assert protocol.to_wire(status) == WIRE_STATUS
+    assert json.dumps(protocol.to_wire(status), sort_keys=True) == json.dumps(WIRE_STATUS, sort_keys=True)
+    dir_backend = {**WIRE_STATUS["lease"], "backend": "dir"}
+    for key in ("endpoints", "prefix", "ttl", "expires_in", "revision", "etcd_requests"):
+        del dir_backend[key]
+    wire = {**WIRE_STATUS, "lease": dir_backend}
+    assert protocol.to_wire(protocol.from_wire(Status, wire)) == wire, "keys of another backend appeared"
+
+
+def test_keys_this_side_does_not_know_are_kept_not_dropped() -> None:
+    status = protocol.from_wire(Status, {**WIRE_STATUS, "new_counter": 1, "lease": {"epoch": 1, "new": "x"}})
+    assert status.extra == {"new_counter": 1}
+    assert status.lease is not None and status.lease.extra == {"new": "x"}
+    assert protocol.to_wire(status)["new_counter"] == 1 and protocol.to_wire(status)["lease"]["new"] == "x"
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [
+        # a writer's sync: conflicts since the last sync
+        {"role": "writer", "epoch": 2, "generation": 5, "files": 1, "bytes": 4, "ops": 0, "released": True,
+         "conflicts": []},
+        # a follower's: no conflicts key
+        {"role": "follower", "epoch": 2, "generation": None, "files": 0, "bytes": 0, "ops": 0, "released": False},
+        # an unmounted mount's: what the final write-back left
+        {"src": "/p", "cache_dir": "/c", "pid": 3, "role": "writer", "state": "exiting", "unmounted": True,
+         "unwritten": 0, "unwritten_files": 0, "unwritten_ops": 0, "unwritten_bytes": 0, "unwritten_reason": None,
+         "files": 1, "bytes": 2, "ops": 3, "generation": 4, "epoch": 5, "released": True},
+    ],
+)  # fmt: skip
+def test_every_shape_of_sync_receipt_keeps_its_keys(wire: dict[str, Any]) -> None:
+    receipt = protocol.from_wire(SyncReceipt, wire)
+    assert protocol.to_wire(receipt) == wire
+    assert (receipt.final is not None) == ("unmounted" in wire)
+
+
+@pytest.mark.parametrize(
+    "cls, wire",
+    [
+        (Status, {"pid": "12"}),
+        (Status, {"lease": []}),
+        (Status, {"dirty_files": True}),
+        (SyncReceipt, {"conflicts": [1]}),
+        (protocol.Ping, {"pid": 1, "version": "1"}),  # no protocol
+        (FlushStatistics, {"dirty_files": 1, "new_counter": 2}),  # would vanish from status
+    ],
+)
+def test_a_malformed_payload_is_a_protocol_error(cls: type, wire: dict[str, Any]) -> None:
+    with pytest.raises(errors.ProtocolError):
+        protocol.from_wire(cls, wire)

@@ -6,14 +6,14 @@ import time
 
 import pytest
 
-from safefs import cli, human, settings
+from safefs import cli_options, human, settings
 
 
 @pytest.mark.parametrize(
     ("text", "size"), [("512M", 512 << 20), ("1.5TiB", int(1.5 * (1 << 40))), ("64k", 64 << 10), (" 7 ", 7)]
 )
 def test_the_cli_and_the_config_file_read_sizes_alike(text: str, size: int) -> None:
-    assert human.parse_size(text) == cli.parse_size(text) == settings.size(text) == size
+    assert human.parse_size(text) == cli_options.parse_size(text) == settings.size(text) == size
 
 
 def test_what_is_not_a_size_is_refused_by_both() -> None:

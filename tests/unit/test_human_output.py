@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 from safefs import cli
+from safefs.control import protocol
 from safefs.errors import describe_exception
 from safefs.lease.store import DirLeaseStore
 
@@ -21,12 +22,12 @@ PYTHON_VALUES = re.compile(r"\b(True|False|None)\b|[{}\[\]']|\b\d+\.0\b(?! ?(s|K
 def test_format_status_has_no_python_values():
     status = {
         "mnt": "/m", "src": "/p", "role": "follower", "pid": 3, "dirty_bytes": 0, "dirty_files": 0,
-        "oldest_dirty_age": None, "pending_ops": [{"op": "x"}], "flushing": False, "writeback_delay": 60.0,
+        "oldest_dirty_age": None, "pending_ops": 1, "flushing": False, "writeback_delay": 60.0,
         "internal_errors": 0, "errors": [], "conflicts": [], "warnings": [],
         "lease": {"epoch": 2, "holder": None, "deadline": None, "last_error": None, "writable": False},
         "some_new_field": {"nested": True, "ratio": 0.25, "items": []}, "unknown_none": None,
     }  # fmt: skip
-    text = cli.format_status(status)
+    text = cli.format_status(protocol.from_wire(protocol.Status, status))
     bad = [line for line in text.splitlines() if PYTHON_VALUES.search(line)]
     assert not bad, text
     assert "writeback delay:" in text and "1 min 0 s" in text, text

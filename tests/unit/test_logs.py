@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from safefs import cli, logs
+from safefs.control import protocol
 
 
 @pytest.fixture
@@ -61,7 +62,7 @@ def test_recent_problems_fold_repeats_for_status(restore_logging: None) -> None:
         ("error", "cache disk nearly full", 1),
     ]
     assert all(r["message"] != "fine" for r in recent)
-    text = cli.format_status({"mnt": "/m", "warnings": recent[-2:]})
+    text = cli.format_status(protocol.from_wire(protocol.Status, {"mnt": "/m", "warnings": recent[-2:]}))
     assert "warnings: 2" in text and "  warning: renewing epoch 4 failed: EIO (3 times, last at " in text
     assert "  error: cache disk nearly full at " in text
 

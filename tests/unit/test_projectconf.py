@@ -71,9 +71,10 @@ def test_init_is_refused_while_the_lease_is_held_and_allowed_once_released(
 
 def test_human_status_shows_the_etcd_backend() -> None:
     from safefs.cli import format_status
+    from safefs.control import protocol
 
     lease = {"epoch": 7, "backend": "etcd", "endpoints": ["http://e1:2379"], "prefix": "safefs/x", "ttl": 180,
              "expires_in": 170.0, "revision": 42}  # fmt: skip
-    text = format_status({"mnt": "/m", "role": "writer", "lease": lease})
+    text = format_status(protocol.from_wire(protocol.Status, {"mnt": "/m", "role": "writer", "lease": lease}))
     line = next(line for line in text.splitlines() if line.startswith("lease backend:"))
     assert "etcd http://e1:2379" in line and "TTL 180 s" in line and "expires in" in line and "revision 42" in line

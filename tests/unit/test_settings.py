@@ -11,13 +11,16 @@ Invariants protected:
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import inspect
 import json
 import os
 from pathlib import Path
 
 import pytest
 
-from safefs import cli, config, options, settings
+from safefs import cli, cli_launcher, cli_options, config, options, settings
 from safefs.errors import ExitCode
 
 
@@ -109,12 +112,8 @@ def test_config_prints_each_setting_and_its_source(
 # ---- -o ----------------------------------------------------------------------------------------
 
 
-def mount_parser() -> object:
-    return cli._subparser(cli.build_parser(), "mount")
-
-
 def test_every_mount_long_option_has_an_o_spelling(tmp_path: Path) -> None:
-    table = options.spellings(mount_parser())  # type: ignore[arg-type]
+    table = options.spellings()
     for name in ("cache_dir", "writeback_delay", "cache_size", "allow_other", "foreground", "host_id",
                  "debug", "cache_root", "follower", "log_file", "log_level", "lease_renew", "lease_break",
                  "lease_epsilon", "lock_delay", "lease_poll", "follower_poll", "backing_timeout",
@@ -126,17 +125,17 @@ def test_every_mount_long_option_has_an_o_spelling(tmp_path: Path) -> None:
 def test_mount8_form_becomes_safefs_mount(tmp_path: Path) -> None:
     argv = ["/nfs/p", "/mnt/p", "-o", "rw,cache_dir=/scratch/c,writeback_delay=5,allow_other,_netdev,nofail,"
             "x-systemd.automount,defaults,noauto,user,comment=x", "-t", "fuse.safefs", "-n"]  # fmt: skip
-    out = options.translate(argv, cli.COMMANDS, mount_parser())  # type: ignore[arg-type]
+    out = options.translate(argv, cli.COMMANDS)
     assert out == ["mount", "/nfs/p", "/mnt/p", "--cache-dir", "/scratch/c", "--writeback-delay", "5", "--allow-other"]
-    assert options.translate(["/a", "/b", "-oro"], cli.COMMANDS, mount_parser())[3:] == ["--follower"]  # type: ignore[arg-type]
-    conf = cli.mount_config(cli.build_parser().parse_args(options.translate(argv, cli.COMMANDS, mount_parser())))  # type: ignore[arg-type]
+    assert options.translate(["/a", "/b", "-oro"], cli.COMMANDS)[3:] == ["--follower"]
+    conf = cli.mount_config(cli.build_parser().parse_args(options.translate(argv, cli.COMMANDS)))
     assert conf.cache_dir == Path("/scratch/c") and conf.writeback_delay == 5.0 and conf.allow_other
 
 
 def test_other_command_lines_pass_through() -> None:
     for argv in (["status"], ["sync", "/m", "--timeout", "3"], ["--version"], [], ["stauts", "/m"]):
-        assert options.translate(argv, cli.COMMANDS, mount_parser()) == argv  # type: ignore[arg-type]
-    out = options.translate(["mount", "/a", "/b", "-o", "cache_size=2G", "--debug"], cli.COMMANDS, mount_parser())  # type: ignore[arg-type]
+        assert options.translate(argv, cli.COMMANDS) == argv
+    out = options.translate(["mount", "/a", "/b", "-o", "cache_size=2G", "--debug"], cli.COMMANDS)
     assert out == ["mount", "/a", "/b", "--cache-size", "2G", "--debug"]
 
 
@@ -152,3 +151,48 @@ def test_a_bad_o_option_is_one_line(opts: str, expected: str, capsys: pytest.Cap
     assert cli.main(["/a", "/b", "-o", opts]) == ExitCode.USAGE
     err = capsys.readouterr().err
     assert err == f"safefs: error: {err.split('error: ', 1)[1]}" and err.count("\n") == 1 and expected in err
+
+
+# ---- one declaration per option ------------------------------------------------------------------
+
+
+def test_every_declared_option_reaches_the_parser_the_config_keys_o_and_mount_config() -> None:
+    """options.MOUNT_OPTIONS is the only list: each surface is made from it, nothing is added beside it."""
+    declared = options.MOUNT_OPTIONS
+    (commands,) = (a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    mount = commands.choices["mount"]
+    parsed = {s for action in mount._actions for s in action.option_strings if s.startswith("--")}
+    assert parsed - {"--help"} == {o.flag for o in declared}
+    assert set(settings.KEYS) == {o.name for o in declared if o.config}
+    assert set(options.spellings()) == {o.name for o in declared if o.o}
+    fields = {f.name for f in dataclasses.fields(config.MountConfig)} - {"lease"}
+    fields |= {f"lease.{f.name}" for f in dataclasses.fields(config.LeaseTimings)}
+    set_by = [o.field for o in declared if o.field is not None]
+    assert len(set_by) == len(set(set_by)) and set(set_by) <= fields
+    # src and mnt are positional; the rest are tuned in code, not by users.
+    assert fields - set(set_by) == {"src", "mnt", "free_space_floor", "publish_threshold", "lease.rho"}
+
+
+def test_the_code_that_uses_options_spells_none_of_them() -> None:
+    # mount_config resolves the cache dir from two of them by name: that rule is code, not a spelling.
+    resolving = {"cache_dir", "cache_root"}
+    for code in (cli.mount_config, cli_launcher.daemon_argv, cli.setting_defaults, cli_options.add_mount_options):
+        source = inspect.getsource(code)
+        for option in options.MOUNT_OPTIONS:
+            assert f'"{option.flag}"' not in source, (code, option.name)
+            if option.name not in resolving or code is not cli.mount_config:
+                assert f"args.{option.name}" not in source, (code, option.name)
+
+
+def test_daemon_argv_passes_every_field_the_options_set(tmp_path: Path) -> None:
+    changed = {"writeback_delay": 0.25, "cache_size": 3 << 30, "allow_other": True, "host_id": "h",
+               "follower": True, "log_level": "debug", "log_file": tmp_path / "log", "metrics_port": 9999,
+               "follower_poll": 0.5, "backing_timeout": 7.0, "wait_for_lease": True}  # fmt: skip
+    lease = config.LeaseTimings(renew=0.5, t_break=4.0, epsilon=0.25, lock_delay=1.0, poll=0.2)
+    conf = config.MountConfig(src=tmp_path / "s", mnt=tmp_path / "m", cache_dir=tmp_path / "c", lease=lease, **changed)
+    default = config.MountConfig(src=conf.src, mnt=conf.mnt, cache_dir=conf.cache_dir)
+    for option in options.MOUNT_OPTIONS:
+        if option.field is not None and option.field != "cache_dir":
+            assert cli_options.field_value(conf, option) != cli_options.field_value(default, option), option.name
+    argv = cli_launcher.daemon_argv(conf, ready_fd=3, debug=False)
+    assert cli.mount_config(cli.build_parser().parse_args(argv[3:])) == conf

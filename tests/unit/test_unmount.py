@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 
 from safefs import cli, unmount
+from safefs.control import protocol
+from safefs.control.protocol import ProgressReport
 from safefs.errors import Busy, ExitCode, SafefsError
 
 MOUNTINFO = (
@@ -53,29 +55,30 @@ def test_wait_report_says_each_new_reason_once_after_a_second() -> None:
     out = io.StringIO()
     report = cli.WaitReport(out, delay=0.0)
     for detail in ("3 left", "2 left"):
-        report.update({"waiting_for": "the write-back to the project", "detail": detail})
-    report.update({"phase": "flushing"})
-    report.update({"waiting_for": "the lock delay", "detail": "2 s left"})
+        report.update(ProgressReport(waiting_for="the write-back to the project", detail=detail))
+    report.update(ProgressReport(phase="flushing"))
+    report.update(ProgressReport(waiting_for="the lock delay", detail="2 s left"))
     assert out.getvalue().splitlines() == [
         "safefs: waiting for the write-back to the project (3 left)",
         "safefs: waiting for the lock delay (2 s left)",
     ]
     quiet = io.StringIO()
-    cli.WaitReport(quiet, delay=60.0).update({"waiting_for": "x"})
+    cli.WaitReport(quiet, delay=60.0).update(ProgressReport(waiting_for="x"))
     assert quiet.getvalue() == "", "a wait shorter than the delay is not announced"
 
 
 def test_status_shows_an_unmounted_mount_writing_back() -> None:
-    text = cli.format_status({"mnt": "/m", "role": "writer", "state": "unmounted", "dirty_files": 3,
-                              "pending_ops": 1, "dirty_bytes": 2048, "lease": {}})  # fmt: skip
+    text = cli.format_status(protocol.from_wire(protocol.Status, {
+        "mnt": "/m", "role": "writer", "state": "unmounted", "dirty_files": 3, "pending_ops": 1, "dirty_bytes": 2048,
+        "lease": {}}))  # fmt: skip
     assert "state:" in text and "unmounted, writing back 4 files / 2.0 KiB" in text
 
 
 def test_an_unmount_that_left_changes_names_them_and_the_recover_command() -> None:
-    error = cli.unwritten_error(Path("/m"), {
+    error = cli.unwritten_error(Path("/m"), protocol.from_wire(protocol.UnmountReceipt, {
         "unwritten": 2, "unwritten_files": 1, "unwritten_ops": 1, "unwritten_bytes": 1000,
         "cache_dir": "/c/a", "src": "/nfs/p", "unwritten_reason": "lease lost",
-    })  # fmt: skip
+    }))  # fmt: skip
     assert error.exit_code == ExitCode.UNWRITTEN == 11
     assert error.message == ("unmounted /m, but 1 file (1000 B) and 1 pending operation were not written "
                              "back: they stay in the cache /c/a (lease lost)")  # fmt: skip
