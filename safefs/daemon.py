@@ -188,9 +188,11 @@ class Daemon:
         self.clock = SystemClock()
         self.host_name = config.host_id or socket.gethostname()
         self.terminated = False
-        self.policy = CachePolicy()
+        self.policy = CachePolicy(follower_poll=config.follower_poll)
         self.notifier = KernelNotifier()
-        self.role = "unknown"
+        self._applied_role = "unknown"  # the role _take_role last set the mount up for
+        self._role_changed = trio.Event()  # set by the keeper's role listener; _follow waits on it
+        self._role_lock = trio.Lock()  # one _take_role at a time: the second waits for the first
         self.seen_generation: dict[str, Any] | None = None
         self.generation_seen_at: float | None = None  # wall time this follower learnt of seen_generation
         self.generation_reads = 0  # reads of .safefs/generation on the project (status: project_polls)
@@ -214,6 +216,11 @@ class Daemon:
         self._final_receipt: Any = None  # what the final write-back wrote, for `sync` after it
         self.metrics_listener: Any = None  # a safefs.metrics.Listener with --metrics-port
         self.serving = False  # True while the mount serves: the metrics listener answers empty before
+
+    @property
+    def role(self) -> str:
+        """The lease keeper's role: the one place it is kept (see safefs/lease/keeper.py)."""
+        return self.keeper.role
 
     async def serve(self) -> int:
         config = self.config
@@ -258,6 +265,9 @@ class Daemon:
         self._marker_lock = trio.Lock()
         cache = ContentCache(config.cache_dir, config.free_space_floor)
         fs = Filesystem(table, cache, backing, config, self.clock, limiters, keeper, self.notifier)
+        keeper.on_role(fs.on_role)  # the keeper holds the role; these follow it as it changes
+        keeper.on_role(self.policy.on_role)
+        keeper.on_role(lambda role: self._role_changed.set())
         faults = os.environ.get("SAFEFS_FAULTS")  # tests: a stuck or failing project
         if faults:
             from safefs.testing import FaultPlan  # tests only; no other module imports it
@@ -473,30 +483,30 @@ class Daemon:
 
     # -- roles ---------------------------------------------------------------------------
     async def _take_role(self) -> None:
-        """Set the mount up for the role the lease gives it (at start and on every change)."""
-        role = self.keeper.role
-        if role == self.role:
-            return
-        first = self.role == "unknown"
-        self.role = role
-        fs = self.fs
-        fs.follower = role != "writer"
-        if role == "writer":
-            self._held_epoch = self.keeper.epoch
-            self.policy.set_writer()
-            record = await self._read_generation()
-            self.flusher.adopt_generation(record)
-            self.seen_generation = record
-            log.info("lease: this mount is the writer (epoch %d)", self.keeper.epoch)
-        else:
-            self.policy.set_follower(self.config.follower_poll)
-            holder = self.keeper.statistics()["holder"]
-            writer = f"{holder.get('host')} (pid {holder.get('pid')})" if isinstance(holder, dict) else "nobody"
-            log.info("lease: this mount is a follower; the writer is %s", writer)
-        if not first:
-            # Another host may have written: nothing cached about the tree is trusted blindly.
-            fs.mark_stale()
-            self._invalidate_kernel()
+        """Set the mount up for the role the lease keeper holds now (at start, and after each
+        change: _follow wakes on the keeper's role listener; fs and the cache policy follow
+        the role by themselves). Returns once done, also when another task is doing it."""
+        async with self._role_lock:
+            role = self.keeper.role
+            if role == self._applied_role:
+                return
+            first = self._applied_role == "unknown"
+            self._applied_role = role
+            fs = self.fs
+            if role == "writer":
+                self._held_epoch = self.keeper.epoch
+                record = await self._read_generation()
+                self.flusher.adopt_generation(record)
+                self.seen_generation = record
+                log.info("lease: this mount is the writer (epoch %d)", self.keeper.epoch)
+            else:
+                holder = self.keeper.statistics()["holder"]
+                writer = f"{holder.get('host')} (pid {holder.get('pid')})" if isinstance(holder, dict) else "nobody"
+                log.info("lease: this mount is a follower; the writer is %s", writer)
+            if not first:
+                # Another host may have written: nothing cached about the tree is trusted blindly.
+                fs.mark_stale()
+                self._invalidate_kernel()
 
     def _invalidate_kernel(self) -> None:
         """Make the kernel ask again about every name and inode it knows (queued)."""
@@ -519,11 +529,14 @@ class Daemon:
             return None
 
     async def _follow(self) -> None:
-        """Track role changes (takeover, loss) and, as a follower, the writer's generations."""
+        """Take up each role change the keeper tells of (takeover, loss) and, as a follower,
+        look for the writer's generations every `follower_poll`."""
         poll = self.config.follower_poll
-        next_poll = 0.0
+        next_poll = trio.current_time() + min(0.5, poll)
         while True:
-            await trio.sleep(min(0.5, poll))
+            with trio.move_on_at(next_poll if self.role != "writer" else float("inf")):
+                await self._role_changed.wait()
+            self._role_changed = trio.Event()
             await self._take_role()
             if self.role == "writer" or trio.current_time() < next_poll:
                 continue

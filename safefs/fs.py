@@ -231,7 +231,7 @@ class Filesystem:
         self.dropped_content: set[int] = set()  # content files to delete (see purge_dropped)
         self._absent: dict[int, set[bytes]] = {}  # names the kernel may cache as absent
         self._absent_count = 0
-        self.follower = False  # no local changes at all; the kernel must not keep pages
+        self.follower = False  # no local changes at all; the kernel must not keep pages (on_role)
         # The kernel writeback cache is on: the kernel never takes a regular file's size or
         # mtime from us again once it has the inode, so a file changed on the backing tree
         # must become a new inode (see _revalidate), even when nobody has it open.
@@ -239,6 +239,10 @@ class Filesystem:
         self.stats = FsStats()
         self.on_change: Callable[[], None] = lambda: None  # the flusher pokes itself here
         self.inject_bug_name: bytes | None = None  # tests: a lookup of this name raises a bug
+
+    def on_role(self, role: str) -> None:
+        """Follow the lease keeper's role (subscribed with LeaseKeeper.on_role)."""
+        self.follower = role != "writer"
 
     # -- threads -------------------------------------------------------------------------
     async def in_backing(self, fn: Callable[..., T], *args: Any) -> T:

@@ -84,12 +84,14 @@ class CachePolicy:
 
     entry_timeout: float = 60.0
     attr_timeout: float = 60.0
+    follower_poll: float = 1.0  # how often a follower looks for the writer's generations
 
-    def set_follower(self, poll: float) -> None:
-        self.entry_timeout = self.attr_timeout = min(poll, 1.0)
-
-    def set_writer(self) -> None:
-        self.entry_timeout = self.attr_timeout = 60.0
+    def on_role(self, role: str) -> None:
+        """Follow the lease keeper's role (subscribed with LeaseKeeper.on_role)."""
+        if role == "writer":
+            self.entry_timeout = self.attr_timeout = 60.0
+        else:
+            self.entry_timeout = self.attr_timeout = min(self.follower_poll, 1.0)
 
 
 def fuse_errors(handler: F) -> F:
