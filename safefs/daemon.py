@@ -1,35 +1,17 @@
-"""The composition root: builds every service, mounts, serves, and shuts down in order.
+"""The composition root: builds every service of one mount, wires them, and runs the mount.
 
 Start-up, in the order a reader of DESIGN.md expects:
 1. refuse unsafe set-ups (checks.py), create the cache dir (0700), lock and open the journal;
 2. load the inode table, create the root, forget what a reboot may have torn;
-3. start the flusher (which replays what a crash left behind), the control socket, the
-   signal watcher and the periodic journal sync;
+3. start the lease keeper, the flusher (which replays what a crash left behind), the control
+   socket, the signal watcher and the periodic journal sync;
 4. mount with pyfuse3 and tell the parent we are ready (one JSON line on `ready_fd`).
 
-Shut-down (kernel unmount, `safefs umount`, SIGTERM/SIGINT): stop serving requests,
-unmount, then write back everything (shielded, retried until the backing tree accepts it or
-the final-flush time runs out, in which case the dirty data stays in the cache for the next
-mount), close the journal, exit. `state` says where this is: "mounted", "unmounted" (the
-final write-back runs), "exiting". The control socket answers until the end, so `status`
-lists an unmounted mount that still writes back, and `umount`/`sync` on it wait for the
-outcome. `safefs umount` makes the daemon run the unmount itself before it releases anything
-(prepare_unmount): a refused (busy) unmount leaves the mount the writer it was. The session
-also ends when the mount vanishes from this namespace's mount table while the kernel keeps
-the connection open (a copy in another mount namespace; see safefs/unmount.py).
-
-Orphans (safefs/orphans.py): while this mount holds changes the project lacks and is not the
-writer (it lost its lease, or started as a follower with changes an earlier mount left), or
-when it exits with changes unwritten, it publishes a marker in `<project>/.safefs/orphans/`,
-so `safefs status` on every host names this host and its cache; the marker goes when the
-journal holds nothing unwritten any more. Publishing is best effort: a background task
-retries with backoff, every call runs in a worker thread with a timeout, and nothing else
-(the mount, the control socket, the lease) ever waits for it.
-
-History and systemd: lease events (from the keeper's on_event), conflicts and recoveries are
-queued and appended to `<project>/.safefs/history/` by a background task, each append in a
-worker thread with a timeout (safefs/history.py); under systemd the daemon sends READY=1 once
-it serves, STATUS= while it runs, STOPPING=1 before the final write-back (safefs/sdnotify.py).
+What the mount does while it runs and when it ends lives in the parts of `Daemon`, one module
+each in safefs/mount/: following.py (the role, as the lease keeper holds it, and the writer's
+generations), orphan_marker.py, reporting.py (history, metrics, systemd), shutdown.py (signals,
+the mount watch, the final write-back) and handle.py (the control socket's operations). This
+module builds the state they share, in `Daemon.__init__` and `serve`.
 
 Invariants:
 - This is the only module that opens the long-lived nursery or drives the kernel session

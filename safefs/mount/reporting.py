@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 SYSTEMD_STATUS_INTERVAL = 2.0  # how often STATUS= is refreshed under systemd (when it changed)
 HISTORY_CHECK_INTERVAL = 1.0  # how often new conflicts are looked for, to record them
-ORPHAN_IO_TIMEOUT = 10.0  # one append to the project's history; abandoned after this (as a marker update)
+HISTORY_IO_TIMEOUT = 10.0  # one append to the project's history; abandoned after this
 
 
 class Reporting:
@@ -81,12 +81,12 @@ class Reporting:
             self._record_conflicts()
 
     async def _write_history(self, events: trio.MemoryReceiveChannel[HistoryEvent], done: trio.Event) -> None:
-        """Append queued events in a worker thread each, ORPHAN_IO_TIMEOUT at most (a hung
+        """Append queued events in a worker thread each, HISTORY_IO_TIMEOUT at most (a hung
         project delays the history, never the mount); a failure is logged, the record dropped."""
         limiter = trio.CapacityLimiter(1)
         try:
             async for event in events:
-                with trio.move_on_after(ORPHAN_IO_TIMEOUT) as scope:
+                with trio.move_on_after(HISTORY_IO_TIMEOUT) as scope:
                     try:
                         await trio.to_thread.run_sync(self.history.append, event, limiter=limiter,
                                                       abandon_on_cancel=True)
