@@ -51,9 +51,8 @@ from typing import Any
 
 import trio
 
-from safefs import generation, ranges, records
+from safefs import generation, layout, ranges, records
 from safefs.backing import Attrs, Fingerprint
-from safefs.config import CONTROL_DIR_NAME
 from safefs.errors import BackingFailed, ReadOnly, SafefsError, SyncTimeout
 from safefs.fs import Filesystem, fingerprint_tuple, same_content
 from safefs.inodes import ROOT_INO, Inode
@@ -428,7 +427,7 @@ class Flusher:
 
     def _staging(self) -> BPath:
         epoch = getattr(self.fs.gate, "epoch", 0)
-        return (CONTROL_DIR_NAME, b"staging", str(epoch).encode())
+        return layout.backing_path(layout.STAGING, str(epoch))
 
     def _conflict_name(self, name: bytes) -> bytes:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(self.clock.wall()))  # UTC

@@ -42,11 +42,11 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
-from safefs import ranges, records
+from safefs import layout, ranges, records
 from safefs.backing import Backing, Entry, Fingerprint
 from safefs.cache import ContentCache
 from safefs.clock import Clock
-from safefs.config import CONTROL_DIR_NAME, MountConfig
+from safefs.config import MountConfig
 from safefs.errors import CacheFull, FsError
 from safefs.inodes import ROOT_INO, Inode, InodeTable, op_names
 from safefs.lanes import ThreadLane
@@ -342,7 +342,7 @@ class Filesystem:
             raise FsError(errno.EINVAL)
 
     def _hidden(self, parent: int, name: bytes) -> bool:
-        return parent == ROOT_INO and name == CONTROL_DIR_NAME
+        return parent == ROOT_INO and name == layout.DIR
 
     def _changed(self, inode: Inode, *, data: bool = False, attrs: bool = False) -> None:
         now = self.now_ns()
