@@ -33,7 +33,7 @@ from typing import Any
 
 import trio
 
-from safefs import __version__, checks, logs, orphans, projectconf, sdnotify
+from safefs import __version__, checks, kernel_cache, logs, orphans, projectconf, sdnotify
 from safefs.backing import Backing
 from safefs.cache import ContentCache
 from safefs.clock import SystemClock
@@ -49,8 +49,6 @@ from safefs.errors import (
 from safefs.flusher import Flusher
 from safefs.fs import Filesystem, Limiters
 from safefs.fuse_ops import (
-    WRITEBACK_CACHE,
-    CachePolicy,
     KernelNotifier,
     SafeOperations,
     Session,
@@ -59,6 +57,7 @@ from safefs.history import Event as HistoryEvent
 from safefs.history import HistoryLog
 from safefs.inodes import InodeTable
 from safefs.journal import Journal
+from safefs.kernel_cache import CachePolicy
 from safefs.lease import backends
 from safefs.lease.keeper import LeaseKeeper
 from safefs.lease.store import local_identity
@@ -270,7 +269,7 @@ class Daemon(Following, OrphanMarker, Reporting, Shutdown, MountHandle):
 
     async def _serve_mount(self, services: trio.Nursery) -> int:
         config = self.config
-        writeback_cache = WRITEBACK_CACHE and self.role == "writer"  # see fuse_ops.CachePolicy
+        writeback_cache = kernel_cache.writeback_cache(self.role)
         ops = self.ops = SafeOperations(self.fs, self.policy, writeback_cache=writeback_cache)
         self.fs.kernel_owns_sizes = writeback_cache
         session = self.session = Session(ops, str(config.mnt), allow_other=config.allow_other)

@@ -42,7 +42,7 @@ from typing import Any, Protocol, TypeVar
 
 import trio
 
-from safefs import layout, ranges, records
+from safefs import kernel_cache, layout, ranges, records
 from safefs.backing import Backing, Entry, Fingerprint
 from safefs.cache import ContentCache
 from safefs.clock import Clock
@@ -937,9 +937,10 @@ class Filesystem:
             raise FsError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             self._writable()
-        keep = not self.follower  # a follower's files change under it: no stale pages
+        unchanged = None  # the fingerprint check, made for a clean file with cached bytes
         if inode.is_reg and inode.present and not inode.needs_flush and not inode.new:
-            keep = not await self._revalidate(inode)
+            unchanged = not await self._revalidate(inode)
+        keep = kernel_cache.keep_pages(follower=self.follower, unchanged=unchanged)
         if self.follower and inode.is_reg and not inode.complete and inode.size <= self.config.publish_threshold:
             await self._snapshot(inode)
         if flags & os.O_TRUNC and inode.is_reg:
