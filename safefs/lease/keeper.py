@@ -151,6 +151,11 @@ class LeaseKeeper:
             return None
         return self._clock.wall() + (m.writable_from - now)
 
+    async def wait_role_other_than(self, role: str) -> None:
+        """Return once the role is not `role` (at once if it is not already)."""
+        while self._m.role == role:
+            await self._changed.wait()
+
     async def wait_lost(self) -> None:
         """Return once this mount has lost the lease it held (a clean release does not count)."""
         while self._m.state is not State.LOST:

@@ -238,7 +238,7 @@ class Following:
         while True:
             if self.role == "writer":
                 self._etcd_ok_at, revision = None, 0
-                await trio.sleep(0.5)
+                await self.keeper.wait_role_other_than("writer")
                 continue
             try:
                 if revision == 0:

@@ -510,3 +510,27 @@ async def test_role_listeners_hear_every_change_of_role_at_the_moment_it_happens
         assert heard["b"] == ["follower", "writer", "follower"]
         assert heard["a"] == ["follower", "writer", "follower"]  # nothing heard without a change
         nursery.cancel_scope.cancel()
+
+
+async def test_waiting_for_the_role_to_change_returns_at_the_change(
+    project: MemoryLeaseStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    a = Host(project, "a")
+    async with trio.open_nursery() as nursery:
+        assert await a.start(nursery) == "writer"
+        with trio.fail_after(0.01):
+            await a.keeper.wait_role_other_than("follower")  # it is not: at once
+        returned_at: list[float] = []
+
+        async def waiter() -> None:
+            await a.keeper.wait_role_other_than("writer")
+            returned_at.append(trio.current_time())
+
+        nursery.start_soon(waiter)
+        await trio.sleep(3 * T.t_break)  # renewals wake the keeper's waiters; the role stays
+        assert returned_at == []
+        released_at = trio.current_time()
+        await a.keeper.release()
+        await trio.sleep(0.01)
+        assert returned_at == [released_at]
+        nursery.cancel_scope.cancel()
