@@ -33,26 +33,16 @@ from typing import Any
 
 import trio
 
-from safefs import __version__, checks, kernel_cache, logs, orphans, projectconf, sdnotify
+from safefs import __version__, checks, kernel_cache, logs, orphans, projectconf
 from safefs.backing import Backing
 from safefs.cache import ContentCache
 from safefs.clock import SystemClock
 from safefs.config import MountConfig, socket_path
 from safefs.control.server import serve as serve_control
-from safefs.errors import (
-    DaemonFailed,
-    ExitCode,
-    Refused,
-    SafefsError,
-    describe_exception,
-)
+from safefs.errors import DaemonFailed, ExitCode, Refused, SafefsError, describe_exception
 from safefs.flusher import Flusher
 from safefs.fs import Filesystem, Limiters
-from safefs.fuse_ops import (
-    KernelNotifier,
-    SafeOperations,
-    Session,
-)
+from safefs.fuse_ops import KernelNotifier, SafeOperations, Session
 from safefs.history import Event as HistoryEvent
 from safefs.history import HistoryLog
 from safefs.inodes import InodeTable
@@ -63,10 +53,9 @@ from safefs.lease.keeper import LeaseKeeper
 from safefs.lease.store import local_identity
 from safefs.mount.following import Following
 from safefs.mount.handle import MountHandle
-from safefs.mount.orphan_marker import MARKER_UNKNOWN, ORPHAN_EXIT_TIMEOUT, OrphanMarker
+from safefs.mount.orphan_marker import ORPHAN_EXIT_TIMEOUT, OrphanMarker
 from safefs.mount.reporting import Reporting
 from safefs.mount.shutdown import Shutdown
-from safefs.orphans import OrphanStore
 
 log = logging.getLogger(__name__)
 
@@ -153,31 +142,17 @@ class Daemon(Following, OrphanMarker, Reporting, Shutdown, MountHandle):
         self.terminated = False
         self.policy = CachePolicy(follower_poll=config.follower_poll)
         self.notifier = KernelNotifier()
-        self._applied_role = "unknown"  # the role _take_role last set the mount up for
-        self._role_changed = trio.Event()  # set by the keeper's role listener; _follow waits on it
-        self._role_lock = trio.Lock()  # one _take_role at a time: the second waits for the first
-        self.seen_generation: dict[str, Any] | None = None
-        self.generation_seen_at: float | None = None  # wall time this follower learnt of seen_generation
-        self.generation_reads = 0  # reads of .safefs/generation on the project (status: project_polls)
-        self._etcd_ok_at: float | None = None  # trio time of the last answer of a follower's etcd watch
-        self._etcd_pending: dict[str, Any] | None = None  # the newest generation not yet in etcd
-        self._etcd_wake = trio.Event()
-        self._etcd_limiter = trio.CapacityLimiter(4)
-        self.orphans = OrphanStore(config.src)
-        # What our orphan marker on the project says: None (there is none), MARKER_UNKNOWN, or
-        # the (counts, reason, epoch) key of the version we published. Changed under _marker_lock.
-        self._marker: tuple[Any, ...] | None = MARKER_UNKNOWN
-        self._orphan_since: float | None = None  # wall time this cache's orphan was first seen
-        self._orphan_reason: str | None = None
-        self._held_epoch: int | None = None  # the last epoch this process held the lease in
-        self._exit_detail: str | None = None  # why the final write-back left changes behind
-        self.systemd = sdnotify.Notifier()  # a no-op unless started by systemd with Type=notify
+        self._init_following()
+        self._init_orphan_marker()
+        self._init_reporting()
+        # Shared by the parts: written by one, read by others.
+        self._held_epoch: int | None = None  # the last epoch this process held the lease in (_take_role)
+        self._exit_detail: str | None = None  # why the final write-back left changes behind (shutdown)
         self.state = "mounted"  # -> "unmounted" (final write-back) -> "exiting"
         self._final_done = trio.Event()  # the final write-back is over (see _wait_final)
         self._final_waiters = 0  # control calls waiting for it, still to answer
         self._mount_gone = False  # _watch_mount ended the session: nothing left to unmount
         self._final_receipt: Any = None  # what the final write-back wrote, for `sync` after it
-        self.metrics_listener: Any = None  # a safefs.metrics.Listener with --metrics-port
         self.serving = False  # True while the mount serves: the metrics listener answers empty before
 
     async def serve(self) -> int:

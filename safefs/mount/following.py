@@ -53,17 +53,20 @@ class Following:
     backing: Backing
     flusher: Flusher
     notifier: KernelNotifier
-    _applied_role: str
-    _role_changed: trio.Event
-    _role_lock: trio.Lock
     _held_epoch: int | None
-    seen_generation: dict[str, Any] | None
-    generation_seen_at: float | None
-    generation_reads: int
-    _etcd_ok_at: float | None
-    _etcd_pending: dict[str, Any] | None
-    _etcd_wake: trio.Event
-    _etcd_limiter: trio.CapacityLimiter
+
+    def _init_following(self) -> None:
+        """This part's own state (Daemon.__init__ calls this)."""
+        self._applied_role = "unknown"  # the role _take_role last set the mount up for
+        self._role_changed = trio.Event()  # set by the keeper's role listener; _follow waits on it
+        self._role_lock = trio.Lock()  # one _take_role at a time: the second waits for the first
+        self.seen_generation: dict[str, Any] | None = None
+        self.generation_seen_at: float | None = None  # wall time this follower learnt of seen_generation
+        self.generation_reads = 0  # reads of .safefs/generation on the project (status: project_polls)
+        self._etcd_ok_at: float | None = None  # trio time of the last answer of a follower's etcd watch
+        self._etcd_pending: dict[str, Any] | None = None  # the newest generation not yet in etcd
+        self._etcd_wake = trio.Event()
+        self._etcd_limiter = trio.CapacityLimiter(4)
 
     @property
     def role(self) -> str:

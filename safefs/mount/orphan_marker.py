@@ -23,14 +23,13 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from safefs import orphans
-from safefs.orphans import OrphanRecord
+from safefs.orphans import OrphanRecord, OrphanStore
 
 if TYPE_CHECKING:
     from safefs.clock import Clock
     from safefs.config import MountConfig
     from safefs.lease.keeper import LeaseKeeper
     from safefs.lease.model import Identity
-    from safefs.orphans import OrphanStore
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +47,20 @@ class OrphanMarker:
     clock: Clock
     keeper: LeaseKeeper
     identity: Identity
-    orphans: OrphanStore
     orphan_name: str
-    # What our orphan marker on the project says: None (there is none), MARKER_UNKNOWN, or
-    # the (counts, reason, epoch) key of the version we published. Changed under _marker_lock.
-    _marker: tuple[Any, ...] | None
     _marker_lock: trio.Lock
     _marker_limiter: trio.CapacityLimiter
-    _orphan_since: float | None  # wall time this cache's orphan was first seen
-    _orphan_reason: str | None
     _held_epoch: int | None  # the last epoch this process held the lease in
     _exit_detail: str | None  # why the final write-back left changes behind
+
+    def _init_orphan_marker(self) -> None:
+        """This part's own state (Daemon.__init__ calls this)."""
+        self.orphans = OrphanStore(self.config.src)
+        # What our orphan marker on the project says: None (there is none), MARKER_UNKNOWN, or
+        # the (counts, reason, epoch) key of the version we published. Changed under _marker_lock.
+        self._marker: tuple[Any, ...] | None = MARKER_UNKNOWN
+        self._orphan_since: float | None = None  # wall time this cache's orphan was first seen
+        self._orphan_reason: str | None = None
 
     if TYPE_CHECKING:
 

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from safefs import sdnotify
 from safefs.errors import Refused
 from safefs.history import Event as HistoryEvent
 
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
     from safefs.history import HistoryLog
     from safefs.lease.keeper import LeaseKeeper
     from safefs.lease.model import Identity
-    from safefs.sdnotify import Notifier
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +46,12 @@ class Reporting:
     flusher: Flusher
     identity: Identity
     history: HistoryLog
-    systemd: Notifier
     serving: bool
-    metrics_listener: Any
+
+    def _init_reporting(self) -> None:
+        """This part's own state (Daemon.__init__ calls this; serve() opens the history)."""
+        self.systemd = sdnotify.Notifier()  # a no-op unless started by systemd with Type=notify
+        self.metrics_listener: Any = None  # a safefs.metrics.Listener with --metrics-port
     _history_send: trio.MemorySendChannel[HistoryEvent]
     _conflicts_recorded: int
 
