@@ -16,10 +16,11 @@ Invariants:
 - The role ("writer" or "follower", `LeaseMachine.role`) lives here and nowhere else. Whoever
   acts on it (the filesystem, the kernel-cache policy, the daemon) subscribes with
   `on_role(listener)`: the listener is called once at once with the current role, then
-  synchronously, on the trio thread, at the moment the role changes (in `_notify`, which
-  every change of the machine's state goes through), before any other task runs. Listeners
-  must not block or await; one that needs I/O sets an event for its own task. Nobody polls
-  the role or keeps a copy that could disagree with it; `role` and `statistics()` read it.
+  synchronously, on the trio thread, at the moment the role changes, before any other task
+  runs (`_tell_role`: right after a claim lands, before the first heartbeat, and in `_notify`,
+  which every other change of the machine's state goes through). Listeners must not block or
+  await; one that needs I/O sets an event for its own task. Nobody polls the role or keeps a
+  copy that could disagree with it; `role` and `statistics()` read it.
 - Time is read only from the injected Clock, and waiting uses trio.sleep/move_on_after with
   durations computed from it: with trio's MockClock and a clock on trio's time (tests/doubles.py)
   tests run in virtual time.
@@ -323,6 +324,7 @@ class LeaseKeeper:
             kind = "takeover" if winner.kind == "takeover" else "acquire"
             log.info("lease: %s epoch %d", "took over" if kind == "takeover" else "acquired", m.epoch)
             detail = f"from {previous.describe()}" if kind == "takeover" and previous is not None else ""
+            self._tell_role()
             self._event(kind, m.epoch, detail)
             await self._hold()  # the first heartbeat at once, so observers see a live holder
         else:
@@ -398,14 +400,17 @@ class LeaseKeeper:
         except Exception:  # noqa: BLE001 (a subscriber's bug must never break the lease)
             log.exception("lease: a role listener failed")
 
-    def _notify(self) -> None:
-        if self._m.state is State.LOST and self._told_lost != self._m.lost_epoch:
-            self._told_lost = self._m.lost_epoch  # self._m.epoch moves on to the newest epoch seen
-            self._event("self-fence", self._m.lost_epoch, self._m.lost_reason or "")
+    def _tell_role(self) -> None:
         if self._m.role != self._told_role:
             self._told_role = self._m.role
             for listener in list(self._role_listeners):
                 self._tell(listener, self._told_role)
+
+    def _notify(self) -> None:
+        if self._m.state is State.LOST and self._told_lost != self._m.lost_epoch:
+            self._told_lost = self._m.lost_epoch  # self._m.epoch moves on to the newest epoch seen
+            self._event("self-fence", self._m.lost_epoch, self._m.lost_reason or "")
+        self._tell_role()
         self._changed.set()
         self._changed = trio.Event()
 

@@ -534,3 +534,17 @@ async def test_waiting_for_the_role_to_change_returns_at_the_change(
         await trio.sleep(0.01)
         assert returned_at == [released_at]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_role_listener_hears_of_the_lease_when_the_claim_lands_not_after_the_first_heartbeat(
+    project: MemoryLeaseStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    a = Host(project, "a")
+    heard: list[str] = []
+    a.keeper.on_role(heard.append)
+    a.store.hang("renew")  # the first heartbeat hangs until the deadline
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.start, nursery)
+        await trio.sleep(0.5)
+        assert a.keeper.role == "writer" and heard == ["follower", "writer"]
+        nursery.cancel_scope.cancel()
