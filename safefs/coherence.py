@@ -26,8 +26,8 @@ import errno
 import logging
 import stat
 
+from safefs import layout
 from safefs.backing import Backing, Entry, Fingerprint
-from safefs.config import CONTROL_DIR_NAME
 from safefs.content import Content, fingerprint_tuple, same_content
 from safefs.errors import FsError
 from safefs.inodes import ROOT_INO, Inode, InodeTable, op_names
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def hidden(parent: int, name: bytes) -> bool:
     """Is this the project's `.safefs` control directory (invisible in the mount)?"""
-    return parent == ROOT_INO and name == CONTROL_DIR_NAME
+    return parent == ROOT_INO and name == layout.DIR
 
 
 class Coherence:

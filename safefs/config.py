@@ -18,9 +18,6 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-# Name of the control directory inside a project. safefs hides it from the mounted view.
-CONTROL_DIR_NAME = b".safefs"
-
 MIB = 1 << 20
 GIB = 1 << 30
 

@@ -42,7 +42,7 @@ import stat
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from safefs import ranges, records
+from safefs import kernel_cache, ranges, records
 from safefs.backing import Backing
 from safefs.cache import ContentCache
 from safefs.clock import Clock
@@ -102,9 +102,13 @@ class Filesystem:
         self._dir_handles: dict[int, DirHandle] = {}
         self._next_fh = 1
         self.coherence = Coherence(table, backing, self.content, self.negative, self.invalidator)
-        self.follower = False  # no local changes at all; the kernel must not keep pages
+        self.follower = False  # no local changes at all; the kernel must not keep pages (on_role)
         self.on_change: Callable[[], None] = lambda: None  # the daemon wires the flusher's poke here
         self.inject_bug_name: bytes | None = None  # tests: a lookup of this name raises a bug
+
+    def on_role(self, role: str) -> None:
+        """Follow the lease keeper's role (subscribed with LeaseKeeper.on_role)."""
+        self.follower = role != "writer"
 
     @property
     def kernel_owns_sizes(self) -> bool:
@@ -571,9 +575,10 @@ class Filesystem:
             raise FsError(errno.EISDIR)
         if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
             self._writable()
-        keep = not self.follower  # a follower's files change under it: no stale pages
+        unchanged = None  # the fingerprint check, made for a clean file with cached bytes
         if inode.is_reg and inode.present and not inode.needs_flush and not inode.new:
-            keep = not await self._revalidate(inode)
+            unchanged = not await self._revalidate(inode)
+        keep = kernel_cache.keep_pages(follower=self.follower, unchanged=unchanged)
         if self.follower and inode.is_reg and not inode.complete and inode.size <= self.config.publish_threshold:
             await self._snapshot(inode)
         if flags & os.O_TRUNC and inode.is_reg:

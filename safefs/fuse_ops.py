@@ -9,7 +9,8 @@ Invariants:
   anything else is a bug, which is logged with its traceback and answered with EIO. No
   exception ever escapes into `pyfuse3.main()` (that would take the mount down).
 - `forget` never raises (pyfuse3 forbids it).
-- Kernel cache timeouts come from one `CachePolicy` object (see its docstring for why).
+- Every kernel-cache decision (timeouts, keep_cache, writeback mode, readahead) comes from
+  safefs/kernel_cache.py, which says why.
 - Kernel invalidations run in a worker thread behind a one-slot limiter, never while safefs
   holds a lock: the kernel may need to call back into this filesystem to complete them.
 
@@ -19,7 +20,6 @@ Threading: handlers run as trio tasks on the trio thread and interleave at every
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import errno
 import functools
 import logging
@@ -34,62 +34,13 @@ from safefs import mounttable
 from safefs.errors import FsError, SafefsError
 from safefs.fs import Filesystem
 from safefs.inodes import Inode
+from safefs.kernel_cache import KEEP_CREATED, READAHEAD_KIB, CachePolicy
 
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 CAPABILITY = b"security.capability"
-
-
-@dataclasses.dataclass
-class CachePolicy:
-    """How long the kernel may trust names and attributes without asking us.
-
-    On the writer every change goes through this mount, so the kernel's view cannot go stale
-    except when safefs itself learns of a change on the backing tree (a fingerprint mismatch
-    at open, a conflict), and then it invalidates the kernel's copy explicitly. Long timeouts
-    are therefore safe and save a round trip per stat/lookup. A follower's view changes when
-    the writer publishes, so its timeouts are bounded by the poll interval.
-
-    The whole kernel cache policy, and the measurement behind each choice (2-CPU VM; numbers
-    from `scripts/bench` and from single-workload A/B runs noted in the commits):
-    - Writeback cache: ON for a mount that starts as the writer (`WRITEBACK_CACHE` turns it
-      off everywhere). The kernel acknowledges write() from its page cache and sends the pages
-      later, in large WRITEs: a pyfuse3 pass-through did 1,286 SQLite tx/s with it and 299
-      without, random 4 KiB writes 277,000 vs 16,800 IOPS. G2 allows it: fsync, and close()
-      (the kernel writes an inode's dirty pages back before it answers close(), FLUSH handler
-      or not), make the pages reach a WRITE, which is in the cache file and the journal
-      before it is answered; only pages of a file still open and not fsynced are lost when
-      the daemon dies. `sync`, `umount` and a release first make the kernel send what it holds
-      (`flush_kernel_pages`); a kernel unmount sends them itself. The kernel then owns size,
-      mtime and ctime of a regular file it caches (it never takes them from our replies), so
-      the mode is negotiated once, at INIT, and a mount that starts as a follower never has it
-      (a follower's files change under it). A writer that later turns follower keeps it:
-      it cannot write any more, so it holds no dirty pages, but a size the kernel cached
-      before stays until the file is looked up afresh.
-    - Page cache across opens (`keep_cache`): on for the writer when the file's fingerprint
-      on the backing tree is unchanged (only this host changes it); never on a follower.
-    - Entry and attribute timeouts: 60 s on the writer, min(poll, 1 s) on a follower.
-    - Negative entries: cached with the same timeouts; `Filesystem.note_absent` remembers
-      them so that a refresh or a role change takes them back (SQLite looks for its -wal and
-      -journal on every transaction).
-    - FLUSH: not implemented, so the kernel stops sending one per close().
-    - Readahead 1 MiB instead of 128 KiB (`raise_readahead`): cold sequential reads 2.6x
-      faster. Writes already arrive in requests of up to 1 MiB (libfuse's max_write with
-      the kernel's max_pages).
-    - The kernel asks for `security.capability` before every write (pyfuse3 offers no
-      FUSE_HANDLE_KILLPRIV): `getxattr` answers it first thing, from memory; still a round trip.
-    """
-
-    entry_timeout: float = 60.0
-    attr_timeout: float = 60.0
-
-    def set_follower(self, poll: float) -> None:
-        self.entry_timeout = self.attr_timeout = min(poll, 1.0)
-
-    def set_writer(self) -> None:
-        self.entry_timeout = self.attr_timeout = 60.0
 
 
 def fuse_errors(handler: F) -> F:
@@ -172,7 +123,7 @@ class SafeOperations(pyfuse3.Operations):
 
     def __init__(self, fs: Filesystem, policy: CachePolicy, *, writeback_cache: bool = False) -> None:
         super().__init__()
-        self.enable_writeback_cache = writeback_cache  # read by pyfuse3 at INIT (CachePolicy)
+        self.enable_writeback_cache = writeback_cache  # read by pyfuse3 at INIT (kernel_cache.py)
         self.fs = fs
         self.policy = policy
         self.bugs = 0
@@ -294,7 +245,7 @@ class SafeOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         fh, inode = await self.fs.create(parent_inode, name, mode, flags, ctx.uid, ctx.gid)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True), self._entry(inode)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=KEEP_CREATED), self._entry(inode)
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -415,11 +366,6 @@ def mount_options(*, allow_other: bool) -> set[str]:
     return options
 
 
-
-
-WRITEBACK_CACHE = True  # the one switch for the kernel writeback cache (see CachePolicy)
-
-
 async def flush_kernel_pages(mountpoint: str, timeout: float) -> bool:
     """Make the kernel write back the dirty pages it holds for `mountpoint` (syncfs(2) on it);
     False if that failed or took longer than `timeout`.
@@ -452,9 +398,6 @@ async def flush_kernel_pages(mountpoint: str, timeout: float) -> bool:
 @functools.cache
 def _libc() -> ctypes.CDLL:
     return ctypes.CDLL(None, use_errno=True)  # os has no syncfs
-
-
-READAHEAD_KIB = 1024
 
 
 def raise_readahead(mountpoint: str, kib: int) -> None:

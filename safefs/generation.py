@@ -20,10 +20,10 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from safefs import layout
 from safefs.backing import Attrs, Backing
-from safefs.config import CONTROL_DIR_NAME
 
-PATH = (CONTROL_DIR_NAME, b"generation")
+PATH = layout.backing_path(layout.GENERATION)
 MAX_LISTED = 5000  # more changed paths than this are published as "all"
 MAX_BYTES = 4 << 20
 

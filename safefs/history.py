@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from safefs import layout
 from safefs.lease.store import FILE_MODE, control_dir_fd
 
-DIR_NAME = "history"
 SUFFIX = ".jsonl"
 OLD_SUFFIX = ".old.jsonl"
 ROTATE_BYTES = 1 << 20
@@ -98,12 +98,12 @@ class HistoryLog:
 
     @property
     def path(self) -> Path:
-        return self.project / ".safefs" / DIR_NAME / self.name
+        return layout.path(self.project, layout.HISTORY, self.name)
 
     def append(self, event: Event) -> None:
         """Append one record with one write(); rotate first if the file is full. Raises OSError."""
         line = event.to_line()
-        dir_fd = control_dir_fd(self.project, DIR_NAME, create=True)
+        dir_fd = control_dir_fd(self.project, layout.HISTORY, create=True)
         try:
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
             fd = os.open(self.name, flags, FILE_MODE, dir_fd=dir_fd)
@@ -128,7 +128,7 @@ def read(project: Path) -> History:
     """Every host's history in `project`, merged and sorted by time. Raises OSError only if the
     history directory exists but cannot be listed."""
     try:
-        dir_fd = control_dir_fd(project, DIR_NAME)
+        dir_fd = control_dir_fd(project, layout.HISTORY)
     except FileNotFoundError:
         return History([], 0, [])
     records: list[dict[str, Any]] = []

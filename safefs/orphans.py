@@ -49,10 +49,9 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from safefs.config import CONTROL_DIR_NAME
+from safefs import layout
 from safefs.lease.store import FILE_MODE, control_dir_fd
 
-DIR_NAME = "orphans"
 SUFFIX = ".json"
 MAX_RECORD_BYTES = 64 << 10  # a record is a few hundred bytes; read no more than this
 MAX_LISTED = 1000  # markers read by one listing (more are reported as skipped)
@@ -146,7 +145,7 @@ class OrphanStore:
 
     def __init__(self, project: Path) -> None:
         self.project = project
-        self.path = project / os.fsdecode(CONTROL_DIR_NAME) / DIR_NAME
+        self.path = layout.path(project, layout.ORPHANS)
 
     def __repr__(self) -> str:
         return f"OrphanStore({str(self.path)!r})"
@@ -235,7 +234,7 @@ class OrphanStore:
 
     def _dir_fd(self, *, create: bool = False) -> int:
         """An fd of `<project>/.safefs/orphans`, never through a symlink (created if asked)."""
-        return control_dir_fd(self.project, DIR_NAME, create=create)
+        return control_dir_fd(self.project, layout.ORPHANS, create=create)
 
     @staticmethod
     def _remove_stale_temps(dir_fd: int, name: str) -> None:

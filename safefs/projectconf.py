@@ -23,10 +23,11 @@ import secrets
 import tomllib
 from pathlib import Path
 
+from safefs import layout
 from safefs.errors import Refused
 from safefs.lease.store import control_dir_fd
 
-NAME = "config.toml"
+NAME = layout.CONFIG
 BACKENDS = ("dir", "etcd")
 
 
@@ -112,7 +113,7 @@ def read(project: Path) -> ProjectConf:
             os.close(fd)
     finally:
         os.close(dir_fd)
-    return parse(raw.decode("utf-8", "replace"), str(project / ".safefs" / NAME))
+    return parse(raw.decode("utf-8", "replace"), str(layout.path(project, NAME)))
 
 
 def write(project: Path, conf: ProjectConf) -> None:

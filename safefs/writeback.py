@@ -28,10 +28,11 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from safefs import layout
 from safefs.backing import Attrs, Backing, Fingerprint
 from safefs.cache import ContentCache
 from safefs.clock import Clock
-from safefs.config import CONTROL_DIR_NAME, MountConfig
+from safefs.config import MountConfig
 from safefs.content import Content, fingerprint_tuple
 from safefs.errors import ReadOnly
 from safefs.inodes import Inode, InodeTable
@@ -127,7 +128,7 @@ class WriteBack:
 
     def _staging(self) -> BPath:
         epoch = getattr(self.gate, "epoch", 0)
-        return (CONTROL_DIR_NAME, b"staging", str(epoch).encode())
+        return layout.backing_path(layout.STAGING, str(epoch))
 
     @contextlib.asynccontextmanager
     async def _pinned(self, ino: int) -> AsyncIterator[int]:

@@ -13,6 +13,14 @@ Invariants:
 - Store calls block; they run in worker threads behind the "lease" CapacityLimiter and are
   abandoned on cancellation. That is safe: a renewal that lands late only makes observers wait
   longer, a claim that lands unseen looks like a crashed holder, a late read is discarded.
+- The role ("writer" or "follower", `LeaseMachine.role`) lives here and nowhere else. Whoever
+  acts on it (the filesystem, the kernel-cache policy, the daemon) subscribes with
+  `on_role(listener)`: the listener is called once at once with the current role, then
+  synchronously, on the trio thread, at the moment the role changes, before any other task
+  runs (`_tell_role`: right after a claim lands, before the first heartbeat, and in `_notify`,
+  which every other change of the machine's state goes through). Listeners must not block or
+  await; one that needs I/O sets an event for its own task. Nobody polls the role or keeps a
+  copy that could disagree with it; `role` and `statistics()` read it.
 - Time is read only from the injected Clock, and waiting uses trio.sleep/move_on_after with
   durations computed from it: with trio's MockClock and a clock on trio's time (tests/doubles.py)
   tests run in virtual time.
@@ -41,6 +49,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Runner = Callable[..., Awaitable[Any]]  # await runner(sync_fn, *args) -> sync_fn(*args)
 EventHook = Callable[[str, int, str], None]  # on_event(kind, epoch, detail); see LeaseKeeper
+RoleListener = Callable[[str], None]  # listener(role), role "writer" or "follower"; see on_role
 
 
 class LeaseKeeper:
@@ -80,6 +89,8 @@ class LeaseKeeper:
         self._kick = trio.Event()  # wakes the main loop early (acquire, release)
         self._on_event = on_event
         self._told_lost: int | None = None  # the epoch whose loss on_event was told of
+        self._role_listeners: list[RoleListener] = []
+        self._told_role = self._m.role  # the role the listeners were last told of
 
     # -- the WriteGate the filesystem and flusher ask -----------------------------------------
 
@@ -90,6 +101,13 @@ class LeaseKeeper:
     @property
     def role(self) -> str:
         return self._m.role
+
+    def on_role(self, listener: RoleListener) -> None:
+        """Call `listener(role)` now with the current role, then at every change of it (on the
+        trio thread, synchronously, in subscription order). It must not block; an exception
+        it raises is logged and ignored."""
+        self._role_listeners.append(listener)
+        self._tell(listener, self._told_role)
 
     def writable(self) -> bool:
         return self._m.writable(self._clock.monotonic())
@@ -133,6 +151,11 @@ class LeaseKeeper:
         if not m.holding or m.writable_from <= now:
             return None
         return self._clock.wall() + (m.writable_from - now)
+
+    async def wait_role_other_than(self, role: str) -> None:
+        """Return once the role is not `role` (at once if it is not already)."""
+        while self._m.role == role:
+            await self._changed.wait()
 
     async def wait_lost(self) -> None:
         """Return once this mount has lost the lease it held (a clean release does not count)."""
@@ -301,6 +324,7 @@ class LeaseKeeper:
             kind = "takeover" if winner.kind == "takeover" else "acquire"
             log.info("lease: %s epoch %d", "took over" if kind == "takeover" else "acquired", m.epoch)
             detail = f"from {previous.describe()}" if kind == "takeover" and previous is not None else ""
+            self._tell_role()
             self._event(kind, m.epoch, detail)
             await self._hold()  # the first heartbeat at once, so observers see a live holder
         else:
@@ -370,10 +394,23 @@ class LeaseKeeper:
         except Exception:  # noqa: BLE001 (a history record must never break the lease)
             log.exception("lease: the %s event hook failed", kind)
 
+    def _tell(self, listener: RoleListener, role: str) -> None:
+        try:
+            listener(role)
+        except Exception:  # noqa: BLE001 (a subscriber's bug must never break the lease)
+            log.exception("lease: a role listener failed")
+
+    def _tell_role(self) -> None:
+        if self._m.role != self._told_role:
+            self._told_role = self._m.role
+            for listener in list(self._role_listeners):
+                self._tell(listener, self._told_role)
+
     def _notify(self) -> None:
         if self._m.state is State.LOST and self._told_lost != self._m.lost_epoch:
             self._told_lost = self._m.lost_epoch  # self._m.epoch moves on to the newest epoch seen
             self._event("self-fence", self._m.lost_epoch, self._m.lost_reason or "")
+        self._tell_role()
         self._changed.set()
         self._changed = trio.Event()
 

@@ -1,14 +1,11 @@
 """Blocking, NFS-safe operations on the lease files (an in-memory twin is in tests/doubles.py).
 
-Layout in `<project>/.safefs/` (N zero-padded to 12 digits, so that `ls` sorts epochs):
+The files, in `<project>/.safefs/` (the whole tree is drawn in safefs/layout.py):
   lease/epoch.N     immutable record of epoch N; created only by link(), never deleted
   lease/hb.N        heartbeat of epoch N: a counter its holder rewrites in place and fsyncs
   lease/released.N  clean-release marker; created only by link()
   lease/tmp/        uniquely named temp files, the sources of those links
-  staging/N/        the flusher's staging files of epoch N (created by the flusher, not here)
   quarantine/N/     staging files of an epoch that was taken over, moved aside for recovery
-  orphans/          one marker per host cache holding changes it may not write back
-                    (safefs.orphans, not here; status records, replaced by rename)
 
 Invariants:
 - A name is claimed only by link()ing a complete, fsynced temp file to it: never taken with
@@ -39,8 +36,8 @@ import stat
 from pathlib import Path
 from typing import Protocol
 
-from safefs import procs
-from safefs.config import CONTROL_DIR_NAME
+from safefs import layout, procs
+from safefs.layout import epoch_name, hb_name, released_name
 from safefs.lease.model import CorruptLease, EpochRecord, Heartbeat, Identity, Observation
 
 FILE_MODE = 0o644
@@ -48,18 +45,6 @@ DIR_MODE = 0o755
 HEARTBEAT_MAX = 4096  # a heartbeat is one short line; read no more than this
 
 _EPOCH = re.compile(r"epoch\.(\d{12})")
-
-
-def epoch_name(n: int) -> str:
-    return f"epoch.{n:012d}"
-
-
-def hb_name(n: int) -> str:
-    return f"hb.{n:012d}"
-
-
-def released_name(n: int) -> str:
-    return f"released.{n:012d}"
 
 
 class LeaseStore(Protocol):
@@ -142,8 +127,8 @@ class DirLeaseStore:
 
     def __init__(self, project: Path) -> None:
         self.project = project
-        self.root = project / os.fsdecode(CONTROL_DIR_NAME)
-        self.lease_dir = self.root / "lease"
+        self.root = layout.path(project)
+        self.lease_dir = self.root / layout.LEASE
 
     def __repr__(self) -> str:
         return f"DirLeaseStore({str(self.lease_dir)!r})"
@@ -156,7 +141,7 @@ class DirLeaseStore:
 
     def observe(self) -> Observation:
         try:
-            dir_fd = self._dir_fd("lease")
+            dir_fd = self._dir_fd(layout.LEASE)
         except FileNotFoundError:
             return Observation(0, None, False, None)
         try:
@@ -179,8 +164,8 @@ class DirLeaseStore:
     def _publish(self, content: bytes, label: str, name: str, record: EpochRecord | None) -> EpochRecord:
         """link() a complete temp file to `name` in lease/. For a claim (`record` given) return
         the record found there: ours if our link landed, the winner's otherwise."""
-        lease_fd = self._dir_fd("lease", create=True)
-        tmp_fd = self._dir_fd("lease", "tmp", create=True)
+        lease_fd = self._dir_fd(layout.LEASE, create=True)
+        tmp_fd = self._dir_fd(layout.LEASE, layout.LEASE_TMP, create=True)
         try:
             tmp, tmp_ino = _write_temp(tmp_fd, content, label)
             try:
@@ -210,7 +195,7 @@ class DirLeaseStore:
             os.close(lease_fd)
 
     def renew(self, epoch: int, beat: bytes) -> bool:
-        dir_fd = self._dir_fd("lease")
+        dir_fd = self._dir_fd(layout.LEASE)
         try:
             try:
                 fd = os.open(hb_name(epoch), os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
@@ -235,7 +220,7 @@ class DirLeaseStore:
 
     def quarantine(self, epoch: int) -> int:
         try:
-            staging_fd = self._dir_fd("staging")
+            staging_fd = self._dir_fd(layout.STAGING)
         except FileNotFoundError:
             return 0
         moved = 0
@@ -250,7 +235,7 @@ class DirLeaseStore:
                     entries = os.listdir(src_fd)
                     if not entries:
                         continue
-                    dst_fd = self._dir_fd("quarantine", name, create=True)
+                    dst_fd = self._dir_fd(layout.QUARANTINE, name, create=True)
                     try:
                         # One rename per entry, not per directory: a late RENAME from the old
                         # holder names its source by (directory, name), so it now fails with
@@ -276,7 +261,7 @@ def control_dir_fd(project: Path, *parts: str, create: bool = False) -> int:
     group-write and setgid bits (a group-shared project stays usable by the group)."""
     fd = os.open(project, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for part in (os.fsdecode(CONTROL_DIR_NAME), *parts):
+        for part in (os.fsdecode(layout.DIR), *parts):
             if create:
                 _ensure_dir_at(project, fd, part)
             child = os.open(part, _NOFOLLOW_DIR, dir_fd=fd)

@@ -29,12 +29,13 @@ import trio
 
 from safefs.backing import Backing
 from safefs.cache import ContentCache
-from safefs.config import CONTROL_DIR_NAME, MountConfig
+from safefs.config import MountConfig
 from safefs.errors import FsError, ReadOnly, SafefsError
 from safefs.flusher import Flusher
 from safefs.fs import Filesystem, Limiters
 from safefs.inodes import ROOT_INO, Inode, InodeTable
 from safefs.journal import Journal
+from safefs.layout import DIR as CONTROL_DIR_NAME
 from tests.doubles import FakeClock
 
 BOOT_ID = "boot-1"

@@ -470,3 +470,81 @@ async def test_keepers_on_the_directory_store_hand_over_through_worker_threads(t
     ]
     assert list((lease / "tmp").iterdir()) == []
     assert b.statistics()["holder"]["host"] == "b" and 0 < b.statistics()["deadline"] <= REAL.holder_budget()
+
+
+async def test_role_listeners_hear_every_change_of_role_at_the_moment_it_happens(
+    project: MemoryLeaseStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    """The keeper is the one holder of the role: a listener hears the role at subscription,
+    then each change synchronously, and what it hears always equals `keeper.role`."""
+    a, b = Host(project, "a"), Host(project, "b")
+    heard: dict[str, list[str]] = {"a": [], "b": []}
+
+    def listen(host: Host) -> None:
+        def listener(role: str) -> None:
+            assert role == host.keeper.role  # told at the change, not after
+            heard[host.name].append(role)
+
+        host.keeper.on_role(listener)
+
+    def failing(role: str) -> None:
+        raise RuntimeError("a buggy subscriber")
+
+    listen(a)
+    b.keeper.on_role(failing)  # logged and ignored: the lease and the other listeners go on
+    listen(b)
+    assert heard == {"a": ["follower"], "b": ["follower"]}
+    async with trio.open_nursery() as nursery:
+        assert await a.start(nursery) == "writer"
+        assert await b.start(nursery) == "follower"
+        assert heard == {"a": ["follower", "writer"], "b": ["follower"]}
+        await trio.sleep(5.0)
+        await a.keeper.release()
+        assert heard["a"] == ["follower", "writer", "follower"]  # before release() returned
+        with trio.fail_after(T.poll + 0.5):
+            await b.keeper.acquire(wait=True)
+        assert heard["b"] == ["follower", "writer"]
+        b.store.hang()  # b fences itself at its deadline: the listener hears it then
+        with trio.fail_after(BUDGET + 1):
+            await b.keeper.wait_lost()
+        assert heard["b"] == ["follower", "writer", "follower"]
+        assert heard["a"] == ["follower", "writer", "follower"]  # nothing heard without a change
+        nursery.cancel_scope.cancel()
+
+
+async def test_waiting_for_the_role_to_change_returns_at_the_change(
+    project: MemoryLeaseStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    a = Host(project, "a")
+    async with trio.open_nursery() as nursery:
+        assert await a.start(nursery) == "writer"
+        with trio.fail_after(0.01):
+            await a.keeper.wait_role_other_than("follower")  # it is not: at once
+        returned_at: list[float] = []
+
+        async def waiter() -> None:
+            await a.keeper.wait_role_other_than("writer")
+            returned_at.append(trio.current_time())
+
+        nursery.start_soon(waiter)
+        await trio.sleep(3 * T.t_break)  # renewals wake the keeper's waiters; the role stays
+        assert returned_at == []
+        released_at = trio.current_time()
+        await a.keeper.release()
+        await trio.sleep(0.01)
+        assert returned_at == [released_at]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_role_listener_hears_of_the_lease_when_the_claim_lands_not_after_the_first_heartbeat(
+    project: MemoryLeaseStore, autojump_clock: trio.testing.MockClock
+) -> None:
+    a = Host(project, "a")
+    heard: list[str] = []
+    a.keeper.on_role(heard.append)
+    a.store.hang("renew")  # the first heartbeat hangs until the deadline
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.start, nursery)
+        await trio.sleep(0.5)
+        assert a.keeper.role == "writer" and heard == ["follower", "writer"]
+        nursery.cancel_scope.cancel()

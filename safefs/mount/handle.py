@@ -1,0 +1,445 @@
+"""The control socket's handler: status, sync, acquire, recover and unmount of this mount.
+
+`safefs/control/server.py` calls these methods (the ControlHandler protocol) on the trio
+thread. `state` says where the mount is: "mounted", "unmounted" (the final write-back runs),
+"exiting". The control socket answers until the end, so `status` lists an unmounted mount that
+still writes back, and `umount`/`sync` on it wait for the outcome. `safefs umount` makes the
+daemon run the unmount itself before it releases anything (prepare_unmount): a refused (busy)
+unmount leaves the mount the writer it was. Calls that wait tell the client every
+PROGRESS_INTERVAL how far the write-back is and what it waits for.
+
+Invariants: a mount holding changes it cannot write back never reports them safe (G4,
+`_refuse_if_orphaned`); a write-back a caller gave up on goes on in the background.
+
+Threading: the trio thread; listings of the project and fusermount3 run in worker threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from safefs import logs, ranges, unmount
+from safefs.control import protocol
+from safefs.errors import LeaseHeldElsewhere, SafefsError, SyncTimeout, Unwritten
+from safefs.fuse_ops import flush_kernel_pages
+from safefs.inodes import ROOT_INO
+
+if TYPE_CHECKING:
+    from safefs.backing import Backing
+    from safefs.config import MountConfig
+    from safefs.flusher import Flusher
+    from safefs.fs import Filesystem
+    from safefs.fuse_ops import SafeOperations
+    from safefs.lease.backends import ProjectLeaseStore
+    from safefs.lease.keeper import LeaseKeeper
+    from safefs.orphans import OrphanStore
+
+log = logging.getLogger(__name__)
+
+ORPHAN_READ_TIMEOUT = 3.0  # `status` waits this long for the list of markers (the CLI waits 10 s)
+KERNEL_FLUSH_TIMEOUT = 300.0  # syncfs of our own mount before a write-back without a timeout
+PROGRESS_INTERVAL = 0.5  # how often a waiting `sync` or `umount` hears how far the write-back is
+SYNC_GRACE = 0.5  # a timed-out write-back gets this long to say so itself
+
+
+class MountHandle:
+    """The control-handler part of `Daemon` (see the module docstring)."""
+
+    config: MountConfig
+    host_name: str
+    keeper: LeaseKeeper
+    lease_store: ProjectLeaseStore
+    fs: Filesystem
+    backing: Backing
+    flusher: Flusher
+    ops: SafeOperations
+    orphans: OrphanStore
+    state: str  # "mounted" -> "unmounted" (final write-back) -> "exiting"
+    _services: trio.Nursery
+    _listing_limiter: trio.CapacityLimiter
+    seen_generation: dict[str, Any] | None
+    generation_seen_at: float | None
+    generation_reads: int
+    _held_epoch: int | None
+    _orphan_reason: str | None
+    _exit_detail: str | None
+    _final_done: trio.Event  # the final write-back is over (see _wait_final)
+    _final_waiters: int  # control calls waiting for it, still to answer
+    _final_receipt: Any
+
+    if TYPE_CHECKING:
+
+        @property
+        def role(self) -> str: ...
+
+        async def _take_role(self) -> None: ...
+
+        def _invalidate_kernel(self) -> None: ...
+
+        async def _read_generation(self) -> dict[str, Any] | None: ...
+
+        async def _write_back(self, timeout: float | None, progress: Any = None) -> Any: ...
+
+        def _record_conflicts(self) -> None: ...
+
+        def _record_event(self, kind: str, epoch: int | None, detail: str) -> None: ...
+
+        def _why_orphaned(self) -> str: ...
+
+        async def _update_orphan_marker_now(self, reason: str | None = None) -> None: ...
+
+    # -- the control socket's handler ----------------------------------------------------
+    async def status(self) -> protocol.Status:
+        config = self.config
+        # The keeper, the lease store and the flusher report dicts; the protocol types them.
+        lease = dataclasses.replace(
+            protocol.from_wire(protocol.LeaseStatistics, {**self.keeper.statistics(), **self.lease_store.describe()}),
+            generation=self.flusher.generation if self.role == "writer" else
+            (self.seen_generation or {}).get("generation"),
+            project_polls=self.lease_store.project_requests + self.generation_reads,
+            generation_seen_at=self.generation_seen_at if self.role != "writer" else None,
+        )  # fmt: skip
+        return protocol.Status(
+            src=str(config.src),
+            mnt=str(config.mnt),
+            cache_dir=str(config.cache_dir),
+            pid=os.getpid(),
+            host=self.host_name,
+            role=self.keeper.role,
+            state=self.state,
+            flush=protocol.from_wire(protocol.FlushStatistics, self.flusher.statistics()),
+            bytes_fetched=self.backing.bytes_read,
+            bytes_written=self.backing.bytes_written,
+            cache_bytes=self.fs.cached_bytes(),
+            cache_limit=config.cache_size,
+            cache_hits=self.fs.stats.cache_hits,
+            fetches=self.fs.stats.fetches,
+            evictions=self.fs.stats.evictions,
+            inodes=len(self.fs.table.inodes),
+            internal_errors=self.ops.bugs,
+            kernel_writeback_cache=self.ops.enable_writeback_cache,
+            writeback_delay=config.writeback_delay,
+            lease=lease,
+            warnings=[protocol.from_wire(protocol.LogWarning, item) for item in logs.recent()],
+            orphan_listing=await self._orphan_listing(),
+        )
+
+    async def _orphan_listing(self) -> protocol.OrphanListing:
+        """Every host's orphan markers (ours too) for `status`: `orphans` (a list of records,
+        or None if the project did not answer in time), `orphans_error`, `orphans_skipped`."""
+        try:
+            with trio.fail_after(ORPHAN_READ_TIMEOUT):
+                listing = await trio.to_thread.run_sync(
+                    self.orphans.list, limiter=self._listing_limiter, abandon_on_cancel=True
+                )
+        except trio.TooSlowError:
+            error = f"{self.orphans.path} did not answer within {ORPHAN_READ_TIMEOUT:g} s"
+            return protocol.OrphanListing(orphans=None, orphans_error=error, orphans_skipped=[])
+        except OSError as exc:
+            error = f"cannot read {self.orphans.path}: {exc.strerror or exc}"
+            return protocol.OrphanListing(orphans=None, orphans_error=error, orphans_skipped=[])
+        records = [protocol.Orphan(name=name, **dataclasses.asdict(record)) for name, record in listing.records]
+        skipped = [protocol.SkippedOrphan(name=s.name, error=s.error) for s in listing.skipped]
+        return protocol.OrphanListing(orphans=records, orphans_error=None, orphans_skipped=skipped)
+
+    async def sync(self, *, release: bool, timeout: float | None, progress: Any) -> protocol.SyncReceipt:
+        if self.state != "mounted":  # unmounted: sync means "wait for the final write-back"
+            outcome = await self._wait_final(timeout, progress)
+            self._refuse_if_orphaned(unmounted=True)
+            final = self._final_receipt
+            return protocol.SyncReceipt(role=outcome.role, final=outcome.final, files=getattr(final, "files", 0),
+                                        bytes=getattr(final, "bytes", 0), ops=getattr(final, "ops", 0),
+                                        generation=getattr(final, "generation", None), epoch=self._held_epoch,
+                                        released=True)  # fmt: skip
+        if self.keeper.role != "writer":
+            self._refuse_if_orphaned()
+            # A follower has nothing to write back; sync means "show me the latest".
+            self.fs.mark_stale()
+            self._invalidate_kernel()
+            record = await self._read_generation()
+            self.seen_generation = record or self.seen_generation
+            return protocol.SyncReceipt(role="follower", epoch=self.keeper.epoch,
+                                        generation=(record or {}).get("generation"))  # fmt: skip
+        receipt = await self._write_back_reported(timeout, progress)
+        epoch = self.keeper.epoch
+        if release:
+            await self.keeper.release()
+            await self._take_role()
+        return protocol.SyncReceipt(
+            role=self.keeper.role,
+            epoch=epoch,
+            generation=receipt.generation,
+            files=receipt.files,
+            bytes=receipt.bytes,
+            ops=receipt.ops,
+            released=release,
+            # since the last sync, background ones too
+            conflicts=[protocol.from_wire(protocol.Conflict, c) for c in self.flusher.report_conflicts()],
+        )
+
+    async def _write_back_reported(self, timeout: float | None, progress: Any) -> Any:
+        """_write_back in the background, answering within about `timeout` whatever a backing
+        call in flight does, and telling the client each second what it waits for. On a
+        timeout the write-back goes on by itself; the SyncTimeout names the real cause."""
+        await self._flush_kernel(timeout)
+        outcome: list[Any] = []
+        done = trio.Event()
+
+        async def write_back() -> None:
+            try:
+                outcome.append(await self._write_back(timeout))
+            except Exception as exc:  # answered to the caller below, never a crash of the services
+                outcome.append(exc)
+            finally:
+                done.set()
+
+        self._services.start_soon(write_back)
+        with trio.move_on_after(float("inf") if timeout is None else timeout + SYNC_GRACE):
+            await self._wait_reporting(done, progress, self._write_back_wait)
+        if not outcome or isinstance(outcome[0], SyncTimeout):
+            raise self._sync_timeout(timeout)
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
+
+    async def _flush_kernel(self, timeout: float | None) -> None:
+        """With the writeback cache, the kernel holds pages written to files still open: make
+        it send them before a write-back that `sync`, `sync --release` or `umount` asked for."""
+        if self.state == "mounted" and getattr(self, "ops", None) is not None and self.ops.enable_writeback_cache:
+            await flush_kernel_pages(str(self.config.mnt), KERNEL_FLUSH_TIMEOUT if timeout is None else timeout)
+
+    async def _wait_reporting(self, event: trio.Event, progress: Any, what: Any) -> None:
+        """Wait for `event`; meanwhile tell `progress` every PROGRESS_INTERVAL how far the
+        write-back is (files and bytes left and done) and what it waits for: `what()` =
+        (waiting_for, detail)."""
+        ops, files, nbytes = self._unwritten_counts()
+        files_total, bytes_total = ops + files, nbytes
+        while True:
+            with trio.move_on_after(PROGRESS_INTERVAL):
+                await event.wait()
+                return
+            if progress is None:
+                continue
+            ops, files, nbytes = self._unwritten_counts()
+            files_total, bytes_total = max(files_total, ops + files), max(bytes_total, nbytes)
+            waiting_for, detail = what()
+            await progress(protocol.ProgressReport(
+                waiting_for=waiting_for, detail=detail,
+                files_done=files_total - ops - files, files_total=files_total,
+                bytes_done=bytes_total - nbytes, bytes_total=bytes_total,
+            ))  # fmt: skip
+
+    def _write_back_wait(self) -> tuple[str, str]:
+        ops, files, nbytes = self._unwritten_counts()
+        left = f"{ops + files} changes, {nbytes} bytes left"
+        lock_delay = self.keeper.statistics().get("lock_delay")
+        if lock_delay:
+            return "the lock delay after taking over the lease, before writing to the project", \
+                f"{lock_delay:.0f} s left; {left}"  # fmt: skip
+        error = self.flusher.last_error
+        if error is not None:
+            return "the project, which fails (retrying)", f"{error.op} {error.path}: {error.error}; {left}"
+        return "the write-back to the project", left
+
+    def _sync_timeout(self, timeout: float | None) -> SyncTimeout:
+        """The timeout of a sync, naming why: the project fails, or the write-back is not done."""
+        within = "in time" if timeout is None else f"within {timeout:g} s"
+        waiting_for, detail = self._write_back_wait()
+        if self.flusher.last_error is not None:
+            return SyncTimeout(
+                f"sync did not finish {within}: the project fails ({detail}); the dirty data stays "
+                "safe in the cache",
+                hint="check the project's NFS server; the write-back goes on by itself, run `safefs sync` again",
+            )
+        return SyncTimeout(
+            f"sync did not finish {within}: waiting for {waiting_for} ({detail}); the project answers, the "
+            "write-back was simply not finished; the dirty data stays safe in the cache",
+            hint="it goes on in the background; run `safefs sync` again to wait for it",
+        )
+
+    async def _wait_final(self, timeout: float | None, progress: Any) -> protocol.UnmountReceipt:
+        """Wait for the final write-back of an unmounted mount; what it left, for the caller."""
+        self._final_waiters += 1
+        try:
+            with trio.move_on_after(float("inf") if timeout is None else timeout):
+                await self._wait_reporting(self._final_done, progress, self._final_wait)
+            if not self._final_done.is_set():
+                ops, files, nbytes = self._unwritten_counts()
+                raise SyncTimeout(
+                    f"{self.config.mnt} is unmounted, but its daemon (pid {os.getpid()}) is still writing "
+                    f"back after {timeout:g} s ({ops + files} changes, {nbytes} bytes left)",
+                    hint="it goes on by itself; `safefs status` shows how far it is",
+                )
+            return self._outcome()
+        finally:
+            self._final_waiters -= 1
+
+    def _final_wait(self) -> tuple[str, str]:
+        if self.state == "mounted":
+            return f"the files still open in the detached mount {self.config.mnt} to be closed", \
+                f"{self.fs.open_files()} open"  # fmt: skip
+        waiting_for, detail = self._write_back_wait()
+        return f"{waiting_for} (final, after the unmount)", detail
+
+    def _outcome(self) -> protocol.UnmountReceipt:
+        """What an unmount left: everything written back, or how much stays in which cache."""
+        ops, files, nbytes = self._unwritten_counts()
+        return protocol.UnmountReceipt(role=self.keeper.role, final=protocol.FinalWriteBack(
+            src=str(self.config.src), cache_dir=str(self.config.cache_dir), pid=os.getpid(),
+            state=self.state, unmounted=True,
+            unwritten=ops + files, unwritten_files=files, unwritten_ops=ops, unwritten_bytes=nbytes,
+            unwritten_reason=self._exit_detail or self._orphan_reason or self._why_orphaned()
+            if ops + files else None,
+        ))  # fmt: skip
+
+    def _unwritten(self) -> tuple[int, int]:
+        """(files, bytes) this cache holds that the project does not have."""
+        ops, files, nbytes = self._unwritten_counts()
+        return files + ops, nbytes
+
+    def _unwritten_counts(self) -> tuple[int, int, int]:
+        """(pending ops, dirty files, dirty bytes) this cache holds that the project does not have."""
+        # The same count as the flusher's status: the root has no name, its attributes count.
+        dirty = [i for i in self.fs.table.iter_dirty() if i.links or i.ino == ROOT_INO]
+        return len(self.fs.table.ops), len(dirty), sum(ranges.total(i.dirty) for i in dirty)
+
+    def _refuse_if_orphaned(self, *, unmounted: bool = False) -> None:
+        """A mount holding changes it cannot write back must not report them safe (G4)."""
+        ops, files, nbytes = self._unwritten_counts()
+        if ops or files:
+            recover = f"safefs recover --cache-dir {self.config.cache_dir} {self.config.src}"
+            if not unmounted:
+                recover = f"safefs recover {self.config.mnt}` (or, once unmounted, `{recover}"
+            raise Unwritten(
+                f"{files} files ({nbytes} bytes) and {ops} pending operations stay in the cache "
+                f"{self.config.cache_dir} and are not in the project {self.config.src} "
+                f"({self._orphan_reason or self._why_orphaned()})",
+                hint=f"run `{recover}` on this host to write them back (a file changed meanwhile "
+                "is kept beside as a conflict copy)",
+            )
+
+    async def acquire(self, *, wait: bool, timeout: float | None, progress: Any = None) -> protocol.AcquireReceipt:
+        """Become the writer. Without `wait` a live holder is refused (once its heartbeat was
+        seen to move: up to one renewal); a holder whose heartbeat stands still is taken over,
+        and that is waited for (T_break, then the lock delay). Meanwhile the client is told
+        each second what this waits for."""
+        timings = self.config.lease
+        if not wait:
+            bound = timings.renew + timings.t_break + timings.lock_delay + 4 * timings.poll + 2 * timings.renew
+            timeout = bound if timeout is None else min(timeout, bound)
+        result: list[Any] = []
+        done = trio.Event()
+
+        async def take() -> None:
+            try:
+                try:
+                    epoch = await self.keeper.acquire(wait=wait)  # without wait: a free lease, or
+                except LeaseHeldElsewhere:  # this host's dead process; else is the holder alive?
+                    if wait or not await self._holder_looks_dead():
+                        raise
+                    epoch = await self.keeper.acquire(wait=True)
+                result.append(epoch)
+                await self._take_role()
+            except SafefsError as exc:  # raised below, not as an exception group
+                result.append(exc)
+            finally:
+                done.set()
+
+        with trio.move_on_after(timeout if timeout is not None else float("inf")):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(take)
+                await self._wait_reporting(done, progress, self._lease_wait)
+            if isinstance(result[0], SafefsError):
+                raise result[0]
+            return protocol.AcquireReceipt(role=self.keeper.role, epoch=result[0])
+        raise LeaseHeldElsewhere(
+            "gave up waiting for the lease", hint="see `safefs status` for who holds it"
+        )
+
+    async def _holder_looks_dead(self) -> bool:
+        """Watch the holder's heartbeat until it moves (alive: False) or stands still for a
+        renewal and two polls (True: it is being taken over, or the lease was freed)."""
+        timings = self.config.lease
+        silence = timings.renew + 2 * timings.poll
+        started = trio.current_time()
+        first_seen: float | None = None  # when the heartbeat last moved, as first seen here
+        while True:
+            holder = self.keeper.statistics()["holder"]
+            if not isinstance(holder, dict) or self.keeper.role == "writer":
+                return True
+            age = holder.get("heartbeat_age")
+            if isinstance(age, (int, float)):
+                moved_at = trio.current_time() - age
+                if first_seen is None:
+                    first_seen = moved_at
+                elif moved_at > first_seen + min(0.1, timings.poll):
+                    return False  # it moved while we watched: alive
+                if age > silence:
+                    return True
+            elif trio.current_time() - started > silence + timings.t_break:
+                return False  # nothing to go by; refuse as before
+            await trio.sleep(min(0.1, timings.poll))
+
+    def _lease_wait(self) -> tuple[str, str]:
+        lease, timings = self.keeper.statistics(), self.config.lease
+        if lease["role"] == "writer":
+            return "the lock delay after taking over the lease", f"{lease.get('lock_delay') or 0:.0f} s left"
+        holder = lease["holder"]
+        if isinstance(holder, dict):
+            age = holder.get("heartbeat_age") or 0.0
+            return f"the lease held by {holder.get('host')} (pid {holder.get('pid')})", \
+                f"its heartbeat, renewed every {timings.renew:g} s while it lives, stood still for " \
+                f"{age:.0f} s; a dead holder is taken over after {timings.t_break:g} s and a lock delay " \
+                f"of {timings.lock_delay:g} s"  # fmt: skip
+        return "the lease", "looking for a free epoch"
+
+    async def recover(self, *, timeout: float | None) -> protocol.RecoverReceipt:
+        """Write back what this cache holds and the project does not (an orphan of a lost
+        lease, or of a crash while another host wrote): take the lease for it if needed,
+        publish under the usual rules (a file changed meanwhile elsewhere is kept side by side
+        as a conflict copy, never overwritten), then give the lease back if it was taken."""
+        files, nbytes = self._unwritten()
+        if not files:
+            return protocol.RecoverReceipt(files=0, bytes=0, conflicts=[], epoch=self.keeper.epoch)
+        took = self.keeper.role != "writer"
+        if took:
+            await self.keeper.acquire(wait=False)  # LeaseHeldElsewhere names a live holder
+            await self._take_role()
+        conflicts_before = len(self.flusher.conflicts)
+        receipt = await self._write_back(timeout)
+        self._record_conflicts()  # in the history before the release, where they happened
+        if took:
+            await self.keeper.release()
+            await self._take_role()
+        await self._update_orphan_marker_now()  # so that `recover` returning means the marker is gone
+        self._record_event("recover", self.keeper.epoch, f"{files} changes ({nbytes} bytes) written back")
+        return protocol.RecoverReceipt(
+            files=files, bytes=nbytes, epoch=self.keeper.epoch, generation=receipt.generation,
+            conflicts=[protocol.from_wire(protocol.Conflict, c) for c in self.flusher.conflicts[conflicts_before:]],
+            released=took,
+        )  # fmt: skip
+
+    async def prepare_unmount(
+        self, *, timeout: float | None, lazy: bool = False, progress: Any = None
+    ) -> protocol.UnmountReceipt:
+        """Write back, unmount (here, in our own mount namespace), wait for the final write-back
+        and say what it left. A refused (busy) unmount raises Busy before anything was
+        released: the mount stays the writer and its open files keep working."""
+        deadline = trio.current_time() + (float("inf") if timeout is None else timeout)
+        self._final_waiters += 1  # from here: the session may end before fusermount3 returns
+        try:
+            if self.state == "mounted":
+                if self.keeper.role == "writer":
+                    await self._write_back_reported(timeout, progress)
+                await trio.to_thread.run_sync(functools.partial(unmount.fusermount, self.config.mnt, lazy=lazy))
+                log.info("daemon: %s unmounted (safefs umount); writing back the rest", self.config.mnt)
+            remaining = deadline - trio.current_time()
+            return await self._wait_final(None if remaining == float("inf") else max(0.0, remaining), progress)
+        finally:
+            self._final_waiters -= 1

@@ -1,0 +1,188 @@
+"""Shut-down: signals, the mount watch, and the final write-back.
+
+Shut-down (kernel unmount, `safefs umount`, SIGTERM/SIGINT): stop serving requests, unmount,
+then write back everything (shielded, retried until the backing tree accepts it or the
+final-flush time runs out, in which case the dirty data stays in the cache for the next
+mount), close the journal, exit. The session also ends when the mount vanishes from this
+namespace's mount table while the kernel keeps the connection open (a copy in another mount
+namespace; see safefs/unmount.py and `_watch_mount`). A signal during the final write-back
+stops it: the dirty data stays in the cache, and `kill` must work.
+
+Threading: the trio thread; fusermount3 and the project's calls run in worker threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from safefs import unmount
+from safefs.control import protocol
+from safefs.errors import ExitCode, SafefsError, SyncTimeout
+from safefs.fuse_ops import mount_device
+
+if TYPE_CHECKING:
+    from safefs.backing import Backing
+    from safefs.config import MountConfig
+    from safefs.flusher import Flusher
+    from safefs.fs import Filesystem
+    from safefs.fuse_ops import Session
+    from safefs.lease.keeper import LeaseKeeper
+
+log = logging.getLogger(__name__)
+
+FINAL_FLUSH_TIMEOUT = 120.0
+FINAL_FLUSH_STALL = 15.0  # see Shutdown._write_back_unless_stalled
+MOUNT_WATCH_INTERVAL = 0.5  # how often the mount table is read for our mount (Shutdown._watch_mount)
+
+
+class Shutdown:
+    """The shut-down part of `Daemon` (see the module docstring)."""
+
+    config: MountConfig
+    keeper: LeaseKeeper
+    fs: Filesystem
+    backing: Backing
+    flusher: Flusher
+    session: Session
+    terminated: bool
+    _mount_gone: bool  # _watch_mount ended the session: nothing left to unmount
+    _exit_detail: str | None  # why the final write-back left changes behind
+    _final_receipt: Any  # what the final write-back wrote, for `sync` after it
+
+    if TYPE_CHECKING:
+
+        def _record_conflicts(self) -> None: ...
+
+        async def _mark_orphan_at_exit(self) -> None: ...
+
+    async def _watch_mount(self) -> None:
+        """End the session once our mount is gone from this namespace's mount table, even if
+        the kernel keeps the connection open for a copy of it in another mount namespace
+        (which would keep us serving, silent, until that namespace dies). A lazily detached
+        mount is served until its last open file is closed."""
+        device = mount_device(os.fspath(self.config.mnt))
+        if device is None:
+            log.warning("fuse: %s is not in the mount table; not watching it", self.config.mnt)
+            return
+        while True:
+            await trio.sleep(MOUNT_WATCH_INTERVAL)
+            if self.fs.open_files() or unmount.mount_present(device):
+                continue
+            log.info("fuse: %s is no longer mounted here; ending the session (a copy of it in "
+                     "another mount namespace may still hold the kernel connection)", self.config.mnt)  # fmt: skip
+            self._mount_gone = True
+            self.session.terminate()
+            return
+
+    async def _final_flush_until_signalled(self) -> int:
+        """The final write-back, cut short by SIGTERM/SIGINT (the dirty data stays in the cache
+        for the next mount: stopping now loses nothing, and `kill` must work)."""
+        code = int(ExitCode.BACKING_FAILED)
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def stop_on_signal() -> None:
+                    async for signum in signals:
+                        log.warning("daemon: %s during the final write-back; stopping, the dirty "
+                                    "data stays in %s", signal.Signals(signum).name, self.config.cache_dir)  # fmt: skip
+                        nursery.cancel_scope.cancel()
+
+                async def flush() -> None:
+                    nonlocal code
+                    code = await self._final_flush()
+                    self._record_conflicts()
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(stop_on_signal)
+                nursery.start_soon(flush)
+        if code != int(ExitCode.OK) and self._exit_detail is None:
+            self._exit_detail = "the final write-back was stopped"
+        await self._mark_orphan_at_exit()
+        return code
+
+    async def _final_flush(self) -> int:
+        """Unmount is `sync --release`: write everything back, then let the next host write."""
+        if self.keeper.role != "writer":
+            if self.fs.table.ops or any(True for _ in self.fs.table.iter_dirty()):
+                log.warning("daemon: this cache holds changes it could not write back (not the "
+                            "writer); they stay in %s", self.config.cache_dir)  # fmt: skip
+            return int(ExitCode.OK)
+        try:
+            receipt = await self._write_back_unless_stalled()
+        except SafefsError as exc:
+            self._exit_detail = f"the write-back failed: {exc.message}"
+            log.error(
+                "daemon: could not write everything back (%s); the dirty data stays in %s and is "
+                "written back at the next mount",
+                exc.message,
+                self.config.cache_dir,
+            )
+            return int(ExitCode.BACKING_FAILED)
+        self._final_receipt = receipt
+        try:
+            await self.keeper.release()
+        except SafefsError as exc:
+            log.warning("daemon: %s", exc.message)
+        log.info("daemon: wrote back %d files, %d bytes; exiting", receipt.files, receipt.bytes)
+        return int(ExitCode.OK)
+
+    async def _write_back_unless_stalled(self) -> Any:
+        """The final write-back: go on while it makes progress (up to FINAL_FLUSH_TIMEOUT), but
+        give up after FINAL_FLUSH_STALL seconds of failures without progress. The data stays in
+        the cache either way and the next mount writes it back; lingering for minutes after an
+        unmount while the project is down helps nobody."""
+        result: list[Any] = []
+        failed: list[SafefsError] = []
+
+        async def write_back() -> None:
+            try:
+                result.append(await self._write_back(FINAL_FLUSH_TIMEOUT))
+            except SafefsError as exc:  # raised below, not as an exception group
+                failed.append(exc)
+            watchdog.cancel_scope.cancel()
+
+        async with trio.open_nursery() as watchdog:
+            watchdog.start_soon(write_back)
+            last_progress, last_seen = trio.current_time(), None
+            while True:
+                await trio.sleep(0.5)
+                seen = (self.backing.bytes_written, len(self.fs.table.ops), self.flusher.flushes)
+                if seen != last_seen or self.flusher.last_error is None:
+                    last_progress, last_seen = trio.current_time(), seen
+                elif trio.current_time() - last_progress > FINAL_FLUSH_STALL:
+                    watchdog.cancel_scope.cancel()
+                    failed.append(SyncTimeout(
+                        f"the project failed for {FINAL_FLUSH_STALL:.0f} s: {self.flusher.last_error.error}",
+                    ))  # fmt: skip
+                    break
+        if failed:
+            raise failed[0]
+        return result[0]
+
+    async def _write_back(self, timeout: float | None, progress: Any = None) -> Any:
+        """flusher.sync, after waiting out a lock delay (a fresh takeover) within `timeout`."""
+        deadline = trio.current_time() + (timeout if timeout is not None else float("inf"))
+        with trio.move_on_at(deadline):
+            until = self.keeper.publishing_from()
+            if until is not None:
+                what = (f"waiting for the lock delay after the takeover: changes reach the project "
+                        f"from {time.strftime('%H:%M:%S', time.localtime(until))}")  # fmt: skip
+                log.info("daemon: %s", what)
+                if progress is not None:
+                    await progress(protocol.ProgressReport(phase=what, waiting_for="lock delay", until=until))
+            await self.keeper.wait_publishable()
+        remaining = deadline - trio.current_time()
+        return await self.flusher.sync(timeout=None if remaining == float("inf") else max(0.0, remaining))
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                log.info("daemon: %s received; writing back and unmounting", signal.Signals(signum).name)
+                self.terminated = True
+                self.session.terminate()
