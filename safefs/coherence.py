@@ -112,9 +112,14 @@ class Coherence:
             if path is None:
                 d.stale = False
                 return
-            entries = await self.content.read_backing(self.backing.listdir, path)
             table = self.table
-            pending = {name for op in table.ops.values() for parent, name in op_names(op) if parent == d.ino}
+            # The flusher goes on while the project is listed: a create it replays meanwhile
+            # may be missing from the listing, an unlink still in it. So a name is left alone
+            # if a pending op or a pinned child held it before the listing, or holds it after.
+            held = {name for name, ino in table.names(d.ino).items() if table.pinned(table.inodes[ino])}
+            held |= {name for op in table.ops.values() for parent, name in op_names(op) if parent == d.ino}
+            entries = await self.content.read_backing(self.backing.listdir, path)
+            pending = held | {name for op in table.ops.values() for parent, name in op_names(op) if parent == d.ino}
             found = {e.name: e for e in entries if not hidden(d.ino, e.name) and e.name not in pending}
             for name, ino in list(table.names(d.ino).items()):
                 child = table.inodes[ino]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import pytest
 import trio
 
 from safefs.content import FETCH_BLOCK
-from safefs.errors import ReadOnly
+from safefs.errors import ReadOnly, SafefsError
 from safefs.fs import RENAME_EXCHANGE, RENAME_NOREPLACE, XATTR_CREATE, XATTR_REPLACE
 from safefs.inodes import ROOT_INO
 from safefs.testing import FaultPlan
@@ -408,6 +409,62 @@ async def test_a_directory_with_pending_ops_follows_the_project_except_the_names
     assert await stack.read("d/moved-to") == b"moved-here"
     await stack.flusher.sync()
     assert sorted(os.listdir(stack.src / "d")) == ["from-elsewhere", "mine", "moved-to"]
+
+
+async def _lookup_while_the_log_is_replayed(stack: Stack, name: str) -> int | None:
+    """Look `d/<name>` up while the flusher replays the log: the refresh of the stale `d`
+    lists the project before the replay and goes on after it (a kill -9 leaves every
+    directory stale, and the remount's walk races its flusher). The lookup's errno, or None."""
+    real_listdir = stack.backing.listdir
+    listed, go = threading.Event(), threading.Event()
+
+    def listdir_then_wait(path: tuple[bytes, ...]) -> Any:
+        entries = real_listdir(path)
+        if path == (b"d",):
+            listed.set()
+            go.wait(30)
+        return entries
+
+    stack.backing.listdir = listdir_then_wait  # type: ignore[method-assign]
+    failed: list[int | None] = []
+
+    async def lookup() -> None:
+        try:
+            await stack.resolve(f"d/{name}")
+        except SafefsError as exc:
+            failed.append(exc.errno)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lookup)
+            assert await trio.to_thread.run_sync(listed.wait, 30), "the refresh never listed d"
+            await stack.flusher.sync(timeout=30)
+            assert not stack.table.ops
+            go.set()
+    finally:
+        go.set()
+        stack.backing.listdir = real_listdir  # type: ignore[method-assign]
+    return failed[0] if failed else None
+
+
+async def test_a_refresh_racing_the_replay_of_a_create_keeps_the_file(stack: Stack) -> None:
+    """G2: a closed file survives kill -9 (the lost d0/s22 of test_kill_in_the_middle_of_writeback).
+    The replay publishes it and clears its op while the refresh's listing predates it."""
+    await stack.mkdir("d")
+    await stack.flusher.sync()
+    await stack.create("d/f", b"acknowledged")
+    await stack.crash_and_replay()
+    assert await _lookup_while_the_log_is_replayed(stack, "f") is None
+    assert await stack.view() == files(d=None, **{"d/f": b"acknowledged"}) == src_tree(stack.src)
+
+
+async def test_a_refresh_racing_the_replay_of_an_unlink_does_not_bring_the_file_back(stack: Stack) -> None:
+    (stack.src / "d").mkdir()
+    (stack.src / "d" / "f").write_bytes(b"removed")
+    await stack.unlink("d/f")
+    await stack.crash_and_replay()
+    assert await _lookup_while_the_log_is_replayed(stack, "f") == errno.ENOENT
+    assert await stack.view() == files(d=None) == src_tree(stack.src)
 
 
 async def test_a_follower_keeps_reading_the_version_it_opened_while_the_writer_republishes(stack: Stack) -> None:
