@@ -168,7 +168,7 @@ async def test_fsync_flushes_the_journal_and_the_file_at_once_and_only_when_need
     await stack.create("f")
     calls: list[str] = []
     together = threading.Barrier(2, timeout=10)  # broken if one flush waits for the other
-    real_sync, real_fsync = stack.journal.sync, os.fsync
+    real_sync, real_fsync = stack.journal.sync, os.fdatasync
 
     def meet(name: str) -> None:
         try:
@@ -186,7 +186,7 @@ async def test_fsync_flushes_the_journal_and_the_file_at_once_and_only_when_need
         real_fsync(fd)
 
     stack.journal.sync = journal_sync  # type: ignore[method-assign]
-    monkeypatch.setattr(cache_module.os, "fsync", file_fsync)
+    monkeypatch.setattr(cache_module.os, "fdatasync", file_fsync)
     fh = await stack.open("f", os.O_WRONLY)
     try:
         await stack.fs.write(fh, 0, b"data")
