@@ -285,6 +285,7 @@ class InodeTable:
         self.next_seq = 1
         # keys changed since the last rendered batch
         self._marked_inodes: set[int] = set()
+        self._times_only: set[int] = set()  # marked inodes whose only change is their times
         self._marked_dentries: set[tuple[int, bytes]] = set()
         self._marked_ops: set[int] = set()
         self._marked_meta: set[str] = set()
@@ -415,22 +416,38 @@ class InodeTable:
 
     def mark(self, inode: Inode) -> None:
         self._marked_inodes.add(inode.ino)
+        self._times_only.discard(inode.ino)
+        self._maybe_dirty.add(inode.ino)
+
+    def mark_times(self, inode: Inode) -> None:
+        """Like `mark`, for a change of nothing but the inode's times (and memory-only state)."""
+        if inode.ino not in self._marked_inodes:
+            self._times_only.add(inode.ino)
+        self._marked_inodes.add(inode.ino)
         self._maybe_dirty.add(inode.ino)
 
     # -- inode state: fs, the contents and the flusher change it through these -----------
     # Each changes memory and marks the inode, so the next commit carries it (see mark).
-    def mark_changed(self, inode: Inode, now_ns: int, now: float, *, data: bool = False, attrs: bool = False) -> None:
+    def mark_changed(
+        self, inode: Inode, now_ns: int, now: float, *,
+        data: bool = False, attrs: bool = False, times_only: bool = False,
+    ) -> None:  # fmt: skip
         """A change through the mount: its ctime (and with `data` its mtime) is `now_ns`, it
         is due for write-back `writeback_delay` after `now`, and with `attrs` its attributes
-        are to be published too."""
+        are to be published too. `times_only`: the caller changed nothing else the journal
+        keeps (see `mark_times`; setting `attr_dirty` is a change)."""
         inode.ctime_ns = now_ns
         if data:
             inode.mtime_ns = now_ns
         inode.version += 1
         inode.changed_at = now
-        if attrs:
+        if attrs and not inode.attr_dirty:
             inode.attr_dirty = True
-        self.mark(inode)
+            times_only = False
+        if times_only:
+            self.mark_times(inode)
+        else:
+            self.mark(inode)
 
     def mark_attrs_dirty(self, inode: Inode) -> None:
         """Publish the inode's attributes again (its times moved on the project)."""
@@ -633,6 +650,7 @@ class InodeTable:
         for key in self._marked_meta:
             batch.meta[key] = self.meta[key]
         self._marked_inodes.clear()
+        self._times_only.clear()
         self._marked_dentries.clear()
         self._marked_ops.clear()
         self._marked_meta.clear()

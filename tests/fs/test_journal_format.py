@@ -4,7 +4,8 @@
   version) is migrated on mount, and every change it held still reaches the project.
 - A cache dir of a format this version does not know is refused with a one-line message.
 - Recording a write touches a few extent keys, not every range of the file.
-- An fsync flushes the journal and the file once each, and not at all with nothing new.
+- An fsync flushes the journal and the file once each, and not at all with nothing new; an
+  overwrite of bytes already recorded dirty commits nothing.
 """
 
 from __future__ import annotations
@@ -320,3 +321,24 @@ async def test_a_failed_flush_fails_the_fsync_with_its_errno(stack: Stack) -> No
         assert await fails_with(stack.fsync("f")) == errno.EIO
     finally:
         stack.journal.sync = real_sync  # type: ignore[method-assign]
+
+
+async def test_an_overwrite_of_dirty_bytes_commits_nothing_and_survives_a_kill(stack: Stack) -> None:
+    await stack.create("f", b"a" * 8192)  # new: every byte recorded dirty
+    inode = await stack.resolve("f")
+    before = stack.table.commits
+    fh = await stack.open("f", os.O_WRONLY)
+    try:
+        await stack.fs.write(fh, 100, b"b" * 10)  # inside the dirty range, the size unchanged
+        assert stack.table.commits == before  # no journal transaction: only the times changed
+        await stack.fs.write(fh, 8190, b"c" * 4)  # grows the file: recorded before answered
+        assert stack.table.commits == before + 1
+    finally:
+        await stack.fs.release(fh)
+    assert inode.dirty == ((0, 8194),)
+    await stack.crash_and_replay()  # kill -9: the cache file and the committed journal stay
+    want = b"a" * 100 + b"b" * 10 + b"a" * 8080 + b"c" * 4
+    assert await stack.read("f") == want
+    await stack.flusher.sync(timeout=30)
+    assert (stack.src / "f").read_bytes() == want
+
