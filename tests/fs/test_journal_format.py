@@ -5,7 +5,8 @@
 - A cache dir of a format this version does not know is refused with a one-line message.
 - Recording a write touches a few extent keys, not every range of the file.
 - An fsync flushes the journal and the file once each, and not at all with nothing new; an
-  overwrite of bytes already recorded dirty commits nothing.
+  overwrite of bytes already recorded dirty commits nothing, and its fdatasync flushes the
+  file alone.
 """
 
 from __future__ import annotations
@@ -342,3 +343,46 @@ async def test_an_overwrite_of_dirty_bytes_commits_nothing_and_survives_a_kill(s
     await stack.flusher.sync(timeout=30)
     assert (stack.src / "f").read_bytes() == want
 
+
+async def test_fdatasync_of_overwritten_dirty_bytes_flushes_the_file_alone(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await stack.create("f", b"a" * 8192)
+    calls: list[str] = []
+    real_sync, real_fdatasync = stack.journal.sync, os.fdatasync
+
+    def journal_sync() -> None:
+        calls.append("journal")
+        real_sync()
+
+    def file_fdatasync(fd: int) -> None:
+        calls.append("file")
+        real_fdatasync(fd)
+
+    stack.journal.sync = journal_sync  # type: ignore[method-assign]
+    monkeypatch.setattr(cache_module.os, "fdatasync", file_fdatasync)
+    fh = await stack.open("f", os.O_WRONLY)
+    try:
+        inode = await stack.resolve("f")
+        await stack.fs.write(fh, 0, b"b")
+        await stack.fs.setattr(inode.ino, mtime_ns=inode.mtime_ns)  # as the kernel does first
+        await stack.fs.fsync(fh, datasync=True)  # the file's record is not on the disk yet
+        assert sorted(calls) == ["file", "journal"]
+        calls.clear()
+        await stack.fs.write(fh, 1, b"c")  # an overwrite: its range is durable already
+        await stack.fs.setattr(inode.ino, mtime_ns=inode.mtime_ns)
+        await stack.fs.fsync(fh, datasync=True)
+        assert calls == ["file"]
+        calls.clear()
+        await stack.fs.write(fh, 2, b"d")
+        await stack.fs.fsync(fh)  # a full fsync makes the new times durable too
+        assert sorted(calls) == ["file", "journal"]
+        calls.clear()
+        await stack.fs.write(fh, 8192, b"e")  # grows the file: the size must be durable
+        await stack.fs.fsync(fh, datasync=True)
+        assert sorted(calls) == ["file", "journal"]
+    finally:
+        stack.journal.sync = real_sync  # type: ignore[method-assign]
+        await stack.fs.release(fh)
+    await stack.crash_and_replay()
+    assert await stack.read("f") == b"bcd" + b"a" * 8189 + b"e"
