@@ -204,8 +204,10 @@ class Filesystem:
     def _hidden(self, parent: int, name: bytes) -> bool:
         return hidden(parent, name)
 
-    def _changed(self, inode: Inode, *, data: bool = False, attrs: bool = False) -> None:
-        self.table.mark_changed(inode, self.now_ns(), self.clock.monotonic(), data=data, attrs=attrs)
+    def _changed(self, inode: Inode, *, data: bool = False, attrs: bool = False, times_only: bool = False) -> None:
+        self.table.mark_changed(
+            inode, self.now_ns(), self.clock.monotonic(), data=data, attrs=attrs, times_only=times_only
+        )
 
     def _log(self, op: records.Op) -> None:
         self.table.append_op(op, self.clock.monotonic())
@@ -476,7 +478,9 @@ class Filesystem:
             inode.atime_ns = atime_ns
         if mtime_ns is not None:
             inode.mtime_ns = mtime_ns
-        self._changed(inode, attrs=True)
+        # The kernel sends the times of a file it wrote before each fsync and close.
+        times_only = size is None and mode is None and uid in (None, 0xFFFFFFFF) and gid in (None, 0xFFFFFFFF)
+        self._changed(inode, attrs=True, times_only=times_only)
         await self.table.commit()
         self.on_change()
         return inode
@@ -680,12 +684,21 @@ class Filesystem:
             changes.append(inode.add_present(offset, end))
             changes.append(inode.add_dirty(offset, end))
             inode.size = max(inode.size, end)
-            self._changed(inode, data=True)
+            # An overwrite of bytes already recorded dirty changes nothing the journal keeps
+            # but the file's times: the bytes' record is committed already, so the write is
+            # answered once they are in the cache file (the times go with the next commit).
+            rewrite = ahead is None and inode.size == saved[0] and not any(changes)
+            self._changed(inode, data=True, times_only=rewrite)
             # The journal learns of the bytes in the same step that writes them; until it
             # returns, reads of this inode wait for the lock (see `read`).
             inode.writing += 1
             try:
-                await self.table.commit_with(functools.partial(self.cache.pwrite, inode.ino, offset, data), ahead=ahead)
+                if rewrite:
+                    self.cache.pwrite(inode.ino, offset, data)
+                else:
+                    await self.table.commit_with(
+                        functools.partial(self.cache.pwrite, inode.ino, offset, data), ahead=ahead
+                    )
             except BaseException:
                 inode.undo(changes)
                 inode.size, inode.mtime_ns, inode.ctime_ns = saved
@@ -697,9 +710,9 @@ class Filesystem:
         self.on_change()
         return len(data)
 
-    async def fsync(self, fh: int) -> None:
+    async def fsync(self, fh: int, *, datasync: bool = False) -> None:
         inode = self.handle_inode(fh)
-        await self.table.sync(functools.partial(self.cache.fsync, inode.ino))
+        await self.table.sync(functools.partial(self.cache.fsync, inode.ino), data_of=inode if datasync else None)
 
     async def fsyncdir(self) -> None:
         await self.table.sync()

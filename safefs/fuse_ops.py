@@ -261,7 +261,7 @@ class SafeOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.fs.fsync(fh)
+        await self.fs.fsync(fh, datasync=datasync)
 
     @fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:

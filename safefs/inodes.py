@@ -61,7 +61,7 @@ class Inode:
         "parent", "blinks", "publishing", "low_size", "unclean",
         # memory only
         "links", "nlink_dirs", "lookups", "opens", "changed_at", "version", "stale", "writing",
-        "accessed_at", "_extent_marks",
+        "accessed_at", "_extent_marks", "data_commit",
     )  # fmt: skip
 
     def __init__(self, ino: int, mode: int, uid: int, gid: int, now_ns: int) -> None:
@@ -103,6 +103,9 @@ class Inode:
         self.stale = False  # directories: the backing tree may have changed since listed
         self.writing = 0  # writes whose bytes may not be in the cache file yet (see fs.write)
         self.accessed_at = 0.0  # monotonic time of the last read or write (for eviction)
+        # The last commit (InodeTable.commits) that changed more of the inode than its times:
+        # once the journal is flushed past it, its size and byte ranges are on the disk.
+        self.data_commit = 0
 
     # -- byte ranges (each range is one journal key: records.extent_key) ---------------------
     # Each set is a tuple (immutable: what `present`/`dirty` return, safe to keep), or, while
@@ -285,6 +288,7 @@ class InodeTable:
         self.next_seq = 1
         # keys changed since the last rendered batch
         self._marked_inodes: set[int] = set()
+        self._times_only: set[int] = set()  # marked inodes whose only change is their times
         self._marked_dentries: set[tuple[int, bytes]] = set()
         self._marked_ops: set[int] = set()
         self._marked_meta: set[str] = set()
@@ -415,22 +419,39 @@ class InodeTable:
 
     def mark(self, inode: Inode) -> None:
         self._marked_inodes.add(inode.ino)
+        self._times_only.discard(inode.ino)
+        self._maybe_dirty.add(inode.ino)
+
+    def mark_times(self, inode: Inode) -> None:
+        """Like `mark`, for a change of nothing but the inode's times (and memory-only state):
+        an fdatasync of it need not flush the journal (see `sync`)."""
+        if inode.ino not in self._marked_inodes:
+            self._times_only.add(inode.ino)
+        self._marked_inodes.add(inode.ino)
         self._maybe_dirty.add(inode.ino)
 
     # -- inode state: fs, the contents and the flusher change it through these -----------
     # Each changes memory and marks the inode, so the next commit carries it (see mark).
-    def mark_changed(self, inode: Inode, now_ns: int, now: float, *, data: bool = False, attrs: bool = False) -> None:
+    def mark_changed(
+        self, inode: Inode, now_ns: int, now: float, *,
+        data: bool = False, attrs: bool = False, times_only: bool = False,
+    ) -> None:  # fmt: skip
         """A change through the mount: its ctime (and with `data` its mtime) is `now_ns`, it
         is due for write-back `writeback_delay` after `now`, and with `attrs` its attributes
-        are to be published too."""
+        are to be published too. `times_only`: the caller changed nothing else the journal
+        keeps (see `mark_times`; setting `attr_dirty` is a change)."""
         inode.ctime_ns = now_ns
         if data:
             inode.mtime_ns = now_ns
         inode.version += 1
         inode.changed_at = now
-        if attrs:
+        if attrs and not inode.attr_dirty:
             inode.attr_dirty = True
-        self.mark(inode)
+            times_only = False
+        if times_only:
+            self.mark_times(inode)
+        else:
+            self.mark(inode)
 
     def mark_attrs_dirty(self, inode: Inode) -> None:
         """Publish the inode's attributes again (its times moved on the project)."""
@@ -624,6 +645,8 @@ class InodeTable:
                 batch.inodes[ino] = None  # and its extents with it
                 continue
             batch.inodes[ino] = inode.record()
+            if ino not in self._times_only:
+                inode.data_commit = self.commits + 1  # the number of the commit carrying it
             for (which, start), end in inode.take_extents().items():
                 batch.extents[ino, which, start] = end
         for parent, name in self._marked_dentries:
@@ -633,6 +656,7 @@ class InodeTable:
         for key in self._marked_meta:
             batch.meta[key] = self.meta[key]
         self._marked_inodes.clear()
+        self._times_only.clear()
         self._marked_dentries.clear()
         self._marked_ops.clear()
         self._marked_meta.clear()
@@ -694,8 +718,13 @@ class InodeTable:
         self._marked_ops.update(batch.ops)
         self._marked_meta.update(batch.meta)
 
-    async def sync(self, also: Any = None) -> None:
+    async def sync(self, also: Any = None, *, data_of: Inode | None = None) -> None:
         """Commit, then make the journal durable on the local disk.
+
+        With `data_of` (an fdatasync of that file) only the commits that changed more of the
+        inode than its times must be durable: its size and byte ranges, which replay needs
+        to find the bytes `also` flushes. A file whose writes only overwrote bytes already
+        recorded dirty (and durably so) costs the cache file's flush alone.
 
         `also` (a blocking fsync of a cache file) runs in a second worker thread at the same
         time, so an fsync waits for one device flush of each kind, not for two in a row. A
@@ -707,14 +736,13 @@ class InodeTable:
             async with trio.open_nursery() as nursery:
                 if also is not None:
                     nursery.start_soon(functools.partial(trio.to_thread.run_sync, also, limiter=self._flush_limiter))
-                nursery.start_soon(self._sync_journal)
+                nursery.start_soon(self._sync_journal, self.commits if data_of is None else data_of.data_commit)
         except BaseExceptionGroup as group:
             # Callers map errors to errnos (ENOSPC, EIO): give them one, not a group. If both
             # flushes failed, either error says the fsync did not happen.
             raise group.exceptions[0] from None
 
-    async def _sync_journal(self) -> None:
-        target = self.commits
+    async def _sync_journal(self, target: int) -> None:
         while self._synced_at < target:
             if self._syncing is not None and self._syncing[0] >= target:
                 await self._syncing[1].wait()  # that flush covers every commit we made

@@ -4,7 +4,9 @@
   version) is migrated on mount, and every change it held still reaches the project.
 - A cache dir of a format this version does not know is refused with a one-line message.
 - Recording a write touches a few extent keys, not every range of the file.
-- An fsync flushes the journal and the file once each, and not at all with nothing new.
+- An fsync flushes the journal and the file once each, and not at all with nothing new; an
+  overwrite of bytes already recorded dirty commits nothing, and its fdatasync flushes the
+  file alone.
 """
 
 from __future__ import annotations
@@ -168,7 +170,7 @@ async def test_fsync_flushes_the_journal_and_the_file_at_once_and_only_when_need
     await stack.create("f")
     calls: list[str] = []
     together = threading.Barrier(2, timeout=10)  # broken if one flush waits for the other
-    real_sync, real_fsync = stack.journal.sync, os.fsync
+    real_sync, real_fsync = stack.journal.sync, os.fdatasync
 
     def meet(name: str) -> None:
         try:
@@ -186,7 +188,7 @@ async def test_fsync_flushes_the_journal_and_the_file_at_once_and_only_when_need
         real_fsync(fd)
 
     stack.journal.sync = journal_sync  # type: ignore[method-assign]
-    monkeypatch.setattr(cache_module.os, "fsync", file_fsync)
+    monkeypatch.setattr(cache_module.os, "fdatasync", file_fsync)
     fh = await stack.open("f", os.O_WRONLY)
     try:
         await stack.fs.write(fh, 0, b"data")
@@ -320,3 +322,67 @@ async def test_a_failed_flush_fails_the_fsync_with_its_errno(stack: Stack) -> No
         assert await fails_with(stack.fsync("f")) == errno.EIO
     finally:
         stack.journal.sync = real_sync  # type: ignore[method-assign]
+
+
+async def test_an_overwrite_of_dirty_bytes_commits_nothing_and_survives_a_kill(stack: Stack) -> None:
+    await stack.create("f", b"a" * 8192)  # new: every byte recorded dirty
+    inode = await stack.resolve("f")
+    before = stack.table.commits
+    fh = await stack.open("f", os.O_WRONLY)
+    try:
+        await stack.fs.write(fh, 100, b"b" * 10)  # inside the dirty range, the size unchanged
+        assert stack.table.commits == before  # no journal transaction: only the times changed
+        await stack.fs.write(fh, 8190, b"c" * 4)  # grows the file: recorded before answered
+        assert stack.table.commits == before + 1
+    finally:
+        await stack.fs.release(fh)
+    assert inode.dirty == ((0, 8194),)
+    await stack.crash_and_replay()  # kill -9: the cache file and the committed journal stay
+    want = b"a" * 100 + b"b" * 10 + b"a" * 8080 + b"c" * 4
+    assert await stack.read("f") == want
+    await stack.flusher.sync(timeout=30)
+    assert (stack.src / "f").read_bytes() == want
+
+
+async def test_fdatasync_of_overwritten_dirty_bytes_flushes_the_file_alone(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await stack.create("f", b"a" * 8192)
+    calls: list[str] = []
+    real_sync, real_fdatasync = stack.journal.sync, os.fdatasync
+
+    def journal_sync() -> None:
+        calls.append("journal")
+        real_sync()
+
+    def file_fdatasync(fd: int) -> None:
+        calls.append("file")
+        real_fdatasync(fd)
+
+    stack.journal.sync = journal_sync  # type: ignore[method-assign]
+    monkeypatch.setattr(cache_module.os, "fdatasync", file_fdatasync)
+    fh = await stack.open("f", os.O_WRONLY)
+    try:
+        inode = await stack.resolve("f")
+        await stack.fs.write(fh, 0, b"b")
+        await stack.fs.setattr(inode.ino, mtime_ns=inode.mtime_ns)  # as the kernel does first
+        await stack.fs.fsync(fh, datasync=True)  # the file's record is not on the disk yet
+        assert sorted(calls) == ["file", "journal"]
+        calls.clear()
+        await stack.fs.write(fh, 1, b"c")  # an overwrite: its range is durable already
+        await stack.fs.setattr(inode.ino, mtime_ns=inode.mtime_ns)
+        await stack.fs.fsync(fh, datasync=True)
+        assert calls == ["file"]
+        calls.clear()
+        await stack.fs.write(fh, 2, b"d")
+        await stack.fs.fsync(fh)  # a full fsync makes the new times durable too
+        assert sorted(calls) == ["file", "journal"]
+        calls.clear()
+        await stack.fs.write(fh, 8192, b"e")  # grows the file: the size must be durable
+        await stack.fs.fsync(fh, datasync=True)
+        assert sorted(calls) == ["file", "journal"]
+    finally:
+        stack.journal.sync = real_sync  # type: ignore[method-assign]
+        await stack.fs.release(fh)
+    await stack.crash_and_replay()
+    assert await stack.read("f") == b"bcd" + b"a" * 8189 + b"e"
