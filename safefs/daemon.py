@@ -7,8 +7,9 @@ Start-up, in the order a reader of DESIGN.md expects:
    socket, the signal watcher and the periodic journal sync;
 4. mount with pyfuse3 and tell the parent we are ready (one JSON line on `ready_fd`).
 
-What the mount does while it runs and when it ends lives in the parts of `Daemon`, one module
-each in safefs/mount/: following.py (the role, as the lease keeper holds it, and the writer's
+What the mount does while it runs and when it ends lives in safefs/mount/, one module a part:
+reporting.py's objects (the history recorder, the metrics endpoint, conflicts and systemd),
+built here with their collaborators, and the parts of `Daemon` (mixins): following.py (the role, as the lease keeper holds it, and the writer's
 generations), orphan_marker.py, reporting.py (history, metrics, systemd), shutdown.py (signals,
 the mount watch, the final write-back) and handle.py (the control socket's operations). This
 module builds the state they share, in `Daemon.__init__` and `serve`.
@@ -43,8 +44,6 @@ from safefs.errors import DaemonFailed, ExitCode, Refused, SafefsError, describe
 from safefs.flusher import Flusher
 from safefs.fs import Filesystem, Limiters
 from safefs.fuse_ops import KernelNotifier, SafeOperations, Session
-from safefs.history import Event as HistoryEvent
-from safefs.history import HistoryLog
 from safefs.inodes import InodeTable
 from safefs.journal import Journal
 from safefs.kernel_cache import CachePolicy
@@ -54,13 +53,12 @@ from safefs.lease.store import local_identity
 from safefs.mount.following import Following
 from safefs.mount.handle import MountHandle
 from safefs.mount.orphan_marker import ORPHAN_EXIT_TIMEOUT, OrphanMarker
-from safefs.mount.reporting import Reporting
+from safefs.mount.reporting import HistoryRecorder, MetricsEndpoint, Reporting
 from safefs.mount.shutdown import Shutdown
 
 log = logging.getLogger(__name__)
 
 JOURNAL_SYNC_INTERVAL = 1.0
-HISTORY_QUEUE = 100  # lease events waiting to be appended to the project's history
 REPLY_GRACE = 10.0  # at exit, calls waiting for the final write-back get this long to answer
 
 
@@ -130,7 +128,7 @@ def run(config: MountConfig, *, ready_fd: int | None = None, debug: bool = False
         journal.close()
 
 
-class Daemon(Following, OrphanMarker, Reporting, Shutdown, MountHandle):
+class Daemon(Following, OrphanMarker, Shutdown, MountHandle):
     """One mount's services, built and wired here; each part's methods live in safefs/mount/."""
 
     def __init__(self, config: MountConfig, journal: Journal, ready: _Ready) -> None:
@@ -144,7 +142,7 @@ class Daemon(Following, OrphanMarker, Reporting, Shutdown, MountHandle):
         self.notifier = KernelNotifier()
         self._init_following()
         self._init_orphan_marker()
-        self._init_reporting()
+        self.metrics = MetricsEndpoint(self.status)
         # Shared by the parts: written by one, read by others.
         self._held_epoch: int | None = None  # the last epoch this process held the lease in (_take_role)
         self._exit_detail: str | None = None  # why the final write-back left changes behind (shutdown)
@@ -153,12 +151,11 @@ class Daemon(Following, OrphanMarker, Reporting, Shutdown, MountHandle):
         self._final_waiters = 0  # control calls waiting for it, still to answer
         self._mount_gone = False  # _watch_mount ended the session: nothing left to unmount
         self._final_receipt: Any = None  # what the final write-back wrote, for `sync` after it
-        self.serving = False  # True while the mount serves: the metrics listener answers empty before
 
     async def serve(self) -> int:
         config = self.config
         if config.metrics_port is not None:
-            self._serve_metrics(config.metrics_port)  # first: a port in use is refused before any mount
+            self.metrics.serve(config.metrics_port)  # first: a port in use is refused before any mount
         limiters = Limiters.create()
         table = InodeTable(self.journal, limiters.flush)
         table.load(await limiters.journal.run(self.journal.load))
@@ -174,9 +171,7 @@ class Daemon(Following, OrphanMarker, Reporting, Shutdown, MountHandle):
         except OSError as exc:
             raise DaemonFailed(f"cannot open the project {config.src}: {exc.strerror}") from exc
         self.identity = identity = local_identity(config.host_id)
-        self.history = HistoryLog(config.src, identity.host, identity.machine_id)
-        self._history_send, history_receive = trio.open_memory_channel[HistoryEvent](HISTORY_QUEUE)
-        self._conflicts_recorded = 0
+        self.recorder = recorder = HistoryRecorder(config, self.clock, identity)
         try:
             conf = await trio.to_thread.run_sync(projectconf.read, config.src)
         except OSError as exc:
@@ -187,7 +182,7 @@ class Daemon(Following, OrphanMarker, Reporting, Shutdown, MountHandle):
             timings = dataclasses.replace(timings, renew=min(timings.renew, timings.t_break / 4))
         self.keeper = keeper = LeaseKeeper(
             store, self.clock, timings, identity, trio.CapacityLimiter(2),
-            want_write=not config.follower, on_event=self._record_event,
+            want_write=not config.follower, on_event=recorder.record_event,
             follow_if_unreachable=store.etcd is not None,
         )  # fmt: skip
         self.orphan_name = orphans.record_name(identity.host, identity.machine_id, str(config.cache_dir))
@@ -218,10 +213,11 @@ class Daemon(Following, OrphanMarker, Reporting, Shutdown, MountHandle):
         fs.on_change = self.flusher.poke  # the filesystem's change channel
         if store.etcd is not None:
             self.flusher.announce = self._announce_generation
+        self.reporting = Reporting(config, keeper, self.flusher, recorder, self._unwritten)
         try:
             async with trio.open_nursery() as services:
                 history_done = trio.Event()
-                services.start_soon(self._write_history, history_receive, history_done)
+                services.start_soon(recorder.run, history_done)
                 role = await services.start(keeper.run)
                 if role != "writer" and config.wait_for_lease:
                     log.info("daemon: waiting for the lease (%s)", keeper.statistics()["holder"])
@@ -235,15 +231,14 @@ class Daemon(Following, OrphanMarker, Reporting, Shutdown, MountHandle):
                 with trio.move_on_after(REPLY_GRACE):
                     while self._final_waiters:  # let `umount`/`sync` callers have the outcome
                         await trio.sleep(0.05)
-                self._history_send.close()  # the writer appends what is queued, then ends
+                recorder.close()  # the writer appends what is queued, then ends
                 with trio.move_on_after(ORPHAN_EXIT_TIMEOUT):
                     await history_done.wait()
                 services.cancel_scope.cancel()
         finally:
             cache.close()
             backing.close()
-            if self.metrics_listener is not None:
-                self.metrics_listener.close()
+            self.metrics.close()
         return code
 
     async def _serve_mount(self, services: trio.Nursery) -> int:
@@ -264,19 +259,19 @@ class Daemon(Following, OrphanMarker, Reporting, Shutdown, MountHandle):
                 nursery.start_soon(self._sync_journal_periodically)
                 nursery.start_soon(self._follow)
                 nursery.start_soon(self._keep_orphan_marker)
-                nursery.start_soon(self._watch_conflicts)
+                nursery.start_soon(self.reporting.watch_conflicts)
                 if self.lease_store.etcd is not None:
                     nursery.start_soon(self._publish_generations)
                     nursery.start_soon(self._watch_etcd)
                 self.notifier.enabled = True
                 log.info("daemon: serving %s at %s as %s (cache %s)",
                          config.src, config.mnt, self.role, config.cache_dir)
-                self.serving = True  # for the metrics listener
+                self.metrics.serving = True  # for the metrics listener
                 self.ready.send({"ok": True, "pid": os.getpid(), "role": self.role,
                                  "holder": self.keeper.statistics()["holder"]})  # fmt: skip
-                self.systemd.send(READY=1, STATUS=self._systemd_status())
-                if self.systemd.enabled:
-                    nursery.start_soon(self._report_to_systemd)
+                self.reporting.systemd.send(READY=1, STATUS=self.reporting.systemd_status())
+                if self.reporting.systemd.enabled:
+                    nursery.start_soon(self.reporting.report_to_systemd)
                 await session.serve()
                 self.notifier.enabled = False
                 nursery.cancel_scope.cancel()
@@ -284,12 +279,12 @@ class Daemon(Following, OrphanMarker, Reporting, Shutdown, MountHandle):
         finally:
             # After a kernel unmount the session is over; after a signal or an error we
             # must take the mount down ourselves so nobody hangs on a dead mountpoint.
-            self.serving = False
+            self.metrics.serving = False
             session.close(unmount=(self.terminated or not clean_exit) and not self._mount_gone)
             self.state = "unmounted"
-            if self.systemd.enabled:
+            if self.reporting.systemd.enabled:
                 files, nbytes = self._unwritten()
-                self.systemd.send(STOPPING=1,
+                self.reporting.systemd.send(STOPPING=1,
                                   STATUS=f"unmounted; writing back {files} changes, {nbytes / (1 << 20):.1f} MiB")
             with trio.CancelScope(shield=True):
                 try:

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from safefs.fuse_ops import SafeOperations
     from safefs.lease.backends import ProjectLeaseStore
     from safefs.lease.keeper import LeaseKeeper
+    from safefs.mount.reporting import HistoryRecorder, Reporting
     from safefs.orphans import OrphanStore
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ class MountHandle:
     fs: Filesystem
     backing: Backing
     flusher: Flusher
+    reporting: Reporting
+    recorder: HistoryRecorder
     ops: SafeOperations
     orphans: OrphanStore
     state: str  # "mounted" -> "unmounted" (final write-back) -> "exiting"
@@ -85,10 +88,6 @@ class MountHandle:
         async def _read_generation(self) -> dict[str, Any] | None: ...
 
         async def _write_back(self, timeout: float | None, progress: Any = None) -> Any: ...
-
-        def _record_conflicts(self) -> None: ...
-
-        def _record_event(self, kind: str, epoch: int | None, detail: str) -> None: ...
 
         def _why_orphaned(self) -> str: ...
 
@@ -413,12 +412,12 @@ class MountHandle:
             await self._take_role()
         conflicts_before = len(self.flusher.conflicts)
         receipt = await self._write_back(timeout)
-        self._record_conflicts()  # in the history before the release, where they happened
+        self.reporting.record_conflicts()  # in the history before the release, where they happened
         if took:
             await self.keeper.release()
             await self._take_role()
         await self._update_orphan_marker_now()  # so that `recover` returning means the marker is gone
-        self._record_event("recover", self.keeper.epoch, f"{files} changes ({nbytes} bytes) written back")
+        self.recorder.record_event("recover", self.keeper.epoch, f"{files} changes ({nbytes} bytes) written back")
         return protocol.RecoverReceipt(
             files=files, bytes=nbytes, epoch=self.keeper.epoch, generation=receipt.generation,
             conflicts=[protocol.from_wire(protocol.Conflict, c) for c in self.flusher.conflicts[conflicts_before:]],

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from safefs.fs import Filesystem
     from safefs.fuse_ops import Session
     from safefs.lease.keeper import LeaseKeeper
+    from safefs.mount.reporting import Reporting
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Shutdown:
     fs: Filesystem
     backing: Backing
     flusher: Flusher
+    reporting: Reporting
     session: Session
     terminated: bool
     _mount_gone: bool  # _watch_mount ended the session: nothing left to unmount
@@ -56,8 +58,6 @@ class Shutdown:
     _final_receipt: Any  # what the final write-back wrote, for `sync` after it
 
     if TYPE_CHECKING:
-
-        def _record_conflicts(self) -> None: ...
 
         async def _mark_orphan_at_exit(self) -> None: ...
 
@@ -96,7 +96,7 @@ class Shutdown:
                 async def flush() -> None:
                     nonlocal code
                     code = await self._final_flush()
-                    self._record_conflicts()
+                    self.reporting.record_conflicts()
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(stop_on_signal)
