@@ -7,12 +7,12 @@ Start-up, in the order a reader of DESIGN.md expects:
    socket, the signal watcher and the periodic journal sync;
 4. mount with pyfuse3 and tell the parent we are ready (one JSON line on `ready_fd`).
 
-What the mount does while it runs and when it ends lives in safefs/mount/, one module a part:
-reporting.py's objects (the history recorder, the metrics endpoint, conflicts and systemd),
-built here with their collaborators, and the parts of `Daemon` (mixins): following.py (the role, as the lease keeper holds it, and the writer's
-generations), orphan_marker.py, reporting.py (history, metrics, systemd), shutdown.py (signals,
-the mount watch, the final write-back) and handle.py (the control socket's operations). This
-module builds the state they share, in `Daemon.__init__` and `serve`.
+What the mount does while it runs and when it ends lives in safefs/mount/, one module a part.
+Objects built here with their collaborators: orphan_marker.py, reporting.py (history, metrics,
+systemd). Still mixins of `Daemon`: following.py (the role, as the lease keeper holds it, and
+the writer's generations), shutdown.py (signals, the mount watch, the final write-back) and
+handle.py (the control socket's operations). This module builds the state they share, in
+`Daemon.__init__` and `serve`.
 
 Invariants:
 - This is the only module that opens the long-lived nursery or drives the kernel session
@@ -34,7 +34,7 @@ from typing import Any
 
 import trio
 
-from safefs import __version__, checks, kernel_cache, logs, orphans, projectconf
+from safefs import __version__, checks, kernel_cache, logs, projectconf
 from safefs.backing import Backing
 from safefs.cache import ContentCache
 from safefs.clock import SystemClock
@@ -128,7 +128,7 @@ def run(config: MountConfig, *, ready_fd: int | None = None, debug: bool = False
         journal.close()
 
 
-class Daemon(Following, OrphanMarker, Shutdown, MountHandle):
+class Daemon(Following, Shutdown, MountHandle):
     """One mount's services, built and wired here; each part's methods live in safefs/mount/."""
 
     def __init__(self, config: MountConfig, journal: Journal, ready: _Ready) -> None:
@@ -141,7 +141,6 @@ class Daemon(Following, OrphanMarker, Shutdown, MountHandle):
         self.policy = CachePolicy(follower_poll=config.follower_poll)
         self.notifier = KernelNotifier()
         self._init_following()
-        self._init_orphan_marker()
         self.metrics = MetricsEndpoint(self.status)
         # Shared by the parts: written by one, read by others.
         self._held_epoch: int | None = None  # the last epoch this process held the lease in (_take_role)
@@ -185,12 +184,9 @@ class Daemon(Following, OrphanMarker, Shutdown, MountHandle):
             want_write=not config.follower, on_event=recorder.record_event,
             follow_if_unreachable=store.etcd is not None,
         )  # fmt: skip
-        self.orphan_name = orphans.record_name(identity.host, identity.machine_id, str(config.cache_dir))
-        # One marker change at a time, even after a thread stuck in NFS was abandoned (it keeps
-        # its token until it returns); listings for `status` have their own, small, limiter.
-        self._marker_limiter = trio.CapacityLimiter(1)
-        self._listing_limiter = trio.CapacityLimiter(2)
-        self._marker_lock = trio.Lock()
+        self.orphan_marker = OrphanMarker(config, self.clock, keeper, identity, self._unwritten_counts,
+                                          held_epoch=lambda: self._held_epoch)  # fmt: skip
+        self._listing_limiter = trio.CapacityLimiter(2)  # listings of orphan markers for `status`
         cache = ContentCache(config.cache_dir, config.free_space_floor)
         fs = Filesystem(table, cache, backing, config, self.clock, limiters, keeper, self.notifier)
         keeper.on_role(fs.on_role)  # the keeper holds the role; these follow it as it changes
@@ -258,7 +254,7 @@ class Daemon(Following, OrphanMarker, Shutdown, MountHandle):
                 nursery.start_soon(self._watch_mount)
                 nursery.start_soon(self._sync_journal_periodically)
                 nursery.start_soon(self._follow)
-                nursery.start_soon(self._keep_orphan_marker)
+                nursery.start_soon(self.orphan_marker.keep_orphan_marker)
                 nursery.start_soon(self.reporting.watch_conflicts)
                 if self.lease_store.etcd is not None:
                     nursery.start_soon(self._publish_generations)

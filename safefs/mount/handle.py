@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from safefs.fuse_ops import SafeOperations
     from safefs.lease.backends import ProjectLeaseStore
     from safefs.lease.keeper import LeaseKeeper
+    from safefs.mount.orphan_marker import OrphanMarker
     from safefs.mount.reporting import HistoryRecorder, Reporting
-    from safefs.orphans import OrphanStore
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class MountHandle:
     reporting: Reporting
     recorder: HistoryRecorder
     ops: SafeOperations
-    orphans: OrphanStore
+    orphan_marker: OrphanMarker
     state: str  # "mounted" -> "unmounted" (final write-back) -> "exiting"
     _services: trio.Nursery
     _listing_limiter: trio.CapacityLimiter
@@ -70,7 +70,6 @@ class MountHandle:
     generation_seen_at: float | None
     generation_reads: int
     _held_epoch: int | None
-    _orphan_reason: str | None
     _exit_detail: str | None
     _final_done: trio.Event  # the final write-back is over (see _wait_final)
     _final_waiters: int  # control calls waiting for it, still to answer
@@ -88,10 +87,6 @@ class MountHandle:
         async def _read_generation(self) -> dict[str, Any] | None: ...
 
         async def _write_back(self, timeout: float | None, progress: Any = None) -> Any: ...
-
-        def _why_orphaned(self) -> str: ...
-
-        async def _update_orphan_marker_now(self, reason: str | None = None) -> None: ...
 
     # -- the control socket's handler ----------------------------------------------------
     async def status(self) -> protocol.Status:
@@ -135,13 +130,13 @@ class MountHandle:
         try:
             with trio.fail_after(ORPHAN_READ_TIMEOUT):
                 listing = await trio.to_thread.run_sync(
-                    self.orphans.list, limiter=self._listing_limiter, abandon_on_cancel=True
+                    self.orphan_marker.orphans.list, limiter=self._listing_limiter, abandon_on_cancel=True
                 )
         except trio.TooSlowError:
-            error = f"{self.orphans.path} did not answer within {ORPHAN_READ_TIMEOUT:g} s"
+            error = f"{self.orphan_marker.orphans.path} did not answer within {ORPHAN_READ_TIMEOUT:g} s"
             return protocol.OrphanListing(orphans=None, orphans_error=error, orphans_skipped=[])
         except OSError as exc:
-            error = f"cannot read {self.orphans.path}: {exc.strerror or exc}"
+            error = f"cannot read {self.orphan_marker.orphans.path}: {exc.strerror or exc}"
             return protocol.OrphanListing(orphans=None, orphans_error=error, orphans_skipped=[])
         records = [protocol.Orphan(name=name, **dataclasses.asdict(record)) for name, record in listing.records]
         skipped = [protocol.SkippedOrphan(name=s.name, error=s.error) for s in listing.skipped]
@@ -293,7 +288,7 @@ class MountHandle:
             src=str(self.config.src), cache_dir=str(self.config.cache_dir), pid=os.getpid(),
             state=self.state, unmounted=True,
             unwritten=ops + files, unwritten_files=files, unwritten_ops=ops, unwritten_bytes=nbytes,
-            unwritten_reason=self._exit_detail or self._orphan_reason or self._why_orphaned()
+            unwritten_reason=self._exit_detail or self.orphan_marker.orphan_reason or self.orphan_marker.why_orphaned()
             if ops + files else None,
         ))  # fmt: skip
 
@@ -318,7 +313,7 @@ class MountHandle:
             raise Unwritten(
                 f"{files} files ({nbytes} bytes) and {ops} pending operations stay in the cache "
                 f"{self.config.cache_dir} and are not in the project {self.config.src} "
-                f"({self._orphan_reason or self._why_orphaned()})",
+                f"({self.orphan_marker.orphan_reason or self.orphan_marker.why_orphaned()})",
                 hint=f"run `{recover}` on this host to write them back (a file changed meanwhile "
                 "is kept beside as a conflict copy)",
             )
@@ -416,7 +411,7 @@ class MountHandle:
         if took:
             await self.keeper.release()
             await self._take_role()
-        await self._update_orphan_marker_now()  # so that `recover` returning means the marker is gone
+        await self.orphan_marker.update_orphan_marker_now()  # so that `recover` returning means the marker is gone
         self.recorder.record_event("recover", self.keeper.epoch, f"{files} changes ({nbytes} bytes) written back")
         return protocol.RecoverReceipt(
             files=files, bytes=nbytes, epoch=self.keeper.epoch, generation=receipt.generation,

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from safefs.fs import Filesystem
     from safefs.fuse_ops import Session
     from safefs.lease.keeper import LeaseKeeper
+    from safefs.mount.orphan_marker import OrphanMarker
     from safefs.mount.reporting import Reporting
 
 log = logging.getLogger(__name__)
@@ -51,15 +52,12 @@ class Shutdown:
     backing: Backing
     flusher: Flusher
     reporting: Reporting
+    orphan_marker: OrphanMarker
     session: Session
     terminated: bool
     _mount_gone: bool  # _watch_mount ended the session: nothing left to unmount
     _exit_detail: str | None  # why the final write-back left changes behind
     _final_receipt: Any  # what the final write-back wrote, for `sync` after it
-
-    if TYPE_CHECKING:
-
-        async def _mark_orphan_at_exit(self) -> None: ...
 
     async def _watch_mount(self) -> None:
         """End the session once our mount is gone from this namespace's mount table, even if
@@ -103,7 +101,7 @@ class Shutdown:
                 nursery.start_soon(flush)
         if code != int(ExitCode.OK) and self._exit_detail is None:
             self._exit_detail = "the final write-back was stopped"
-        await self._mark_orphan_at_exit()
+        await self.orphan_marker.mark_orphan_at_exit(self._exit_detail)
         return code
 
     async def _final_flush(self) -> int:
