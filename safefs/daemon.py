@@ -8,9 +8,9 @@ Start-up, in the order a reader of DESIGN.md expects:
 4. mount with pyfuse3 and tell the parent we are ready (one JSON line on `ready_fd`).
 
 What the mount does while it runs and when it ends lives in safefs/mount/, one module a part.
-Objects built here with their collaborators: orphan_marker.py, reporting.py (history, metrics,
-systemd). Still mixins of `Daemon`: following.py (the role, as the lease keeper holds it, and
-the writer's generations), shutdown.py (signals, the mount watch, the final write-back) and
+Objects built here with their collaborators: following.py (the role, as the lease keeper holds
+it, and the writer's generations), orphan_marker.py, reporting.py (history, metrics, systemd).
+Still mixins of `Daemon`: shutdown.py (signals, the mount watch, the final write-back) and
 handle.py (the control socket's operations). This module builds the state they share, in
 `Daemon.__init__` and `serve`.
 
@@ -128,7 +128,7 @@ def run(config: MountConfig, *, ready_fd: int | None = None, debug: bool = False
         journal.close()
 
 
-class Daemon(Following, Shutdown, MountHandle):
+class Daemon(Shutdown, MountHandle):
     """One mount's services, built and wired here; each part's methods live in safefs/mount/."""
 
     def __init__(self, config: MountConfig, journal: Journal, ready: _Ready) -> None:
@@ -140,16 +140,19 @@ class Daemon(Following, Shutdown, MountHandle):
         self.terminated = False
         self.policy = CachePolicy(follower_poll=config.follower_poll)
         self.notifier = KernelNotifier()
-        self._init_following()
         self.metrics = MetricsEndpoint(self.status)
         # Shared by the parts: written by one, read by others.
-        self._held_epoch: int | None = None  # the last epoch this process held the lease in (_take_role)
         self._exit_detail: str | None = None  # why the final write-back left changes behind (shutdown)
         self.state = "mounted"  # -> "unmounted" (final write-back) -> "exiting"
         self._final_done = trio.Event()  # the final write-back is over (see _wait_final)
         self._final_waiters = 0  # control calls waiting for it, still to answer
         self._mount_gone = False  # _watch_mount ended the session: nothing left to unmount
         self._final_receipt: Any = None  # what the final write-back wrote, for `sync` after it
+
+    @property
+    def role(self) -> str:
+        """The lease keeper's role: the one place it is kept (see safefs/lease/keeper.py)."""
+        return self.keeper.role
 
     async def serve(self) -> int:
         config = self.config
@@ -185,13 +188,12 @@ class Daemon(Following, Shutdown, MountHandle):
             follow_if_unreachable=store.etcd is not None,
         )  # fmt: skip
         self.orphan_marker = OrphanMarker(config, self.clock, keeper, identity, self._unwritten_counts,
-                                          held_epoch=lambda: self._held_epoch)  # fmt: skip
+                                          held_epoch=lambda: self.following.held_epoch)  # fmt: skip
         self._listing_limiter = trio.CapacityLimiter(2)  # listings of orphan markers for `status`
         cache = ContentCache(config.cache_dir, config.free_space_floor)
         fs = Filesystem(table, cache, backing, config, self.clock, limiters, keeper, self.notifier)
         keeper.on_role(fs.on_role)  # the keeper holds the role; these follow it as it changes
         keeper.on_role(self.policy.on_role)
-        keeper.on_role(lambda role: self._role_changed.set())
         faults = os.environ.get("SAFEFS_FAULTS")  # tests: a stuck or failing project
         if faults:
             from safefs.testing import FaultPlan  # tests only; no other module imports it
@@ -207,8 +209,10 @@ class Daemon(Following, Shutdown, MountHandle):
             config=config, invalidator=fs.invalidator, negative=fs.negative, host_name=self.host_name,
         )  # fmt: skip
         fs.on_change = self.flusher.poke  # the filesystem's change channel
+        self.following = Following(config, self.clock, keeper, store, fs, backing, self.flusher, self.notifier)
+        keeper.on_role(self.following.on_role)  # after fs and the cache policy: wakes `follow`
         if store.etcd is not None:
-            self.flusher.announce = self._announce_generation
+            self.flusher.announce = self.following.announce_generation
         self.reporting = Reporting(config, keeper, self.flusher, recorder, self._unwritten)
         try:
             async with trio.open_nursery() as services:
@@ -219,7 +223,7 @@ class Daemon(Following, Shutdown, MountHandle):
                     log.info("daemon: waiting for the lease (%s)", keeper.statistics()["holder"])
                     await keeper.acquire(wait=True)
                 await fs.start(_boot_id())
-                await self._take_role()
+                await self.following.take_role()
                 if self.role == "writer":
                     await self.flusher.settle()
                 self._services = services
@@ -253,12 +257,12 @@ class Daemon(Following, Shutdown, MountHandle):
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(self._watch_mount)
                 nursery.start_soon(self._sync_journal_periodically)
-                nursery.start_soon(self._follow)
+                nursery.start_soon(self.following.follow)
                 nursery.start_soon(self.orphan_marker.keep_orphan_marker)
                 nursery.start_soon(self.reporting.watch_conflicts)
                 if self.lease_store.etcd is not None:
-                    nursery.start_soon(self._publish_generations)
-                    nursery.start_soon(self._watch_etcd)
+                    nursery.start_soon(self.following.publish_generations)
+                    nursery.start_soon(self.following.watch_etcd)
                 self.notifier.enabled = True
                 log.info("daemon: serving %s at %s as %s (cache %s)",
                          config.src, config.mnt, self.role, config.cache_dir)

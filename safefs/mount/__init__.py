@@ -1,7 +1,8 @@
 """The services of one mount, each a part of `safefs.daemon.Daemon` (the composition root).
 
 - following.py: the writer/follower role as the lease keeper tells it, and the writer's
-  generations a follower watches (the project's `.safefs/generation`, or etcd);
+  generations a follower watches (the project's `.safefs/generation`, or etcd) (Following,
+  an object the root builds with its collaborators);
 - orphan_marker.py: this cache's marker in the project's `.safefs/orphans/` (OrphanMarker,
   an object the root builds with its collaborators);
 - reporting.py: the project's history, metrics, systemd status: objects of their own

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from safefs.fuse_ops import SafeOperations
     from safefs.lease.backends import ProjectLeaseStore
     from safefs.lease.keeper import LeaseKeeper
+    from safefs.mount.following import Following
     from safefs.mount.orphan_marker import OrphanMarker
     from safefs.mount.reporting import HistoryRecorder, Reporting
 
@@ -66,10 +67,7 @@ class MountHandle:
     state: str  # "mounted" -> "unmounted" (final write-back) -> "exiting"
     _services: trio.Nursery
     _listing_limiter: trio.CapacityLimiter
-    seen_generation: dict[str, Any] | None
-    generation_seen_at: float | None
-    generation_reads: int
-    _held_epoch: int | None
+    following: Following
     _exit_detail: str | None
     _final_done: trio.Event  # the final write-back is over (see _wait_final)
     _final_waiters: int  # control calls waiting for it, still to answer
@@ -80,12 +78,6 @@ class MountHandle:
         @property
         def role(self) -> str: ...
 
-        async def _take_role(self) -> None: ...
-
-        def _invalidate_kernel(self) -> None: ...
-
-        async def _read_generation(self) -> dict[str, Any] | None: ...
-
         async def _write_back(self, timeout: float | None, progress: Any = None) -> Any: ...
 
     # -- the control socket's handler ----------------------------------------------------
@@ -95,9 +87,9 @@ class MountHandle:
         lease = dataclasses.replace(
             protocol.from_wire(protocol.LeaseStatistics, {**self.keeper.statistics(), **self.lease_store.describe()}),
             generation=self.flusher.generation if self.role == "writer" else
-            (self.seen_generation or {}).get("generation"),
-            project_polls=self.lease_store.project_requests + self.generation_reads,
-            generation_seen_at=self.generation_seen_at if self.role != "writer" else None,
+            (self.following.seen_generation or {}).get("generation"),
+            project_polls=self.lease_store.project_requests + self.following.generation_reads,
+            generation_seen_at=self.following.generation_seen_at if self.role != "writer" else None,
         )  # fmt: skip
         return protocol.Status(
             src=str(config.src),
@@ -149,22 +141,22 @@ class MountHandle:
             final = self._final_receipt
             return protocol.SyncReceipt(role=outcome.role, final=outcome.final, files=getattr(final, "files", 0),
                                         bytes=getattr(final, "bytes", 0), ops=getattr(final, "ops", 0),
-                                        generation=getattr(final, "generation", None), epoch=self._held_epoch,
+                                        generation=getattr(final, "generation", None), epoch=self.following.held_epoch,
                                         released=True)  # fmt: skip
         if self.keeper.role != "writer":
             self._refuse_if_orphaned()
             # A follower has nothing to write back; sync means "show me the latest".
             self.fs.mark_stale()
-            self._invalidate_kernel()
-            record = await self._read_generation()
-            self.seen_generation = record or self.seen_generation
+            self.following.invalidate_kernel()
+            record = await self.following.read_generation()
+            self.following.seen_generation = record or self.following.seen_generation
             return protocol.SyncReceipt(role="follower", epoch=self.keeper.epoch,
                                         generation=(record or {}).get("generation"))  # fmt: skip
         receipt = await self._write_back_reported(timeout, progress)
         epoch = self.keeper.epoch
         if release:
             await self.keeper.release()
-            await self._take_role()
+            await self.following.take_role()
         return protocol.SyncReceipt(
             role=self.keeper.role,
             epoch=epoch,
@@ -339,7 +331,7 @@ class MountHandle:
                         raise
                     epoch = await self.keeper.acquire(wait=True)
                 result.append(epoch)
-                await self._take_role()
+                await self.following.take_role()
             except SafefsError as exc:  # raised below, not as an exception group
                 result.append(exc)
             finally:
@@ -404,13 +396,13 @@ class MountHandle:
         took = self.keeper.role != "writer"
         if took:
             await self.keeper.acquire(wait=False)  # LeaseHeldElsewhere names a live holder
-            await self._take_role()
+            await self.following.take_role()
         conflicts_before = len(self.flusher.conflicts)
         receipt = await self._write_back(timeout)
         self.reporting.record_conflicts()  # in the history before the release, where they happened
         if took:
             await self.keeper.release()
-            await self._take_role()
+            await self.following.take_role()
         await self.orphan_marker.update_orphan_marker_now()  # so that `recover` returning means the marker is gone
         self.recorder.record_event("recover", self.keeper.epoch, f"{files} changes ({nbytes} bytes) written back")
         return protocol.RecoverReceipt(
