@@ -7,11 +7,12 @@ Start-up, in the order a reader of DESIGN.md expects:
    socket, the signal watcher and the periodic journal sync;
 4. mount with pyfuse3 and tell the parent we are ready (one JSON line on `ready_fd`).
 
-What the mount does while it runs and when it ends lives in the parts of `Daemon`, one module
-each in safefs/mount/: following.py (the role, as the lease keeper holds it, and the writer's
-generations), orphan_marker.py, reporting.py (history, metrics, systemd), shutdown.py (signals,
-the mount watch, the final write-back) and handle.py (the control socket's operations). This
-module builds the state they share, in `Daemon.__init__` and `serve`.
+What the mount does while it runs and when it ends lives in safefs/mount/, one module a part.
+Objects built here with their collaborators: following.py (the role, as the lease keeper holds
+it, and the writer's generations), orphan_marker.py, reporting.py (history, metrics, systemd).
+Still mixins of `Daemon`: shutdown.py (signals, the mount watch, the final write-back) and
+handle.py (the control socket's operations). This module builds the state they share, in
+`Daemon.__init__` and `serve`.
 
 Invariants:
 - This is the only module that opens the long-lived nursery or drives the kernel session
@@ -33,7 +34,7 @@ from typing import Any
 
 import trio
 
-from safefs import __version__, checks, kernel_cache, logs, orphans, projectconf
+from safefs import __version__, checks, kernel_cache, logs, projectconf
 from safefs.backing import Backing
 from safefs.cache import ContentCache
 from safefs.clock import SystemClock
@@ -43,8 +44,6 @@ from safefs.errors import DaemonFailed, ExitCode, Refused, SafefsError, describe
 from safefs.flusher import Flusher
 from safefs.fs import Filesystem, Limiters
 from safefs.fuse_ops import KernelNotifier, SafeOperations, Session
-from safefs.history import Event as HistoryEvent
-from safefs.history import HistoryLog
 from safefs.inodes import InodeTable
 from safefs.journal import Journal
 from safefs.kernel_cache import CachePolicy
@@ -54,13 +53,12 @@ from safefs.lease.store import local_identity
 from safefs.mount.following import Following
 from safefs.mount.handle import MountHandle
 from safefs.mount.orphan_marker import ORPHAN_EXIT_TIMEOUT, OrphanMarker
-from safefs.mount.reporting import Reporting
+from safefs.mount.reporting import HistoryRecorder, MetricsEndpoint, Reporting
 from safefs.mount.shutdown import Shutdown
 
 log = logging.getLogger(__name__)
 
 JOURNAL_SYNC_INTERVAL = 1.0
-HISTORY_QUEUE = 100  # lease events waiting to be appended to the project's history
 REPLY_GRACE = 10.0  # at exit, calls waiting for the final write-back get this long to answer
 
 
@@ -130,7 +128,7 @@ def run(config: MountConfig, *, ready_fd: int | None = None, debug: bool = False
         journal.close()
 
 
-class Daemon(Following, OrphanMarker, Reporting, Shutdown, MountHandle):
+class Daemon(Shutdown, MountHandle):
     """One mount's services, built and wired here; each part's methods live in safefs/mount/."""
 
     def __init__(self, config: MountConfig, journal: Journal, ready: _Ready) -> None:
@@ -142,23 +140,24 @@ class Daemon(Following, OrphanMarker, Reporting, Shutdown, MountHandle):
         self.terminated = False
         self.policy = CachePolicy(follower_poll=config.follower_poll)
         self.notifier = KernelNotifier()
-        self._init_following()
-        self._init_orphan_marker()
-        self._init_reporting()
+        self.metrics = MetricsEndpoint(self.status)
         # Shared by the parts: written by one, read by others.
-        self._held_epoch: int | None = None  # the last epoch this process held the lease in (_take_role)
         self._exit_detail: str | None = None  # why the final write-back left changes behind (shutdown)
         self.state = "mounted"  # -> "unmounted" (final write-back) -> "exiting"
         self._final_done = trio.Event()  # the final write-back is over (see _wait_final)
         self._final_waiters = 0  # control calls waiting for it, still to answer
         self._mount_gone = False  # _watch_mount ended the session: nothing left to unmount
         self._final_receipt: Any = None  # what the final write-back wrote, for `sync` after it
-        self.serving = False  # True while the mount serves: the metrics listener answers empty before
+
+    @property
+    def role(self) -> str:
+        """The lease keeper's role: the one place it is kept (see safefs/lease/keeper.py)."""
+        return self.keeper.role
 
     async def serve(self) -> int:
         config = self.config
         if config.metrics_port is not None:
-            self._serve_metrics(config.metrics_port)  # first: a port in use is refused before any mount
+            self.metrics.serve(config.metrics_port)  # first: a port in use is refused before any mount
         limiters = Limiters.create()
         table = InodeTable(self.journal, limiters.flush)
         table.load(await limiters.journal.run(self.journal.load))
@@ -174,9 +173,7 @@ class Daemon(Following, OrphanMarker, Reporting, Shutdown, MountHandle):
         except OSError as exc:
             raise DaemonFailed(f"cannot open the project {config.src}: {exc.strerror}") from exc
         self.identity = identity = local_identity(config.host_id)
-        self.history = HistoryLog(config.src, identity.host, identity.machine_id)
-        self._history_send, history_receive = trio.open_memory_channel[HistoryEvent](HISTORY_QUEUE)
-        self._conflicts_recorded = 0
+        self.recorder = recorder = HistoryRecorder(config, self.clock, identity)
         try:
             conf = await trio.to_thread.run_sync(projectconf.read, config.src)
         except OSError as exc:
@@ -187,20 +184,16 @@ class Daemon(Following, OrphanMarker, Reporting, Shutdown, MountHandle):
             timings = dataclasses.replace(timings, renew=min(timings.renew, timings.t_break / 4))
         self.keeper = keeper = LeaseKeeper(
             store, self.clock, timings, identity, trio.CapacityLimiter(2),
-            want_write=not config.follower, on_event=self._record_event,
+            want_write=not config.follower, on_event=recorder.record_event,
             follow_if_unreachable=store.etcd is not None,
         )  # fmt: skip
-        self.orphan_name = orphans.record_name(identity.host, identity.machine_id, str(config.cache_dir))
-        # One marker change at a time, even after a thread stuck in NFS was abandoned (it keeps
-        # its token until it returns); listings for `status` have their own, small, limiter.
-        self._marker_limiter = trio.CapacityLimiter(1)
-        self._listing_limiter = trio.CapacityLimiter(2)
-        self._marker_lock = trio.Lock()
+        self.orphan_marker = OrphanMarker(config, self.clock, keeper, identity, self._unwritten_counts,
+                                          held_epoch=lambda: self.following.held_epoch)  # fmt: skip
+        self._listing_limiter = trio.CapacityLimiter(2)  # listings of orphan markers for `status`
         cache = ContentCache(config.cache_dir, config.free_space_floor)
         fs = Filesystem(table, cache, backing, config, self.clock, limiters, keeper, self.notifier)
         keeper.on_role(fs.on_role)  # the keeper holds the role; these follow it as it changes
         keeper.on_role(self.policy.on_role)
-        keeper.on_role(lambda role: self._role_changed.set())
         faults = os.environ.get("SAFEFS_FAULTS")  # tests: a stuck or failing project
         if faults:
             from safefs.testing import FaultPlan  # tests only; no other module imports it
@@ -216,18 +209,21 @@ class Daemon(Following, OrphanMarker, Reporting, Shutdown, MountHandle):
             config=config, invalidator=fs.invalidator, negative=fs.negative, host_name=self.host_name,
         )  # fmt: skip
         fs.on_change = self.flusher.poke  # the filesystem's change channel
+        self.following = Following(config, self.clock, keeper, store, fs, backing, self.flusher, self.notifier)
+        keeper.on_role(self.following.on_role)  # after fs and the cache policy: wakes `follow`
         if store.etcd is not None:
-            self.flusher.announce = self._announce_generation
+            self.flusher.announce = self.following.announce_generation
+        self.reporting = Reporting(config, keeper, self.flusher, recorder, self._unwritten)
         try:
             async with trio.open_nursery() as services:
                 history_done = trio.Event()
-                services.start_soon(self._write_history, history_receive, history_done)
+                services.start_soon(recorder.run, history_done)
                 role = await services.start(keeper.run)
                 if role != "writer" and config.wait_for_lease:
                     log.info("daemon: waiting for the lease (%s)", keeper.statistics()["holder"])
                     await keeper.acquire(wait=True)
                 await fs.start(_boot_id())
-                await self._take_role()
+                await self.following.take_role()
                 if self.role == "writer":
                     await self.flusher.settle()
                 self._services = services
@@ -235,15 +231,14 @@ class Daemon(Following, OrphanMarker, Reporting, Shutdown, MountHandle):
                 with trio.move_on_after(REPLY_GRACE):
                     while self._final_waiters:  # let `umount`/`sync` callers have the outcome
                         await trio.sleep(0.05)
-                self._history_send.close()  # the writer appends what is queued, then ends
+                recorder.close()  # the writer appends what is queued, then ends
                 with trio.move_on_after(ORPHAN_EXIT_TIMEOUT):
                     await history_done.wait()
                 services.cancel_scope.cancel()
         finally:
             cache.close()
             backing.close()
-            if self.metrics_listener is not None:
-                self.metrics_listener.close()
+            self.metrics.close()
         return code
 
     async def _serve_mount(self, services: trio.Nursery) -> int:
@@ -262,21 +257,21 @@ class Daemon(Following, OrphanMarker, Reporting, Shutdown, MountHandle):
                 nursery.start_soon(self._watch_signals)
                 nursery.start_soon(self._watch_mount)
                 nursery.start_soon(self._sync_journal_periodically)
-                nursery.start_soon(self._follow)
-                nursery.start_soon(self._keep_orphan_marker)
-                nursery.start_soon(self._watch_conflicts)
+                nursery.start_soon(self.following.follow)
+                nursery.start_soon(self.orphan_marker.keep_orphan_marker)
+                nursery.start_soon(self.reporting.watch_conflicts)
                 if self.lease_store.etcd is not None:
-                    nursery.start_soon(self._publish_generations)
-                    nursery.start_soon(self._watch_etcd)
+                    nursery.start_soon(self.following.publish_generations)
+                    nursery.start_soon(self.following.watch_etcd)
                 self.notifier.enabled = True
                 log.info("daemon: serving %s at %s as %s (cache %s)",
                          config.src, config.mnt, self.role, config.cache_dir)
-                self.serving = True  # for the metrics listener
+                self.metrics.serving = True  # for the metrics listener
                 self.ready.send({"ok": True, "pid": os.getpid(), "role": self.role,
                                  "holder": self.keeper.statistics()["holder"]})  # fmt: skip
-                self.systemd.send(READY=1, STATUS=self._systemd_status())
-                if self.systemd.enabled:
-                    nursery.start_soon(self._report_to_systemd)
+                self.reporting.systemd.send(READY=1, STATUS=self.reporting.systemd_status())
+                if self.reporting.systemd.enabled:
+                    nursery.start_soon(self.reporting.report_to_systemd)
                 await session.serve()
                 self.notifier.enabled = False
                 nursery.cancel_scope.cancel()
@@ -284,12 +279,12 @@ class Daemon(Following, OrphanMarker, Reporting, Shutdown, MountHandle):
         finally:
             # After a kernel unmount the session is over; after a signal or an error we
             # must take the mount down ourselves so nobody hangs on a dead mountpoint.
-            self.serving = False
+            self.metrics.serving = False
             session.close(unmount=(self.terminated or not clean_exit) and not self._mount_gone)
             self.state = "unmounted"
-            if self.systemd.enabled:
+            if self.reporting.systemd.enabled:
                 files, nbytes = self._unwritten()
-                self.systemd.send(STOPPING=1,
+                self.reporting.systemd.send(STOPPING=1,
                                   STATUS=f"unmounted; writing back {files} changes, {nbytes / (1 << 20):.1f} MiB")
             with trio.CancelScope(shield=True):
                 try:

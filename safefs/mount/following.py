@@ -3,7 +3,7 @@
 The role lives in the lease keeper (safefs/lease/keeper.py). The filesystem and the kernel
 cache policy follow it by themselves (LeaseKeeper.on_role); this part does what a role change
 needs beyond that: the writer continues the generation counter from the project's, and after a
-change nothing cached about the tree is trusted blindly. `_follow` wakes on the keeper's
+change nothing cached about the tree is trusted blindly. `follow` wakes on the keeper's
 listener, not on a poll. As a follower it looks for the writer's generations (the project's
 `.safefs/generation`, or the etcd key, a long-poll watch, with the file as a fallback) and
 invalidates what they name, here and in the kernel.
@@ -43,23 +43,24 @@ ETCD_FALLBACK_POLL = 30.0  # while etcd tells followers of generations, they rea
 
 
 class Following:
-    """The role and generations part of `Daemon` (see the module docstring)."""
+    """The role and the writer's generations (see the module docstring)."""
 
-    config: MountConfig
-    clock: Clock
-    keeper: LeaseKeeper
-    lease_store: ProjectLeaseStore
-    fs: Filesystem
-    backing: Backing
-    flusher: Flusher
-    notifier: KernelNotifier
-    _held_epoch: int | None
-
-    def _init_following(self) -> None:
-        """This part's own state (Daemon.__init__ calls this)."""
-        self._applied_role = "unknown"  # the role _take_role last set the mount up for
-        self._role_changed = trio.Event()  # set by the keeper's role listener; _follow waits on it
-        self._role_lock = trio.Lock()  # one _take_role at a time: the second waits for the first
+    def __init__(
+        self, config: MountConfig, clock: Clock, keeper: LeaseKeeper, lease_store: ProjectLeaseStore,
+        fs: Filesystem, backing: Backing, flusher: Flusher, notifier: KernelNotifier,
+    ) -> None:  # fmt: skip
+        self.config = config
+        self.clock = clock
+        self.keeper = keeper
+        self.lease_store = lease_store
+        self.fs = fs
+        self.backing = backing
+        self.flusher = flusher
+        self.notifier = notifier
+        self.held_epoch: int | None = None  # the last epoch this process held the lease in (take_role)
+        self._applied_role = "unknown"  # the role take_role last set the mount up for
+        self._role_changed = trio.Event()  # set by the keeper's role listener; follow waits on it
+        self._role_lock = trio.Lock()  # one take_role at a time: the second waits for the first
         self.seen_generation: dict[str, Any] | None = None
         self.generation_seen_at: float | None = None  # wall time this follower learnt of seen_generation
         self.generation_reads = 0  # reads of .safefs/generation on the project (status: project_polls)
@@ -68,15 +69,19 @@ class Following:
         self._etcd_wake = trio.Event()
         self._etcd_limiter = trio.CapacityLimiter(4)
 
+    def on_role(self, role: str) -> None:
+        """The keeper's role listener: wake `follow`."""
+        self._role_changed.set()
+
     @property
     def role(self) -> str:
         """The lease keeper's role: the one place it is kept (see safefs/lease/keeper.py)."""
         return self.keeper.role
 
     # -- roles ---------------------------------------------------------------------------
-    async def _take_role(self) -> None:
+    async def take_role(self) -> None:
         """Set the mount up for the role the lease keeper holds now (at start, and after each
-        change: _follow wakes on the keeper's role listener; fs and the cache policy follow
+        change: follow wakes on the keeper's role listener; fs and the cache policy follow
         the role by themselves). Returns once done, also when another task is doing it."""
         async with self._role_lock:
             role = self.keeper.role
@@ -86,8 +91,8 @@ class Following:
             self._applied_role = role
             fs = self.fs
             if role == "writer":
-                self._held_epoch = self.keeper.epoch
-                record = await self._read_generation()
+                self.held_epoch = self.keeper.epoch
+                record = await self.read_generation()
                 self.flusher.adopt_generation(record)
                 self.seen_generation = record
                 log.info("lease: this mount is the writer (epoch %d)", self.keeper.epoch)
@@ -98,9 +103,9 @@ class Following:
             if not first:
                 # Another host may have written: nothing cached about the tree is trusted blindly.
                 fs.mark_stale()
-                self._invalidate_kernel()
+                self.invalidate_kernel()
 
-    def _invalidate_kernel(self) -> None:
+    def invalidate_kernel(self) -> None:
         """Make the kernel ask again about every name and inode it knows (queued)."""
         table = self.fs.table
         for parent, names in list(table.children.items()):
@@ -112,7 +117,7 @@ class Following:
             if inode.lookups > 0:
                 self.notifier.later_inode(inode.ino)
 
-    async def _read_generation(self) -> dict[str, Any] | None:
+    async def read_generation(self) -> dict[str, Any] | None:
         self.generation_reads += 1
         try:
             return await self.fs.read_backing(generation.read, self.backing)
@@ -120,7 +125,7 @@ class Following:
             log.info("follow: cannot read the generation: %s", exc)
             return None
 
-    async def _follow(self) -> None:
+    async def follow(self) -> None:
         """Take up each role change the keeper tells of (takeover, loss) and, as a follower,
         look for the writer's generations every `follower_poll`."""
         poll = self.config.follower_poll
@@ -129,14 +134,14 @@ class Following:
             with trio.move_on_at(next_poll if self.role != "writer" else float("inf")):
                 await self._role_changed.wait()
             self._role_changed = trio.Event()
-            await self._take_role()
+            await self.take_role()
             if self.role == "writer" or trio.current_time() < next_poll:
                 continue
             # While etcd tells us of generations, the NFS file is only the fallback.
             etcd_ok = self._etcd_ok_at is not None and \
                 trio.current_time() - self._etcd_ok_at < ETCD_WATCH_WAIT + ETCD_CALL_TIMEOUT + 2  # fmt: skip
             next_poll = trio.current_time() + (max(poll, ETCD_FALLBACK_POLL) if etcd_ok else poll)
-            record = await self._read_generation()
+            record = await self.read_generation()
             if record is not None:
                 self._see_generation(record, "project")
 
@@ -157,7 +162,7 @@ class Following:
             self._invalidate_dirs(paths)
         else:
             self.fs.mark_stale()
-            self._invalidate_kernel()
+            self.invalidate_kernel()
 
     @staticmethod
     def _generation_number(record: dict[str, Any]) -> int:
@@ -188,7 +193,7 @@ class Following:
                     self.notifier.later_inode(child_ino)
 
     # -- generations through etcd ----------------------------------------------------------
-    def _announce_generation(self, record: dict[str, Any]) -> None:
+    def announce_generation(self, record: dict[str, Any]) -> None:
         """The flusher published `record` on the project: hand it to etcd in the background."""
         self._etcd_pending = record
         self._etcd_wake.set()
@@ -200,7 +205,7 @@ class Following:
                                                  thread_name=f"safefs etcd {fn.__name__}")  # fmt: skip
         raise TimeoutError(errno.ETIMEDOUT, f"etcd did not answer within {timeout:g} s")
 
-    async def _publish_generations(self) -> None:
+    async def publish_generations(self) -> None:
         """Writer: put each generation into etcd as well (best effort; only the newest matters).
         etcd refuses it unless our epoch still holds the lease, and we do not send it unless
         the lease keeper says we may still write."""
@@ -232,7 +237,7 @@ class Following:
                 log.warning("follow: etcd refused generation %s: epoch %d no longer holds the lease",
                             record.get("generation"), epoch)  # fmt: skip
 
-    async def _watch_etcd(self) -> None:
+    async def watch_etcd(self) -> None:
         """Follower: learn of generations from etcd (a long-poll watch), not by polling NFS."""
         etcd = self.lease_store.etcd
         assert etcd is not None  # started only for a project on etcd

@@ -38,7 +38,9 @@ if TYPE_CHECKING:
     from safefs.fuse_ops import SafeOperations
     from safefs.lease.backends import ProjectLeaseStore
     from safefs.lease.keeper import LeaseKeeper
-    from safefs.orphans import OrphanStore
+    from safefs.mount.following import Following
+    from safefs.mount.orphan_marker import OrphanMarker
+    from safefs.mount.reporting import HistoryRecorder, Reporting
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +60,14 @@ class MountHandle:
     fs: Filesystem
     backing: Backing
     flusher: Flusher
+    reporting: Reporting
+    recorder: HistoryRecorder
     ops: SafeOperations
-    orphans: OrphanStore
+    orphan_marker: OrphanMarker
     state: str  # "mounted" -> "unmounted" (final write-back) -> "exiting"
     _services: trio.Nursery
     _listing_limiter: trio.CapacityLimiter
-    seen_generation: dict[str, Any] | None
-    generation_seen_at: float | None
-    generation_reads: int
-    _held_epoch: int | None
-    _orphan_reason: str | None
+    following: Following
     _exit_detail: str | None
     _final_done: trio.Event  # the final write-back is over (see _wait_final)
     _final_waiters: int  # control calls waiting for it, still to answer
@@ -78,21 +78,7 @@ class MountHandle:
         @property
         def role(self) -> str: ...
 
-        async def _take_role(self) -> None: ...
-
-        def _invalidate_kernel(self) -> None: ...
-
-        async def _read_generation(self) -> dict[str, Any] | None: ...
-
         async def _write_back(self, timeout: float | None, progress: Any = None) -> Any: ...
-
-        def _record_conflicts(self) -> None: ...
-
-        def _record_event(self, kind: str, epoch: int | None, detail: str) -> None: ...
-
-        def _why_orphaned(self) -> str: ...
-
-        async def _update_orphan_marker_now(self, reason: str | None = None) -> None: ...
 
     # -- the control socket's handler ----------------------------------------------------
     async def status(self) -> protocol.Status:
@@ -101,9 +87,9 @@ class MountHandle:
         lease = dataclasses.replace(
             protocol.from_wire(protocol.LeaseStatistics, {**self.keeper.statistics(), **self.lease_store.describe()}),
             generation=self.flusher.generation if self.role == "writer" else
-            (self.seen_generation or {}).get("generation"),
-            project_polls=self.lease_store.project_requests + self.generation_reads,
-            generation_seen_at=self.generation_seen_at if self.role != "writer" else None,
+            (self.following.seen_generation or {}).get("generation"),
+            project_polls=self.lease_store.project_requests + self.following.generation_reads,
+            generation_seen_at=self.following.generation_seen_at if self.role != "writer" else None,
         )  # fmt: skip
         return protocol.Status(
             src=str(config.src),
@@ -136,13 +122,13 @@ class MountHandle:
         try:
             with trio.fail_after(ORPHAN_READ_TIMEOUT):
                 listing = await trio.to_thread.run_sync(
-                    self.orphans.list, limiter=self._listing_limiter, abandon_on_cancel=True
+                    self.orphan_marker.orphans.list, limiter=self._listing_limiter, abandon_on_cancel=True
                 )
         except trio.TooSlowError:
-            error = f"{self.orphans.path} did not answer within {ORPHAN_READ_TIMEOUT:g} s"
+            error = f"{self.orphan_marker.orphans.path} did not answer within {ORPHAN_READ_TIMEOUT:g} s"
             return protocol.OrphanListing(orphans=None, orphans_error=error, orphans_skipped=[])
         except OSError as exc:
-            error = f"cannot read {self.orphans.path}: {exc.strerror or exc}"
+            error = f"cannot read {self.orphan_marker.orphans.path}: {exc.strerror or exc}"
             return protocol.OrphanListing(orphans=None, orphans_error=error, orphans_skipped=[])
         records = [protocol.Orphan(name=name, **dataclasses.asdict(record)) for name, record in listing.records]
         skipped = [protocol.SkippedOrphan(name=s.name, error=s.error) for s in listing.skipped]
@@ -155,22 +141,22 @@ class MountHandle:
             final = self._final_receipt
             return protocol.SyncReceipt(role=outcome.role, final=outcome.final, files=getattr(final, "files", 0),
                                         bytes=getattr(final, "bytes", 0), ops=getattr(final, "ops", 0),
-                                        generation=getattr(final, "generation", None), epoch=self._held_epoch,
+                                        generation=getattr(final, "generation", None), epoch=self.following.held_epoch,
                                         released=True)  # fmt: skip
         if self.keeper.role != "writer":
             self._refuse_if_orphaned()
             # A follower has nothing to write back; sync means "show me the latest".
             self.fs.mark_stale()
-            self._invalidate_kernel()
-            record = await self._read_generation()
-            self.seen_generation = record or self.seen_generation
+            self.following.invalidate_kernel()
+            record = await self.following.read_generation()
+            self.following.seen_generation = record or self.following.seen_generation
             return protocol.SyncReceipt(role="follower", epoch=self.keeper.epoch,
                                         generation=(record or {}).get("generation"))  # fmt: skip
         receipt = await self._write_back_reported(timeout, progress)
         epoch = self.keeper.epoch
         if release:
             await self.keeper.release()
-            await self._take_role()
+            await self.following.take_role()
         return protocol.SyncReceipt(
             role=self.keeper.role,
             epoch=epoch,
@@ -294,7 +280,7 @@ class MountHandle:
             src=str(self.config.src), cache_dir=str(self.config.cache_dir), pid=os.getpid(),
             state=self.state, unmounted=True,
             unwritten=ops + files, unwritten_files=files, unwritten_ops=ops, unwritten_bytes=nbytes,
-            unwritten_reason=self._exit_detail or self._orphan_reason or self._why_orphaned()
+            unwritten_reason=self._exit_detail or self.orphan_marker.orphan_reason or self.orphan_marker.why_orphaned()
             if ops + files else None,
         ))  # fmt: skip
 
@@ -319,7 +305,7 @@ class MountHandle:
             raise Unwritten(
                 f"{files} files ({nbytes} bytes) and {ops} pending operations stay in the cache "
                 f"{self.config.cache_dir} and are not in the project {self.config.src} "
-                f"({self._orphan_reason or self._why_orphaned()})",
+                f"({self.orphan_marker.orphan_reason or self.orphan_marker.why_orphaned()})",
                 hint=f"run `{recover}` on this host to write them back (a file changed meanwhile "
                 "is kept beside as a conflict copy)",
             )
@@ -345,7 +331,7 @@ class MountHandle:
                         raise
                     epoch = await self.keeper.acquire(wait=True)
                 result.append(epoch)
-                await self._take_role()
+                await self.following.take_role()
             except SafefsError as exc:  # raised below, not as an exception group
                 result.append(exc)
             finally:
@@ -410,15 +396,15 @@ class MountHandle:
         took = self.keeper.role != "writer"
         if took:
             await self.keeper.acquire(wait=False)  # LeaseHeldElsewhere names a live holder
-            await self._take_role()
+            await self.following.take_role()
         conflicts_before = len(self.flusher.conflicts)
         receipt = await self._write_back(timeout)
-        self._record_conflicts()  # in the history before the release, where they happened
+        self.reporting.record_conflicts()  # in the history before the release, where they happened
         if took:
             await self.keeper.release()
-            await self._take_role()
-        await self._update_orphan_marker_now()  # so that `recover` returning means the marker is gone
-        self._record_event("recover", self.keeper.epoch, f"{files} changes ({nbytes} bytes) written back")
+            await self.following.take_role()
+        await self.orphan_marker.update_orphan_marker_now()  # so that `recover` returning means the marker is gone
+        self.recorder.record_event("recover", self.keeper.epoch, f"{files} changes ({nbytes} bytes) written back")
         return protocol.RecoverReceipt(
             files=files, bytes=nbytes, epoch=self.keeper.epoch, generation=receipt.generation,
             conflicts=[protocol.from_wire(protocol.Conflict, c) for c in self.flusher.conflicts[conflicts_before:]],

@@ -26,6 +26,8 @@ from safefs import orphans
 from safefs.orphans import OrphanRecord, OrphanStore
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from safefs.clock import Clock
     from safefs.config import MountConfig
     from safefs.lease.keeper import LeaseKeeper
@@ -37,37 +39,42 @@ ORPHAN_CHECK_INTERVAL = 0.5  # how often the marker is compared with the journal
 ORPHAN_IO_TIMEOUT = 10.0  # one marker publish or removal on the project; abandoned after this
 ORPHAN_RETRY_MAX = 30.0  # the longest wait between two failed marker updates
 ORPHAN_EXIT_TIMEOUT = 5.0  # the last marker update at exit, and the one after `recover`
-MARKER_UNKNOWN = ("unknown",)  # Daemon._marker before we looked: a marker of ours may exist
+MARKER_UNKNOWN = ("unknown",)  # OrphanMarker._marker before we looked: a marker of ours may exist
 
 
 class OrphanMarker:
-    """The orphan-marker part of `Daemon` (see the module docstring)."""
+    """This cache's orphan marker (see the module docstring). `unwritten_counts` is the control
+    handler's count; `held_epoch` tells the last epoch this process held the lease in."""
 
-    config: MountConfig
-    clock: Clock
-    keeper: LeaseKeeper
-    identity: Identity
-    orphan_name: str
-    _marker_lock: trio.Lock
-    _marker_limiter: trio.CapacityLimiter
-    _held_epoch: int | None  # the last epoch this process held the lease in
-    _exit_detail: str | None  # why the final write-back left changes behind
-
-    def _init_orphan_marker(self) -> None:
-        """This part's own state (Daemon.__init__ calls this)."""
+    def __init__(
+        self, config: MountConfig, clock: Clock, keeper: LeaseKeeper, identity: Identity,
+        unwritten_counts: Callable[[], tuple[int, int, int]], held_epoch: Callable[[], int | None],
+    ) -> None:  # fmt: skip
+        self.config = config
+        self.clock = clock
+        self.keeper = keeper
+        self.identity = identity
+        self._unwritten_counts = unwritten_counts
+        self.held_epoch = held_epoch
         self.orphans = OrphanStore(self.config.src)
+        self.orphan_name = orphans.record_name(identity.host, identity.machine_id, str(config.cache_dir))
+        # One marker change at a time, even after a thread stuck in NFS was abandoned (it keeps
+        # its token until it returns).
+        self._marker_limiter = trio.CapacityLimiter(1)
+        self._marker_lock = trio.Lock()
         # What our orphan marker on the project says: None (there is none), MARKER_UNKNOWN, or
         # the (counts, reason, epoch) key of the version we published. Changed under _marker_lock.
         self._marker: tuple[Any, ...] | None = MARKER_UNKNOWN
         self._orphan_since: float | None = None  # wall time this cache's orphan was first seen
         self._orphan_reason: str | None = None
 
-    if TYPE_CHECKING:
-
-        def _unwritten_counts(self) -> tuple[int, int, int]: ...
+    @property
+    def orphan_reason(self) -> str | None:
+        """Why our marker was published (None while there is none)."""
+        return self._orphan_reason
 
     # -- orphan markers ------------------------------------------------------------------
-    async def _keep_orphan_marker(self) -> None:
+    async def keep_orphan_marker(self) -> None:
         """Keep our marker in step with the journal and the lease, retrying with backoff while
         the project fails (nothing waits for this task; see _sync_orphan_marker)."""
         backoff = 0.0
@@ -105,8 +112,8 @@ class OrphanMarker:
             if reason is not None:
                 self._orphan_reason = reason
             elif self._orphan_reason is None:
-                self._orphan_reason = self._why_orphaned()
-            key = (ops, files, nbytes, self._orphan_reason, self._held_epoch)
+                self._orphan_reason = self.why_orphaned()
+            key = (ops, files, nbytes, self._orphan_reason, self.held_epoch())
             if key == self._marker:
                 return
             if self._orphan_since is None:
@@ -121,7 +128,7 @@ class OrphanMarker:
             record = OrphanRecord(
                 host=self.identity.host, machine_id=self.identity.machine_id,
                 cache_dir=str(self.config.cache_dir), pid=os.getpid(), user=self.identity.user,
-                epoch=self._held_epoch, pending_ops=ops, dirty_files=files, dirty_bytes=nbytes,
+                epoch=self.held_epoch(), pending_ops=ops, dirty_files=files, dirty_bytes=nbytes,
                 since=self._orphan_since, updated=self.clock.wall(), reason=self._orphan_reason,
             )  # fmt: skip
             await self._marker_call(self.orphans.publish, record, timeout=timeout)
@@ -132,12 +139,12 @@ class OrphanMarker:
                             self.orphans.path / f"{self.orphan_name}{orphans.SUFFIX}")  # fmt: skip
             self._marker = key
 
-    def _why_orphaned(self) -> str:
+    def why_orphaned(self) -> str:
         lease = self.keeper.statistics()
         if lease["state"] == "lost":
             return f"lease lost: {lease['lost_reason']}"
-        if self._held_epoch is not None:
-            return f"lease of epoch {self._held_epoch} given up with changes unwritten"
+        if self.held_epoch() is not None:
+            return f"lease of epoch {self.held_epoch()} given up with changes unwritten"
         return "left in this cache by an earlier mount that did not write it back; mounted as a follower"
 
     async def _marker_call(self, fn: Any, *args: Any, timeout: float) -> Any:
@@ -147,7 +154,7 @@ class OrphanMarker:
             return await trio.to_thread.run_sync(fn, *args, limiter=self._marker_limiter, abandon_on_cancel=True)
         raise TimeoutError(errno.ETIMEDOUT, f"no answer within {timeout:g} s", str(self.orphans.path))
 
-    async def _update_orphan_marker_now(self, reason: str | None = None) -> None:
+    async def update_orphan_marker_now(self, reason: str | None = None) -> None:
         """One best-effort marker update that waits at most ORPHAN_EXIT_TIMEOUT."""
         with trio.move_on_after(ORPHAN_EXIT_TIMEOUT) as scope:
             try:
@@ -157,11 +164,12 @@ class OrphanMarker:
         if scope.cancelled_caught:
             log.warning("orphans: %s did not answer; our marker may be out of date", self.orphans.path)
 
-    async def _mark_orphan_at_exit(self) -> None:
-        """Leave a marker if this mount exits with changes unwritten; remove ours if it has none."""
+    async def mark_orphan_at_exit(self, exit_detail: str | None) -> None:
+        """Leave a marker if this mount exits with changes unwritten (`exit_detail`: why the
+        final write-back left them behind); remove ours if it has none."""
         ops, files, _ = self._unwritten_counts()
         reason = None
         if ops or files:
-            detail = self._exit_detail or self._orphan_reason
+            detail = exit_detail or self._orphan_reason
             reason = "unmounted with changes unwritten" + (f" ({detail})" if detail else "")
-        await self._update_orphan_marker_now(reason)
+        await self.update_orphan_marker_now(reason)

@@ -22,12 +22,14 @@ from safefs import sdnotify
 from safefs.control import protocol
 from safefs.errors import Refused
 from safefs.history import Event as HistoryEvent
+from safefs.history import HistoryLog
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from safefs.clock import Clock
     from safefs.config import MountConfig
     from safefs.flusher import Flusher
-    from safefs.history import HistoryLog
     from safefs.lease.keeper import LeaseKeeper
     from safefs.lease.model import Identity
 
@@ -35,35 +37,25 @@ log = logging.getLogger(__name__)
 
 SYSTEMD_STATUS_INTERVAL = 2.0  # how often STATUS= is refreshed under systemd (when it changed)
 HISTORY_CHECK_INTERVAL = 1.0  # how often new conflicts are looked for, to record them
+HISTORY_QUEUE = 100  # lease events waiting to be appended to the project's history
 HISTORY_IO_TIMEOUT = 10.0  # one append to the project's history; abandoned after this
 
 
-class Reporting:
-    """The reporting part of `Daemon` (see the module docstring)."""
+class HistoryRecorder:
+    """Appends this mount's lease events, conflicts and recoveries to the project's history.
 
-    config: MountConfig
-    clock: Clock
-    keeper: LeaseKeeper
-    flusher: Flusher
-    identity: Identity
-    history: HistoryLog
-    serving: bool
+    Built before the lease keeper, whose `on_event` is `record_event`; `run` is the task that
+    appends what is queued until `close`."""
 
-    def _init_reporting(self) -> None:
-        """This part's own state (Daemon.__init__ calls this; serve() opens the history)."""
-        self.systemd = sdnotify.Notifier()  # a no-op unless started by systemd with Type=notify
-        self.metrics_listener: Any = None  # a safefs.metrics.Listener with --metrics-port
-    _history_send: trio.MemorySendChannel[HistoryEvent]
-    _conflicts_recorded: int
-
-    if TYPE_CHECKING:
-
-        async def status(self) -> protocol.Status: ...
-
-        def _unwritten(self) -> tuple[int, int]: ...
+    def __init__(self, config: MountConfig, clock: Clock, identity: Identity) -> None:
+        self.config = config
+        self.clock = clock
+        self.identity = identity
+        self.history = HistoryLog(config.src, identity.host, identity.machine_id)
+        self._history_send, self._history_receive = trio.open_memory_channel[HistoryEvent](HISTORY_QUEUE)
 
     # -- the project's history (safefs/history.py) ----------------------------------------
-    def _record_event(self, kind: str, epoch: int | None, detail: str) -> None:
+    def record_event(self, kind: str, epoch: int | None, detail: str) -> None:
         """Queue one history record (the keeper calls this on the trio thread; never blocks)."""
         event = HistoryEvent(kind, self.identity.host, self.identity.user, os.getpid(), epoch,
                              str(self.config.mnt), detail, self.clock.wall())  # fmt: skip
@@ -72,24 +64,12 @@ class Reporting:
         except (trio.WouldBlock, trio.ClosedResourceError):
             log.warning("history: dropped the %s record of epoch %s (the project is not keeping up)", kind, epoch)
 
-    def _record_conflicts(self) -> None:
-        for conflict in self.flusher.conflicts[self._conflicts_recorded :]:
-            what = conflict.get("path") or conflict.get("op") or "?"
-            kept = f" kept as {conflict['kept_as']}" if conflict.get("kept_as") else ""
-            self._record_event("conflict", self.keeper.epoch, f"{what}{kept}: {conflict.get('error', '')}".rstrip(": "))
-        self._conflicts_recorded = len(self.flusher.conflicts)
-
-    async def _watch_conflicts(self) -> None:
-        while True:
-            await trio.sleep(HISTORY_CHECK_INTERVAL)
-            self._record_conflicts()
-
-    async def _write_history(self, events: trio.MemoryReceiveChannel[HistoryEvent], done: trio.Event) -> None:
+    async def run(self, done: trio.Event) -> None:
         """Append queued events in a worker thread each, HISTORY_IO_TIMEOUT at most (a hung
         project delays the history, never the mount); a failure is logged, the record dropped."""
         limiter = trio.CapacityLimiter(1)
         try:
-            async for event in events:
+            async for event in self._history_receive:
                 with trio.move_on_after(HISTORY_IO_TIMEOUT) as scope:
                     try:
                         await trio.to_thread.run_sync(self.history.append, event, limiter=limiter,
@@ -103,12 +83,22 @@ class Reporting:
         finally:
             done.set()
 
-    def _systemd_status(self) -> str:
-        files, nbytes = self._unwritten()
-        dirty = f"unwritten: {files} changes, {nbytes / (1 << 20):.1f} MiB" if files else "nothing unwritten"
-        return f"{self.keeper.role} of {self.config.src} at {self.config.mnt}, epoch {self.keeper.epoch}; {dirty}"
+    def close(self) -> None:
+        """No more records: `run` appends what is queued, then ends."""
+        self._history_send.close()
 
-    def _serve_metrics(self, port: int) -> None:
+
+class MetricsEndpoint:
+    """`status` (the control handler's) served as Prometheus metrics with --metrics-port.
+
+    Built first: a port in use is refused before anything is mounted."""
+
+    def __init__(self, status: Callable[[], Awaitable[protocol.Status]]) -> None:
+        self.status = status
+        self.metrics_listener: Any = None  # a safefs.metrics.Listener with --metrics-port
+        self.serving = False  # True while the mount serves: the metrics listener answers empty before
+
+    def serve(self, port: int) -> None:
         """Serve `status` as Prometheus metrics on 127.0.0.1:`port`, from prometheus-client's thread."""
         from safefs import metrics  # only here: prometheus-client is needed for --metrics-port alone
 
@@ -128,7 +118,46 @@ class Reporting:
             ) from None
         log.info("metrics: serving http://127.0.0.1:%d/metrics", port)
 
-    async def _report_to_systemd(self) -> None:
+    def close(self) -> None:
+        if self.metrics_listener is not None:
+            self.metrics_listener.close()
+
+
+class Reporting:
+    """Conflicts into the history and the systemd status (see the module docstring).
+    `unwritten` is the control handler's count of unwritten changes."""
+
+    def __init__(
+        self, config: MountConfig, keeper: LeaseKeeper, flusher: Flusher, recorder: HistoryRecorder,
+        unwritten: Callable[[], tuple[int, int]],
+    ) -> None:
+        self.config = config
+        self.keeper = keeper
+        self.flusher = flusher
+        self.recorder = recorder
+        self._unwritten = unwritten
+        self.systemd = sdnotify.Notifier()  # a no-op unless started by systemd with Type=notify
+        self._conflicts_recorded = 0
+
+    def record_conflicts(self) -> None:
+        for conflict in self.flusher.conflicts[self._conflicts_recorded :]:
+            what = conflict.get("path") or conflict.get("op") or "?"
+            kept = f" kept as {conflict['kept_as']}" if conflict.get("kept_as") else ""
+            detail = f"{what}{kept}: {conflict.get('error', '')}".rstrip(": ")
+            self.recorder.record_event("conflict", self.keeper.epoch, detail)
+        self._conflicts_recorded = len(self.flusher.conflicts)
+
+    async def watch_conflicts(self) -> None:
+        while True:
+            await trio.sleep(HISTORY_CHECK_INTERVAL)
+            self.record_conflicts()
+
+    def systemd_status(self) -> str:
+        files, nbytes = self._unwritten()
+        dirty = f"unwritten: {files} changes, {nbytes / (1 << 20):.1f} MiB" if files else "nothing unwritten"
+        return f"{self.keeper.role} of {self.config.src} at {self.config.mnt}, epoch {self.keeper.epoch}; {dirty}"
+
+    async def report_to_systemd(self) -> None:
         while True:
             await trio.sleep(SYSTEMD_STATUS_INTERVAL)
-            self.systemd.status(self._systemd_status())
+            self.systemd.status(self.systemd_status())

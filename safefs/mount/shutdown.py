@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from safefs.fs import Filesystem
     from safefs.fuse_ops import Session
     from safefs.lease.keeper import LeaseKeeper
+    from safefs.mount.orphan_marker import OrphanMarker
+    from safefs.mount.reporting import Reporting
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +51,13 @@ class Shutdown:
     fs: Filesystem
     backing: Backing
     flusher: Flusher
+    reporting: Reporting
+    orphan_marker: OrphanMarker
     session: Session
     terminated: bool
     _mount_gone: bool  # _watch_mount ended the session: nothing left to unmount
     _exit_detail: str | None  # why the final write-back left changes behind
     _final_receipt: Any  # what the final write-back wrote, for `sync` after it
-
-    if TYPE_CHECKING:
-
-        def _record_conflicts(self) -> None: ...
-
-        async def _mark_orphan_at_exit(self) -> None: ...
 
     async def _watch_mount(self) -> None:
         """End the session once our mount is gone from this namespace's mount table, even if
@@ -96,14 +94,14 @@ class Shutdown:
                 async def flush() -> None:
                     nonlocal code
                     code = await self._final_flush()
-                    self._record_conflicts()
+                    self.reporting.record_conflicts()
                     nursery.cancel_scope.cancel()
 
                 nursery.start_soon(stop_on_signal)
                 nursery.start_soon(flush)
         if code != int(ExitCode.OK) and self._exit_detail is None:
             self._exit_detail = "the final write-back was stopped"
-        await self._mark_orphan_at_exit()
+        await self.orphan_marker.mark_orphan_at_exit(self._exit_detail)
         return code
 
     async def _final_flush(self) -> int:
