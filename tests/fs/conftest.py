@@ -191,6 +191,18 @@ def split(path: str | bytes) -> list[bytes]:
     return [c for c in p.split(b"/") if c]
 
 
+
+async def surviving_crash(fn: Callable[[], Awaitable[Any]]) -> None:
+    """Await `fn`, taking a SimulatedCrash (alone or in an exception group) as its end."""
+    try:
+        await fn()
+    except SimulatedCrash:
+        pass
+    except BaseExceptionGroup as group:  # noqa: F821 - a builtin since 3.11
+        _, rest = group.split(SimulatedCrash)
+        if rest is not None:
+            raise rest from None
+
 class Stack:
     """One mount's services on `root/src` with cache `root/cache`. See the module docstring."""
 
@@ -271,13 +283,7 @@ class Stack:
 
         async def runner() -> None:
             try:
-                await fn()
-            except SimulatedCrash:
-                pass
-            except BaseExceptionGroup as group:  # noqa: F821 - a builtin since 3.11
-                _, rest = group.split(SimulatedCrash)
-                if rest is not None:
-                    raise rest from None
+                await surviving_crash(fn)
             finally:
                 finished.set()
 

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import trio
 
-from tests.fs.conftest import SimulatedCrash, Stack
+from tests.fs.conftest import SimulatedCrash, Stack, surviving_crash
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -106,18 +106,8 @@ async def test_the_write_close_sent_after_an_fsync_survives_kill_9(
         else:
             held = _HeldPublish(stack, after=when == "publish-held-after")
 
-            async def flush() -> None:
-                try:
-                    await stack.flusher.flush(everything=True)
-                except SimulatedCrash:
-                    pass
-                except BaseExceptionGroup as group:  # noqa: F821 - a builtin since 3.11
-                    _, rest = group.split(SimulatedCrash)
-                    if rest is not None:
-                        raise rest from None
-
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(flush)
+                nursery.start_soon(surviving_crash, lambda: stack.flusher.flush(everything=True))
                 while not held.hit.is_set():
                     await trio.sleep(0.002)
                 await _kernel_write(stack, fh, model, LAST_WRITE[0], last)  # answered: in the journal
