@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.faultfs import FaultFS
-from tests.helpers import Mount, MountFactory
+from tests.helpers import Mount, MountFactory, is_mounted
 
 
 @pytest.fixture
@@ -37,3 +37,4 @@ def nfs(tmp_path: Path) -> Iterator[FaultFS]:
     finally:
         problems = ffs.stop()
         assert not problems, f"faultfs cleanup: {problems}"
+        assert not is_mounted(mnt), f"faultfs still mounted at {mnt} after stop"

@@ -1,8 +1,8 @@
 """tests/faultfs.py works: it passes bytes and names through, injects errors, hangs and
 releases operations, delays them measurably, and always unmounts when stopped.
 
-Each test mounts its own faultfs over tmp_path/real at tmp_path/mnt; the fixture stops it
-(lazy unmount, reap) whatever happens.
+Each test mounts its own faultfs over tmp_path/real at tmp_path/nfs; the `nfs` fixture stops it
+(lazy unmount, reap) and checks it is unmounted, whatever happens.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import os
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,16 +22,9 @@ pytestmark = [pytest.mark.fuse, pytest.mark.timeout(60)]
 
 
 @pytest.fixture
-def ffs(tmp_path: Path) -> Iterator[FaultFS]:
-    real, mnt = tmp_path / "real", tmp_path / "mnt"
-    real.mkdir()
-    mnt.mkdir()
-    fs = FaultFS.start(real, mnt, log_path=tmp_path / "faultfs.log")
-    try:
-        yield fs
-    finally:
-        assert fs.stop() == []
-        assert not is_mounted(mnt)
+def ffs(nfs: FaultFS) -> FaultFS:
+    """The fuse tier's FaultFS (tests/fuse/conftest.py `nfs`), under the name these tests use."""
+    return nfs
 
 
 def test_bytes_and_names_pass_through(ffs: FaultFS) -> None:
