@@ -354,6 +354,10 @@ class InodeTable:
         if inode is not None:
             inode.stale = True
 
+    def set_fresh(self, d: Inode) -> None:
+        """Directory `d` is as on the backing tree (compared again, or not there at all)."""
+        d.stale = False
+
     def set_meta(self, key: str, value: Any) -> None:
         self.meta[key] = value
         self._marked_meta.add(key)
