@@ -1,9 +1,10 @@
 """POSIX semantics of the mount, served from the local cache. Knows nothing of pyfuse3.
 
-Every request of the kernel becomes one method here. Changes land in the cache (content
-files and the inode table) and are acknowledged once the journal has committed them; the
-flusher (flusher.py) carries them to the backing tree later. Reads of bytes not yet in the
-cache fetch just the blocks they need from the backing tree.
+Every request of the kernel becomes one method here; those on open files and a file's
+attributes (open, read, write, fsync, release, setattr) are carried out by files.py. Changes
+land in the cache (content files and the inode table) and are acknowledged once the journal
+has committed them; the flusher (flusher.py) carries them to the backing tree later. Reads
+of bytes not yet in the cache fetch just the blocks they need from the backing tree.
 
 Invariants:
 - Nothing changes the namespace or content unless `lease.require_writable()` allowed it at
@@ -243,9 +244,6 @@ class Filesystem:
 
     async def ensure_listed(self, d: Inode) -> None:
         await self.coherence.ensure_listed(d)
-
-    async def _revalidate(self, inode: Inode) -> bool:
-        return await self.coherence.revalidate(inode)
 
     def note_absent(self, parent: int, name: bytes) -> bool:
         """May the kernel cache that `name` is not in `parent`? (See negative.py.)"""

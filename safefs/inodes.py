@@ -1,7 +1,8 @@
 """The in-memory inode table and namespace, persisted through the journal by group commit.
 
-Every inode the mount knows lives here: its attributes, the byte ranges of its content that
-are present in the cache and those that are dirty, and where it sits in two namespaces:
+Every inode the mount knows lives here (an Inode record, inode.py): its attributes, the byte
+ranges of its content that are present in the cache and those that are dirty, and where it
+sits in two namespaces:
 
 - the **cache view** (`children`, `Inode.links`): what the user sees through the mount;
 - the **backing view** (`Inode.blinks`): where the object is on the backing tree right now.
