@@ -62,14 +62,14 @@ class Coherence:
         wrote, or this cache was not mounted). Each is compared again on its next use."""
         for inode in self.table.inodes.values():
             if inode.is_dir and inode.listed:
-                inode.stale = True
+                self.table.set_stale(inode.ino)
         self.negative.forget_all()
 
     def mark_dir_stale(self, ino: int) -> None:
         """`mark_stale` for one directory (a generation record named it as changed)."""
         inode = self.table.inodes.get(ino)
         if inode is not None and inode.is_dir and inode.listed:
-            inode.stale = True
+            self.table.set_stale(ino)
         self.negative.forget(ino)
 
     async def ensure_listed(self, d: Inode) -> None:
@@ -110,7 +110,7 @@ class Coherence:
                 return
             path = self.table.dir_backing_path(d.ino)
             if path is None:
-                d.stale = False
+                self.table.set_fresh(d)
                 return
             table = self.table
             # The flusher goes on while the project is listed: a create it replays meanwhile
@@ -153,7 +153,7 @@ class Coherence:
                 if table.child(d.ino, name) is None:
                     table.link(d.ino, name, self._inode_from_backing(d.ino, entry))
             self.negative.forget(d.ino)
-            d.stale = False
+            table.set_fresh(d)
             table.mark(d)
             await table.commit()
         await self.purge_dropped()
@@ -182,7 +182,7 @@ class Coherence:
         inode.target = entry.link_target
         inode.xattrs = None
         if inode.is_dir:
-            inode.stale = True
+            self.table.set_stale(inode.ino)
         self.table.mark(inode)
 
     def _forget_name(self, parent: int, name: bytes, child: Inode) -> None:

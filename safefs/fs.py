@@ -1,9 +1,10 @@
 """POSIX semantics of the mount, served from the local cache. Knows nothing of pyfuse3.
 
-Every request of the kernel becomes one method here. Changes land in the cache (content
-files and the inode table) and are acknowledged once the journal has committed them; the
-flusher (flusher.py) carries them to the backing tree later. Reads of bytes not yet in the
-cache fetch just the blocks they need from the backing tree.
+Every request of the kernel becomes one method here; those on open files and a file's
+attributes (open, read, write, fsync, release, setattr) are carried out by files.py. Changes
+land in the cache (content files and the inode table) and are acknowledged once the journal
+has committed them; the flusher (flusher.py) carries them to the backing tree later. Reads
+of bytes not yet in the cache fetch just the blocks they need from the backing tree.
 
 Invariants:
 - Nothing changes the namespace or content unless `lease.require_writable()` allowed it at
@@ -35,21 +36,21 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import functools
 import logging
 import os
 import stat
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from safefs import kernel_cache, ranges, records
+from safefs import ranges, records
 from safefs.backing import Backing
 from safefs.cache import ContentCache
 from safefs.clock import Clock
 from safefs.coherence import Coherence, hidden
 from safefs.config import MountConfig
 from safefs.content import Content, FsStats, Limiters
-from safefs.errors import CacheFull, FsError
+from safefs.errors import FsError
+from safefs.files import Files
 from safefs.inodes import ROOT_INO, Inode, InodeTable
 from safefs.negative import NegativeNames
 from safefs.ports import AlwaysWritable, Invalidator, NoInvalidator
@@ -60,12 +61,6 @@ T = TypeVar("T")
 NAME_MAX = 255
 XATTR_CREATE, XATTR_REPLACE = 1, 2
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-
-
-@dataclasses.dataclass
-class Handle:
-    ino: int
-    flags: int
 
 
 @dataclasses.dataclass
@@ -98,17 +93,32 @@ class Filesystem:
         self.inode_locks = self.content.inode_locks
         self.stats: FsStats = self.content.stats
         self.negative = NegativeNames(self.invalidator)  # shared with the flusher
-        self._handles: dict[int, Handle] = {}
         self._dir_handles: dict[int, DirHandle] = {}
-        self._next_fh = 1
         self.coherence = Coherence(table, backing, self.content, self.negative, self.invalidator)
-        self.follower = False  # no local changes at all; the kernel must not keep pages (on_role)
-        self.on_change: Callable[[], None] = lambda: None  # the daemon wires the flusher's poke here
+        self.files = Files(table, cache, config, clock, self.content, self.coherence, self.gate)
         self.inject_bug_name: bytes | None = None  # tests: a lookup of this name raises a bug
 
     def on_role(self, role: str) -> None:
         """Follow the lease keeper's role (subscribed with LeaseKeeper.on_role)."""
         self.follower = role != "writer"
+
+    @property
+    def follower(self) -> bool:
+        """No local changes at all; the kernel must not keep pages (see on_role)."""
+        return self.files.follower
+
+    @follower.setter
+    def follower(self, value: bool) -> None:
+        self.files.follower = value
+
+    @property
+    def on_change(self) -> Callable[[], None]:
+        """The daemon wires the flusher's poke here; the files call it too."""
+        return self.files.on_change
+
+    @on_change.setter
+    def on_change(self, poke: Callable[[], None]) -> None:
+        self.files.on_change = poke
 
     @property
     def kernel_owns_sizes(self) -> bool:
@@ -235,9 +245,6 @@ class Filesystem:
     async def ensure_listed(self, d: Inode) -> None:
         await self.coherence.ensure_listed(d)
 
-    async def _revalidate(self, inode: Inode) -> bool:
-        return await self.coherence.revalidate(inode)
-
     def note_absent(self, parent: int, name: bytes) -> bool:
         """May the kernel cache that `name` is not in `parent`? (See negative.py.)"""
         return self.negative.note(parent, name)
@@ -324,7 +331,7 @@ class Filesystem:
         d = await self._prepare_new_entry(parent, name)
         inode = self._new_child(d, stat.S_IFREG | (mode & 0o7777), uid, gid)
         await self._add_new(d, name, inode)
-        return self._open_handle(inode, flags), inode
+        return self.files.open_handle(inode, flags), inode
 
     async def link(self, ino: int, new_parent: int, new_name: bytes) -> Inode:
         inode = self.table.get(ino)
@@ -446,74 +453,6 @@ class Filesystem:
         self.on_change()
 
     # -- attributes ----------------------------------------------------------------------
-    async def setattr(
-        self,
-        ino: int,
-        *,
-        mode: int | None = None,
-        uid: int | None = None,
-        gid: int | None = None,
-        size: int | None = None,
-        atime_ns: int | None = None,
-        mtime_ns: int | None = None,
-    ) -> Inode:
-        self._writable()
-        inode = self.table.get(ino)
-        if size is not None:
-            if inode.is_dir:
-                raise FsError(errno.EISDIR)
-            if not inode.is_reg:
-                raise FsError(errno.EINVAL)
-            if size:
-                await self._whole_before_diverging(inode)
-            async with self.inode_locks(ino):
-                await self._truncate(inode, size)
-        if mode is not None:
-            inode.mode = stat.S_IFMT(inode.mode) | (mode & 0o7777)
-        if uid is not None and uid != 0xFFFFFFFF:
-            inode.uid = uid
-        if gid is not None and gid != 0xFFFFFFFF:
-            inode.gid = gid
-        if atime_ns is not None:
-            inode.atime_ns = atime_ns
-        if mtime_ns is not None:
-            inode.mtime_ns = mtime_ns
-        # The kernel sends the times of a file it wrote before each fsync and close.
-        times_only = size is None and mode is None and uid in (None, 0xFFFFFFFF) and gid in (None, 0xFFFFFFFF)
-        self._changed(inode, attrs=True, times_only=times_only)
-        await self.table.commit()
-        self.on_change()
-        return inode
-
-    async def _truncate(self, inode: Inode, size: int) -> None:
-        """Change a file's size; called under the inode lock."""
-        old = inode.size
-        if size == old:
-            inode.mtime_ns = self.now_ns()
-            return
-        if size > old:
-            self._reserve(size - old, sparse=True)
-            # The cache file may hold stale bytes past the old end (fetched before a shrink
-            # elsewhere); cut them so the new region reads as zeros.
-            await self.in_cache(self._extend_cache_file, inode.ino, old, size)
-            # Present (as zeros) but not dirty: the backing file grows by a truncate too.
-            self.table.mark_zeros_present(inode, old, size)
-        else:
-            self.table.truncate_ranges(inode, size)
-            inode.size = size
-            self._changed(inode, data=True, attrs=True)
-            # The journal first: killed in between, a longer cache file is harmless (bytes
-            # past the size are never read), a shorter one under the old size is not.
-            await self.table.commit()
-            await self.in_cache(self.cache.truncate, inode.ino, size)
-            return
-        inode.size = size
-        self._changed(inode, data=True, attrs=True)
-
-    def _extend_cache_file(self, ino: int, old: int, size: int) -> None:
-        self.cache.truncate(ino, old)
-        self.cache.truncate(ino, size)
-
     def readlink(self, ino: int) -> bytes:
         inode = self.table.get(ino)
         if not inode.is_link or inode.target is None:
@@ -558,177 +497,36 @@ class Filesystem:
         await self.table.commit()
         self.on_change()
 
-    # -- files ---------------------------------------------------------------------------
-    def _open_handle(self, inode: Inode, flags: int) -> int:
-        fh = self._next_fh
-        self._next_fh += 1
-        self._handles[fh] = Handle(inode.ino, flags)
-        inode.opens += 1
-        return fh
+    # -- files (files.py) ----------------------------------------------------------------
+    async def setattr(self, ino: int, **changes: int | None) -> Inode:
+        """Change mode, uid, gid, size, atime_ns or mtime_ns (see Files.setattr)."""
+        return await self.files.setattr(ino, **changes)
 
     def handle_inode(self, fh: int) -> Inode:
-        try:
-            return self.table.get(self._handles[fh].ino)
-        except KeyError:
-            raise FsError(errno.EBADF) from None
+        return self.files.handle_inode(fh)
 
     async def open(self, ino: int, flags: int) -> tuple[int, bool]:
         """Open a file; returns (handle, whether the kernel may keep its cached pages)."""
-        inode = self.table.get(ino)
-        if inode.is_dir:
-            raise FsError(errno.EISDIR)
-        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC):
-            self._writable()
-        unchanged = None  # the fingerprint check, made for a clean file with cached bytes
-        if inode.is_reg and inode.present and not inode.needs_flush and not inode.new:
-            unchanged = not await self._revalidate(inode)
-        keep = kernel_cache.keep_pages(follower=self.follower, unchanged=unchanged)
-        if self.follower and inode.is_reg and not inode.complete and inode.size <= self.config.publish_threshold:
-            await self._snapshot(inode)
-        if flags & os.O_TRUNC and inode.is_reg:
-            # libfuse negotiates atomic O_TRUNC: the kernel leaves the truncation to us.
-            async with self.inode_locks(ino):
-                await self._truncate(inode, 0)
-            await self.table.commit()
-            self.on_change()
-        return self._open_handle(inode, flags), keep
-
-    async def _snapshot(self, inode: Inode) -> None:
-        """A follower opening a file: fetch all of it now, from one version.
-
-        The writer publishes a file by renaming a whole new one over it (G5). Fetched lazily,
-        an open file could get some blocks from the old version and later ones from the new:
-        a torn file. Fetched whole at open, with the backing file's fingerprint the same before
-        and after, the open file is one version for as long as it stays open (a newer one gets
-        a new inode at the next refresh; this one lives on until released, as on a local disk).
-        Files above `publish_threshold` are written back in place, by ranges, and not fetched
-        whole here: nothing atomic is promised for them.
-        """
-        for _ in range(3):
-            await self._revalidate(inode)  # take the file as it is now
-            await self.fill(inode)
-            if not await self._revalidate(inode):
-                return  # unchanged while we fetched: one version
-        log.warning("fs: %r kept changing while fetched; serving the last fetch",
-                    self.table.backing_path(inode.ino))  # fmt: skip
+        return await self.files.open(ino, flags)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes:
-        inode = self.handle_inode(fh)
-        end = min(offset + size, inode.size)
-        if offset >= end:
-            return b""
-        inode.accessed_at = self.clock.monotonic()
-        if inode.writing:  # a write's bytes may still be on their way into the cache file
-            async with self.inode_locks(inode.ino):
-                pass
-        if inode.gaps(records.PRESENT, offset, end):
-            await self.fetch(inode, offset, end)
-        else:
-            self.stats.cache_hits += 1
-        return await self.in_cache(self.cache.pread, inode.ino, offset, end - offset)
-
-    async def _whole_before_diverging(self, inode: Inode) -> None:
-        """Fetch the rest of a small file before a change through the mount.
-
-        Once our version differs from the project's, the project's may change too (someone
-        edits it on NFS). The conflict copy must then be our version, and bytes we never
-        fetched would have to come from theirs: after that edit the original is nowhere.
-        Files above `publish_threshold` are written back by ranges and stay lazily fetched;
-        a conflict copy of one may mix in their bytes where ours were never read.
-        """
-        # Cheap tests first: this runs on every write.
-        if inode.is_reg and not inode.new and inode.size <= self.config.publish_threshold and not inode.complete:
-            await self.fill(inode)
-
-    def _reserve(self, nbytes: int, *, sparse: bool = False) -> None:
-        """Refuse a write with ENOSPC before it could fill the cache disk."""
-        if sparse:
-            return
-        if self.cache.free_bytes() < nbytes:
-            raise CacheFull("no space left in the cache for more dirty data")
-        self.cache.charge(nbytes)
+        return await self.files.read(fh, offset, size)
 
     async def write(self, fh: int, offset: int, data: bytes) -> int:
-        self._writable()
-        handle = self._handles.get(fh)
-        if handle is None:
-            raise FsError(errno.EBADF)
-        inode = self.table.get(handle.ino)
-        await self._whole_before_diverging(inode)
-        if self.cache.free_space_stale():  # at most twice a second
-            await self.in_cache(self.cache.refresh_free_space)
-        if self.cache.free_bytes() < len(data):
-            await self.maybe_evict(force=True)
-            await self.in_cache(self.cache.refresh_free_space)  # count what eviction freed
-        self._reserve(len(data))
-        async with self.inode_locks(inode.ino):
-            if handle.flags & os.O_APPEND and not self.kernel_owns_sizes:
-                # With the writeback cache the kernel resolved O_APPEND itself, and its WRITEs
-                # carry pages of any writer (an mmap too) through whichever handle it picks.
-                offset = inode.size
-            end = offset + len(data)
-            ahead = None
-            if not inode.unclean and inode.gaps(records.DIRTY, offset, min(end, inode.size)):
-                # The first overwrite of bytes the project already has: record "may be dirty"
-                # before they change, so a kill between the cache write and its commit cannot
-                # leave the cache and the project different with nothing marked to write back
-                # (replay takes the file's present bytes for dirty). Later writes need no such
-                # commit ahead, until a write-back leaves the file clean again.
-                self.table.mark_unclean(inode)
-                ahead = self.table.render_ahead()
-            saved = (inode.size, inode.mtime_ns, inode.ctime_ns)
-            changes = []
-            if offset > inode.size:  # the gap reads as zeros; the backing file's grows alike
-                changes.append(inode.add_present(inode.size, offset))
-            grown = end - offset if inode.gaps(records.PRESENT, offset, end) else 0
-            changes.append(inode.add_present(offset, end))
-            changes.append(inode.add_dirty(offset, end))
-            inode.size = max(inode.size, end)
-            # An overwrite of bytes already recorded dirty changes nothing the journal keeps
-            # but the file's times: the bytes' record is committed already, so the write is
-            # answered once they are in the cache file (the times go with the next commit).
-            rewrite = ahead is None and inode.size == saved[0] and not any(changes)
-            self._changed(inode, data=True, times_only=rewrite)
-            # The journal learns of the bytes in the same step that writes them; until it
-            # returns, reads of this inode wait for the lock (see `read`).
-            inode.writing += 1
-            try:
-                if rewrite:
-                    self.cache.pwrite(inode.ino, offset, data)
-                else:
-                    await self.table.commit_with(
-                        functools.partial(self.cache.pwrite, inode.ino, offset, data), ahead=ahead
-                    )
-            except BaseException:
-                inode.undo(changes)
-                inode.size, inode.mtime_ns, inode.ctime_ns = saved
-                self.table.mark(inode)
-                raise
-            finally:
-                inode.writing -= 1
-            self.content.cached_bytes_estimate += grown
-        self.on_change()
-        return len(data)
+        return await self.files.write(fh, offset, data)
 
     async def fsync(self, fh: int, *, datasync: bool = False) -> None:
-        inode = self.handle_inode(fh)
-        await self.table.sync(functools.partial(self.cache.fsync, inode.ino), data_of=inode if datasync else None)
+        await self.files.fsync(fh, datasync=datasync)
 
     async def fsyncdir(self) -> None:
         await self.table.sync()
 
     async def release(self, fh: int) -> None:
-        handle = self._handles.pop(fh, None)
-        if handle is None:
-            return
-        inode = self.table.inodes.get(handle.ino)
-        if inode is not None:
-            inode.opens -= 1
-            await self.collect(inode)
+        await self.files.release(fh)
 
     def open_files(self) -> int:
         """How many files the kernel holds open through this mount (a lazy unmount waits for them)."""
-        return len(self._handles)
+        return self.files.open_files()
 
     # -- directories ---------------------------------------------------------------------
     async def opendir(self, ino: int) -> int:
@@ -736,8 +534,7 @@ class Filesystem:
         await self.ensure_listed(d)
         entries = [(b".", d.ino), (b"..", d.parent or ROOT_INO)]
         entries += [(n, i) for n, i in self.table.names(ino).items() if not self._hidden(ino, n)]
-        fh = self._next_fh
-        self._next_fh += 1
+        fh = self.files.new_fh()
         self._dir_handles[fh] = DirHandle(ino, entries)
         return fh
 
