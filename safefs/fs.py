@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import logging
 import os
 import stat
 from collections.abc import Callable, Iterator
@@ -54,8 +53,6 @@ from safefs.files import Files
 from safefs.inodes import ROOT_INO, Inode, InodeTable
 from safefs.negative import NegativeNames
 from safefs.ports import AlwaysWritable, Invalidator, NoInvalidator
-
-log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 NAME_MAX = 255
@@ -136,23 +133,11 @@ class Filesystem:
     async def read_backing(self, fn: Callable[..., T], *args: Any) -> T:
         return await self.content.read_backing(fn, *args)
 
-    async def on_backing(self, inode: Inode, fn: Callable[..., T], *args: Any) -> T:
-        return await self.content.on_backing(inode, fn, *args)
-
     async def xattrs_of(self, inode: Inode) -> dict[bytes, bytes]:
         return await self.content.xattrs_of(inode)
 
     async def collect(self, inode: Inode) -> None:
         await self.content.collect(inode)
-
-    async def fetch(self, inode: Inode, start: int, end: int) -> None:
-        await self.content.fetch(inode, start, end)
-
-    async def fill(self, inode: Inode) -> None:
-        await self.content.fill(inode)
-
-    async def maybe_evict(self, *, force: bool = False) -> None:
-        await self.content.maybe_evict(force=force)
 
     def cached_bytes(self) -> int:
         return self.content.cached_bytes()
