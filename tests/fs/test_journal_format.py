@@ -22,13 +22,13 @@ from typing import Any
 import lmdb
 import pytest
 import trio
-import trio.testing
 
 from safefs import cache as cache_module
 from safefs import ranges, records
 from safefs.errors import CacheFull, Refused
 from safefs.journal import Journal
 from tests.fs.conftest import Stack, fails_with, files, src_tree
+from tests.helpers import wait_until_async
 
 _U64 = struct.Struct(">Q")
 
@@ -280,7 +280,7 @@ async def test_overlapping_journal_flushes_may_end_in_any_order(stack: Stack) ->
     def sync() -> None:
         n = len(started) + 1
         started.append(n)
-        assert go[n].wait(10)
+        assert go[n].wait(60)
         real_sync()
 
     stack.journal.sync = sync  # type: ignore[method-assign]
@@ -294,10 +294,12 @@ async def test_overlapping_journal_flushes_may_end_in_any_order(stack: Stack) ->
         async with trio.open_nursery() as nursery:
             await stack.put("a", b"1")
             nursery.start_soon(stack.table.sync)
-            await trio.testing.wait_all_tasks_blocked()
+            # A task waiting for its thread counts as blocked before the thread has run: wait
+            # for the flush itself to begin, or under load the second could take number 1.
+            await wait_until_async(lambda: started == [1], 60, interval=0.001)
             await stack.put("b", b"2")  # a commit the first flush does not cover
             nursery.start_soon(second)
-            await trio.testing.wait_all_tasks_blocked()
+            await wait_until_async(lambda: started == [1, 2], 60, interval=0.001)
             go[2].set()
             await second_done.wait()
             go[1].set()
