@@ -56,7 +56,9 @@ def test_a_refused_unmount_leaves_the_writer_and_its_open_file_working(mount_fac
 
 @pytest.mark.parametrize("command", ["sync", "umount"])
 def test_after_fusermount_u_the_mount_stays_visible_until_written_back(mount_factory, command):
-    m = mount_factory(None, None, None, *LONG_DELAY, env=slow_publish(1.0))
+    # 3 s a file: the write-back (12 s) must outlast fusermount3 and two CLI start-ups on a
+    # loaded machine (1 s a file did not, once: the daemon had finished before `status` ran).
+    m = mount_factory(None, None, None, *LONG_DELAY, env=slow_publish(3.0))
     expected = {f"f{i}": os.urandom(1000 + i) for i in range(4)}
     for name, data in expected.items():
         write_file(m.mnt / name, data)
