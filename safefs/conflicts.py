@@ -24,10 +24,15 @@ import time
 from typing import Any
 
 from safefs import records
-from safefs.backing import Fingerprint
-from safefs.content import fingerprint_tuple
-from safefs.inodes import ROOT_INO, Inode
-from safefs.writeback import BPath, WriteBack, utc_text
+from safefs.backing import Backing, Fingerprint
+from safefs.cache import ContentCache
+from safefs.clock import Clock
+from safefs.config import MountConfig
+from safefs.content import Content, fingerprint_tuple
+from safefs.inodes import ROOT_INO, Inode, InodeTable
+from safefs.negative import NegativeNames
+from safefs.ports import Invalidator, WriteGate
+from safefs.writeback import BPath, Receipt, WriteBack, utc_text
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +53,29 @@ def _with_copy_name(op: records.Op, parent: int, name: bytes, ino: int, copy: by
     return op
 
 
-class Conflicts(WriteBack):
+class Conflicts:
     """Keeping both versions when the project and the mount disagree."""
+
+    writeback: WriteBack
+    table: InodeTable
+    cache: ContentCache
+    content: Content
+    backing: Backing
+    gate: WriteGate
+    clock: Clock
+    config: MountConfig
+    invalidator: Invalidator
+    negative: NegativeNames
+    host_name: str
+    conflicts: list[dict[str, Any]]
+    _conflicts_reported: int
+    published_files: int
+    _dirs_to_sync: set[BPath]
+    _renamed_into: set[int]
+    _staging_cleaned: bool
+    _maybe_done: bool
+    _seq: int
+    _receipt: Receipt | None
 
     def _conflict_name(self, name: bytes) -> bytes:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(self.clock.wall()))  # UTC
@@ -63,7 +89,7 @@ class Conflicts(WriteBack):
             candidate = path[:-1] + (base if n == 0 else base + b"-%d" % n,)
             if parent is not None and self.table.child(parent, candidate[-1]) is not None:
                 continue
-            if not await self._call(self.backing.exists, candidate):
+            if not await self.writeback.call(self.backing.exists, candidate):
                 return candidate
         raise FileExistsError(errno.EEXIST, "no free conflict name", os.fsdecode(b"/".join(path)))
 
@@ -81,7 +107,7 @@ class Conflicts(WriteBack):
         view, in one commit before anything is written to the project: a replay after a crash
         uses the same name. Returns that name.
         """
-        dpath = self._dir_path(parent)
+        dpath = self.writeback.dir_path(parent)
         assert dpath is not None
         copy = (await self._free_conflict_path(dpath + (name,), parent))[-1]
         for seq in sorted(s for s in self.table.ops if s >= self._seq):
@@ -114,7 +140,7 @@ class Conflicts(WriteBack):
         while True:
             candidate = await self._free_conflict_path(path)
             try:
-                await self._call(self.backing.rename, path, candidate, 1)  # RENAME_NOREPLACE
+                await self.writeback.call(self.backing.rename, path, candidate, 1)  # RENAME_NOREPLACE
                 break
             except FileExistsError:
                 continue  # taken meanwhile: pick another
@@ -128,19 +154,20 @@ class Conflicts(WriteBack):
     async def _publish_conflict(self, inode: Inode, path: BPath) -> None:
         """The backing file changed behind safefs's back: keep both versions side by side."""
         parent = inode.blinks[0][0] if inode.blinks else ROOT_INO
-        if path[:-1] and not await self._call(self.backing.is_dir, path[:-1]):
+        if path[:-1] and not await self.writeback.call(self.backing.is_dir, path[:-1]):
             # Its directory is gone too (removed or renamed behind our back): keep our version
             # at the top of the project rather than nowhere.
             path, parent = (path[-1],), ROOT_INO
         aside = await self._free_conflict_path(path)
         name = aside[-1]
-        attrs = await self._attrs(inode)
-        async with self._pinned(inode.ino) as fd:
+        attrs = await self.writeback.attrs_of(inode)
+        async with self.writeback.pinned(inode.ino) as fd:
             try:
                 await self.content.fill(inode)
             except (OSError, Exception):  # the original may be gone; publish what we have
                 pass
-            st = await self._call(self.backing.publish_atomic, aside, self._staging(), fd, inode.size, attrs)
+            staging = self.writeback.staging()
+            st = await self.writeback.call(self.backing.publish_atomic, aside, staging, fd, inode.size, attrs)
         self._record_conflict(path, aside, "changed in the mount, and changed, replaced or removed in the project")
         # Our version now lives under the conflict name; the original name shows the backing
         # tree's version again (or goes, if the backing tree no longer has it).
@@ -152,7 +179,7 @@ class Conflicts(WriteBack):
             self.table.link(parent, name, copy)
         current_path = self.table.backing_path(inode.ino) if inode.blinks else None
         try:
-            cur = await self._call(self.backing.lstat, current_path) if current_path else None
+            cur = await self.writeback.call(self.backing.lstat, current_path) if current_path else None
         except (FileNotFoundError, NotADirectoryError):
             cur = None
         except OSError as exc:

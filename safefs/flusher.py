@@ -58,7 +58,7 @@ from safefs.inodes import ROOT_INO, InodeTable
 from safefs.negative import NegativeNames
 from safefs.ports import Invalidator, WriteGate
 from safefs.replay import Replayer
-from safefs.writeback import HUNG_CALL, BPath, FlushError, Receipt
+from safefs.writeback import HUNG_CALL, BPath, FlushError, Receipt, WriteBack
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,7 @@ class Flusher(Replayer):
         self.invalidator = invalidator
         self.negative = negative
         self.host_name = host_name
+        self.writeback = WriteBack(table=table, cache=cache, content=content, gate=gate, clock=clock)
         self._wake = trio.Event()
         self._wake_at = math.inf  # when run() looks next by itself (see poke)
         self._flush_lock = trio.Lock()
@@ -115,7 +116,6 @@ class Flusher(Replayer):
         self._staging_cleaned = False
         self._maybe_done = False  # the op being replayed may have taken effect before a crash
         self._seq = 0  # the op being replayed
-        self._in_call: tuple[str, BPath, float] | None = None  # the backing call under way
         self._receipt: Receipt | None = None  # the flush pass under way
         self.generation = 0  # the last generation this mount published
         self._generation_pending = False  # a sync must publish a generation before it returns
@@ -202,9 +202,9 @@ class Flusher(Replayer):
         epoch = self.gate.require_publishable()
         number = max(self.generation, int(self.table.meta.get("generation", 0))) + 1
         self._generation_pending = True  # until the record is out
-        record = await self._call(
+        record = await self.writeback.call(
             functools.partial(
-                generation.write, self.backing, self._staging(), epoch=epoch, generation=number,
+                generation.write, self.backing, self.writeback.staging(), epoch=epoch, generation=number,
                 host=self.host_name, changed=changed,
             )
         )  # fmt: skip
@@ -322,8 +322,8 @@ class Flusher(Replayer):
         errors = []
         if self.last_error is not None:
             errors.append(dataclasses.asdict(self.last_error))
-        if self._in_call is not None and now - self._in_call[2] > HUNG_CALL:
-            op, path, since = self._in_call
+        if self.writeback.in_call is not None and now - self.writeback.in_call[2] > HUNG_CALL:
+            op, path, since = self.writeback.in_call
             errors.append({"op": op, "path": os.fsdecode(b"/".join(path)),
                            "error": f"no answer from the project for {now - since:.0f} s",
                            "retry_at": self.clock.wall()})  # fmt: skip  # goes on when it answers

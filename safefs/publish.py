@@ -47,9 +47,9 @@ class Publisher(Conflicts):
             await self._publish_file(inode, path, inode.blinks[0], atomic=None, receipt=receipt)
             return
         version = inode.version
-        attrs = await self._attrs(inode)
+        attrs = await self.writeback.attrs_of(inode)
         try:
-            await self._call(self.backing.set_attrs, path, attrs)
+            await self.writeback.call(self.backing.set_attrs, path, attrs)
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 raise
@@ -78,20 +78,21 @@ class Publisher(Conflicts):
             and len(inode.blinks) <= 1
             and backing_links <= 1  # a rename would split a hard link we may not know of
         )
-        attrs = await self._attrs(inode)
-        async with self._pinned(inode.ino) as fd:
+        attrs = await self.writeback.attrs_of(inode)
+        async with self.writeback.pinned(inode.ino) as fd:
             if whole:
                 await self.content.fill(inode)
-                staging = self._staging()
+                staging = self.writeback.staging()
                 tmp = b"publish-%x-%x-%s.tmp" % (inode.ino, version, os.urandom(6).hex().encode())
                 await self._record_publishing(inode, staging + (tmp,))
-                st = await self._call(self.backing.publish_atomic, path, staging, fd, inode.size, attrs, tmp)
+                st = await self.writeback.call(self.backing.publish_atomic, path, staging, fd, inode.size, attrs, tmp)
                 self._renamed_into.add(blink[0])
                 written = inode.size
             elif inode.dirty or inode.attr_dirty:
                 dirty = list(inode.dirty)
                 await self._record_publishing(inode, ())
-                st = await self._call(self.backing.write_ranges, path, fd, dirty, inode.size, attrs, inode.low_size)
+                call = self.writeback.call
+                st = await call(self.backing.write_ranges, path, fd, dirty, inode.size, attrs, inode.low_size)
                 written = ranges.total(dirty)
             else:
                 return
@@ -108,16 +109,16 @@ class Publisher(Conflicts):
     async def _clean_staging(self) -> None:
         """Remove staging files a crash left behind, except those a record still names."""
         self.gate.require_publishable()
-        staging = self._staging()
+        staging = self.writeback.staging()
         try:
-            entries = await self._call(self.backing.listdir, staging)
+            entries = await self.writeback.call(self.backing.listdir, staging)
         except (FileNotFoundError, NotADirectoryError):
             entries = []
         named = {i.publishing[-1] for i in self.table.inodes.values() if i.publishing}
         for entry in entries:
             if entry.name not in named:
                 with contextlib.suppress(FileNotFoundError):
-                    await self._call(self.backing.unlink, staging + (entry.name,))
+                    await self.writeback.call(self.backing.unlink, staging + (entry.name,))
         self._staging_cleaned = True
 
     async def _record_publishing(self, inode: Inode, what: tuple[bytes, ...]) -> None:
@@ -134,16 +135,16 @@ class Publisher(Conflicts):
             return st.st_ino == inode.origin[0]  # an in-place write keeps the inode
         # The staging file is gone only if it was renamed into place (publish_atomic removes
         # it on failure only while we are alive to clear `publishing` ourselves).
-        if await self._call(self.backing.exists, publishing):
+        if await self.writeback.call(self.backing.exists, publishing):
             with contextlib.suppress(OSError):
-                await self._call(self.backing.unlink, publishing)
+                await self.writeback.call(self.backing.unlink, publishing)
             return False
         return True
 
     async def _unchanged_behind_us(self, inode: Inode, path: BPath) -> os.stat_result | None:
         """The backing file's stat if it is still what safefs last saw there, else None."""
         try:
-            st = await self._call(self.backing.lstat, path)
+            st = await self.writeback.call(self.backing.lstat, path)
         except (FileNotFoundError, NotADirectoryError):
             return None  # gone, or its directory was replaced behind our back
         except OSError as exc:
@@ -165,12 +166,12 @@ class Publisher(Conflicts):
         times the mount shows, once per directory per pass, after the last rename into it."""
         dirs, self._renamed_into = self._renamed_into, set()
         for ino in sorted(dirs):
-            d, path = self.table.inodes.get(ino), self._dir_path(ino)
+            d, path = self.table.inodes.get(ino), self.writeback.dir_path(ino)
             if d is None or path is None:
                 continue
             self.gate.require_writable()
             try:
-                await self._call(self.backing.set_times, path, d.atime_ns, d.mtime_ns)
+                await self.writeback.call(self.backing.set_times, path, d.atime_ns, d.mtime_ns)
             except (FileNotFoundError, NotADirectoryError):
                 continue  # gone from the project meanwhile: nothing to restore
             self._dirs_to_sync.add(path)
@@ -179,6 +180,6 @@ class Publisher(Conflicts):
         dirs, self._dirs_to_sync = self._dirs_to_sync, set()
         for path in dirs:
             try:
-                await self._call(self.backing.fsync_dir, path)
+                await self.writeback.call(self.backing.fsync_dir, path)
             except FileNotFoundError:
                 pass
