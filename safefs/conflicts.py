@@ -1,16 +1,22 @@
 """Conflicts: what write-back does when the project changed behind safefs's back.
 
+A part of the flusher (flusher.py), built with what it uses: the WriteBack it calls the
+backing tree through, the inode table, the cache and contents, the backing tree, the clock,
+the invalidator and the negative entries it corrects, and the host name copies are named
+after. It owns the list of conflicts found (`found`, which status shows) and how many of
+them a sync receipt listed already; publish and replay add theirs through `add`.
+
 Invariants:
 - Nothing on the backing tree is overwritten unless safefs put it there: an object in the way
-  of a replayed op keeps its name and ours goes beside it (`_divert`); an object the mount
-  removed that changed on the project is renamed aside (`_move_aside`); a file changed on
-  both sides is published as a copy (`_publish_conflict`). Copies are named
+  of a replayed op keeps its name and ours goes beside it (`divert`); an object the mount
+  removed that changed on the project is renamed aside (`move_aside`); a file changed on
+  both sides is published as a copy (`publish_conflict`). Copies are named
   `NAME.safefs-conflict-<host>-<time>`.
 - A copy's name is recorded in the pending ops and the mount's view in one commit before
   anything is written to the project, so a replay after a crash uses the same name.
 - Every conflict is listed in status and, once, in a sync receipt (`report_conflicts`).
 
-Threading: trio thread; backing calls through WriteBack._call.
+Threading: trio thread only; backing calls through WriteBack.call.
 """
 
 from __future__ import annotations
@@ -27,12 +33,11 @@ from safefs import records
 from safefs.backing import Backing, Fingerprint
 from safefs.cache import ContentCache
 from safefs.clock import Clock
-from safefs.config import MountConfig
 from safefs.content import Content, fingerprint_tuple
 from safefs.inodes import ROOT_INO, Inode, InodeTable
 from safefs.negative import NegativeNames
-from safefs.ports import Invalidator, WriteGate
-from safefs.writeback import BPath, Receipt, WriteBack, utc_text
+from safefs.ports import Invalidator
+from safefs.writeback import BPath, WriteBack, utc_text
 
 log = logging.getLogger(__name__)
 
@@ -54,28 +59,33 @@ def _with_copy_name(op: records.Op, parent: int, name: bytes, ino: int, copy: by
 
 
 class Conflicts:
-    """Keeping both versions when the project and the mount disagree."""
+    """Keeping both versions when the project and the mount disagree. Owns the list of
+    conflicts found (`found`) and how many of them a sync receipt listed already."""
 
-    writeback: WriteBack
-    table: InodeTable
-    cache: ContentCache
-    content: Content
-    backing: Backing
-    gate: WriteGate
-    clock: Clock
-    config: MountConfig
-    invalidator: Invalidator
-    negative: NegativeNames
-    host_name: str
-    conflicts: list[dict[str, Any]]
-    _conflicts_reported: int
-    published_files: int
-    _dirs_to_sync: set[BPath]
-    _renamed_into: set[int]
-    _staging_cleaned: bool
-    _maybe_done: bool
-    _seq: int
-    _receipt: Receipt | None
+    def __init__(
+        self,
+        *,
+        writeback: WriteBack,
+        table: InodeTable,
+        cache: ContentCache,
+        content: Content,
+        backing: Backing,
+        clock: Clock,
+        invalidator: Invalidator,
+        negative: NegativeNames,
+        host_name: str,
+    ) -> None:
+        self.writeback = writeback
+        self.table = table
+        self.cache = cache
+        self.content = content
+        self.backing = backing
+        self.clock = clock
+        self.invalidator = invalidator
+        self.negative = negative
+        self.host_name = host_name
+        self.found: list[dict[str, Any]] = []  # every conflict, in order (status lists them)
+        self._reported = 0  # how many of them a sync receipt listed already
 
     def _conflict_name(self, name: bytes) -> bytes:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(self.clock.wall()))  # UTC
@@ -95,13 +105,13 @@ class Conflicts:
 
     def _record_conflict(self, path: BPath, copy: BPath, why: str) -> None:
         log.warning("flush: conflict: %r: %s; the mount's version is %r", path, why, copy)
-        self.conflicts.append({"path": os.fsdecode(b"/".join(path)), "kept_as": os.fsdecode(b"/".join(copy)),
+        self.found.append({"path": os.fsdecode(b"/".join(path)), "kept_as": os.fsdecode(b"/".join(copy)),
                                "copy_holds": "the mount's version", "why": why,
                                "time": utc_text(self.clock.wall())})  # fmt: skip
 
-    async def _divert(self, parent: int, name: bytes, inode: Inode, why: str) -> bytes:
-        """The project has its own object at (parent, name), where the op being replayed would
-        put the mount's `inode`: theirs keeps the name, ours goes beside it as a conflict copy.
+    async def divert(self, op_seq: int, parent: int, name: bytes, inode: Inode, why: str) -> bytes:
+        """The project has its own object at (parent, name), where the op being replayed
+        (`op_seq`) would put the mount's `inode`: theirs keeps the name, ours goes beside it as a conflict copy.
 
         The copy's name goes into this op and the later ones naming it, and into the mount's
         view, in one commit before anything is written to the project: a replay after a crash
@@ -110,7 +120,7 @@ class Conflicts:
         dpath = self.writeback.dir_path(parent)
         assert dpath is not None
         copy = (await self._free_conflict_path(dpath + (name,), parent))[-1]
-        for seq in sorted(s for s in self.table.ops if s >= self._seq):
+        for seq in sorted(s for s in self.table.ops if s >= op_seq):
             op = self.table.ops[seq]
             amended = _with_copy_name(op, parent, name, inode.ino, copy)
             if amended != op:
@@ -128,9 +138,9 @@ class Conflicts:
             await self.invalidator.invalidate_entry(parent, copy)
         return copy
 
-    async def _move_aside(self, path: BPath, parent: int | None, why: str) -> BPath:
+    async def move_aside(self, path: BPath, parent: int | None, why: str) -> BPath:
         """Rename an object the mount removed, which changed on the project, out of the way,
-        keeping it. (An object in the way of one of ours keeps its name: see `_divert`.)
+        keeping it. (An object in the way of one of ours keeps its name: see `divert`.)
 
         With `parent` (the directory's inode), the directory is marked stale so the kept
         object shows up in the mount too.
@@ -145,13 +155,13 @@ class Conflicts:
             except FileExistsError:
                 continue  # taken meanwhile: pick another
         log.warning("flush: conflict: kept %s as %s", os.fsdecode(b"/".join(path)), os.fsdecode(b"/".join(candidate)))
-        self.conflicts.append(
+        self.found.append(
             {"path": os.fsdecode(b"/".join(path)), "kept_as": os.fsdecode(b"/".join(candidate)),
              "copy_holds": "the project's version", "why": why, "time": utc_text(self.clock.wall())}
         )  # fmt: skip
         return candidate
 
-    async def _publish_conflict(self, inode: Inode, path: BPath) -> None:
+    async def publish_conflict(self, inode: Inode, path: BPath) -> None:
         """The backing file changed behind safefs's back: keep both versions side by side."""
         parent = inode.blinks[0][0] if inode.blinks else ROOT_INO
         if path[:-1] and not await self.writeback.call(self.backing.is_dir, path[:-1]):
@@ -209,8 +219,12 @@ class Conflicts:
         if parent in self.table.inodes:
             await self.invalidator.invalidate_entry(parent, name)
 
+    def add(self, conflict: dict[str, Any]) -> None:
+        """A conflict another part of write-back ran into (an op or attributes that cannot apply)."""
+        self.found.append(conflict)
+
     def report_conflicts(self) -> list[dict[str, Any]]:
         """The conflicts since the last call: a sync receipt lists each one once."""
-        new = self.conflicts[self._conflicts_reported :]
-        self._conflicts_reported = len(self.conflicts)
+        new = self.found[self._reported :]
+        self._reported = len(self.found)
         return new

@@ -52,6 +52,7 @@ from safefs.backing import Backing
 from safefs.cache import ContentCache
 from safefs.clock import Clock
 from safefs.config import MountConfig
+from safefs.conflicts import Conflicts
 from safefs.content import Content
 from safefs.errors import BackingFailed, ReadOnly, SafefsError, SyncTimeout
 from safefs.inodes import ROOT_INO, InodeTable
@@ -101,14 +102,16 @@ class Flusher(Replayer):
         self.negative = negative
         self.host_name = host_name
         self.writeback = WriteBack(table=table, cache=cache, content=content, gate=gate, clock=clock)
+        self.resolver = Conflicts(
+            writeback=self.writeback, table=table, cache=cache, content=content, backing=backing, clock=clock,
+            invalidator=invalidator, negative=negative, host_name=host_name,
+        )  # fmt: skip
         self._wake = trio.Event()
         self._wake_at = math.inf  # when run() looks next by itself (see poke)
         self._flush_lock = trio.Lock()
         self._backoff = 0.0
         self._next_try = 0.0
         self.last_error: FlushError | None = None
-        self.conflicts: list[dict[str, Any]] = []
-        self._conflicts_reported = 0  # how many of them a sync receipt listed already
         self.flushes = 0
         self.published_files = 0
         self._dirs_to_sync: set[BPath] = set()
@@ -314,6 +317,15 @@ class Flusher(Replayer):
 
 
     # -- status --------------------------------------------------------------------------
+    @property
+    def conflicts(self) -> list[dict[str, Any]]:
+        """Every conflict write-back ran into, in order (the Conflicts part keeps them)."""
+        return self.resolver.found
+
+    def report_conflicts(self) -> list[dict[str, Any]]:
+        """The conflicts since the last call: a sync receipt lists each one once."""
+        return self.resolver.report_conflicts()
+
     def statistics(self) -> dict[str, Any]:
         now = self.clock.monotonic()
         dirty = [i for i in self.table.iter_dirty() if i.links or i.ino == ROOT_INO]

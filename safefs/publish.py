@@ -26,17 +26,36 @@ import os
 import stat
 
 from safefs import ranges
-from safefs.backing import Fingerprint
+from safefs.backing import Backing, Fingerprint
+from safefs.clock import Clock
+from safefs.config import MountConfig
 from safefs.conflicts import Conflicts
-from safefs.content import fingerprint_tuple, same_content
-from safefs.inodes import ROOT_INO, Inode
-from safefs.writeback import BPath, Receipt, utc_text
+from safefs.content import Content, fingerprint_tuple, same_content
+from safefs.inodes import ROOT_INO, Inode, InodeTable
+from safefs.ports import WriteGate
+from safefs.writeback import BPath, Receipt, WriteBack, utc_text
 
 log = logging.getLogger(__name__)
 
 
-class Publisher(Conflicts):
+class Publisher:
     """Publishing dirty inodes at their backing paths."""
+
+    writeback: WriteBack
+    resolver: Conflicts
+    table: InodeTable
+    content: Content
+    backing: Backing
+    gate: WriteGate
+    clock: Clock
+    config: MountConfig
+    published_files: int
+    _dirs_to_sync: set[BPath]
+    _renamed_into: set[int]
+    _staging_cleaned: bool
+    _maybe_done: bool
+    _seq: int
+    _receipt: Receipt | None
 
     async def _publish(self, inode: Inode, receipt: Receipt) -> None:
         self.gate.require_publishable()
@@ -56,7 +75,7 @@ class Publisher(Conflicts):
             # Removed, renamed or replaced behind our back: only attributes are lost (what
             # was below it is published or kept by inode); say so and move on.
             log.warning("flush: conflict: cannot set attributes of %s: %s", os.fsdecode(b"/".join(path)), exc)
-            self.conflicts.append({"path": os.fsdecode(b"/".join(path)), "error": str(exc),
+            self.resolver.add({"path": os.fsdecode(b"/".join(path)), "error": str(exc),
                                    "why": "removed or replaced in the project; the mount's attributes are not applied",
                                    "time": utc_text(self.clock.wall())})  # fmt: skip
         self.table.mark_attrs_published(inode, version)
@@ -68,7 +87,7 @@ class Publisher(Conflicts):
         if not inode.new and inode.origin is not None:
             st_now = await self._unchanged_behind_us(inode, path)
             if st_now is None:
-                await self._publish_conflict(inode, path)
+                await self.resolver.publish_conflict(inode, path)
                 return
             backing_links = st_now.st_nlink
         version = inode.version

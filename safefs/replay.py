@@ -90,7 +90,7 @@ class Replayer(Publisher):
             # directory is gone, say). Skipping it loses no data: file contents are published
             # by inode, at wherever the backing view says they are, or kept as conflict copies.
             log.warning("flush: conflict: cannot replay %s (%s); the project changed behind us", op.kind, exc)
-            self.conflicts.append({"op": op.kind, "error": str(exc), "why": "the project changed so that the mount's "
+            self.resolver.add({"op": op.kind, "error": str(exc), "why": "the project changed so that the mount's "
                                    f"{op.kind} cannot apply", "time": utc_text(self.clock.wall())})  # fmt: skip
         finally:
             self.table.view_busy = False
@@ -109,7 +109,7 @@ class Replayer(Publisher):
         if inode is not None and inode.is_reg and inode.links:
             name = min(inode.links)[1]
             self.table.mark_existing(inode)
-            await self._publish_conflict(inode, (name,))
+            await self.resolver.publish_conflict(inode, (name,))
         return True
 
     async def settle(self) -> None:
@@ -156,7 +156,8 @@ class Replayer(Publisher):
         except FileExistsError:
             st = await self.writeback.call(self.backing.lstat, path)
             if not stat.S_ISDIR(st.st_mode) or (inode.blinks and not self._maybe_done):
-                return await self._op_mkdir(parent, await self._divert(parent, name, inode, _CREATED_TOO), ino)
+                copy = await self.resolver.divert(self._seq, parent, name, inode, _CREATED_TOO)
+                return await self._op_mkdir(parent, copy, ino)
         # The fingerprint, so a refresh knows it as ours.
         self.table.mark_on_backing(inode, fingerprint_tuple(Fingerprint.of(st)), (parent, name), attrs=False)
         self._dirs_to_sync.add(dpath)
@@ -175,7 +176,7 @@ class Replayer(Publisher):
         if inode.is_reg:
             if not self._maybe_done and await self.writeback.call(self.backing.exists, path):
                 # Someone else's object: never publish over it.
-                name = await self._divert(parent, name, inode, _CREATED_TOO)
+                name = await self.resolver.divert(self._seq, parent, name, inode, _CREATED_TOO)
                 path = dpath + (name,)
             await self._publish_file(inode, path, (parent, name), atomic=True, receipt=None)
         else:
@@ -187,7 +188,8 @@ class Replayer(Publisher):
                     st = await self.writeback.call(self.backing.mknod, path, inode.mode, inode.rdev, attrs)
             except FileExistsError:
                 if not await self._made_by_us(inode, path):
-                    return await self._op_create(parent, await self._divert(parent, name, inode, _CREATED_TOO), ino)
+                    copy = await self.resolver.divert(self._seq, parent, name, inode, _CREATED_TOO)
+                    return await self._op_create(parent, copy, ino)
                 st = await self.writeback.call(self.backing.lstat, path)
             self.table.mark_on_backing(inode, fingerprint_tuple(Fingerprint.of(st)), (parent, name), attrs=True)
         self._dirs_to_sync.add(dpath)
@@ -217,7 +219,7 @@ class Replayer(Publisher):
             src_st = await self.writeback.call(self.backing.lstat, src)
             if st.st_ino != src_st.st_ino:
                 why = "linked in the mount while the project got another object of that name"
-                return await self._op_link(ino, parent, await self._divert(parent, name, inode, why))
+                return await self._op_link(ino, parent, await self.resolver.divert(self._seq, parent, name, inode, why))
             else:
                 self._linked_before_crash(inode, st)
         self.table.add_blink(inode, (parent, name))
@@ -269,7 +271,7 @@ class Replayer(Publisher):
         await self._keep_content(inode)
         if await self._changed_behind_us(inode, dpath + (name,)):
             why = "changed in the project, removed in the mount"
-            await self._move_aside(dpath + (name,), parent, why)  # their version stays, beside
+            await self.resolver.move_aside(dpath + (name,), parent, why)  # their version stays, beside
         else:
             try:
                 before = await self.writeback.call(self.backing.unlink, dpath + (name,))
@@ -295,7 +297,7 @@ class Replayer(Publisher):
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
             why = "filled in the project, removed in the mount"
-            await self._move_aside(path, parent, why)  # someone put files there behind our back: keep them
+            await self.resolver.move_aside(path, parent, why)  # someone put files there behind our back: keep them
         await self._forget_blink(inode, (parent, name))
         self._dirs_to_sync.add(dpath)
 
@@ -328,7 +330,7 @@ class Replayer(Publisher):
                 assert dst_inode is not None
                 await self._forget_blink(dst_inode, (p_new, n_new))
                 why = "changed in the project, replaced by a rename in the mount"
-                n_new = await self._divert(p_new, n_new, src_inode, why)
+                n_new = await self.resolver.divert(self._seq, p_new, n_new, src_inode, why)
                 dst, dst_known = d_new + (n_new,), False
         if exchange and not dst_known:
             # The other side never reached the backing tree: a plain move is what remains.
@@ -364,7 +366,7 @@ class Replayer(Publisher):
                 await self._forget_blink(dst_inode, (p_new, n_new))
                 dst_known = False
             why = "renamed in the mount onto a name the project gave another object"
-            n_new = await self._divert(p_new, n_new, src_inode, why)
+            n_new = await self.resolver.divert(self._seq, p_new, n_new, src_inode, why)
             dst = d_new + (n_new,)
             self._moved_by_us(src_inode, *await self.writeback.call(self.backing.rename, src, dst, 1))
         self.table.drop_blink(src_inode, (p_old, n_old))
