@@ -58,6 +58,7 @@ from safefs.errors import BackingFailed, ReadOnly, SafefsError, SyncTimeout
 from safefs.inodes import ROOT_INO, InodeTable
 from safefs.negative import NegativeNames
 from safefs.ports import Invalidator, WriteGate
+from safefs.publish import Publisher
 from safefs.replay import Replayer
 from safefs.writeback import HUNG_CALL, BPath, FlushError, Receipt, WriteBack
 
@@ -106,6 +107,10 @@ class Flusher(Replayer):
             writeback=self.writeback, table=table, cache=cache, content=content, backing=backing, clock=clock,
             invalidator=invalidator, negative=negative, host_name=host_name,
         )  # fmt: skip
+        self.publisher = Publisher(
+            writeback=self.writeback, resolver=self.resolver, table=table, content=content, backing=backing,
+            gate=gate, clock=clock, config=config,
+        )  # fmt: skip
         self._wake = trio.Event()
         self._wake_at = math.inf  # when run() looks next by itself (see poke)
         self._flush_lock = trio.Lock()
@@ -113,13 +118,8 @@ class Flusher(Replayer):
         self._next_try = 0.0
         self.last_error: FlushError | None = None
         self.flushes = 0
-        self.published_files = 0
-        self._dirs_to_sync: set[BPath] = set()
-        self._renamed_into: set[int] = set()  # directories a staging rename moved the times of
-        self._staging_cleaned = False
         self._maybe_done = False  # the op being replayed may have taken effect before a crash
         self._seq = 0  # the op being replayed
-        self._receipt: Receipt | None = None  # the flush pass under way
         self.generation = 0  # the last generation this mount published
         self._generation_pending = False  # a sync must publish a generation before it returns
         self.announce: Callable[[dict[str, Any]], None] | None = None  # told of every published generation
@@ -170,21 +170,21 @@ class Flusher(Replayer):
         """One write-back pass. Failures of the backing tree are recorded and retried later."""
         receipt = Receipt()
         async with self._flush_lock:
-            self._receipt = receipt  # what replayed creates publish counts here too
+            self.publisher.receipt = receipt  # what replayed creates publish counts here too
             self.busy = True
             try:
-                if not self._staging_cleaned:
-                    await self._clean_staging()
+                if not self.publisher.staging_cleaned:
+                    await self.publisher.clean_staging()
                 now = self.clock.monotonic()
                 await self._replay_ops(receipt, None if everything else now - self.config.writeback_delay)
                 for inode in list(self.table.iter_dirty()):
                     if inode.ino not in self.table.inodes or inode.new:
                         continue
                     if everything or now - inode.changed_at >= self.config.writeback_delay:
-                        await self._publish(inode, receipt)
-                await self._restore_dir_times()
-                changed = set(self._dirs_to_sync)
-                await self._sync_dirs()
+                        await self.publisher.publish(inode, receipt)
+                await self.publisher.restore_dir_times()
+                changed = set(self.publisher.dirs_to_sync)
+                await self.publisher.sync_dirs()
                 if changed or (everything and self._generation_pending):
                     await self._publish_generation(changed)
             except ReadOnly:

@@ -25,12 +25,16 @@ import os
 import stat
 
 from safefs import records
-from safefs.backing import Fingerprint
-from safefs.content import fingerprint_tuple, same_content
+from safefs.backing import Backing, Fingerprint
+from safefs.clock import Clock
+from safefs.config import MountConfig
+from safefs.conflicts import Conflicts
+from safefs.content import Content, fingerprint_tuple, same_content
 from safefs.errors import SafefsError
-from safefs.inodes import ROOT_INO, Inode
+from safefs.inodes import ROOT_INO, Inode, InodeTable
+from safefs.ports import WriteGate
 from safefs.publish import Publisher
-from safefs.writeback import BPath, Receipt, fingerprint_of, utc_text
+from safefs.writeback import BPath, Receipt, WriteBack, fingerprint_of, utc_text
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +44,20 @@ CREATE_PATIENCE = 12  # see Replayer._ripe
 TREE_CHANGED = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR})
 
 
-class Replayer(Publisher):
+class Replayer:
     """Replaying the op log against the backing tree."""
+
+    writeback: WriteBack
+    resolver: Conflicts
+    publisher: Publisher
+    table: InodeTable
+    content: Content
+    backing: Backing
+    gate: WriteGate
+    clock: Clock
+    config: MountConfig
+    _maybe_done: bool
+    _seq: int
 
     async def _replay_ops(self, receipt: Receipt, older_than: float | None) -> None:
         """Replay the log in order; with `older_than`, stop at the first op younger than it."""
@@ -160,7 +176,7 @@ class Replayer(Publisher):
                 return await self._op_mkdir(parent, copy, ino)
         # The fingerprint, so a refresh knows it as ours.
         self.table.mark_on_backing(inode, fingerprint_tuple(Fingerprint.of(st)), (parent, name), attrs=False)
-        self._dirs_to_sync.add(dpath)
+        self.publisher.dirs_to_sync.add(dpath)
 
     async def _op_create(self, parent: int, name: bytes, ino: int) -> None:
         inode = self.table.inodes.get(ino)
@@ -178,7 +194,7 @@ class Replayer(Publisher):
                 # Someone else's object: never publish over it.
                 name = await self.resolver.divert(self._seq, parent, name, inode, _CREATED_TOO)
                 path = dpath + (name,)
-            await self._publish_file(inode, path, (parent, name), atomic=True, receipt=None)
+            await self.publisher.publish_file(inode, path, (parent, name), atomic=True, receipt=None)
         else:
             attrs = await self.writeback.attrs_of(inode)
             try:
@@ -192,7 +208,7 @@ class Replayer(Publisher):
                     return await self._op_create(parent, copy, ino)
                 st = await self.writeback.call(self.backing.lstat, path)
             self.table.mark_on_backing(inode, fingerprint_tuple(Fingerprint.of(st)), (parent, name), attrs=True)
-        self._dirs_to_sync.add(dpath)
+        self.publisher.dirs_to_sync.add(dpath)
 
     async def _made_by_us(self, inode: Inode, path: BPath) -> bool:
         """After a crash, is the object at `path` the one this op created?"""
@@ -223,7 +239,7 @@ class Replayer(Publisher):
             else:
                 self._linked_before_crash(inode, st)
         self.table.add_blink(inode, (parent, name))
-        self._dirs_to_sync.add(dpath)
+        self.publisher.dirs_to_sync.add(dpath)
 
     async def _changed_behind_us(self, inode: Inode | None, path: BPath) -> bool:
         """Is the regular file at `path` no longer the one safefs last saw there?"""
@@ -233,7 +249,7 @@ class Replayer(Publisher):
             return False
         # The same test as before a publish, so our own publish cut short by a crash (its
         # fingerprint never recorded) is recognised here too.
-        return await self._unchanged_behind_us(inode, path) is None
+        return await self.publisher.unchanged_behind_us(inode, path) is None
 
     async def _exchanged_already(self, src: BPath, dst: BPath) -> tuple[bool, os.stat_result]:
         """An exchange cannot tell by itself whether it ran; remember the inodes it swaps.
@@ -281,7 +297,7 @@ class Replayer(Publisher):
                 self.table.drop_blink(inode, (parent, name))
                 await self._other_links_moved(inode, before)
         await self._forget_blink(inode, (parent, name))
-        self._dirs_to_sync.add(dpath)
+        self.publisher.dirs_to_sync.add(dpath)
 
     async def _op_rmdir(self, parent: int, name: bytes, ino: int) -> None:
         inode = self.table.inodes.get(ino)
@@ -299,7 +315,7 @@ class Replayer(Publisher):
             why = "filled in the project, removed in the mount"
             await self.resolver.move_aside(path, parent, why)  # someone put files there behind our back: keep them
         await self._forget_blink(inode, (parent, name))
-        self._dirs_to_sync.add(dpath)
+        self.publisher.dirs_to_sync.add(dpath)
 
     async def _op_rename(
         self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int, ino: int, replaced: int
@@ -378,7 +394,7 @@ class Replayer(Publisher):
             else:
                 await self._forget_blink(dst_inode, (p_new, n_new))
             await self._other_links_moved(dst_inode, other_before if rename_flags >= 0 else None)
-        self._dirs_to_sync.update((d_old, d_new))
+        self.publisher.dirs_to_sync.update((d_old, d_new))
 
     def _moved_by_us(self, inode: Inode | None, before: os.stat_result, after: os.stat_result) -> None:
         """safefs itself just renamed or linked this object on the project, which moved its
