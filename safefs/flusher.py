@@ -29,10 +29,19 @@ Invariants:
   after each (when the stat just before was the one recorded). A staging rename moves its
   directory's times: after the publishes of a pass, each such directory gets back the times
   the mount shows.
-- A content file's cache descriptor is pinned while a backing call copies from it (`_pinned`).
+- A content file's cache descriptor is pinned while a backing call copies from it
+  (`WriteBack.pinned`).
 
-Threading: runs on the trio thread; backing calls run in threads behind the backing limiter.
-Only one flush runs at a time (`_flush_lock`).
+Parts: the Flusher builds one of each, handing each only what it uses, and is the only module
+that imports them: WriteBack (writeback.py: the calls into the backing tree, and the call
+under way), Conflicts (conflicts.py: conflict copies, and the conflicts found), Publisher
+(publish.py: publishing dirty inodes, and what a pass has still to close) and Replayer
+(replay.py: the op log, and the op being replayed). Each calls the ones below it (in that
+order) directly; none knows the Flusher. The Flusher itself owns the scheduling (wake-ups,
+backoff, the last error), the published generation and the counters status shows.
+
+Threading: runs on the trio thread, as do its parts; backing calls run in threads behind the
+backing limiter. Only one flush runs at a time (`_flush_lock`).
 """
 
 from __future__ import annotations
@@ -67,16 +76,16 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF = 60.0
 
 
-class Flusher(Replayer):
+class Flusher:
     """The write-back service. Built from the pieces it works on, not from the Filesystem: it
     learns of changes through `poke` (the daemon hands that to the filesystem as its
     `on_change`), and shares with the filesystem only what sits below both (the inode table,
     the contents with their locks and thread hops, the remembered negative entries).
 
     This class schedules passes, syncs, publishes generations and reports status; the work
-    of a pass is in its bases: replay.py (Replayer), publish.py (Publisher), conflicts.py
-    (Conflicts) and writeback.py (WriteBack: the shared state and the calls into the
-    backing tree)."""
+    of a pass is done by the parts it builds and calls: `replayer` (replay.py), `publisher`
+    (publish.py), `resolver` (conflicts.py) and `writeback` (writeback.py: the calls into
+    the backing tree)."""
 
     def __init__(
         self,
@@ -93,14 +102,10 @@ class Flusher(Replayer):
         host_name: str,
     ) -> None:
         self.table = table
-        self.cache = cache
-        self.content = content
         self.backing = backing
         self.gate = gate
         self.clock = clock
         self.config = config
-        self.invalidator = invalidator
-        self.negative = negative
         self.host_name = host_name
         self.writeback = WriteBack(table=table, cache=cache, content=content, gate=gate, clock=clock)
         self.resolver = Conflicts(
@@ -111,6 +116,10 @@ class Flusher(Replayer):
             writeback=self.writeback, resolver=self.resolver, table=table, content=content, backing=backing,
             gate=gate, clock=clock, config=config,
         )  # fmt: skip
+        self.replayer = Replayer(
+            writeback=self.writeback, resolver=self.resolver, publisher=self.publisher, table=table,
+            content=content, backing=backing, gate=gate, clock=clock, config=config,
+        )  # fmt: skip
         self._wake = trio.Event()
         self._wake_at = math.inf  # when run() looks next by itself (see poke)
         self._flush_lock = trio.Lock()
@@ -118,8 +127,6 @@ class Flusher(Replayer):
         self._next_try = 0.0
         self.last_error: FlushError | None = None
         self.flushes = 0
-        self._maybe_done = False  # the op being replayed may have taken effect before a crash
-        self._seq = 0  # the op being replayed
         self.generation = 0  # the last generation this mount published
         self._generation_pending = False  # a sync must publish a generation before it returns
         self.announce: Callable[[dict[str, Any]], None] | None = None  # told of every published generation
@@ -176,7 +183,7 @@ class Flusher(Replayer):
                 if not self.publisher.staging_cleaned:
                     await self.publisher.clean_staging()
                 now = self.clock.monotonic()
-                await self._replay_ops(receipt, None if everything else now - self.config.writeback_delay)
+                await self.replayer.replay_ops(receipt, None if everything else now - self.config.writeback_delay)
                 for inode in list(self.table.iter_dirty()):
                     if inode.ino not in self.table.inodes or inode.new:
                         continue
@@ -266,6 +273,10 @@ class Flusher(Replayer):
                 "sync timed out; dirty data stays safe in the cache",
                 hint="check the project's NFS server, then run safefs sync again",
             )
+
+    async def settle(self) -> None:
+        """At start-up, finish the op a crash interrupted, so the backing view is exact."""
+        await self.replayer.settle()
 
     def _done_since(self, start_versions: dict[int, int], start_seq: int) -> bool:
         if any(seq < start_seq for seq in self.table.ops):

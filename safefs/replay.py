@@ -6,6 +6,12 @@ exactly the state the cache had when the op happened. A `create` publishes the f
 *current* content, so a file written then renamed into place (the usual atomic-save
 pattern) appears on the backing tree whole.
 
+A part of the flusher (flusher.py), built with what it uses: the WriteBack it calls the
+backing tree through, the Conflicts part (an object in the way is diverted or moved aside),
+the Publisher (a create publishes its file; changed directories are fsynced at the end of
+the pass), the inode table, the contents, the backing tree, the lease gate, the clock and
+the config. It owns the bookkeeping of the op being replayed (`_seq`, `_maybe_done`).
+
 Invariants:
 - Ops are replayed strictly in order; one that fails stops the replay, which is retried with
   backoff. A write-ahead `in_flight` mark tells, after a crash, that an op may already have
@@ -14,7 +20,7 @@ Invariants:
 - safefs's own renames, links and unlinks move a file's ctime: its fingerprint is re-recorded
   after each (when the stat just before was the one recorded).
 
-Threading: trio thread; backing calls through WriteBack._call.
+Threading: trio thread only; backing calls through WriteBack.call.
 """
 
 from __future__ import annotations
@@ -45,21 +51,35 @@ TREE_CHANGED = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.ENOTE
 
 
 class Replayer:
-    """Replaying the op log against the backing tree."""
+    """Replaying the op log against the backing tree. Owns the bookkeeping of the op being
+    replayed: its sequence number and whether it may have taken effect before a crash."""
 
-    writeback: WriteBack
-    resolver: Conflicts
-    publisher: Publisher
-    table: InodeTable
-    content: Content
-    backing: Backing
-    gate: WriteGate
-    clock: Clock
-    config: MountConfig
-    _maybe_done: bool
-    _seq: int
+    def __init__(
+        self,
+        *,
+        writeback: WriteBack,
+        resolver: Conflicts,
+        publisher: Publisher,
+        table: InodeTable,
+        content: Content,
+        backing: Backing,
+        gate: WriteGate,
+        clock: Clock,
+        config: MountConfig,
+    ) -> None:
+        self.writeback = writeback
+        self.resolver = resolver
+        self.publisher = publisher
+        self.table = table
+        self.content = content
+        self.backing = backing
+        self.gate = gate
+        self.clock = clock
+        self.config = config
+        self._maybe_done = False  # the op being replayed may have taken effect before a crash
+        self._seq = 0  # the op being replayed
 
-    async def _replay_ops(self, receipt: Receipt, older_than: float | None) -> None:
+    async def replay_ops(self, receipt: Receipt, older_than: float | None) -> None:
         """Replay the log in order; with `older_than`, stop at the first op younger than it."""
         for seq in sorted(self.table.ops):
             op = self.table.ops[seq]
