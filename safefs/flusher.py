@@ -76,6 +76,22 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF = 60.0
 
 
+@dataclasses.dataclass(frozen=True)
+class FlusherStatistics:
+    """What `Flusher.statistics()` reports (trio style: an immutable object with named
+    fields). The mount's `status` turns it into the control protocol's FlushStatistics, whose
+    fields have the same names."""
+
+    dirty_bytes: int  # not yet on the project, in files that still have a name (or the root)
+    dirty_files: int
+    oldest_dirty_age: float | None  # seconds since the oldest of those changes; None if clean
+    pending_ops: int  # namespace changes not yet replayed
+    flushes: int  # passes completed
+    flushing: bool  # a pass is under way
+    errors: tuple[FlushError, ...]  # the last failure, and a backing call that hangs
+    conflicts: tuple[dict[str, Any], ...]  # every conflict so far (Conflicts.found)
+
+
 class Flusher:
     """The write-back service. Built from the pieces it works on, not from the Filesystem: it
     learns of changes through `poke` (the daemon hands that to the filesystem as its
@@ -337,26 +353,27 @@ class Flusher:
         """The conflicts since the last call: a sync receipt lists each one once."""
         return self.resolver.report_conflicts()
 
-    def statistics(self) -> dict[str, Any]:
+    def statistics(self) -> FlusherStatistics:
         now = self.clock.monotonic()
         dirty = [i for i in self.table.iter_dirty() if i.links or i.ino == ROOT_INO]
         dirty_bytes = sum(ranges.total(i.dirty) for i in dirty)
         oldest = min((i.changed_at for i in dirty), default=None)
         errors = []
         if self.last_error is not None:
-            errors.append(dataclasses.asdict(self.last_error))
-        if self.writeback.in_call is not None and now - self.writeback.in_call[2] > HUNG_CALL:
-            op, path, since = self.writeback.in_call
-            errors.append({"op": op, "path": os.fsdecode(b"/".join(path)),
-                           "error": f"no answer from the project for {now - since:.0f} s",
-                           "retry_at": self.clock.wall()})  # fmt: skip  # goes on when it answers
-        return {
-            "dirty_bytes": dirty_bytes,
-            "dirty_files": len(dirty),
-            "oldest_dirty_age": (now - oldest) if oldest is not None else None,
-            "pending_ops": len(self.table.ops),
-            "flushes": self.flushes,
-            "flushing": self.busy,
-            "errors": errors,
-            "conflicts": list(self.conflicts),
-        }
+            errors.append(self.last_error)
+        in_call = self.writeback.in_call
+        if in_call is not None and now - in_call[2] > HUNG_CALL:
+            op, path, since = in_call
+            errors.append(FlushError(op=op, path=os.fsdecode(b"/".join(path)),
+                                     error=f"no answer from the project for {now - since:.0f} s",
+                                     retry_at=self.clock.wall()))  # fmt: skip  # goes on when it answers
+        return FlusherStatistics(
+            dirty_bytes=dirty_bytes,
+            dirty_files=len(dirty),
+            oldest_dirty_age=(now - oldest) if oldest is not None else None,
+            pending_ops=len(self.table.ops),
+            flushes=self.flushes,
+            flushing=self.busy,
+            errors=tuple(errors),
+            conflicts=tuple(self.conflicts),
+        )

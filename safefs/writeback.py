@@ -51,7 +51,7 @@ BPath = tuple[bytes, ...]
 HUNG_CALL = 5.0  # a backing call running longer than this is listed in status as an error
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class FlushError:
     op: str
     path: str
