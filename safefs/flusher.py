@@ -36,8 +36,8 @@ Parts: the Flusher builds one of each, handing each only what it uses, and is th
 that imports them: WriteBack (writeback.py: the calls into the backing tree, and the call
 under way), Conflicts (conflicts.py: conflict copies, and the conflicts found), Publisher
 (publish.py: publishing dirty inodes, and what a pass has still to close) and Replayer
-(replay.py: the op log, and the op being replayed). Each calls the ones below it (in that
-order) directly; none knows the Flusher. The Flusher itself owns the scheduling (wake-ups,
+(replay.py: the op log, and the op being replayed). Each calls only parts named before it,
+directly; none knows the Flusher. The Flusher itself owns the scheduling (wake-ups,
 backoff, the last error), the published generation and the counters status shows.
 
 Threading: runs on the trio thread, as do its parts; backing calls run in threads behind the
