@@ -1,16 +1,22 @@
 """Conflicts: what write-back does when the project changed behind safefs's back.
 
+A part of the flusher (flusher.py), built with what it uses: the WriteBack it calls the
+backing tree through, the inode table, the cache and contents, the backing tree, the clock,
+the invalidator and the negative entries it corrects, and the host name copies are named
+after. It owns the list of conflicts found (`found`, which status shows) and how many of
+them a sync receipt listed already; publish and replay add theirs through `add`.
+
 Invariants:
 - Nothing on the backing tree is overwritten unless safefs put it there: an object in the way
-  of a replayed op keeps its name and ours goes beside it (`_divert`); an object the mount
-  removed that changed on the project is renamed aside (`_move_aside`); a file changed on
-  both sides is published as a copy (`_publish_conflict`). Copies are named
+  of a replayed op keeps its name and ours goes beside it (`divert`); an object the mount
+  removed that changed on the project is renamed aside (`move_aside`); a file changed on
+  both sides is published as a copy (`publish_conflict`). Copies are named
   `NAME.safefs-conflict-<host>-<time>`.
 - A copy's name is recorded in the pending ops and the mount's view in one commit before
   anything is written to the project, so a replay after a crash uses the same name.
 - Every conflict is listed in status and, once, in a sync receipt (`report_conflicts`).
 
-Threading: trio thread; backing calls through WriteBack._call.
+Threading: trio thread only; backing calls through WriteBack.call.
 """
 
 from __future__ import annotations
@@ -24,9 +30,13 @@ import time
 from typing import Any
 
 from safefs import records
-from safefs.backing import Fingerprint
-from safefs.content import fingerprint_tuple
-from safefs.inodes import ROOT_INO, Inode
+from safefs.backing import Backing, Fingerprint
+from safefs.cache import ContentCache
+from safefs.clock import Clock
+from safefs.content import Content, fingerprint_tuple
+from safefs.inodes import ROOT_INO, Inode, InodeTable
+from safefs.negative import NegativeNames
+from safefs.ports import Invalidator
 from safefs.writeback import BPath, WriteBack, utc_text
 
 log = logging.getLogger(__name__)
@@ -48,8 +58,34 @@ def _with_copy_name(op: records.Op, parent: int, name: bytes, ino: int, copy: by
     return op
 
 
-class Conflicts(WriteBack):
-    """Keeping both versions when the project and the mount disagree."""
+class Conflicts:
+    """Keeping both versions when the project and the mount disagree. Owns the list of
+    conflicts found (`found`) and how many of them a sync receipt listed already."""
+
+    def __init__(
+        self,
+        *,
+        writeback: WriteBack,
+        table: InodeTable,
+        cache: ContentCache,
+        content: Content,
+        backing: Backing,
+        clock: Clock,
+        invalidator: Invalidator,
+        negative: NegativeNames,
+        host_name: str,
+    ) -> None:
+        self.writeback = writeback
+        self.table = table
+        self.cache = cache
+        self.content = content
+        self.backing = backing
+        self.clock = clock
+        self.invalidator = invalidator
+        self.negative = negative
+        self.host_name = host_name
+        self.found: list[dict[str, Any]] = []  # every conflict, in order (status lists them)
+        self._reported = 0  # how many of them a sync receipt listed already
 
     def _conflict_name(self, name: bytes) -> bytes:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(self.clock.wall()))  # UTC
@@ -63,28 +99,28 @@ class Conflicts(WriteBack):
             candidate = path[:-1] + (base if n == 0 else base + b"-%d" % n,)
             if parent is not None and self.table.child(parent, candidate[-1]) is not None:
                 continue
-            if not await self._call(self.backing.exists, candidate):
+            if not await self.writeback.call(self.backing.exists, candidate):
                 return candidate
         raise FileExistsError(errno.EEXIST, "no free conflict name", os.fsdecode(b"/".join(path)))
 
     def _record_conflict(self, path: BPath, copy: BPath, why: str) -> None:
         log.warning("flush: conflict: %r: %s; the mount's version is %r", path, why, copy)
-        self.conflicts.append({"path": os.fsdecode(b"/".join(path)), "kept_as": os.fsdecode(b"/".join(copy)),
+        self.found.append({"path": os.fsdecode(b"/".join(path)), "kept_as": os.fsdecode(b"/".join(copy)),
                                "copy_holds": "the mount's version", "why": why,
                                "time": utc_text(self.clock.wall())})  # fmt: skip
 
-    async def _divert(self, parent: int, name: bytes, inode: Inode, why: str) -> bytes:
-        """The project has its own object at (parent, name), where the op being replayed would
-        put the mount's `inode`: theirs keeps the name, ours goes beside it as a conflict copy.
+    async def divert(self, op_seq: int, parent: int, name: bytes, inode: Inode, why: str) -> bytes:
+        """The project has its own object at (parent, name), where the op being replayed
+        (`op_seq`) would put the mount's `inode`: theirs keeps the name, ours goes beside it as a conflict copy.
 
         The copy's name goes into this op and the later ones naming it, and into the mount's
         view, in one commit before anything is written to the project: a replay after a crash
         uses the same name. Returns that name.
         """
-        dpath = self._dir_path(parent)
+        dpath = self.writeback.dir_path(parent)
         assert dpath is not None
         copy = (await self._free_conflict_path(dpath + (name,), parent))[-1]
-        for seq in sorted(s for s in self.table.ops if s >= self._seq):
+        for seq in sorted(s for s in self.table.ops if s >= op_seq):
             op = self.table.ops[seq]
             amended = _with_copy_name(op, parent, name, inode.ino, copy)
             if amended != op:
@@ -102,9 +138,9 @@ class Conflicts(WriteBack):
             await self.invalidator.invalidate_entry(parent, copy)
         return copy
 
-    async def _move_aside(self, path: BPath, parent: int | None, why: str) -> BPath:
+    async def move_aside(self, path: BPath, parent: int | None, why: str) -> BPath:
         """Rename an object the mount removed, which changed on the project, out of the way,
-        keeping it. (An object in the way of one of ours keeps its name: see `_divert`.)
+        keeping it. (An object in the way of one of ours keeps its name: see `divert`.)
 
         With `parent` (the directory's inode), the directory is marked stale so the kept
         object shows up in the mount too.
@@ -114,33 +150,34 @@ class Conflicts(WriteBack):
         while True:
             candidate = await self._free_conflict_path(path)
             try:
-                await self._call(self.backing.rename, path, candidate, 1)  # RENAME_NOREPLACE
+                await self.writeback.call(self.backing.rename, path, candidate, 1)  # RENAME_NOREPLACE
                 break
             except FileExistsError:
                 continue  # taken meanwhile: pick another
         log.warning("flush: conflict: kept %s as %s", os.fsdecode(b"/".join(path)), os.fsdecode(b"/".join(candidate)))
-        self.conflicts.append(
+        self.found.append(
             {"path": os.fsdecode(b"/".join(path)), "kept_as": os.fsdecode(b"/".join(candidate)),
              "copy_holds": "the project's version", "why": why, "time": utc_text(self.clock.wall())}
         )  # fmt: skip
         return candidate
 
-    async def _publish_conflict(self, inode: Inode, path: BPath) -> None:
+    async def publish_conflict(self, inode: Inode, path: BPath) -> None:
         """The backing file changed behind safefs's back: keep both versions side by side."""
         parent = inode.blinks[0][0] if inode.blinks else ROOT_INO
-        if path[:-1] and not await self._call(self.backing.is_dir, path[:-1]):
+        if path[:-1] and not await self.writeback.call(self.backing.is_dir, path[:-1]):
             # Its directory is gone too (removed or renamed behind our back): keep our version
             # at the top of the project rather than nowhere.
             path, parent = (path[-1],), ROOT_INO
         aside = await self._free_conflict_path(path)
         name = aside[-1]
-        attrs = await self._attrs(inode)
-        async with self._pinned(inode.ino) as fd:
+        attrs = await self.writeback.attrs_of(inode)
+        async with self.writeback.pinned(inode.ino) as fd:
             try:
                 await self.content.fill(inode)
             except (OSError, Exception):  # the original may be gone; publish what we have
                 pass
-            st = await self._call(self.backing.publish_atomic, aside, self._staging(), fd, inode.size, attrs)
+            staging = self.writeback.staging()
+            st = await self.writeback.call(self.backing.publish_atomic, aside, staging, fd, inode.size, attrs)
         self._record_conflict(path, aside, "changed in the mount, and changed, replaced or removed in the project")
         # Our version now lives under the conflict name; the original name shows the backing
         # tree's version again (or goes, if the backing tree no longer has it).
@@ -152,7 +189,7 @@ class Conflicts(WriteBack):
             self.table.link(parent, name, copy)
         current_path = self.table.backing_path(inode.ino) if inode.blinks else None
         try:
-            cur = await self._call(self.backing.lstat, current_path) if current_path else None
+            cur = await self.writeback.call(self.backing.lstat, current_path) if current_path else None
         except (FileNotFoundError, NotADirectoryError):
             cur = None
         except OSError as exc:
@@ -182,8 +219,12 @@ class Conflicts(WriteBack):
         if parent in self.table.inodes:
             await self.invalidator.invalidate_entry(parent, name)
 
+    def add(self, conflict: dict[str, Any]) -> None:
+        """A conflict another part of write-back ran into (an op or attributes that cannot apply)."""
+        self.found.append(conflict)
+
     def report_conflicts(self) -> list[dict[str, Any]]:
         """The conflicts since the last call: a sync receipt lists each one once."""
-        new = self.conflicts[self._conflicts_reported :]
-        self._conflicts_reported = len(self.conflicts)
+        new = self.found[self._reported :]
+        self._reported = len(self.found)
         return new

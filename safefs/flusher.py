@@ -29,10 +29,19 @@ Invariants:
   after each (when the stat just before was the one recorded). A staging rename moves its
   directory's times: after the publishes of a pass, each such directory gets back the times
   the mount shows.
-- A content file's cache descriptor is pinned while a backing call copies from it (`_pinned`).
+- A content file's cache descriptor is pinned while a backing call copies from it
+  (`WriteBack.pinned`).
 
-Threading: runs on the trio thread; backing calls run in threads behind the backing limiter.
-Only one flush runs at a time (`_flush_lock`).
+Parts: the Flusher builds one of each, handing each only what it uses, and is the only module
+that imports them: WriteBack (writeback.py: the calls into the backing tree, and the call
+under way), Conflicts (conflicts.py: conflict copies, and the conflicts found), Publisher
+(publish.py: publishing dirty inodes, and what a pass has still to close) and Replayer
+(replay.py: the op log, and the op being replayed). Each calls only parts named before it,
+directly; none knows the Flusher. The Flusher itself owns the scheduling (wake-ups,
+backoff, the last error), the published generation and the counters status shows.
+
+Threading: runs on the trio thread, as do its parts; backing calls run in threads behind the
+backing limiter. Only one flush runs at a time (`_flush_lock`).
 """
 
 from __future__ import annotations
@@ -52,29 +61,47 @@ from safefs.backing import Backing
 from safefs.cache import ContentCache
 from safefs.clock import Clock
 from safefs.config import MountConfig
+from safefs.conflicts import Conflicts
 from safefs.content import Content
 from safefs.errors import BackingFailed, ReadOnly, SafefsError, SyncTimeout
 from safefs.inodes import ROOT_INO, InodeTable
 from safefs.negative import NegativeNames
 from safefs.ports import Invalidator, WriteGate
+from safefs.publish import Publisher
 from safefs.replay import Replayer
-from safefs.writeback import HUNG_CALL, BPath, FlushError, Receipt
+from safefs.writeback import HUNG_CALL, BPath, FlushError, Receipt, WriteBack
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 60.0
 
 
-class Flusher(Replayer):
+@dataclasses.dataclass(frozen=True)
+class FlusherStatistics:
+    """What `Flusher.statistics()` reports (trio style: an immutable object with named
+    fields). The mount's `status` turns it into the control protocol's FlushStatistics, whose
+    fields have the same names."""
+
+    dirty_bytes: int  # not yet on the project, in files that still have a name (or the root)
+    dirty_files: int
+    oldest_dirty_age: float | None  # seconds since the oldest of those changes; None if clean
+    pending_ops: int  # namespace changes not yet replayed
+    flushes: int  # passes completed
+    flushing: bool  # a pass is under way
+    errors: tuple[FlushError, ...]  # the last failure, and a backing call that hangs
+    conflicts: tuple[dict[str, Any], ...]  # every conflict so far (Conflicts.found)
+
+
+class Flusher:
     """The write-back service. Built from the pieces it works on, not from the Filesystem: it
     learns of changes through `poke` (the daemon hands that to the filesystem as its
     `on_change`), and shares with the filesystem only what sits below both (the inode table,
     the contents with their locks and thread hops, the remembered negative entries).
 
     This class schedules passes, syncs, publishes generations and reports status; the work
-    of a pass is in its bases: replay.py (Replayer), publish.py (Publisher), conflicts.py
-    (Conflicts) and writeback.py (WriteBack: the shared state and the calls into the
-    backing tree)."""
+    of a pass is done by the parts it builds and calls: `replayer` (replay.py), `publisher`
+    (publish.py), `resolver` (conflicts.py) and `writeback` (writeback.py: the calls into
+    the backing tree)."""
 
     def __init__(
         self,
@@ -91,32 +118,31 @@ class Flusher(Replayer):
         host_name: str,
     ) -> None:
         self.table = table
-        self.cache = cache
-        self.content = content
         self.backing = backing
         self.gate = gate
         self.clock = clock
         self.config = config
-        self.invalidator = invalidator
-        self.negative = negative
         self.host_name = host_name
+        self.writeback = WriteBack(table=table, cache=cache, content=content, gate=gate, clock=clock)
+        self.resolver = Conflicts(
+            writeback=self.writeback, table=table, cache=cache, content=content, backing=backing, clock=clock,
+            invalidator=invalidator, negative=negative, host_name=host_name,
+        )  # fmt: skip
+        self.publisher = Publisher(
+            writeback=self.writeback, resolver=self.resolver, table=table, content=content, backing=backing,
+            gate=gate, clock=clock, config=config,
+        )  # fmt: skip
+        self.replayer = Replayer(
+            writeback=self.writeback, resolver=self.resolver, publisher=self.publisher, table=table,
+            content=content, backing=backing, gate=gate, clock=clock, config=config,
+        )  # fmt: skip
         self._wake = trio.Event()
         self._wake_at = math.inf  # when run() looks next by itself (see poke)
         self._flush_lock = trio.Lock()
         self._backoff = 0.0
         self._next_try = 0.0
         self.last_error: FlushError | None = None
-        self.conflicts: list[dict[str, Any]] = []
-        self._conflicts_reported = 0  # how many of them a sync receipt listed already
         self.flushes = 0
-        self.published_files = 0
-        self._dirs_to_sync: set[BPath] = set()
-        self._renamed_into: set[int] = set()  # directories a staging rename moved the times of
-        self._staging_cleaned = False
-        self._maybe_done = False  # the op being replayed may have taken effect before a crash
-        self._seq = 0  # the op being replayed
-        self._in_call: tuple[str, BPath, float] | None = None  # the backing call under way
-        self._receipt: Receipt | None = None  # the flush pass under way
         self.generation = 0  # the last generation this mount published
         self._generation_pending = False  # a sync must publish a generation before it returns
         self.announce: Callable[[dict[str, Any]], None] | None = None  # told of every published generation
@@ -167,21 +193,21 @@ class Flusher(Replayer):
         """One write-back pass. Failures of the backing tree are recorded and retried later."""
         receipt = Receipt()
         async with self._flush_lock:
-            self._receipt = receipt  # what replayed creates publish counts here too
+            self.publisher.receipt = receipt  # what replayed creates publish counts here too
             self.busy = True
             try:
-                if not self._staging_cleaned:
-                    await self._clean_staging()
+                if not self.publisher.staging_cleaned:
+                    await self.publisher.clean_staging()
                 now = self.clock.monotonic()
-                await self._replay_ops(receipt, None if everything else now - self.config.writeback_delay)
+                await self.replayer.replay_ops(receipt, None if everything else now - self.config.writeback_delay)
                 for inode in list(self.table.iter_dirty()):
                     if inode.ino not in self.table.inodes or inode.new:
                         continue
                     if everything or now - inode.changed_at >= self.config.writeback_delay:
-                        await self._publish(inode, receipt)
-                await self._restore_dir_times()
-                changed = set(self._dirs_to_sync)
-                await self._sync_dirs()
+                        await self.publisher.publish(inode, receipt)
+                await self.publisher.restore_dir_times()
+                changed = set(self.publisher.dirs_to_sync)
+                await self.publisher.sync_dirs()
                 if changed or (everything and self._generation_pending):
                     await self._publish_generation(changed)
             except ReadOnly:
@@ -202,9 +228,9 @@ class Flusher(Replayer):
         epoch = self.gate.require_publishable()
         number = max(self.generation, int(self.table.meta.get("generation", 0))) + 1
         self._generation_pending = True  # until the record is out
-        record = await self._call(
+        record = await self.writeback.call(
             functools.partial(
-                generation.write, self.backing, self._staging(), epoch=epoch, generation=number,
+                generation.write, self.backing, self.writeback.staging(), epoch=epoch, generation=number,
                 host=self.host_name, changed=changed,
             )
         )  # fmt: skip
@@ -264,6 +290,10 @@ class Flusher(Replayer):
                 hint="check the project's NFS server, then run safefs sync again",
             )
 
+    async def settle(self) -> None:
+        """At start-up, finish the op a crash interrupted, so the backing view is exact."""
+        await self.replayer.settle()
+
     def _done_since(self, start_versions: dict[int, int], start_seq: int) -> bool:
         if any(seq < start_seq for seq in self.table.ops):
             return False
@@ -314,26 +344,36 @@ class Flusher(Replayer):
 
 
     # -- status --------------------------------------------------------------------------
-    def statistics(self) -> dict[str, Any]:
+    @property
+    def conflicts(self) -> list[dict[str, Any]]:
+        """Every conflict write-back ran into, in order (the Conflicts part keeps them)."""
+        return self.resolver.found
+
+    def report_conflicts(self) -> list[dict[str, Any]]:
+        """The conflicts since the last call: a sync receipt lists each one once."""
+        return self.resolver.report_conflicts()
+
+    def statistics(self) -> FlusherStatistics:
         now = self.clock.monotonic()
         dirty = [i for i in self.table.iter_dirty() if i.links or i.ino == ROOT_INO]
         dirty_bytes = sum(ranges.total(i.dirty) for i in dirty)
         oldest = min((i.changed_at for i in dirty), default=None)
         errors = []
         if self.last_error is not None:
-            errors.append(dataclasses.asdict(self.last_error))
-        if self._in_call is not None and now - self._in_call[2] > HUNG_CALL:
-            op, path, since = self._in_call
-            errors.append({"op": op, "path": os.fsdecode(b"/".join(path)),
-                           "error": f"no answer from the project for {now - since:.0f} s",
-                           "retry_at": self.clock.wall()})  # fmt: skip  # goes on when it answers
-        return {
-            "dirty_bytes": dirty_bytes,
-            "dirty_files": len(dirty),
-            "oldest_dirty_age": (now - oldest) if oldest is not None else None,
-            "pending_ops": len(self.table.ops),
-            "flushes": self.flushes,
-            "flushing": self.busy,
-            "errors": errors,
-            "conflicts": list(self.conflicts),
-        }
+            errors.append(self.last_error)
+        in_call = self.writeback.in_call
+        if in_call is not None and now - in_call[2] > HUNG_CALL:
+            op, path, since = in_call
+            errors.append(FlushError(op=op, path=os.fsdecode(b"/".join(path)),
+                                     error=f"no answer from the project for {now - since:.0f} s",
+                                     retry_at=self.clock.wall()))  # fmt: skip  # goes on when it answers
+        return FlusherStatistics(
+            dirty_bytes=dirty_bytes,
+            dirty_files=len(dirty),
+            oldest_dirty_age=(now - oldest) if oldest is not None else None,
+            pending_ops=len(self.table.ops),
+            flushes=self.flushes,
+            flushing=self.busy,
+            errors=tuple(errors),
+            conflicts=tuple(self.conflicts),
+        )

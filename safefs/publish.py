@@ -4,6 +4,14 @@ Small or new files go to a staging file in `.safefs/staging/<epoch>/`, are fsync
 renamed into place (readers never see a torn file); large files get only their dirty ranges
 written in place.
 
+A part of the flusher (flusher.py), built with what it uses: the WriteBack it calls the
+backing tree through, the Conflicts part (a file changed on both sides becomes a conflict
+copy), the inode table, the contents, the backing tree, the lease gate, the clock and the
+config. It owns what a pass has still to close (the directories to fsync, which replay adds
+to through `dirs_to_sync`, and those a staging rename moved the times of), the count of
+files published, whether this run cleaned the staging directory, and the receipt of the
+pass under way (set by the Flusher; a replayed create's publish counts there).
+
 Invariants:
 - Dirty state is cleared only if the inode did not change while it was being published;
   otherwise it stays dirty and is published again.
@@ -14,7 +22,7 @@ Invariants:
 - A staging rename moves its directory's times: after the publishes of a pass, each such
   directory gets back the times the mount shows.
 
-Threading: trio thread; backing calls through WriteBack._call.
+Threading: trio thread only; backing calls through WriteBack.call.
 """
 
 from __future__ import annotations
@@ -26,49 +34,80 @@ import os
 import stat
 
 from safefs import ranges
-from safefs.backing import Fingerprint
+from safefs.backing import Backing, Fingerprint
+from safefs.clock import Clock
+from safefs.config import MountConfig
 from safefs.conflicts import Conflicts
-from safefs.content import fingerprint_tuple, same_content
-from safefs.inodes import ROOT_INO, Inode
-from safefs.writeback import BPath, Receipt, utc_text
+from safefs.content import Content, fingerprint_tuple, same_content
+from safefs.inodes import ROOT_INO, Inode, InodeTable
+from safefs.ports import WriteGate
+from safefs.writeback import BPath, Receipt, WriteBack, utc_text
 
 log = logging.getLogger(__name__)
 
 
-class Publisher(Conflicts):
-    """Publishing dirty inodes at their backing paths."""
+class Publisher:
+    """Publishing dirty inodes at their backing paths. Owns what a pass has still to close:
+    the directories to fsync (`dirs_to_sync`, which replay adds to) and the directories a
+    staging rename moved the times of; and whether this run cleaned the staging directory."""
 
-    async def _publish(self, inode: Inode, receipt: Receipt) -> None:
+    def __init__(
+        self,
+        *,
+        writeback: WriteBack,
+        resolver: Conflicts,
+        table: InodeTable,
+        content: Content,
+        backing: Backing,
+        gate: WriteGate,
+        clock: Clock,
+        config: MountConfig,
+    ) -> None:
+        self.writeback = writeback
+        self.resolver = resolver
+        self.table = table
+        self.content = content
+        self.backing = backing
+        self.gate = gate
+        self.clock = clock
+        self.config = config
+        self.published_files = 0
+        self.dirs_to_sync: set[BPath] = set()  # fsynced at the end of the pass (sync_dirs)
+        self._renamed_into: set[int] = set()  # directories a staging rename moved the times of
+        self.staging_cleaned = False
+        self.receipt: Receipt | None = None  # the flush pass under way (the Flusher sets it)
+
+    async def publish(self, inode: Inode, receipt: Receipt) -> None:
         self.gate.require_publishable()
         path = self.table.backing_path(inode.ino) if inode.ino != ROOT_INO else ()
         if path is None or (not inode.links and inode.ino != ROOT_INO):
             return  # not on the backing tree, or about to leave it: nothing to publish
         if inode.is_reg:
-            await self._publish_file(inode, path, inode.blinks[0], atomic=None, receipt=receipt)
+            await self.publish_file(inode, path, inode.blinks[0], atomic=None, receipt=receipt)
             return
         version = inode.version
-        attrs = await self._attrs(inode)
+        attrs = await self.writeback.attrs_of(inode)
         try:
-            await self._call(self.backing.set_attrs, path, attrs)
+            await self.writeback.call(self.backing.set_attrs, path, attrs)
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 raise
             # Removed, renamed or replaced behind our back: only attributes are lost (what
             # was below it is published or kept by inode); say so and move on.
             log.warning("flush: conflict: cannot set attributes of %s: %s", os.fsdecode(b"/".join(path)), exc)
-            self.conflicts.append({"path": os.fsdecode(b"/".join(path)), "error": str(exc),
+            self.resolver.add({"path": os.fsdecode(b"/".join(path)), "error": str(exc),
                                    "why": "removed or replaced in the project; the mount's attributes are not applied",
                                    "time": utc_text(self.clock.wall())})  # fmt: skip
         self.table.mark_attrs_published(inode, version)
 
-    async def _publish_file(
+    async def publish_file(
         self, inode: Inode, path: BPath, blink: tuple[int, bytes], *, atomic: bool | None, receipt: Receipt | None
     ) -> None:
         backing_links = 1
         if not inode.new and inode.origin is not None:
-            st_now = await self._unchanged_behind_us(inode, path)
+            st_now = await self.unchanged_behind_us(inode, path)
             if st_now is None:
-                await self._publish_conflict(inode, path)
+                await self.resolver.publish_conflict(inode, path)
                 return
             backing_links = st_now.st_nlink
         version = inode.version
@@ -78,47 +117,48 @@ class Publisher(Conflicts):
             and len(inode.blinks) <= 1
             and backing_links <= 1  # a rename would split a hard link we may not know of
         )
-        attrs = await self._attrs(inode)
-        async with self._pinned(inode.ino) as fd:
+        attrs = await self.writeback.attrs_of(inode)
+        async with self.writeback.pinned(inode.ino) as fd:
             if whole:
                 await self.content.fill(inode)
-                staging = self._staging()
+                staging = self.writeback.staging()
                 tmp = b"publish-%x-%x-%s.tmp" % (inode.ino, version, os.urandom(6).hex().encode())
                 await self._record_publishing(inode, staging + (tmp,))
-                st = await self._call(self.backing.publish_atomic, path, staging, fd, inode.size, attrs, tmp)
+                st = await self.writeback.call(self.backing.publish_atomic, path, staging, fd, inode.size, attrs, tmp)
                 self._renamed_into.add(blink[0])
                 written = inode.size
             elif inode.dirty or inode.attr_dirty:
                 dirty = list(inode.dirty)
                 await self._record_publishing(inode, ())
-                st = await self._call(self.backing.write_ranges, path, fd, dirty, inode.size, attrs, inode.low_size)
+                call = self.writeback.call
+                st = await call(self.backing.write_ranges, path, fd, dirty, inode.size, attrs, inode.low_size)
                 written = ranges.total(dirty)
             else:
                 return
         if not inode.new:
             self.published_files += 1
-        receipt = receipt or self._receipt
+        receipt = receipt or self.receipt
         if receipt is not None:
             receipt.files += 1
             receipt.bytes += written
         hard_linked = st.st_ino if st.st_nlink > 1 else None
         self.table.mark_published(inode, fingerprint_tuple(Fingerprint.of(st)), blink, version, hard_linked)
-        self._dirs_to_sync.add(path[:-1])
+        self.dirs_to_sync.add(path[:-1])
 
-    async def _clean_staging(self) -> None:
+    async def clean_staging(self) -> None:
         """Remove staging files a crash left behind, except those a record still names."""
         self.gate.require_publishable()
-        staging = self._staging()
+        staging = self.writeback.staging()
         try:
-            entries = await self._call(self.backing.listdir, staging)
+            entries = await self.writeback.call(self.backing.listdir, staging)
         except (FileNotFoundError, NotADirectoryError):
             entries = []
         named = {i.publishing[-1] for i in self.table.inodes.values() if i.publishing}
         for entry in entries:
             if entry.name not in named:
                 with contextlib.suppress(FileNotFoundError):
-                    await self._call(self.backing.unlink, staging + (entry.name,))
-        self._staging_cleaned = True
+                    await self.writeback.call(self.backing.unlink, staging + (entry.name,))
+        self.staging_cleaned = True
 
     async def _record_publishing(self, inode: Inode, what: tuple[bytes, ...]) -> None:
         if not inode.new:
@@ -134,16 +174,16 @@ class Publisher(Conflicts):
             return st.st_ino == inode.origin[0]  # an in-place write keeps the inode
         # The staging file is gone only if it was renamed into place (publish_atomic removes
         # it on failure only while we are alive to clear `publishing` ourselves).
-        if await self._call(self.backing.exists, publishing):
+        if await self.writeback.call(self.backing.exists, publishing):
             with contextlib.suppress(OSError):
-                await self._call(self.backing.unlink, publishing)
+                await self.writeback.call(self.backing.unlink, publishing)
             return False
         return True
 
-    async def _unchanged_behind_us(self, inode: Inode, path: BPath) -> os.stat_result | None:
+    async def unchanged_behind_us(self, inode: Inode, path: BPath) -> os.stat_result | None:
         """The backing file's stat if it is still what safefs last saw there, else None."""
         try:
-            st = await self._call(self.backing.lstat, path)
+            st = await self.writeback.call(self.backing.lstat, path)
         except (FileNotFoundError, NotADirectoryError):
             return None  # gone, or its directory was replaced behind our back
         except OSError as exc:
@@ -160,25 +200,25 @@ class Publisher(Conflicts):
             return st
         return None
 
-    async def _restore_dir_times(self) -> None:
+    async def restore_dir_times(self) -> None:
         """A staging rename into a directory moved its times on the project: give it back the
         times the mount shows, once per directory per pass, after the last rename into it."""
         dirs, self._renamed_into = self._renamed_into, set()
         for ino in sorted(dirs):
-            d, path = self.table.inodes.get(ino), self._dir_path(ino)
+            d, path = self.table.inodes.get(ino), self.writeback.dir_path(ino)
             if d is None or path is None:
                 continue
             self.gate.require_writable()
             try:
-                await self._call(self.backing.set_times, path, d.atime_ns, d.mtime_ns)
+                await self.writeback.call(self.backing.set_times, path, d.atime_ns, d.mtime_ns)
             except (FileNotFoundError, NotADirectoryError):
                 continue  # gone from the project meanwhile: nothing to restore
-            self._dirs_to_sync.add(path)
+            self.dirs_to_sync.add(path)
 
-    async def _sync_dirs(self) -> None:
-        dirs, self._dirs_to_sync = self._dirs_to_sync, set()
+    async def sync_dirs(self) -> None:
+        dirs, self.dirs_to_sync = self.dirs_to_sync, set()
         for path in dirs:
             try:
-                await self._call(self.backing.fsync_dir, path)
+                await self.writeback.call(self.backing.fsync_dir, path)
             except FileNotFoundError:
                 pass

@@ -6,6 +6,12 @@ exactly the state the cache had when the op happened. A `create` publishes the f
 *current* content, so a file written then renamed into place (the usual atomic-save
 pattern) appears on the backing tree whole.
 
+A part of the flusher (flusher.py), built with what it uses: the WriteBack it calls the
+backing tree through, the Conflicts part (an object in the way is diverted or moved aside),
+the Publisher (a create publishes its file; changed directories are fsynced at the end of
+the pass), the inode table, the contents, the backing tree, the lease gate, the clock and
+the config. It owns the bookkeeping of the op being replayed (`_seq`, `_maybe_done`).
+
 Invariants:
 - Ops are replayed strictly in order; one that fails stops the replay, which is retried with
   backoff. A write-ahead `in_flight` mark tells, after a crash, that an op may already have
@@ -14,7 +20,7 @@ Invariants:
 - safefs's own renames, links and unlinks move a file's ctime: its fingerprint is re-recorded
   after each (when the stat just before was the one recorded).
 
-Threading: trio thread; backing calls through WriteBack._call.
+Threading: trio thread only; backing calls through WriteBack.call.
 """
 
 from __future__ import annotations
@@ -25,12 +31,16 @@ import os
 import stat
 
 from safefs import records
-from safefs.backing import Fingerprint
-from safefs.content import fingerprint_tuple, same_content
+from safefs.backing import Backing, Fingerprint
+from safefs.clock import Clock
+from safefs.config import MountConfig
+from safefs.conflicts import Conflicts
+from safefs.content import Content, fingerprint_tuple, same_content
 from safefs.errors import SafefsError
-from safefs.inodes import ROOT_INO, Inode
+from safefs.inodes import ROOT_INO, Inode, InodeTable
+from safefs.ports import WriteGate
 from safefs.publish import Publisher
-from safefs.writeback import BPath, Receipt, fingerprint_of, utc_text
+from safefs.writeback import BPath, Receipt, WriteBack, fingerprint_of, utc_text
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +50,36 @@ CREATE_PATIENCE = 12  # see Replayer._ripe
 TREE_CHANGED = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR})
 
 
-class Replayer(Publisher):
-    """Replaying the op log against the backing tree."""
+class Replayer:
+    """Replaying the op log against the backing tree. Owns the bookkeeping of the op being
+    replayed: its sequence number and whether it may have taken effect before a crash."""
 
-    async def _replay_ops(self, receipt: Receipt, older_than: float | None) -> None:
+    def __init__(
+        self,
+        *,
+        writeback: WriteBack,
+        resolver: Conflicts,
+        publisher: Publisher,
+        table: InodeTable,
+        content: Content,
+        backing: Backing,
+        gate: WriteGate,
+        clock: Clock,
+        config: MountConfig,
+    ) -> None:
+        self.writeback = writeback
+        self.resolver = resolver
+        self.publisher = publisher
+        self.table = table
+        self.content = content
+        self.backing = backing
+        self.gate = gate
+        self.clock = clock
+        self.config = config
+        self._maybe_done = False  # the op being replayed may have taken effect before a crash
+        self._seq = 0  # the op being replayed
+
+    async def replay_ops(self, receipt: Receipt, older_than: float | None) -> None:
         """Replay the log in order; with `older_than`, stop at the first op younger than it."""
         for seq in sorted(self.table.ops):
             op = self.table.ops[seq]
@@ -90,7 +126,7 @@ class Replayer(Publisher):
             # directory is gone, say). Skipping it loses no data: file contents are published
             # by inode, at wherever the backing view says they are, or kept as conflict copies.
             log.warning("flush: conflict: cannot replay %s (%s); the project changed behind us", op.kind, exc)
-            self.conflicts.append({"op": op.kind, "error": str(exc), "why": "the project changed so that the mount's "
+            self.resolver.add({"op": op.kind, "error": str(exc), "why": "the project changed so that the mount's "
                                    f"{op.kind} cannot apply", "time": utc_text(self.clock.wall())})  # fmt: skip
         finally:
             self.table.view_busy = False
@@ -102,14 +138,14 @@ class Replayer(Publisher):
         """A new file whose directory vanished from the project behind our back: publish it
         as a conflict copy at the top of the project. False if its directory is still
         there (then the failure was something else, and the op is retried)."""
-        dpath = self._dir_path(parent)
-        if dpath is not None and await self._call(self.backing.is_dir, dpath):
+        dpath = self.writeback.dir_path(parent)
+        if dpath is not None and await self.writeback.call(self.backing.is_dir, dpath):
             return False
         inode = self.table.inodes.get(ino)
         if inode is not None and inode.is_reg and inode.links:
             name = min(inode.links)[1]
             self.table.mark_existing(inode)
-            await self._publish_conflict(inode, (name,))
+            await self.resolver.publish_conflict(inode, (name,))
         return True
 
     async def settle(self) -> None:
@@ -145,25 +181,26 @@ class Replayer(Publisher):
 
     async def _op_mkdir(self, parent: int, name: bytes, ino: int) -> None:
         inode = self.table.inodes.get(ino)
-        dpath = self._dir_path(parent)
+        dpath = self.writeback.dir_path(parent)
         if inode is None or dpath is None:
             return  # its parent never reached the backing tree
         # Even a directory removed since must be made: later ops may move things through it.
         path = dpath + (name,)
-        attrs = await self._attrs(inode)
+        attrs = await self.writeback.attrs_of(inode)
         try:
-            st = await self._call(self.backing.mkdir, path, attrs)
+            st = await self.writeback.call(self.backing.mkdir, path, attrs)
         except FileExistsError:
-            st = await self._call(self.backing.lstat, path)
+            st = await self.writeback.call(self.backing.lstat, path)
             if not stat.S_ISDIR(st.st_mode) or (inode.blinks and not self._maybe_done):
-                return await self._op_mkdir(parent, await self._divert(parent, name, inode, _CREATED_TOO), ino)
+                copy = await self.resolver.divert(self._seq, parent, name, inode, _CREATED_TOO)
+                return await self._op_mkdir(parent, copy, ino)
         # The fingerprint, so a refresh knows it as ours.
         self.table.mark_on_backing(inode, fingerprint_tuple(Fingerprint.of(st)), (parent, name), attrs=False)
-        self._dirs_to_sync.add(dpath)
+        self.publisher.dirs_to_sync.add(dpath)
 
     async def _op_create(self, parent: int, name: bytes, ino: int) -> None:
         inode = self.table.inodes.get(ino)
-        dpath = self._dir_path(parent)
+        dpath = self.writeback.dir_path(parent)
         if inode is None or not inode.links:
             return  # unlinked before it reached the backing tree: nothing to create
         if dpath is None:
@@ -173,71 +210,72 @@ class Replayer(Publisher):
             return
         path = dpath + (name,)
         if inode.is_reg:
-            if not self._maybe_done and await self._call(self.backing.exists, path):
+            if not self._maybe_done and await self.writeback.call(self.backing.exists, path):
                 # Someone else's object: never publish over it.
-                name = await self._divert(parent, name, inode, _CREATED_TOO)
+                name = await self.resolver.divert(self._seq, parent, name, inode, _CREATED_TOO)
                 path = dpath + (name,)
-            await self._publish_file(inode, path, (parent, name), atomic=True, receipt=None)
+            await self.publisher.publish_file(inode, path, (parent, name), atomic=True, receipt=None)
         else:
-            attrs = await self._attrs(inode)
+            attrs = await self.writeback.attrs_of(inode)
             try:
                 if inode.is_link:
-                    st = await self._call(self.backing.symlink, inode.target, path, attrs)
+                    st = await self.writeback.call(self.backing.symlink, inode.target, path, attrs)
                 else:
-                    st = await self._call(self.backing.mknod, path, inode.mode, inode.rdev, attrs)
+                    st = await self.writeback.call(self.backing.mknod, path, inode.mode, inode.rdev, attrs)
             except FileExistsError:
                 if not await self._made_by_us(inode, path):
-                    return await self._op_create(parent, await self._divert(parent, name, inode, _CREATED_TOO), ino)
-                st = await self._call(self.backing.lstat, path)
+                    copy = await self.resolver.divert(self._seq, parent, name, inode, _CREATED_TOO)
+                    return await self._op_create(parent, copy, ino)
+                st = await self.writeback.call(self.backing.lstat, path)
             self.table.mark_on_backing(inode, fingerprint_tuple(Fingerprint.of(st)), (parent, name), attrs=True)
-        self._dirs_to_sync.add(dpath)
+        self.publisher.dirs_to_sync.add(dpath)
 
     async def _made_by_us(self, inode: Inode, path: BPath) -> bool:
         """After a crash, is the object at `path` the one this op created?"""
         if not self._maybe_done:
             return False
-        st = await self._call(self.backing.lstat, path)
+        st = await self.writeback.call(self.backing.lstat, path)
         if stat.S_IFMT(st.st_mode) != stat.S_IFMT(inode.mode):
             return False
         if inode.is_link:
-            return bool(await self._call(self.backing.readlink, path) == inode.target)
+            return bool(await self.writeback.call(self.backing.readlink, path) == inode.target)
         return True
 
     async def _op_link(self, ino: int, parent: int, name: bytes) -> None:
         inode = self.table.inodes.get(ino)
-        dpath = self._dir_path(parent)
+        dpath = self.writeback.dir_path(parent)
         src = self.table.backing_path(ino) if inode is not None else None
         if inode is None or dpath is None or src is None:
             return
         path = dpath + (name,)
         try:
-            self._moved_by_us(inode, *await self._call(self.backing.link, src, path))
+            self._moved_by_us(inode, *await self.writeback.call(self.backing.link, src, path))
         except FileExistsError:
-            st = await self._call(self.backing.lstat, path)
-            src_st = await self._call(self.backing.lstat, src)
+            st = await self.writeback.call(self.backing.lstat, path)
+            src_st = await self.writeback.call(self.backing.lstat, src)
             if st.st_ino != src_st.st_ino:
                 why = "linked in the mount while the project got another object of that name"
-                return await self._op_link(ino, parent, await self._divert(parent, name, inode, why))
+                return await self._op_link(ino, parent, await self.resolver.divert(self._seq, parent, name, inode, why))
             else:
                 self._linked_before_crash(inode, st)
         self.table.add_blink(inode, (parent, name))
-        self._dirs_to_sync.add(dpath)
+        self.publisher.dirs_to_sync.add(dpath)
 
     async def _changed_behind_us(self, inode: Inode | None, path: BPath) -> bool:
         """Is the regular file at `path` no longer the one safefs last saw there?"""
         if inode is None or not inode.is_reg or inode.origin is None or inode.new:
             return False
-        if not await self._call(self.backing.exists, path):
+        if not await self.writeback.call(self.backing.exists, path):
             return False
         # The same test as before a publish, so our own publish cut short by a crash (its
         # fingerprint never recorded) is recognised here too.
-        return await self._unchanged_behind_us(inode, path) is None
+        return await self.publisher.unchanged_behind_us(inode, path) is None
 
     async def _exchanged_already(self, src: BPath, dst: BPath) -> tuple[bool, os.stat_result]:
         """An exchange cannot tell by itself whether it ran; remember the inodes it swaps.
         Also returns the stat of what is at `dst` now."""
-        a = (await self._call(self.backing.lstat, src)).st_ino
-        dst_st = await self._call(self.backing.lstat, dst)
+        a = (await self.writeback.call(self.backing.lstat, src)).st_ino
+        dst_st = await self.writeback.call(self.backing.lstat, dst)
         b = dst_st.st_ino
         before = self.table.meta.get("exchange")
         if self._maybe_done and before is not None and [self._seq, b, a] == list(before):
@@ -259,7 +297,7 @@ class Replayer(Publisher):
 
     async def _op_unlink(self, parent: int, name: bytes, ino: int) -> None:
         inode = self.table.inodes.get(ino)
-        dpath = self._dir_path(parent)
+        dpath = self.writeback.dir_path(parent)
         if dpath is None:
             return
         if inode is not None and (parent, name) not in inode.blinks:
@@ -269,42 +307,42 @@ class Replayer(Publisher):
         await self._keep_content(inode)
         if await self._changed_behind_us(inode, dpath + (name,)):
             why = "changed in the project, removed in the mount"
-            await self._move_aside(dpath + (name,), parent, why)  # their version stays, beside
+            await self.resolver.move_aside(dpath + (name,), parent, why)  # their version stays, beside
         else:
             try:
-                before = await self._call(self.backing.unlink, dpath + (name,))
+                before = await self.writeback.call(self.backing.unlink, dpath + (name,))
             except FileNotFoundError:
                 before = None  # replayed before a crash, or removed behind our back
             if len(inode.blinks) > 1:  # another name of it stays on the project
                 self.table.drop_blink(inode, (parent, name))
                 await self._other_links_moved(inode, before)
         await self._forget_blink(inode, (parent, name))
-        self._dirs_to_sync.add(dpath)
+        self.publisher.dirs_to_sync.add(dpath)
 
     async def _op_rmdir(self, parent: int, name: bytes, ino: int) -> None:
         inode = self.table.inodes.get(ino)
-        dpath = self._dir_path(parent)
+        dpath = self.writeback.dir_path(parent)
         if dpath is None or inode is None or (parent, name) not in inode.blinks:
             return
         path = dpath + (name,)
         try:
-            await self._call(self.backing.rmdir, path)
+            await self.writeback.call(self.backing.rmdir, path)
         except FileNotFoundError:
             pass
         except OSError as exc:
             if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
             why = "filled in the project, removed in the mount"
-            await self._move_aside(path, parent, why)  # someone put files there behind our back: keep them
+            await self.resolver.move_aside(path, parent, why)  # someone put files there behind our back: keep them
         await self._forget_blink(inode, (parent, name))
-        self._dirs_to_sync.add(dpath)
+        self.publisher.dirs_to_sync.add(dpath)
 
     async def _op_rename(
         self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int, ino: int, replaced: int
     ) -> None:
         src_inode = self.table.inodes.get(ino)
         dst_inode = self.table.inodes.get(replaced) if replaced else None
-        d_old, d_new = self._dir_path(p_old), self._dir_path(p_new)
+        d_old, d_new = self.writeback.dir_path(p_old), self.writeback.dir_path(p_new)
         if src_inode is None or (p_old, n_old) not in src_inode.blinks or d_old is None or d_new is None:
             # The source never reached the backing tree; the replaced object must still go.
             if dst_inode is not None and d_new is not None and (p_new, n_new) in dst_inode.blinks:
@@ -318,8 +356,8 @@ class Replayer(Publisher):
         done_before_crash = (
             self._maybe_done
             and not exchange
-            and not await self._call(self.backing.exists, src)
-            and await self._call(self.backing.exists, dst)
+            and not await self.writeback.call(self.backing.exists, src)
+            and await self.writeback.call(self.backing.exists, dst)
         )  # the rename landed, the kill came before we recorded it: nothing is a conflict
         if not exchange and not done_before_crash:
             await self._keep_content(dst_inode)
@@ -328,7 +366,7 @@ class Replayer(Publisher):
                 assert dst_inode is not None
                 await self._forget_blink(dst_inode, (p_new, n_new))
                 why = "changed in the project, replaced by a rename in the mount"
-                n_new = await self._divert(p_new, n_new, src_inode, why)
+                n_new = await self.resolver.divert(self._seq, p_new, n_new, src_inode, why)
                 dst, dst_known = d_new + (n_new,), False
         if exchange and not dst_known:
             # The other side never reached the backing tree: a plain move is what remains.
@@ -340,21 +378,21 @@ class Replayer(Publisher):
             done, other_before = await self._exchanged_already(src, dst)
             rename_flags = -1 if done else rename_flags
         elif dst_known and len(dst_inode.blinks) > 1:  # type: ignore[union-attr]
-            other_before = await self._call(self.backing.lstat, dst)
+            other_before = await self.writeback.call(self.backing.lstat, dst)
         if done_before_crash:
             rename_flags = -1
         try:
             if rename_flags >= 0:
-                self._moved_by_us(src_inode, *await self._call(self.backing.rename, src, dst, rename_flags))
+                self._moved_by_us(src_inode, *await self.writeback.call(self.backing.rename, src, dst, rename_flags))
             else:
-                self._linked_before_crash(src_inode, await self._call(self.backing.lstat, dst))
+                self._linked_before_crash(src_inode, await self.writeback.call(self.backing.lstat, dst))
         except FileNotFoundError:
-            if await self._call(self.backing.exists, src):
+            if await self.writeback.call(self.backing.exists, src):
                 raise  # the destination directory is missing: a real inconsistency
-            if not await self._call(self.backing.exists, dst):
+            if not await self.writeback.call(self.backing.exists, dst):
                 raise  # the source vanished behind our back and never arrived
             # replayed already before a crash: just record where things are
-            self._linked_before_crash(src_inode, await self._call(self.backing.lstat, dst))
+            self._linked_before_crash(src_inode, await self.writeback.call(self.backing.lstat, dst))
         except OSError as exc:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
                 raise
@@ -364,9 +402,9 @@ class Replayer(Publisher):
                 await self._forget_blink(dst_inode, (p_new, n_new))
                 dst_known = False
             why = "renamed in the mount onto a name the project gave another object"
-            n_new = await self._divert(p_new, n_new, src_inode, why)
+            n_new = await self.resolver.divert(self._seq, p_new, n_new, src_inode, why)
             dst = d_new + (n_new,)
-            self._moved_by_us(src_inode, *await self._call(self.backing.rename, src, dst, 1))
+            self._moved_by_us(src_inode, *await self.writeback.call(self.backing.rename, src, dst, 1))
         self.table.drop_blink(src_inode, (p_old, n_old))
         self.table.add_blink(src_inode, (p_new, n_new), first=True)
         if dst_inode is not None and dst_known:
@@ -376,7 +414,7 @@ class Replayer(Publisher):
             else:
                 await self._forget_blink(dst_inode, (p_new, n_new))
             await self._other_links_moved(dst_inode, other_before if rename_flags >= 0 else None)
-        self._dirs_to_sync.update((d_old, d_new))
+        self.publisher.dirs_to_sync.update((d_old, d_new))
 
     def _moved_by_us(self, inode: Inode | None, before: os.stat_result, after: os.stat_result) -> None:
         """safefs itself just renamed or linked this object on the project, which moved its
@@ -400,7 +438,7 @@ class Replayer(Publisher):
         if path is None:
             return
         try:
-            after = await self._call(self.backing.lstat, path)
+            after = await self.writeback.call(self.backing.lstat, path)
         except OSError:
             return  # the publish or the next op sees what is there
         if before is not None:

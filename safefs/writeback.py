@@ -1,18 +1,15 @@
-"""What the parts of the flusher share: its state, and the way it calls the backing tree.
+"""How the flusher calls the backing tree; shared by its parts (conflicts, publish, replay).
 
-The flusher (flusher.py: scheduling, sync, generations, status) is built in layers, each a
-
-
-class in its own module: WriteBack (this one: calls into the backing tree, attributes, the
-staging directory, pinned cache descriptors) < Conflicts (conflicts.py) < Publisher
-(publish.py) < Replayer (replay.py) < Flusher. Flusher.__init__ sets every field declared
-here; see flusher.py for the invariants of write-back as a whole.
+The flusher (flusher.py) builds one WriteBack from the inode table, the cache, the contents,
+the lease gate and the clock, and hands it to each part that calls the backing tree. It owns
+`in_call` (the backing call under way, which status lists once it hangs) and no other
+write-back state.
 
 Invariants:
-- Every call into the backing tree goes through `_call`: in a worker thread behind the
+- Every call into the backing tree goes through `call`: in a worker thread behind the
   backing limiter, with the lease asked once more in that thread right before the call
   (`_if_publishable`); a call that hangs shows in status.
-- A content file's cache descriptor is pinned while a backing call copies from it (`_pinned`).
+- A content file's cache descriptor is pinned while a backing call copies from it (`pinned`).
 
 Threading: trio thread; backing calls in worker threads (Content.in_backing).
 """
@@ -29,15 +26,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from safefs import layout
-from safefs.backing import Attrs, Backing, Fingerprint
+from safefs.backing import Attrs, Fingerprint
 from safefs.cache import ContentCache
 from safefs.clock import Clock
-from safefs.config import MountConfig
 from safefs.content import Content, fingerprint_tuple
 from safefs.errors import ReadOnly
 from safefs.inodes import Inode, InodeTable
-from safefs.negative import NegativeNames
-from safefs.ports import Invalidator, WriteGate
+from safefs.ports import WriteGate
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +51,7 @@ BPath = tuple[bytes, ...]
 HUNG_CALL = 5.0  # a backing call running longer than this is listed in status as an error
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class FlushError:
     op: str
     path: str
@@ -73,33 +68,23 @@ class Receipt:
 
 
 class WriteBack:
-    """The flusher's state and its calls into the backing tree (set up by Flusher.__init__)."""
+    """The flusher's calls into the backing tree, and what they need: the attributes to
+    publish, the staging directory, pinned cache descriptors. Owns `in_call`."""
 
-    table: InodeTable
-    cache: ContentCache
-    content: Content
-    backing: Backing
-    gate: WriteGate
-    clock: Clock
-    config: MountConfig
-    invalidator: Invalidator
-    negative: NegativeNames
-    host_name: str
-    conflicts: list[dict[str, Any]]
-    _conflicts_reported: int
-    published_files: int
-    _dirs_to_sync: set[BPath]
-    _renamed_into: set[int]
-    _staging_cleaned: bool
-    _maybe_done: bool
-    _seq: int
-    _in_call: tuple[str, BPath, float] | None
-    _receipt: Receipt | None
+    def __init__(
+        self, *, table: InodeTable, cache: ContentCache, content: Content, gate: WriteGate, clock: Clock
+    ) -> None:
+        self.table = table
+        self.cache = cache
+        self.content = content
+        self.gate = gate
+        self.clock = clock
+        self.in_call: tuple[str, BPath, float] | None = None  # the backing call under way
 
-    def _dir_path(self, ino: int) -> BPath | None:
+    def dir_path(self, ino: int) -> BPath | None:
         return self.table.dir_backing_path(ino)
 
-    async def _attrs(self, inode: Inode) -> Attrs:
+    async def attrs_of(self, inode: Inode) -> Attrs:
         xattrs = await self.content.xattrs_of(inode)
         return Attrs(
             mode=stat.S_IMODE(inode.mode),
@@ -110,14 +95,14 @@ class WriteBack:
             xattrs=dict(xattrs),
         )
 
-    async def _call(self, fn: Any, *args: Any) -> Any:
+    async def call(self, fn: Any, *args: Any) -> Any:
         """A call into the backing tree; one that hangs shows in status (see statistics)."""
         path = args[0] if args and isinstance(args[0], tuple) else ()
-        self._in_call = (getattr(fn, "__name__", "call"), path, self.clock.monotonic())
+        self.in_call = (getattr(fn, "__name__", "call"), path, self.clock.monotonic())
         try:
             return await self.content.in_backing(self._if_publishable, fn, *args)
         finally:
-            self._in_call = None
+            self.in_call = None
 
     def _if_publishable(self, fn: Any, *args: Any) -> Any:
         """In the worker thread: ask the lease once more right before the call (it may have
@@ -126,12 +111,12 @@ class WriteBack:
             raise ReadOnly("the write lease no longer allows changes to the project")
         return fn(*args)
 
-    def _staging(self) -> BPath:
+    def staging(self) -> BPath:
         epoch = getattr(self.gate, "epoch", 0)
         return layout.backing_path(layout.STAGING, str(epoch))
 
     @contextlib.asynccontextmanager
-    async def _pinned(self, ino: int) -> AsyncIterator[int]:
+    async def pinned(self, ino: int) -> AsyncIterator[int]:
         """The inode's cache descriptor, pinned: the cache's table of open files cannot close
         it (and hand its number to another file) while a backing call copies from it."""
         fd = await self.content.in_cache(self.cache.pin, ino)

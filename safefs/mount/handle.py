@@ -33,7 +33,7 @@ from safefs.inodes import ROOT_INO
 if TYPE_CHECKING:
     from safefs.backing import Backing
     from safefs.config import MountConfig
-    from safefs.flusher import Flusher
+    from safefs.flusher import Flusher, FlusherStatistics
     from safefs.fs import Filesystem
     from safefs.fuse_ops import SafeOperations
     from safefs.lease.backends import ProjectLeaseStore
@@ -83,7 +83,7 @@ class MountHandle:
     # -- the control socket's handler ----------------------------------------------------
     async def status(self) -> protocol.Status:
         config = self.config
-        # The keeper, the lease store and the flusher report dicts; the protocol types them.
+        # The keeper and the lease store report dicts; the protocol types them.
         lease = dataclasses.replace(
             protocol.from_wire(protocol.LeaseStatistics, {**self.keeper.statistics(), **self.lease_store.describe()}),
             generation=self.flusher.generation if self.role == "writer" else
@@ -99,7 +99,7 @@ class MountHandle:
             host=self.host_name,
             role=self.keeper.role,
             state=self.state,
-            flush=protocol.from_wire(protocol.FlushStatistics, self.flusher.statistics()),
+            flush=flush_statistics(self.flusher.statistics()),
             bytes_fetched=self.backing.bytes_read,
             bytes_written=self.backing.bytes_written,
             cache_bytes=self.fs.cached_bytes(),
@@ -429,3 +429,19 @@ class MountHandle:
             return await self._wait_final(None if remaining == float("inf") else max(0.0, remaining), progress)
         finally:
             self._final_waiters -= 1
+
+
+def flush_statistics(stats: FlusherStatistics) -> protocol.FlushStatistics:
+    """The flusher's statistics as `status` sends them: the one place they meet the protocol."""
+    return protocol.FlushStatistics(
+        dirty_bytes=stats.dirty_bytes,
+        dirty_files=stats.dirty_files,
+        oldest_dirty_age=stats.oldest_dirty_age,
+        pending_ops=stats.pending_ops,
+        flushes=stats.flushes,
+        flushing=stats.flushing,
+        errors=[
+            protocol.WriteBackError(op=e.op, path=e.path, error=e.error, retry_at=e.retry_at) for e in stats.errors
+        ],
+        conflicts=[protocol.from_wire(protocol.Conflict, c) for c in stats.conflicts],
+    )

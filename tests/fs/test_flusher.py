@@ -540,7 +540,7 @@ async def test_file_changed_in_src_while_dirty_keeps_both_versions(stack: Stack)
     assert (stack.src / "f").read_bytes() == b"theirs, written behind safefs's back"
     assert Path(copies[0]).read_bytes() == b"MINEinal"
     assert (stack.src / "other").read_bytes() == b"O"  # the rest was flushed normally
-    conflicts = stack.flusher.statistics()["conflicts"]
+    conflicts = stack.flusher.statistics().conflicts
     assert [c["path"] for c in conflicts] == ["f"]
     assert conflicts[0]["kept_as"] == name
     # The mount shows both versions too, under the same names as SRC.
@@ -567,7 +567,7 @@ async def test_two_conflicts_on_one_file_in_the_same_second_keep_both_copies(sta
     await stack.flusher.sync(timeout=30)
     kept = sorted(Path(p).read_bytes() for p in conflict_copies(stack.src))
     assert kept == [b"MINE1nal", b"MINE2s, first"]
-    assert len(stack.flusher.statistics()["conflicts"]) == 2
+    assert len(stack.flusher.statistics().conflicts) == 2
     assert (stack.src / "f").read_bytes() == b"theirs, second one"
 
 
@@ -659,8 +659,8 @@ async def test_backing_fault_is_recorded_and_a_later_sync_succeeds(stack: Stack)
     with pytest.raises(BackingFailed):
         await stack.flusher.flush(everything=True)
     stats = stack.flusher.statistics()
-    assert stats["errors"] and "Input/output error" in stats["errors"][0]["error"]
-    assert stats["pending_ops"] == 1 and stats["dirty_files"] >= 2
+    assert stats.errors and "Input/output error" in stats.errors[0].error
+    assert stats.pending_ops == 1 and stats.dirty_files >= 2
     assert src_tree(stack.src) == before
     with pytest.raises(SyncTimeout):
         await stack.flusher.sync(timeout=1.5)
@@ -669,7 +669,7 @@ async def test_backing_fault_is_recorded_and_a_later_sync_succeeds(stack: Stack)
     faults.clear()
     stack.clock.advance(120)  # past any backoff
     assert await synced(stack) == files(f=b"F", g=b"g")
-    assert stack.flusher.statistics()["errors"] == []
+    assert stack.flusher.statistics().errors == ()
 
 
 async def test_transient_fault_is_retried_by_sync(stack: Stack) -> None:
@@ -961,7 +961,7 @@ async def test_the_projects_object_keeps_its_name(stack: Stack, op: Any, crash_a
         assert copy.read_bytes() == b"ours"
     assert src_tree(stack.src) == await stack.view()
     if crash_at is None:
-        conflict = stack.flusher.statistics()["conflicts"]
+        conflict = stack.flusher.statistics().conflicts
         assert [(c["path"], c["kept_as"]) for c in conflict] == [("x", copy.name)]
         assert conflict[0]["why"] and not isinstance(conflict[0]["time"], (int, float))
 

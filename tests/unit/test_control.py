@@ -12,6 +12,7 @@ Invariants protected:
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -44,6 +45,9 @@ from safefs.control.protocol import (
 )
 from safefs.control.server import ProgressFn, serve
 from safefs.errors import ExitCode, SafefsError
+from safefs.flusher import FlusherStatistics
+from safefs.mount.handle import flush_statistics
+from safefs.writeback import FlushError
 
 ERROR_CLASSES = sorted(
     (value for value in vars(errors).values() if isinstance(value, type) and issubclass(value, SafefsError)),
@@ -502,6 +506,22 @@ def test_a_status_decodes_to_attributes_and_encodes_to_the_same_json() -> None:
         del dir_backend[key]
     wire = {**WIRE_STATUS, "lease": dir_backend}
     assert protocol.to_wire(protocol.from_wire(Status, wire)) == wire, "keys of another backend appeared"
+
+
+def test_the_flushers_statistics_reach_status_under_the_same_keys() -> None:
+    """Flusher.statistics() is a frozen dataclass (issue 13: 4); status converts it in one
+    place, and every field arrives under the key the contract names, with its value."""
+    keys = [f.name for f in dataclasses.fields(FlusherStatistics)]
+    assert keys == [f.name for f in dataclasses.fields(FlushStatistics)]
+    wire = {key: WIRE_STATUS[key] for key in keys}
+    stats = FlusherStatistics(**{**wire, "errors": tuple(FlushError(**e) for e in wire["errors"]),
+                                 "conflicts": tuple(wire["conflicts"])})  # fmt: skip
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.flushes = 4  # type: ignore[misc]
+    assert protocol.to_wire(flush_statistics(stats)) == wire
+    clean = dataclasses.replace(stats, oldest_dirty_age=None, errors=(), conflicts=())
+    assert protocol.to_wire(flush_statistics(clean)) == {**wire, "oldest_dirty_age": None, "errors": [],
+                                                         "conflicts": []}  # fmt: skip
 
 
 def test_keys_this_side_does_not_know_are_kept_not_dropped() -> None:
