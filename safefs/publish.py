@@ -216,9 +216,11 @@ class Publisher:
             self.dirs_to_sync.add(path)
 
     async def sync_dirs(self) -> None:
-        dirs, self.dirs_to_sync = self.dirs_to_sync, set()
-        for path in dirs:
+        """Fsync each directory the pass changed. A directory stays listed until it is synced,
+        so a failure leaves the rest for the next pass instead of forgetting them."""
+        for path in sorted(self.dirs_to_sync):
             try:
                 await self.writeback.call(self.backing.fsync_dir, path)
-            except FileNotFoundError:
-                pass
+            except (FileNotFoundError, NotADirectoryError):
+                pass  # no directory there any more: the rename or unlink that moved it synced its parents
+            self.dirs_to_sync.discard(path)
