@@ -7,12 +7,11 @@ Start-up, in the order a reader of DESIGN.md expects:
    socket, the signal watcher and the periodic journal sync;
 4. mount with pyfuse3 and tell the parent we are ready (one JSON line on `ready_fd`).
 
-What the mount does while it runs and when it ends lives in safefs/mount/, one module a part.
-Objects built here with their collaborators: following.py (the role, as the lease keeper holds
-it, and the writer's generations), orphan_marker.py, reporting.py (history, metrics, systemd).
-Still mixins of `Daemon`: shutdown.py (signals, the mount watch, the final write-back) and
-handle.py (the control socket's operations). This module builds the state they share, in
-`Daemon.__init__` and `serve`.
+What the mount does while it runs and when it ends lives in safefs/mount/, one object a part,
+which this module builds with its collaborators: following.py (the role, as the lease keeper
+holds it, and the writer's generations), orphan_marker.py, reporting.py (history, metrics,
+systemd), unwritten.py (what the project lacks), shutdown.py (signals, the mount watch, the
+final write-back, and the mount's state) and handle.py (the control socket's operations).
 
 Invariants:
 - This is the only module that opens the long-lived nursery or drives the kernel session
@@ -55,11 +54,11 @@ from safefs.mount.handle import MountHandle
 from safefs.mount.orphan_marker import ORPHAN_EXIT_TIMEOUT, OrphanMarker
 from safefs.mount.reporting import HistoryRecorder, MetricsEndpoint, Reporting
 from safefs.mount.shutdown import Shutdown
+from safefs.mount.unwritten import UnwrittenChanges
 
 log = logging.getLogger(__name__)
 
 JOURNAL_SYNC_INTERVAL = 1.0
-REPLY_GRACE = 10.0  # at exit, calls waiting for the final write-back get this long to answer
 
 
 def _boot_id() -> str:
@@ -128,8 +127,8 @@ def run(config: MountConfig, *, ready_fd: int | None = None, debug: bool = False
         journal.close()
 
 
-class Daemon(Shutdown, MountHandle):
-    """One mount's services, built and wired here; each part's methods live in safefs/mount/."""
+class Daemon:
+    """One mount's services, built and wired here; each part lives in safefs/mount/."""
 
     def __init__(self, config: MountConfig, journal: Journal, ready: _Ready) -> None:
         self.config = config
@@ -137,17 +136,9 @@ class Daemon(Shutdown, MountHandle):
         self.ready = ready
         self.clock = SystemClock()
         self.host_name = config.host_id or socket.gethostname()
-        self.terminated = False
         self.policy = CachePolicy(follower_poll=config.follower_poll)
         self.notifier = KernelNotifier()
-        self.metrics = MetricsEndpoint(self.status)
-        # Shared by the parts: written by one, read by others.
-        self._exit_detail: str | None = None  # why the final write-back left changes behind (shutdown)
-        self.state = "mounted"  # -> "unmounted" (final write-back) -> "exiting"
-        self._final_done = trio.Event()  # the final write-back is over (see _wait_final)
-        self._final_waiters = 0  # control calls waiting for it, still to answer
-        self._mount_gone = False  # _watch_mount ended the session: nothing left to unmount
-        self._final_receipt: Any = None  # what the final write-back wrote, for `sync` after it
+        self.metrics = MetricsEndpoint()
 
     @property
     def role(self) -> str:
@@ -187,11 +178,11 @@ class Daemon(Shutdown, MountHandle):
             want_write=not config.follower, on_event=recorder.record_event,
             follow_if_unreachable=store.etcd is not None,
         )  # fmt: skip
-        self.orphan_marker = OrphanMarker(config, self.clock, keeper, identity, self._unwritten_counts,
-                                          held_epoch=lambda: self.following.held_epoch)  # fmt: skip
-        self._listing_limiter = trio.CapacityLimiter(2)  # listings of orphan markers for `status`
         cache = ContentCache(config.cache_dir, config.free_space_floor)
         fs = Filesystem(table, cache, backing, config, self.clock, limiters, keeper, self.notifier)
+        self.unwritten = unwritten = UnwrittenChanges(fs)
+        self.orphan_marker = OrphanMarker(config, self.clock, keeper, identity, unwritten.counts,
+                                          held_epoch=lambda: self.following.held_epoch)  # fmt: skip
         keeper.on_role(fs.on_role)  # the keeper holds the role; these follow it as it changes
         keeper.on_role(self.policy.on_role)
         faults = os.environ.get("SAFEFS_FAULTS")  # tests: a stuck or failing project
@@ -213,7 +204,7 @@ class Daemon(Shutdown, MountHandle):
         keeper.on_role(self.following.on_role)  # after fs and the cache policy: wakes `follow`
         if store.etcd is not None:
             self.flusher.announce = self.following.announce_generation
-        self.reporting = Reporting(config, keeper, self.flusher, recorder, self._unwritten)
+        self.reporting = Reporting(config, keeper, self.flusher, recorder, unwritten.total)
         try:
             async with trio.open_nursery() as services:
                 history_done = trio.Event()
@@ -226,11 +217,7 @@ class Daemon(Shutdown, MountHandle):
                 await self.following.take_role()
                 if self.role == "writer":
                     await self.flusher.settle()
-                self._services = services
                 code = await self._serve_mount(services)
-                with trio.move_on_after(REPLY_GRACE):
-                    while self._final_waiters:  # let `umount`/`sync` callers have the outcome
-                        await trio.sleep(0.05)
                 recorder.close()  # the writer appends what is queued, then ends
                 with trio.move_on_after(ORPHAN_EXIT_TIMEOUT):
                     await history_done.wait()
@@ -244,18 +231,24 @@ class Daemon(Shutdown, MountHandle):
     async def _serve_mount(self, services: trio.Nursery) -> int:
         config = self.config
         writeback_cache = kernel_cache.writeback_cache(self.role)
-        ops = self.ops = SafeOperations(self.fs, self.policy, writeback_cache=writeback_cache)
+        ops = SafeOperations(self.fs, self.policy, writeback_cache=writeback_cache)
         self.fs.kernel_owns_sizes = writeback_cache
-        session = self.session = Session(ops, str(config.mnt), allow_other=config.allow_other)
+        session = Session(ops, str(config.mnt), allow_other=config.allow_other)
+        shutdown = Shutdown(config, self.keeper, self.fs, self.backing, self.flusher, self.reporting,
+                            self.orphan_marker, session, self.unwritten)  # fmt: skip
+        handle = MountHandle(
+            config, self.host_name, self.keeper, self.lease_store, self.fs, self.backing, self.flusher,
+            self.following, self.orphan_marker, self.reporting, self.recorder, self.unwritten, shutdown, ops, services,
+        )  # fmt: skip
         clean_exit = False
         try:
             # In the services nursery: the socket answers during the final write-back too.
-            await services.start(serve_control, socket_path(config.mnt, os.environ, os.getuid()), self)
+            await services.start(serve_control, socket_path(config.mnt, os.environ, os.getuid()), handle)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.flusher.run)
                 await nursery.start(self.notifier.run)
-                nursery.start_soon(self._watch_signals)
-                nursery.start_soon(self._watch_mount)
+                nursery.start_soon(shutdown.watch_signals)
+                nursery.start_soon(shutdown.watch_mount)
                 nursery.start_soon(self._sync_journal_periodically)
                 nursery.start_soon(self.following.follow)
                 nursery.start_soon(self.orphan_marker.keep_orphan_marker)
@@ -266,7 +259,7 @@ class Daemon(Shutdown, MountHandle):
                 self.notifier.enabled = True
                 log.info("daemon: serving %s at %s as %s (cache %s)",
                          config.src, config.mnt, self.role, config.cache_dir)
-                self.metrics.serving = True  # for the metrics listener
+                self.metrics.status = handle.status  # for the metrics listener
                 self.ready.send({"ok": True, "pid": os.getpid(), "role": self.role,
                                  "holder": self.keeper.statistics()["holder"]})  # fmt: skip
                 self.reporting.systemd.send(READY=1, STATUS=self.reporting.systemd_status())
@@ -277,21 +270,9 @@ class Daemon(Shutdown, MountHandle):
                 nursery.cancel_scope.cancel()
             clean_exit = True
         finally:
-            # After a kernel unmount the session is over; after a signal or an error we
-            # must take the mount down ourselves so nobody hangs on a dead mountpoint.
-            self.metrics.serving = False
-            session.close(unmount=(self.terminated or not clean_exit) and not self._mount_gone)
-            self.state = "unmounted"
-            if self.reporting.systemd.enabled:
-                files, nbytes = self._unwritten()
-                self.reporting.systemd.send(STOPPING=1,
-                                  STATUS=f"unmounted; writing back {files} changes, {nbytes / (1 << 20):.1f} MiB")
-            with trio.CancelScope(shield=True):
-                try:
-                    code = await self._final_flush_until_signalled()
-                finally:
-                    self.state = "exiting"
-                    self._final_done.set()
+            self.metrics.status = None
+            code = await shutdown.finish(clean_exit)
+        await shutdown.wait_for_callers()
         return code
 
     async def _sync_journal_periodically(self) -> None:
