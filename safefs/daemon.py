@@ -12,6 +12,7 @@ which this module builds with its collaborators: following.py (the role, as the 
 holds it, and the writer's generations), orphan_marker.py, reporting.py (history, metrics,
 systemd), unwritten.py (what the project lacks), shutdown.py (signals, the mount watch, the
 final write-back, and the mount's state) and handle.py (the control socket's operations).
+process.py has the process's own helpers: the ready message, the boot id, the journal sync.
 
 Invariants:
 - This is the only module that opens the long-lived nursery or drives the kernel session
@@ -28,8 +29,6 @@ import logging
 import os
 import signal
 import socket
-from pathlib import Path
-from typing import Any
 
 import trio
 
@@ -52,44 +51,13 @@ from safefs.lease.store import local_identity
 from safefs.mount.following import Following
 from safefs.mount.handle import MountHandle
 from safefs.mount.orphan_marker import ORPHAN_EXIT_TIMEOUT, OrphanMarker
+from safefs.mount.process import ReadyFd, boot_id, sync_journal_periodically
 from safefs.mount.reporting import HistoryRecorder, MetricsEndpoint, Reporting
 from safefs.mount.shutdown import Shutdown
 from safefs.mount.unwritten import UnwrittenChanges
 
 log = logging.getLogger(__name__)
 
-JOURNAL_SYNC_INTERVAL = 1.0
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return "unknown"
-
-
-class _Ready:
-    """The one-line message that tells `safefs mount` how start-up went."""
-
-    def __init__(self, fd: int | None) -> None:
-        self._fd = fd
-
-    def send(self, message: dict[str, Any]) -> None:
-        if self._fd is None:
-            return
-        try:
-            os.write(self._fd, (json.dumps(message) + "\n").encode())
-        except OSError:
-            pass  # the parent went away; carry on serving
-        finally:
-            os.close(self._fd)
-            self._fd = None
-
-    def failed(self, exc: SafefsError) -> None:
-        self.send(
-            {"ok": False, "error": {"type": type(exc).__name__, "message": exc.message,
-                                    "hint": exc.hint, "exit_code": int(exc.exit_code)}}
-        )  # fmt: skip
 
 
 def run(config: MountConfig, *, ready_fd: int | None = None, debug: bool = False) -> int:
@@ -99,7 +67,7 @@ def run(config: MountConfig, *, ready_fd: int | None = None, debug: bool = False
         log.info("daemon: safefs %s pid %d logging to %s", __version__, os.getpid(), where)
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    ready = _Ready(ready_fd)
+    ready = ReadyFd(ready_fd)
     try:
         checks.check_setup(config)
         config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -130,7 +98,7 @@ def run(config: MountConfig, *, ready_fd: int | None = None, debug: bool = False
 class Daemon:
     """One mount's services, built and wired here; each part lives in safefs/mount/."""
 
-    def __init__(self, config: MountConfig, journal: Journal, ready: _Ready) -> None:
+    def __init__(self, config: MountConfig, journal: Journal, ready: ReadyFd) -> None:
         self.config = config
         self.journal = journal
         self.ready = ready
@@ -213,7 +181,7 @@ class Daemon:
                 if role != "writer" and config.wait_for_lease:
                     log.info("daemon: waiting for the lease (%s)", keeper.statistics()["holder"])
                     await keeper.acquire(wait=True)
-                await fs.start(_boot_id())
+                await fs.start(boot_id())
                 await self.following.take_role()
                 if self.role == "writer":
                     await self.flusher.settle()
@@ -249,7 +217,7 @@ class Daemon:
                 await nursery.start(self.notifier.run)
                 nursery.start_soon(shutdown.watch_signals)
                 nursery.start_soon(shutdown.watch_mount)
-                nursery.start_soon(self._sync_journal_periodically)
+                nursery.start_soon(sync_journal_periodically, self.fs.table)
                 nursery.start_soon(self.following.follow)
                 nursery.start_soon(self.orphan_marker.keep_orphan_marker)
                 nursery.start_soon(self.reporting.watch_conflicts)
@@ -274,12 +242,3 @@ class Daemon:
             code = await shutdown.finish(clean_exit)
         await shutdown.wait_for_callers()
         return code
-
-    async def _sync_journal_periodically(self) -> None:
-        """Bound what a host crash can take: committed changes reach the disk within a second."""
-        synced = -1
-        while True:
-            await trio.sleep(JOURNAL_SYNC_INTERVAL)
-            if self.fs.table.commits != synced:
-                synced = self.fs.table.commits
-                await self.fs.table.sync()

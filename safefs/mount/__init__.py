@@ -13,6 +13,8 @@
   (mounted, unmounted, exiting) and the final write-back's outcome (Shutdown);
 - handle.py: the control socket's handler (status, sync, acquire, recover, unmount)
   (MountHandle, which the root gives the control server).
+- process.py: not a service: the ready message to `safefs mount`, the boot id, and the
+  periodic journal sync the root runs.
 
 Each part is an object the root builds with its collaborators, passed to its constructor (only
 what it uses); it owns its own state and offers public methods and attributes to the others.
