@@ -49,7 +49,7 @@ from safefs.lease import backends
 from safefs.lease.keeper import LeaseKeeper
 from safefs.lease.store import local_identity
 from safefs.mount.following import Following
-from safefs.mount.handle import MountHandle
+from safefs.mount.handle import MountHandle, lease_to_wire
 from safefs.mount.orphan_marker import ORPHAN_EXIT_TIMEOUT, OrphanMarker
 from safefs.mount.process import ReadyFd, boot_id, sync_journal_periodically
 from safefs.mount.reporting import HistoryRecorder, MetricsEndpoint, Reporting
@@ -179,7 +179,7 @@ class Daemon:
                 services.start_soon(recorder.run, history_done)
                 role = await services.start(keeper.run)
                 if role != "writer" and config.wait_for_lease:
-                    log.info("daemon: waiting for the lease (%s)", keeper.statistics()["holder"])
+                    log.info("daemon: waiting for the lease (%s)", lease_to_wire(keeper.statistics())["holder"])
                     await keeper.acquire(wait=True)
                 await fs.start(boot_id())
                 await self.following.take_role()
@@ -229,7 +229,7 @@ class Daemon:
                          config.src, config.mnt, self.role, config.cache_dir)
                 self.metrics.status = handle.status  # for the metrics listener
                 self.ready.send({"ok": True, "pid": os.getpid(), "role": self.role,
-                                 "holder": self.keeper.statistics()["holder"]})  # fmt: skip
+                                 "holder": lease_to_wire(self.keeper.statistics())["holder"]})  # fmt: skip
                 self.reporting.systemd.send(READY=1, STATUS=self.reporting.systemd_status())
                 if self.reporting.systemd.enabled:
                     nursery.start_soon(self.reporting.report_to_systemd)

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from safefs.fs import Filesystem
     from safefs.fuse_ops import SafeOperations
     from safefs.lease.backends import ProjectLeaseStore
-    from safefs.lease.keeper import LeaseKeeper
+    from safefs.lease.keeper import KeeperStatistics, LeaseKeeper
     from safefs.mount.following import Following
     from safefs.mount.orphan_marker import OrphanMarker
     from safefs.mount.reporting import HistoryRecorder, Reporting
@@ -50,6 +50,12 @@ ORPHAN_READ_TIMEOUT = 3.0  # `status` waits this long for the list of markers (t
 KERNEL_FLUSH_TIMEOUT = 300.0  # syncfs of our own mount before a write-back without a timeout
 PROGRESS_INTERVAL = 0.5  # how often a waiting `sync` or `umount` hears how far the write-back is
 SYNC_GRACE = 0.5  # a timed-out write-back gets this long to say so itself
+
+
+def lease_to_wire(statistics: KeeperStatistics) -> dict[str, Any]:
+    """The lease keeper's statistics as the control protocol's JSON has them (`status`'s
+    `lease`, the ready message's `holder`): the one place they are converted."""
+    return dataclasses.asdict(statistics)
 
 
 class MountHandle:
@@ -83,9 +89,10 @@ class MountHandle:
     # -- the control socket's handler ----------------------------------------------------
     async def status(self) -> protocol.Status:
         config = self.config
-        # The keeper, the lease store and the flusher report dicts; the protocol types them.
+        # The lease store and the flusher report dicts; the protocol types them.
         lease = dataclasses.replace(
-            protocol.from_wire(protocol.LeaseStatistics, {**self.keeper.statistics(), **self.lease_store.describe()}),
+            protocol.from_wire(protocol.LeaseStatistics,
+                               {**lease_to_wire(self.keeper.statistics()), **self.lease_store.describe()}),
             generation=self.flusher.generation if self.keeper.role == "writer" else
             (self.following.seen_generation or {}).get("generation"),
             project_polls=self.lease_store.project_requests + self.following.generation_reads,
@@ -224,7 +231,7 @@ class MountHandle:
     def _write_back_wait(self) -> tuple[str, str]:
         ops, files, nbytes = self.unwritten.counts()
         left = f"{ops + files} changes, {nbytes} bytes left"
-        lock_delay = self.keeper.statistics().get("lock_delay")
+        lock_delay = self.keeper.statistics().lock_delay
         if lock_delay:
             return "the lock delay after taking over the lease, before writing to the project", \
                 f"{lock_delay:.0f} s left; {left}"  # fmt: skip
@@ -342,10 +349,10 @@ class MountHandle:
         started = trio.current_time()
         first_seen: float | None = None  # when the heartbeat last moved, as first seen here
         while True:
-            holder = self.keeper.statistics()["holder"]
-            if not isinstance(holder, dict) or self.keeper.role == "writer":
+            holder = self.keeper.statistics().holder
+            if holder is None or self.keeper.role == "writer":
                 return True
-            age = holder.get("heartbeat_age")
+            age = holder.heartbeat_age
             if isinstance(age, (int, float)):
                 moved_at = trio.current_time() - age
                 if first_seen is None:
@@ -360,12 +367,12 @@ class MountHandle:
 
     def _lease_wait(self) -> tuple[str, str]:
         lease, timings = self.keeper.statistics(), self.config.lease
-        if lease["role"] == "writer":
-            return "the lock delay after taking over the lease", f"{lease.get('lock_delay') or 0:.0f} s left"
-        holder = lease["holder"]
-        if isinstance(holder, dict):
-            age = holder.get("heartbeat_age") or 0.0
-            return f"the lease held by {holder.get('host')} (pid {holder.get('pid')})", \
+        if lease.role == "writer":
+            return "the lock delay after taking over the lease", f"{lease.lock_delay or 0:.0f} s left"
+        holder = lease.holder
+        if holder is not None:
+            age = holder.heartbeat_age or 0.0
+            return f"the lease held by {holder.host} (pid {holder.pid})", \
                 f"its heartbeat, renewed every {timings.renew:g} s while it lives, stood still for " \
                 f"{age:.0f} s; a dead holder is taken over after {timings.t_break:g} s and a lock delay " \
                 f"of {timings.lock_delay:g} s"  # fmt: skip
