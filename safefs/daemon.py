@@ -22,7 +22,6 @@ Invariants:
 
 from __future__ import annotations
 
-import dataclasses
 import faulthandler
 import json
 import logging
@@ -32,32 +31,36 @@ import socket
 
 import trio
 
-from safefs import __version__, checks, kernel_cache, logs, projectconf
+from safefs import __version__, checks, kernel_cache, logs
 from safefs.backing import Backing
 from safefs.cache import ContentCache
 from safefs.clock import SystemClock
 from safefs.config import MountConfig, socket_path
 from safefs.control.server import serve as serve_control
-from safefs.errors import DaemonFailed, ExitCode, Refused, SafefsError, describe_exception
+from safefs.errors import DaemonFailed, ExitCode, SafefsError, describe_exception
 from safefs.flusher import Flusher
 from safefs.fs import Filesystem, Limiters
 from safefs.fuse_ops import KernelNotifier, SafeOperations, Session
-from safefs.inodes import InodeTable
 from safefs.journal import Journal
 from safefs.kernel_cache import CachePolicy
-from safefs.lease import backends
 from safefs.lease.keeper import LeaseKeeper
 from safefs.lease.store import local_identity
 from safefs.mount.following import Following
 from safefs.mount.handle import MountHandle, lease_to_wire
 from safefs.mount.orphan_marker import ORPHAN_EXIT_TIMEOUT, OrphanMarker
-from safefs.mount.process import ReadyFd, boot_id, sync_journal_periodically
+from safefs.mount.process import (
+    ReadyFd,
+    boot_id,
+    lease_timings,
+    load_table,
+    open_lease_store,
+    sync_journal_periodically,
+)
 from safefs.mount.reporting import HistoryRecorder, MetricsEndpoint, Reporting
 from safefs.mount.shutdown import Shutdown
 from safefs.mount.unwritten import UnwrittenChanges
 
 log = logging.getLogger(__name__)
-
 
 
 def run(config: MountConfig, *, ready_fd: int | None = None, debug: bool = False) -> int:
@@ -118,29 +121,15 @@ class Daemon:
         if config.metrics_port is not None:
             self.metrics.serve(config.metrics_port)  # first: a port in use is refused before any mount
         limiters = Limiters.create()
-        table = InodeTable(self.journal, limiters.flush)
-        table.load(await limiters.journal.run(self.journal.load))
-        # A cache replayed onto another project would write its changes there: refuse before
-        # anything (the lease included) is touched. Caches from before this check carry no name.
-        project = table.meta.get("project")
-        if project is not None and project != str(config.src):
-            raise Refused(f"the cache dir {config.cache_dir} belongs to the project {project}, not {config.src}",
-                          hint="give that project, or another --cache-dir")  # fmt: skip
-        table.set_meta("project", str(config.src))  # committed by fs.start
+        table = await load_table(config, self.journal, limiters)
         try:
             backing = Backing(config.src)
         except OSError as exc:
             raise DaemonFailed(f"cannot open the project {config.src}: {exc.strerror}") from exc
         self.identity = identity = local_identity(config.host_id)
         self.recorder = recorder = HistoryRecorder(config, self.clock, identity)
-        try:
-            conf = await trio.to_thread.run_sync(projectconf.read, config.src)
-        except OSError as exc:
-            raise DaemonFailed(f"cannot read the project's configuration: {exc}") from exc
-        self.lease_store = store = backends.open_store(config.src, conf, config.lease.t_break)
-        timings = config.lease
-        if store.etcd is not None:  # keepalive at a quarter of the etcd lease's TTL at most
-            timings = dataclasses.replace(timings, renew=min(timings.renew, timings.t_break / 4))
+        self.lease_store = store = await open_lease_store(config)
+        timings = lease_timings(config, store)
         self.keeper = keeper = LeaseKeeper(
             store, self.clock, timings, identity, trio.CapacityLimiter(2),
             want_write=not config.follower, on_event=recorder.record_event,
