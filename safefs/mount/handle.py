@@ -4,10 +4,10 @@
 thread (the root gives the server this object). The shut-down's `state` says where the mount
 is: "mounted", "unmounted" (the final write-back runs), "exiting". The control socket answers
 until the end, so `status` lists an unmounted mount that still writes back, and `umount`/`sync`
-on it wait for the outcome. `safefs umount` makes the
-daemon run the unmount itself before it releases anything (prepare_unmount): a refused (busy)
-unmount leaves the mount the writer it was. Calls that wait tell the client every
-PROGRESS_INTERVAL how far the write-back is and what it waits for.
+on it wait for the outcome. `safefs umount` makes the daemon run the unmount itself before it
+releases anything (prepare_unmount): a refused (busy) unmount leaves the mount the writer it was.
+Calls that wait tell the client every PROGRESS_INTERVAL how far the write-back is and what it
+waits for.
 
 Invariants: a mount holding changes it cannot write back never reports them safe (G4,
 `_refuse_if_orphaned`); a write-back a caller gave up on goes on in the background.

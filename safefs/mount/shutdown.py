@@ -103,7 +103,7 @@ class Shutdown:
         if self.reporting.systemd.enabled:
             files, nbytes = self.unwritten.total()
             self.reporting.systemd.send(STOPPING=1,
-                              STATUS=f"unmounted; writing back {files} changes, {nbytes / (1 << 20):.1f} MiB")
+                                        STATUS=f"unmounted; writing back {files} changes, {nbytes / (1 << 20):.1f} MiB")
         with trio.CancelScope(shield=True):
             try:
                 code = await self._final_flush_until_signalled()
