@@ -12,7 +12,8 @@ which this module builds with its collaborators: following.py (the role, as the 
 holds it, and the writer's generations), orphan_marker.py, reporting.py (history, metrics,
 systemd), unwritten.py (what the project lacks), shutdown.py (signals, the mount watch, the
 final write-back, and the mount's state) and handle.py (the control socket's operations).
-process.py has the process's own helpers: the ready message, the boot id, the journal sync.
+process.py has the process's own start-up helpers: the ready message, the boot id, loading
+the inode table, opening the lease store, and the periodic journal sync.
 
 Invariants:
 - This is the only module that opens the long-lived nursery or drives the kernel session
