@@ -7,12 +7,13 @@ Start-up, in the order a reader of DESIGN.md expects:
    socket, the signal watcher and the periodic journal sync;
 4. mount with pyfuse3 and tell the parent we are ready (one JSON line on `ready_fd`).
 
-What the mount does while it runs and when it ends lives in safefs/mount/, one module a part.
-Objects built here with their collaborators: following.py (the role, as the lease keeper holds
-it, and the writer's generations), orphan_marker.py, reporting.py (history, metrics, systemd).
-Still mixins of `Daemon`: shutdown.py (signals, the mount watch, the final write-back) and
-handle.py (the control socket's operations). This module builds the state they share, in
-`Daemon.__init__` and `serve`.
+What the mount does while it runs and when it ends lives in safefs/mount/, one object a part,
+which this module builds with its collaborators: following.py (the role, as the lease keeper
+holds it, and the writer's generations), orphan_marker.py, reporting.py (history, metrics,
+systemd), unwritten.py (what the project lacks), shutdown.py (signals, the mount watch, the
+final write-back, and the mount's state) and handle.py (the control socket's operations).
+process.py has the process's own start-up helpers: the ready message, the boot id, loading
+the inode table, opening the lease store, and the periodic journal sync.
 
 Invariants:
 - This is the only module that opens the long-lived nursery or drives the kernel session
@@ -22,75 +23,45 @@ Invariants:
 
 from __future__ import annotations
 
-import dataclasses
 import faulthandler
 import json
 import logging
 import os
 import signal
 import socket
-from pathlib import Path
-from typing import Any
 
 import trio
 
-from safefs import __version__, checks, kernel_cache, logs, projectconf
+from safefs import __version__, checks, kernel_cache, logs
 from safefs.backing import Backing
 from safefs.cache import ContentCache
 from safefs.clock import SystemClock
 from safefs.config import MountConfig, socket_path
 from safefs.control.server import serve as serve_control
-from safefs.errors import DaemonFailed, ExitCode, Refused, SafefsError, describe_exception
+from safefs.errors import DaemonFailed, ExitCode, SafefsError, describe_exception
 from safefs.flusher import Flusher
 from safefs.fs import Filesystem, Limiters
 from safefs.fuse_ops import KernelNotifier, SafeOperations, Session
-from safefs.inodes import InodeTable
 from safefs.journal import Journal
 from safefs.kernel_cache import CachePolicy
-from safefs.lease import backends
 from safefs.lease.keeper import LeaseKeeper
 from safefs.lease.store import local_identity
 from safefs.mount.following import Following
-from safefs.mount.handle import MountHandle
+from safefs.mount.handle import MountHandle, lease_to_wire
 from safefs.mount.orphan_marker import ORPHAN_EXIT_TIMEOUT, OrphanMarker
+from safefs.mount.process import (
+    ReadyFd,
+    boot_id,
+    lease_timings,
+    load_table,
+    open_lease_store,
+    sync_journal_periodically,
+)
 from safefs.mount.reporting import HistoryRecorder, MetricsEndpoint, Reporting
 from safefs.mount.shutdown import Shutdown
+from safefs.mount.unwritten import UnwrittenChanges
 
 log = logging.getLogger(__name__)
-
-JOURNAL_SYNC_INTERVAL = 1.0
-REPLY_GRACE = 10.0  # at exit, calls waiting for the final write-back get this long to answer
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return "unknown"
-
-
-class _Ready:
-    """The one-line message that tells `safefs mount` how start-up went."""
-
-    def __init__(self, fd: int | None) -> None:
-        self._fd = fd
-
-    def send(self, message: dict[str, Any]) -> None:
-        if self._fd is None:
-            return
-        try:
-            os.write(self._fd, (json.dumps(message) + "\n").encode())
-        except OSError:
-            pass  # the parent went away; carry on serving
-        finally:
-            os.close(self._fd)
-            self._fd = None
-
-    def failed(self, exc: SafefsError) -> None:
-        self.send(
-            {"ok": False, "error": {"type": type(exc).__name__, "message": exc.message,
-                                    "hint": exc.hint, "exit_code": int(exc.exit_code)}}
-        )  # fmt: skip
 
 
 def run(config: MountConfig, *, ready_fd: int | None = None, debug: bool = False) -> int:
@@ -100,7 +71,7 @@ def run(config: MountConfig, *, ready_fd: int | None = None, debug: bool = False
         log.info("daemon: safefs %s pid %d logging to %s", __version__, os.getpid(), where)
     faulthandler.enable()
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    ready = _Ready(ready_fd)
+    ready = ReadyFd(ready_fd)
     try:
         checks.check_setup(config)
         config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -128,26 +99,18 @@ def run(config: MountConfig, *, ready_fd: int | None = None, debug: bool = False
         journal.close()
 
 
-class Daemon(Shutdown, MountHandle):
-    """One mount's services, built and wired here; each part's methods live in safefs/mount/."""
+class Daemon:
+    """One mount's services, built and wired here; each part lives in safefs/mount/."""
 
-    def __init__(self, config: MountConfig, journal: Journal, ready: _Ready) -> None:
+    def __init__(self, config: MountConfig, journal: Journal, ready: ReadyFd) -> None:
         self.config = config
         self.journal = journal
         self.ready = ready
         self.clock = SystemClock()
         self.host_name = config.host_id or socket.gethostname()
-        self.terminated = False
         self.policy = CachePolicy(follower_poll=config.follower_poll)
         self.notifier = KernelNotifier()
-        self.metrics = MetricsEndpoint(self.status)
-        # Shared by the parts: written by one, read by others.
-        self._exit_detail: str | None = None  # why the final write-back left changes behind (shutdown)
-        self.state = "mounted"  # -> "unmounted" (final write-back) -> "exiting"
-        self._final_done = trio.Event()  # the final write-back is over (see _wait_final)
-        self._final_waiters = 0  # control calls waiting for it, still to answer
-        self._mount_gone = False  # _watch_mount ended the session: nothing left to unmount
-        self._final_receipt: Any = None  # what the final write-back wrote, for `sync` after it
+        self.metrics = MetricsEndpoint()
 
     @property
     def role(self) -> str:
@@ -159,39 +122,25 @@ class Daemon(Shutdown, MountHandle):
         if config.metrics_port is not None:
             self.metrics.serve(config.metrics_port)  # first: a port in use is refused before any mount
         limiters = Limiters.create()
-        table = InodeTable(self.journal, limiters.flush)
-        table.load(await limiters.journal.run(self.journal.load))
-        # A cache replayed onto another project would write its changes there: refuse before
-        # anything (the lease included) is touched. Caches from before this check carry no name.
-        project = table.meta.get("project")
-        if project is not None and project != str(config.src):
-            raise Refused(f"the cache dir {config.cache_dir} belongs to the project {project}, not {config.src}",
-                          hint="give that project, or another --cache-dir")  # fmt: skip
-        table.set_meta("project", str(config.src))  # committed by fs.start
+        table = await load_table(config, self.journal, limiters)
         try:
             backing = Backing(config.src)
         except OSError as exc:
             raise DaemonFailed(f"cannot open the project {config.src}: {exc.strerror}") from exc
         self.identity = identity = local_identity(config.host_id)
         self.recorder = recorder = HistoryRecorder(config, self.clock, identity)
-        try:
-            conf = await trio.to_thread.run_sync(projectconf.read, config.src)
-        except OSError as exc:
-            raise DaemonFailed(f"cannot read the project's configuration: {exc}") from exc
-        self.lease_store = store = backends.open_store(config.src, conf, config.lease.t_break)
-        timings = config.lease
-        if store.etcd is not None:  # keepalive at a quarter of the etcd lease's TTL at most
-            timings = dataclasses.replace(timings, renew=min(timings.renew, timings.t_break / 4))
+        self.lease_store = store = await open_lease_store(config)
+        timings = lease_timings(config, store)
         self.keeper = keeper = LeaseKeeper(
             store, self.clock, timings, identity, trio.CapacityLimiter(2),
             want_write=not config.follower, on_event=recorder.record_event,
             follow_if_unreachable=store.etcd is not None,
         )  # fmt: skip
-        self.orphan_marker = OrphanMarker(config, self.clock, keeper, identity, self._unwritten_counts,
-                                          held_epoch=lambda: self.following.held_epoch)  # fmt: skip
-        self._listing_limiter = trio.CapacityLimiter(2)  # listings of orphan markers for `status`
         cache = ContentCache(config.cache_dir, config.free_space_floor)
         fs = Filesystem(table, cache, backing, config, self.clock, limiters, keeper, self.notifier)
+        self.unwritten = unwritten = UnwrittenChanges(fs)
+        self.orphan_marker = OrphanMarker(config, self.clock, keeper, identity, unwritten.counts,
+                                          held_epoch=lambda: self.following.held_epoch)  # fmt: skip
         keeper.on_role(fs.on_role)  # the keeper holds the role; these follow it as it changes
         keeper.on_role(self.policy.on_role)
         faults = os.environ.get("SAFEFS_FAULTS")  # tests: a stuck or failing project
@@ -213,24 +162,20 @@ class Daemon(Shutdown, MountHandle):
         keeper.on_role(self.following.on_role)  # after fs and the cache policy: wakes `follow`
         if store.etcd is not None:
             self.flusher.announce = self.following.announce_generation
-        self.reporting = Reporting(config, keeper, self.flusher, recorder, self._unwritten)
+        self.reporting = Reporting(config, keeper, self.flusher, recorder, unwritten.total)
         try:
             async with trio.open_nursery() as services:
                 history_done = trio.Event()
                 services.start_soon(recorder.run, history_done)
                 role = await services.start(keeper.run)
                 if role != "writer" and config.wait_for_lease:
-                    log.info("daemon: waiting for the lease (%s)", keeper.statistics()["holder"])
+                    log.info("daemon: waiting for the lease (%s)", lease_to_wire(keeper.statistics())["holder"])
                     await keeper.acquire(wait=True)
-                await fs.start(_boot_id())
+                await fs.start(boot_id())
                 await self.following.take_role()
                 if self.role == "writer":
                     await self.flusher.settle()
-                self._services = services
                 code = await self._serve_mount(services)
-                with trio.move_on_after(REPLY_GRACE):
-                    while self._final_waiters:  # let `umount`/`sync` callers have the outcome
-                        await trio.sleep(0.05)
                 recorder.close()  # the writer appends what is queued, then ends
                 with trio.move_on_after(ORPHAN_EXIT_TIMEOUT):
                     await history_done.wait()
@@ -244,19 +189,25 @@ class Daemon(Shutdown, MountHandle):
     async def _serve_mount(self, services: trio.Nursery) -> int:
         config = self.config
         writeback_cache = kernel_cache.writeback_cache(self.role)
-        ops = self.ops = SafeOperations(self.fs, self.policy, writeback_cache=writeback_cache)
+        ops = SafeOperations(self.fs, self.policy, writeback_cache=writeback_cache)
         self.fs.kernel_owns_sizes = writeback_cache
-        session = self.session = Session(ops, str(config.mnt), allow_other=config.allow_other)
+        session = Session(ops, str(config.mnt), allow_other=config.allow_other)
+        shutdown = Shutdown(config, self.keeper, self.fs, self.backing, self.flusher, self.reporting,
+                            self.orphan_marker, session, self.unwritten)  # fmt: skip
+        handle = MountHandle(
+            config, self.host_name, self.keeper, self.lease_store, self.fs, self.backing, self.flusher,
+            self.following, self.orphan_marker, self.reporting, self.recorder, self.unwritten, shutdown, ops, services,
+        )  # fmt: skip
         clean_exit = False
         try:
             # In the services nursery: the socket answers during the final write-back too.
-            await services.start(serve_control, socket_path(config.mnt, os.environ, os.getuid()), self)
+            await services.start(serve_control, socket_path(config.mnt, os.environ, os.getuid()), handle)
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.flusher.run)
                 await nursery.start(self.notifier.run)
-                nursery.start_soon(self._watch_signals)
-                nursery.start_soon(self._watch_mount)
-                nursery.start_soon(self._sync_journal_periodically)
+                nursery.start_soon(shutdown.watch_signals)
+                nursery.start_soon(shutdown.watch_mount)
+                nursery.start_soon(sync_journal_periodically, self.fs.table)
                 nursery.start_soon(self.following.follow)
                 nursery.start_soon(self.orphan_marker.keep_orphan_marker)
                 nursery.start_soon(self.reporting.watch_conflicts)
@@ -266,9 +217,9 @@ class Daemon(Shutdown, MountHandle):
                 self.notifier.enabled = True
                 log.info("daemon: serving %s at %s as %s (cache %s)",
                          config.src, config.mnt, self.role, config.cache_dir)
-                self.metrics.serving = True  # for the metrics listener
+                self.metrics.status = handle.status  # for the metrics listener
                 self.ready.send({"ok": True, "pid": os.getpid(), "role": self.role,
-                                 "holder": self.keeper.statistics()["holder"]})  # fmt: skip
+                                 "holder": lease_to_wire(self.keeper.statistics())["holder"]})  # fmt: skip
                 self.reporting.systemd.send(READY=1, STATUS=self.reporting.systemd_status())
                 if self.reporting.systemd.enabled:
                     nursery.start_soon(self.reporting.report_to_systemd)
@@ -277,28 +228,7 @@ class Daemon(Shutdown, MountHandle):
                 nursery.cancel_scope.cancel()
             clean_exit = True
         finally:
-            # After a kernel unmount the session is over; after a signal or an error we
-            # must take the mount down ourselves so nobody hangs on a dead mountpoint.
-            self.metrics.serving = False
-            session.close(unmount=(self.terminated or not clean_exit) and not self._mount_gone)
-            self.state = "unmounted"
-            if self.reporting.systemd.enabled:
-                files, nbytes = self._unwritten()
-                self.reporting.systemd.send(STOPPING=1,
-                                  STATUS=f"unmounted; writing back {files} changes, {nbytes / (1 << 20):.1f} MiB")
-            with trio.CancelScope(shield=True):
-                try:
-                    code = await self._final_flush_until_signalled()
-                finally:
-                    self.state = "exiting"
-                    self._final_done.set()
+            self.metrics.status = None
+            code = await shutdown.finish(clean_exit)
+        await shutdown.wait_for_callers()
         return code
-
-    async def _sync_journal_periodically(self) -> None:
-        """Bound what a host crash can take: committed changes reach the disk within a second."""
-        synced = -1
-        while True:
-            await trio.sleep(JOURNAL_SYNC_INTERVAL)
-            if self.fs.table.commits != synced:
-                synced = self.fs.table.commits
-                await self.fs.table.sync()

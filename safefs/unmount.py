@@ -8,7 +8,7 @@
   mounted anywhere in this process's mount namespace. A copy of the mount in another
   namespace (`unshare --mount` made after it was mounted) keeps the kernel connection open
   after the unmount here, so the daemon cannot rely on the kernel closing /dev/fuse to learn
-  that its mount is gone; it polls this instead (see Daemon._watch_mount, in safefs/mount/shutdown.py).
+  that its mount is gone; it polls this instead (see Shutdown.watch_mount, in safefs/mount/shutdown.py).
 
 Invariants: stdlib only (the CLI imports it); blocking calls, run in a worker thread by async
 callers; nothing here touches the mount itself (a stat of a wedged mount would hang).

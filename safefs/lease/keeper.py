@@ -31,6 +31,7 @@ serialised by one trio.Lock, so `acquire()`/`release()` never interleave with th
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -50,6 +51,35 @@ T = TypeVar("T")
 Runner = Callable[..., Awaitable[Any]]  # await runner(sync_fn, *args) -> sync_fn(*args)
 EventHook = Callable[[str, int, str], None]  # on_event(kind, epoch, detail); see LeaseKeeper
 RoleListener = Callable[[str], None]  # listener(role), role "writer" or "follower"; see on_role
+
+
+@dataclasses.dataclass(frozen=True)
+class HolderStatistics:
+    """Who holds the write lease, as its record says."""
+
+    host: str
+    pid: int
+    user: str
+    since: float  # wall time it claimed its epoch; for humans only
+    heartbeat_age: float | None  # seconds since its heartbeat last moved, as measured here
+
+
+@dataclasses.dataclass(frozen=True)
+class KeeperStatistics:
+    """What `LeaseKeeper.statistics()` tells (trio style: a snapshot, no live state). The
+    control handler converts it into the protocol's LeaseStatistics for `status`."""
+
+    role: str
+    state: str  # a lease.model.State value
+    epoch: int
+    writable: bool
+    publishable: bool
+    publishing_from: float | None  # wall time the lock delay ends, while it runs
+    holder: HolderStatistics | None  # None: free or unknown
+    deadline: float | None  # seconds left before we must stop writing, while holding
+    lock_delay: float | None  # seconds of lock delay left, while holding
+    lost_reason: str | None  # while the lease is LOST
+    last_error: str | None
 
 
 class LeaseKeeper:
@@ -162,31 +192,31 @@ class LeaseKeeper:
         while self._m.state is not State.LOST:
             await self._changed.wait()
 
-    def statistics(self) -> dict[str, Any]:
+    def statistics(self) -> KeeperStatistics:
         now = self._clock.monotonic()
         m = self._m
         holder = m.current_holder()  # our own record while we hold the lease
-        return {
-            "role": m.role,
-            "state": m.state.value,
-            "epoch": m.epoch,
-            "writable": m.writable(now),
-            "publishable": m.publishable(now),
-            "publishing_from": self.publishing_from(),
-            "holder": None
+        return KeeperStatistics(
+            role=m.role,
+            state=m.state.value,
+            epoch=m.epoch,
+            writable=m.writable(now),
+            publishable=m.publishable(now),
+            publishing_from=self.publishing_from(),
+            holder=None
             if holder is None
-            else {
-                "host": holder.host,
-                "pid": holder.pid,
-                "user": holder.user,
-                "since": holder.since,
-                "heartbeat_age": m.heartbeat_age(now),
-            },
-            "deadline": m.deadline - now if m.holding else None,
-            "lock_delay": max(0.0, m.writable_from - now) if m.holding else None,
-            "lost_reason": m.lost_reason if m.state is State.LOST else None,
-            "last_error": m.last_error,
-        }
+            else HolderStatistics(
+                host=holder.host,
+                pid=holder.pid,
+                user=holder.user,
+                since=holder.since,
+                heartbeat_age=m.heartbeat_age(now),
+            ),
+            deadline=m.deadline - now if m.holding else None,
+            lock_delay=max(0.0, m.writable_from - now) if m.holding else None,
+            lost_reason=m.lost_reason if m.state is State.LOST else None,
+            last_error=m.last_error,
+        )
 
     # -- the service --------------------------------------------------------------------------
 

@@ -97,8 +97,8 @@ class Following:
                 self.seen_generation = record
                 log.info("lease: this mount is the writer (epoch %d)", self.keeper.epoch)
             else:
-                holder = self.keeper.statistics()["holder"]
-                writer = f"{holder.get('host')} (pid {holder.get('pid')})" if isinstance(holder, dict) else "nobody"
+                holder = self.keeper.statistics().holder
+                writer = f"{holder.host} (pid {holder.pid})" if holder is not None else "nobody"
                 log.info("lease: this mount is a follower; the writer is %s", writer)
             if not first:
                 # Another host may have written: nothing cached about the tree is trusted blindly.

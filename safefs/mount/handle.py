@@ -1,12 +1,13 @@
 """The control socket's handler: status, sync, acquire, recover and unmount of this mount.
 
 `safefs/control/server.py` calls these methods (the ControlHandler protocol) on the trio
-thread. `state` says where the mount is: "mounted", "unmounted" (the final write-back runs),
-"exiting". The control socket answers until the end, so `status` lists an unmounted mount that
-still writes back, and `umount`/`sync` on it wait for the outcome. `safefs umount` makes the
-daemon run the unmount itself before it releases anything (prepare_unmount): a refused (busy)
-unmount leaves the mount the writer it was. Calls that wait tell the client every
-PROGRESS_INTERVAL how far the write-back is and what it waits for.
+thread (the root gives the server this object). The shut-down's `state` says where the mount
+is: "mounted", "unmounted" (the final write-back runs), "exiting". The control socket answers
+until the end, so `status` lists an unmounted mount that still writes back, and `umount`/`sync`
+on it wait for the outcome. `safefs umount` makes the daemon run the unmount itself before it
+releases anything (prepare_unmount): a refused (busy) unmount leaves the mount the writer it was.
+Calls that wait tell the client every PROGRESS_INTERVAL how far the write-back is and what it
+waits for.
 
 Invariants: a mount holding changes it cannot write back never reports them safe (G4,
 `_refuse_if_orphaned`); a write-back a caller gave up on goes on in the background.
@@ -24,11 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from safefs import logs, ranges, unmount
+from safefs import logs, unmount
 from safefs.control import protocol
 from safefs.errors import LeaseHeldElsewhere, SafefsError, SyncTimeout, Unwritten
 from safefs.fuse_ops import flush_kernel_pages
-from safefs.inodes import ROOT_INO
 
 if TYPE_CHECKING:
     from safefs.backing import Backing
@@ -37,10 +37,12 @@ if TYPE_CHECKING:
     from safefs.fs import Filesystem
     from safefs.fuse_ops import SafeOperations
     from safefs.lease.backends import ProjectLeaseStore
-    from safefs.lease.keeper import LeaseKeeper
+    from safefs.lease.keeper import KeeperStatistics, LeaseKeeper
     from safefs.mount.following import Following
     from safefs.mount.orphan_marker import OrphanMarker
     from safefs.mount.reporting import HistoryRecorder, Reporting
+    from safefs.mount.shutdown import Shutdown
+    from safefs.mount.unwritten import UnwrittenChanges
 
 log = logging.getLogger(__name__)
 
@@ -50,46 +52,52 @@ PROGRESS_INTERVAL = 0.5  # how often a waiting `sync` or `umount` hears how far 
 SYNC_GRACE = 0.5  # a timed-out write-back gets this long to say so itself
 
 
+def lease_to_wire(statistics: KeeperStatistics) -> dict[str, Any]:
+    """The lease keeper's statistics as the control protocol's JSON has them (`status`'s
+    `lease`, the ready message's `holder`): the one place they are converted."""
+    return dataclasses.asdict(statistics)
+
+
 class MountHandle:
-    """The control-handler part of `Daemon` (see the module docstring)."""
+    """The control socket's handler of one mount (see the module docstring). The root builds
+    it with its collaborators once the session exists; `services` is the nursery a write-back
+    a caller gave up on goes on in."""
 
-    config: MountConfig
-    host_name: str
-    keeper: LeaseKeeper
-    lease_store: ProjectLeaseStore
-    fs: Filesystem
-    backing: Backing
-    flusher: Flusher
-    reporting: Reporting
-    recorder: HistoryRecorder
-    ops: SafeOperations
-    orphan_marker: OrphanMarker
-    state: str  # "mounted" -> "unmounted" (final write-back) -> "exiting"
-    _services: trio.Nursery
-    _listing_limiter: trio.CapacityLimiter
-    following: Following
-    _exit_detail: str | None
-    _final_done: trio.Event  # the final write-back is over (see _wait_final)
-    _final_waiters: int  # control calls waiting for it, still to answer
-    _final_receipt: Any
-
-    if TYPE_CHECKING:
-
-        @property
-        def role(self) -> str: ...
-
-        async def _write_back(self, timeout: float | None, progress: Any = None) -> Any: ...
+    def __init__(
+        self, config: MountConfig, host_name: str, keeper: LeaseKeeper, lease_store: ProjectLeaseStore,
+        fs: Filesystem, backing: Backing, flusher: Flusher, following: Following, orphan_marker: OrphanMarker,
+        reporting: Reporting, recorder: HistoryRecorder, unwritten: UnwrittenChanges, shutdown: Shutdown,
+        ops: SafeOperations, services: trio.Nursery,
+    ) -> None:  # fmt: skip
+        self.config = config
+        self.host_name = host_name
+        self.keeper = keeper
+        self.lease_store = lease_store
+        self.fs = fs
+        self.backing = backing
+        self.flusher = flusher
+        self.following = following
+        self.orphan_marker = orphan_marker
+        self.reporting = reporting
+        self.recorder = recorder
+        self.unwritten = unwritten
+        self.shutdown = shutdown
+        self.ops = ops
+        self._services = services
+        self._listing_limiter = trio.CapacityLimiter(2)  # listings of orphan markers for `status`
 
     # -- the control socket's handler ----------------------------------------------------
     async def status(self) -> protocol.Status:
         config = self.config
-        # The keeper and the lease store report dicts; the protocol types them.
+        # The keeper and the flusher report frozen dataclasses, the lease store a dict; the
+        # protocol types them.
         lease = dataclasses.replace(
-            protocol.from_wire(protocol.LeaseStatistics, {**self.keeper.statistics(), **self.lease_store.describe()}),
-            generation=self.flusher.generation if self.role == "writer" else
+            protocol.from_wire(protocol.LeaseStatistics,
+                               {**lease_to_wire(self.keeper.statistics()), **self.lease_store.describe()}),
+            generation=self.flusher.generation if self.keeper.role == "writer" else
             (self.following.seen_generation or {}).get("generation"),
             project_polls=self.lease_store.project_requests + self.following.generation_reads,
-            generation_seen_at=self.following.generation_seen_at if self.role != "writer" else None,
+            generation_seen_at=self.following.generation_seen_at if self.keeper.role != "writer" else None,
         )  # fmt: skip
         return protocol.Status(
             src=str(config.src),
@@ -98,7 +106,7 @@ class MountHandle:
             pid=os.getpid(),
             host=self.host_name,
             role=self.keeper.role,
-            state=self.state,
+            state=self.shutdown.state,
             flush=flush_statistics(self.flusher.statistics()),
             bytes_fetched=self.backing.bytes_read,
             bytes_written=self.backing.bytes_written,
@@ -135,10 +143,10 @@ class MountHandle:
         return protocol.OrphanListing(orphans=records, orphans_error=None, orphans_skipped=skipped)
 
     async def sync(self, *, release: bool, timeout: float | None, progress: Any) -> protocol.SyncReceipt:
-        if self.state != "mounted":  # unmounted: sync means "wait for the final write-back"
+        if self.shutdown.state != "mounted":  # unmounted: sync means "wait for the final write-back"
             outcome = await self._wait_final(timeout, progress)
             self._refuse_if_orphaned(unmounted=True)
-            final = self._final_receipt
+            final = self.shutdown.final_receipt
             return protocol.SyncReceipt(role=outcome.role, final=outcome.final, files=getattr(final, "files", 0),
                                         bytes=getattr(final, "bytes", 0), ops=getattr(final, "ops", 0),
                                         generation=getattr(final, "generation", None), epoch=self.following.held_epoch,
@@ -179,7 +187,7 @@ class MountHandle:
 
         async def write_back() -> None:
             try:
-                outcome.append(await self._write_back(timeout))
+                outcome.append(await self.shutdown.write_back(timeout))
             except Exception as exc:  # answered to the caller below, never a crash of the services
                 outcome.append(exc)
             finally:
@@ -197,14 +205,14 @@ class MountHandle:
     async def _flush_kernel(self, timeout: float | None) -> None:
         """With the writeback cache, the kernel holds pages written to files still open: make
         it send them before a write-back that `sync`, `sync --release` or `umount` asked for."""
-        if self.state == "mounted" and getattr(self, "ops", None) is not None and self.ops.enable_writeback_cache:
+        if self.shutdown.state == "mounted" and self.ops.enable_writeback_cache:
             await flush_kernel_pages(str(self.config.mnt), KERNEL_FLUSH_TIMEOUT if timeout is None else timeout)
 
     async def _wait_reporting(self, event: trio.Event, progress: Any, what: Any) -> None:
         """Wait for `event`; meanwhile tell `progress` every PROGRESS_INTERVAL how far the
         write-back is (files and bytes left and done) and what it waits for: `what()` =
         (waiting_for, detail)."""
-        ops, files, nbytes = self._unwritten_counts()
+        ops, files, nbytes = self.unwritten.counts()
         files_total, bytes_total = ops + files, nbytes
         while True:
             with trio.move_on_after(PROGRESS_INTERVAL):
@@ -212,7 +220,7 @@ class MountHandle:
                 return
             if progress is None:
                 continue
-            ops, files, nbytes = self._unwritten_counts()
+            ops, files, nbytes = self.unwritten.counts()
             files_total, bytes_total = max(files_total, ops + files), max(bytes_total, nbytes)
             waiting_for, detail = what()
             await progress(protocol.ProgressReport(
@@ -222,9 +230,9 @@ class MountHandle:
             ))  # fmt: skip
 
     def _write_back_wait(self) -> tuple[str, str]:
-        ops, files, nbytes = self._unwritten_counts()
+        ops, files, nbytes = self.unwritten.counts()
         left = f"{ops + files} changes, {nbytes} bytes left"
-        lock_delay = self.keeper.statistics().get("lock_delay")
+        lock_delay = self.keeper.statistics().lock_delay
         if lock_delay:
             return "the lock delay after taking over the lease, before writing to the project", \
                 f"{lock_delay:.0f} s left; {left}"  # fmt: skip
@@ -251,23 +259,20 @@ class MountHandle:
 
     async def _wait_final(self, timeout: float | None, progress: Any) -> protocol.UnmountReceipt:
         """Wait for the final write-back of an unmounted mount; what it left, for the caller."""
-        self._final_waiters += 1
-        try:
+        with self.shutdown.awaited():
             with trio.move_on_after(float("inf") if timeout is None else timeout):
-                await self._wait_reporting(self._final_done, progress, self._final_wait)
-            if not self._final_done.is_set():
-                ops, files, nbytes = self._unwritten_counts()
+                await self._wait_reporting(self.shutdown.final_done, progress, self._final_wait)
+            if not self.shutdown.final_done.is_set():
+                ops, files, nbytes = self.unwritten.counts()
                 raise SyncTimeout(
                     f"{self.config.mnt} is unmounted, but its daemon (pid {os.getpid()}) is still writing "
                     f"back after {timeout:g} s ({ops + files} changes, {nbytes} bytes left)",
                     hint="it goes on by itself; `safefs status` shows how far it is",
                 )
             return self._outcome()
-        finally:
-            self._final_waiters -= 1
 
     def _final_wait(self) -> tuple[str, str]:
-        if self.state == "mounted":
+        if self.shutdown.state == "mounted":
             return f"the files still open in the detached mount {self.config.mnt} to be closed", \
                 f"{self.fs.open_files()} open"  # fmt: skip
         waiting_for, detail = self._write_back_wait()
@@ -275,29 +280,18 @@ class MountHandle:
 
     def _outcome(self) -> protocol.UnmountReceipt:
         """What an unmount left: everything written back, or how much stays in which cache."""
-        ops, files, nbytes = self._unwritten_counts()
+        ops, files, nbytes = self.unwritten.counts()
         return protocol.UnmountReceipt(role=self.keeper.role, final=protocol.FinalWriteBack(
             src=str(self.config.src), cache_dir=str(self.config.cache_dir), pid=os.getpid(),
-            state=self.state, unmounted=True,
+            state=self.shutdown.state, unmounted=True,
             unwritten=ops + files, unwritten_files=files, unwritten_ops=ops, unwritten_bytes=nbytes,
-            unwritten_reason=self._exit_detail or self.orphan_marker.orphan_reason or self.orphan_marker.why_orphaned()
-            if ops + files else None,
+            unwritten_reason=self.shutdown.exit_detail or self.orphan_marker.orphan_reason
+            or self.orphan_marker.why_orphaned() if ops + files else None,
         ))  # fmt: skip
-
-    def _unwritten(self) -> tuple[int, int]:
-        """(files, bytes) this cache holds that the project does not have."""
-        ops, files, nbytes = self._unwritten_counts()
-        return files + ops, nbytes
-
-    def _unwritten_counts(self) -> tuple[int, int, int]:
-        """(pending ops, dirty files, dirty bytes) this cache holds that the project does not have."""
-        # The same count as the flusher's status: the root has no name, its attributes count.
-        dirty = [i for i in self.fs.table.iter_dirty() if i.links or i.ino == ROOT_INO]
-        return len(self.fs.table.ops), len(dirty), sum(ranges.total(i.dirty) for i in dirty)
 
     def _refuse_if_orphaned(self, *, unmounted: bool = False) -> None:
         """A mount holding changes it cannot write back must not report them safe (G4)."""
-        ops, files, nbytes = self._unwritten_counts()
+        ops, files, nbytes = self.unwritten.counts()
         if ops or files:
             recover = f"safefs recover --cache-dir {self.config.cache_dir} {self.config.src}"
             if not unmounted:
@@ -356,10 +350,10 @@ class MountHandle:
         started = trio.current_time()
         first_seen: float | None = None  # when the heartbeat last moved, as first seen here
         while True:
-            holder = self.keeper.statistics()["holder"]
-            if not isinstance(holder, dict) or self.keeper.role == "writer":
+            holder = self.keeper.statistics().holder
+            if holder is None or self.keeper.role == "writer":
                 return True
-            age = holder.get("heartbeat_age")
+            age = holder.heartbeat_age
             if isinstance(age, (int, float)):
                 moved_at = trio.current_time() - age
                 if first_seen is None:
@@ -374,12 +368,12 @@ class MountHandle:
 
     def _lease_wait(self) -> tuple[str, str]:
         lease, timings = self.keeper.statistics(), self.config.lease
-        if lease["role"] == "writer":
-            return "the lock delay after taking over the lease", f"{lease.get('lock_delay') or 0:.0f} s left"
-        holder = lease["holder"]
-        if isinstance(holder, dict):
-            age = holder.get("heartbeat_age") or 0.0
-            return f"the lease held by {holder.get('host')} (pid {holder.get('pid')})", \
+        if lease.role == "writer":
+            return "the lock delay after taking over the lease", f"{lease.lock_delay or 0:.0f} s left"
+        holder = lease.holder
+        if holder is not None:
+            age = holder.heartbeat_age or 0.0
+            return f"the lease held by {holder.host} (pid {holder.pid})", \
                 f"its heartbeat, renewed every {timings.renew:g} s while it lives, stood still for " \
                 f"{age:.0f} s; a dead holder is taken over after {timings.t_break:g} s and a lock delay " \
                 f"of {timings.lock_delay:g} s"  # fmt: skip
@@ -390,7 +384,7 @@ class MountHandle:
         lease, or of a crash while another host wrote): take the lease for it if needed,
         publish under the usual rules (a file changed meanwhile elsewhere is kept side by side
         as a conflict copy, never overwritten), then give the lease back if it was taken."""
-        files, nbytes = self._unwritten()
+        files, nbytes = self.unwritten.total()
         if not files:
             return protocol.RecoverReceipt(files=0, bytes=0, conflicts=[], epoch=self.keeper.epoch)
         took = self.keeper.role != "writer"
@@ -398,7 +392,7 @@ class MountHandle:
             await self.keeper.acquire(wait=False)  # LeaseHeldElsewhere names a live holder
             await self.following.take_role()
         conflicts_before = len(self.flusher.conflicts)
-        receipt = await self._write_back(timeout)
+        receipt = await self.shutdown.write_back(timeout)
         self.reporting.record_conflicts()  # in the history before the release, where they happened
         if took:
             await self.keeper.release()
@@ -418,17 +412,14 @@ class MountHandle:
         and say what it left. A refused (busy) unmount raises Busy before anything was
         released: the mount stays the writer and its open files keep working."""
         deadline = trio.current_time() + (float("inf") if timeout is None else timeout)
-        self._final_waiters += 1  # from here: the session may end before fusermount3 returns
-        try:
-            if self.state == "mounted":
+        with self.shutdown.awaited():  # from here: the session may end before fusermount3 returns
+            if self.shutdown.state == "mounted":
                 if self.keeper.role == "writer":
                     await self._write_back_reported(timeout, progress)
                 await trio.to_thread.run_sync(functools.partial(unmount.fusermount, self.config.mnt, lazy=lazy))
                 log.info("daemon: %s unmounted (safefs umount); writing back the rest", self.config.mnt)
             remaining = deadline - trio.current_time()
             return await self._wait_final(None if remaining == float("inf") else max(0.0, remaining), progress)
-        finally:
-            self._final_waiters -= 1
 
 
 def flush_statistics(stats: FlusherStatistics) -> protocol.FlushStatistics:

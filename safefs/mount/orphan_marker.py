@@ -141,8 +141,8 @@ class OrphanMarker:
 
     def why_orphaned(self) -> str:
         lease = self.keeper.statistics()
-        if lease["state"] == "lost":
-            return f"lease lost: {lease['lost_reason']}"
+        if lease.state == "lost":
+            return f"lease lost: {lease.lost_reason}"
         if self.held_epoch() is not None:
             return f"lease of epoch {self.held_epoch()} given up with changes unwritten"
         return "left in this cache by an earlier mount that did not write it back; mounted as a follower"

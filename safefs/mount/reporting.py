@@ -91,12 +91,12 @@ class HistoryRecorder:
 class MetricsEndpoint:
     """`status` (the control handler's) served as Prometheus metrics with --metrics-port.
 
-    Built first: a port in use is refused before anything is mounted."""
+    Built first: a port in use is refused before anything is mounted. The root sets `status`
+    while the mount serves; the listener answers empty before and after."""
 
-    def __init__(self, status: Callable[[], Awaitable[protocol.Status]]) -> None:
-        self.status = status
+    def __init__(self) -> None:
+        self.status: Callable[[], Awaitable[protocol.Status]] | None = None  # the handler's, while serving
         self.metrics_listener: Any = None  # a safefs.metrics.Listener with --metrics-port
-        self.serving = False  # True while the mount serves: the metrics listener answers empty before
 
     def serve(self, port: int) -> None:
         """Serve `status` as Prometheus metrics on 127.0.0.1:`port`, from prometheus-client's thread."""
@@ -105,9 +105,10 @@ class MetricsEndpoint:
         token = trio.lowlevel.current_trio_token()
 
         def statuses() -> list[dict[str, Any]]:
-            if not self.serving:
+            status = self.status
+            if status is None:
                 return []
-            return [protocol.to_wire(trio.from_thread.run(self.status, trio_token=token))]
+            return [protocol.to_wire(trio.from_thread.run(status, trio_token=token))]
 
         try:
             self.metrics_listener = metrics.serve(port, statuses)

@@ -150,7 +150,7 @@ async def test_holder_fences_itself_before_the_ttl_when_etcd_goes_silent(
         last_ok = max(t for t, ok in sends if ok)
         assert fenced_at < last_ok + timings.t_break, "read-only only after etcd could have expired the key"
         with trio.fail_after(5):  # the keeper's timer records the loss right after the deadline
-            while keeper.statistics()["state"] != "lost":
+            while keeper.statistics().state != "lost":
                 await trio.sleep(0.01)
         if fault == "pause":
             etcd_server.resume()

@@ -157,9 +157,10 @@ async def test_renewal_keeps_the_lease_and_followers_see_the_heartbeat(
         for _ in range(100):
             await trio.sleep(T.t_break / 10)
             assert a.keeper.writable() and b.keeper.role == "follower"
-            assert 0 < a.keeper.statistics()["deadline"] <= BUDGET
-            holder = b.keeper.statistics()["holder"]
-            assert holder["host"] == "a" and holder["heartbeat_age"] <= T.renew + T.poll
+            assert 0 < a.keeper.statistics().deadline <= BUDGET
+            holder = b.keeper.statistics().holder
+            assert holder is not None and holder.host == "a" and holder.heartbeat_age is not None
+            assert holder.heartbeat_age <= T.renew + T.poll
         assert epochs(project) == ["lease/epoch.000000000001"]
         nursery.cancel_scope.cancel()
 
@@ -216,12 +217,12 @@ async def test_takeover_of_a_crashed_holder_after_t_break_then_lock_delay_and_qu
         assert not b.keeper.publishable()
         with pytest.raises(ReadOnly, match="epoch 2"):
             b.keeper.require_publishable()
-        until = b.keeper.statistics()["publishing_from"]
+        until = b.keeper.statistics().publishing_from
         assert until == pytest.approx(claimed_at(project, 2) + WALL0 + T.lock_delay, abs=0.5)
         with trio.fail_after(T.lock_delay + 0.5):
             assert await b.keeper.wait_publishable() == 2
         assert trio.current_time() - claimed_at(project, 2) >= T.lock_delay - EPS
-        assert b.keeper.require_publishable() == 2 and b.keeper.statistics()["publishing_from"] is None
+        assert b.keeper.require_publishable() == 2 and b.keeper.statistics().publishing_from is None
         assert record(project, 2).kind == "takeover"
         assert project.names("staging/") == [] and project.names("quarantine/") == ["quarantine/1/new-file"]
         nursery.cancel_scope.cancel()
@@ -241,7 +242,7 @@ async def test_a_failed_poll_restarts_the_observers_wait(
         await trio.sleep(1.5)
         b.store.heal()
         healed_at = trio.current_time()
-        assert b.keeper.statistics()["last_error"] is not None or b.keeper.role == "follower"
+        assert b.keeper.statistics().last_error is not None or b.keeper.role == "follower"
         await wait_role(b, "writer", within=T.t_break + 2 * T.poll + 1)
         assert claimed_at(project, 2) - healed_at >= T.t_break - EPS
         nursery.cancel_scope.cancel()
@@ -316,13 +317,13 @@ async def test_the_holder_fences_itself_at_its_deadline_when_the_store_hangs_or_
         assert not a.keeper.writable()
         with pytest.raises(LeaseLost, match="epoch 1"):
             a.keeper.require_writable()
-        assert a.keeper.statistics()["state"] == "lost"
+        assert a.keeper.statistics().state == "lost"
         await wait_role(b, "writer", within=T.t_break + 2 * T.poll + 1)
         assert await b.keeper.acquire(wait=True) == 2
         # a's stuck renewal lands at last: a stays fenced, and does not come back by itself.
         a.store.heal()
         await trio.sleep(2 * T.t_break)
-        assert not a.keeper.writable() and a.keeper.statistics()["state"] == "lost"
+        assert not a.keeper.writable() and a.keeper.statistics().state == "lost"
         assert b.keeper.writable()
         nursery.cancel_scope.cancel()
 
@@ -335,7 +336,7 @@ async def test_a_holder_partitioned_for_good_never_returns_from_a_hung_call(
         await a.start(nursery)
         a.store.hang()
         await trio.sleep(BUDGET + 0.01)
-        assert not a.keeper.writable() and a.keeper.statistics()["state"] == "lost"
+        assert not a.keeper.writable() and a.keeper.statistics().state == "lost"
         nursery.cancel_scope.cancel()  # cancelling a keeper stuck in a hung call works
 
 
@@ -370,7 +371,7 @@ async def test_a_failed_release_leaves_the_mount_read_only_until_retried(
         with pytest.raises(ReadOnly, match="releasing"):
             await a.keeper.acquire(wait=True)
         await trio.sleep(3 * T.t_break)  # it keeps renewing meanwhile
-        assert a.keeper.statistics()["state"] == "releasing"
+        assert a.keeper.statistics().state == "releasing"
         a.store.heal()
         await a.keeper.release()
         assert project.names("lease/released.") == ["lease/released.000000000001"]
@@ -390,7 +391,7 @@ async def test_an_observer_whose_wall_clock_is_off_never_takes_over_early(
         await trio.sleep(10 * T.t_break)
         assert a.keeper.writable() and b.keeper.role == "follower"
         assert epochs(project) == ["lease/epoch.000000000001"]
-        assert b.keeper.statistics()["holder"]["since"] == record(project, 1).holder.since  # shown, not used
+        assert b.keeper.statistics().holder.since == record(project, 1).holder.since  # shown, not used
         nursery.cancel_scope.cancel()
 
 
@@ -406,7 +407,7 @@ async def test_an_observer_whose_clock_runs_fast_within_rho_still_waits_for_the_
         await trio.sleep(2.0)
         a.store.hang()
         await wait_role(b, "writer", within=T.t_break + 2 * T.poll + 1)
-        assert a.keeper.statistics()["state"] == "lost"
+        assert a.keeper.statistics().state == "lost"
         nursery.cancel_scope.cancel()
 
 
@@ -469,7 +470,10 @@ async def test_keepers_on_the_directory_store_hand_over_through_worker_threads(t
         "tmp",
     ]
     assert list((lease / "tmp").iterdir()) == []
-    assert b.statistics()["holder"]["host"] == "b" and 0 < b.statistics()["deadline"] <= REAL.holder_budget()
+    assert b.statistics().holder.host == "b" and 0 < b.statistics().deadline <= REAL.holder_budget()
+    statistics = b.statistics()  # a snapshot (trio style), typed and frozen: not the keeper's state
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        statistics.role = "follower"  # type: ignore[misc]
 
 
 async def test_role_listeners_hear_every_change_of_role_at_the_moment_it_happens(
