@@ -3,8 +3,8 @@
 Invariants:
 - Every error that safefs raises on purpose is a `SafefsError`. It carries an `errno`
   (what a FUSE request answers) and an `exit_code` (what the CLI exits with).
-- Exit codes are named here and nowhere else; the README's table is generated from
-  `ExitCode` (see `exit_code_table`).
+- Exit codes are named here and nowhere else; the README's table must be `exit_code_table()`
+  to the letter (tests/unit/test_docs.py).
 - Pure module: stdlib only, no I/O, safe from any thread.
 """
 

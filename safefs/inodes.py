@@ -125,18 +125,6 @@ class InodeTable:
         known = self._by_backing_ino.get(st_ino)
         return self.inodes.get(known) if known is not None else None
 
-    def cache_path(self, ino: int) -> bytes:
-        """A path of the inode in the cache view, for log lines and status (not for I/O)."""
-        parts: list[bytes] = []
-        inode = self.inodes.get(ino)
-        guard = 0
-        while inode is not None and inode.ino != ROOT_INO and inode.links and guard < 4096:
-            parent, name = min(inode.links)
-            parts.append(name)
-            inode = self.inodes.get(parent)
-            guard += 1
-        return b"/" + b"/".join(reversed(parts))
-
     def backing_path(self, ino: int) -> tuple[bytes, ...] | None:
         """Where the inode is on the backing tree now, or None if it is not there."""
         parts: list[bytes] = []
@@ -449,10 +437,6 @@ class InodeTable:
         self._marked_ops.clear()
         self._marked_meta.clear()
         return batch
-
-    @property
-    def has_uncommitted(self) -> bool:
-        return bool(self._marked_inodes or self._marked_dentries or self._marked_ops or self._marked_meta)
 
     async def commit(self) -> None:
         """Return once everything marked so far is in a committed transaction.

@@ -8,9 +8,9 @@ A part of the flusher (flusher.py), built with what it uses: the WriteBack it ca
 backing tree through, the Conflicts part (a file changed on both sides becomes a conflict
 copy), the inode table, the contents, the backing tree, the lease gate, the clock and the
 config. It owns what a pass has still to close (the directories to fsync, which replay adds
-to through `dirs_to_sync`, and those a staging rename moved the times of), the count of
-files published, whether this run cleaned the staging directory, and the receipt of the
-pass under way (set by the Flusher; a replayed create's publish counts there).
+to through `dirs_to_sync`, and those a staging rename moved the times of), whether this
+run cleaned the staging directory, and the receipt of the pass under way (set by the
+Flusher; a replayed create's publish counts there).
 
 Invariants:
 - Dirty state is cleared only if the inode did not change while it was being published;
@@ -71,7 +71,6 @@ class Publisher:
         self.gate = gate
         self.clock = clock
         self.config = config
-        self.published_files = 0
         self.dirs_to_sync: set[BPath] = set()  # fsynced at the end of the pass (sync_dirs)
         self._renamed_into: set[int] = set()  # directories a staging rename moved the times of
         self.staging_cleaned = False
@@ -135,8 +134,6 @@ class Publisher:
                 written = ranges.total(dirty)
             else:
                 return
-        if not inode.new:
-            self.published_files += 1
         receipt = receipt or self.receipt
         if receipt is not None:
             receipt.files += 1

@@ -58,3 +58,11 @@ def test_man_page_documents_every_command():
     page = (REPO / "docs" / "safefs.1").read_text()
     for command in ("mount", "umount", "sync", "status", "acquire", "recover", "config", "history"):
         assert f"\\fI\\,{command}\\/\\fR" in page, command
+
+
+def test_readme_exit_code_table_is_the_one_errors_py_makes():
+    """The README's exit codes are `ExitCode` as errors.py words them: a new or reworded code
+    without the README edit fails here."""
+    from safefs.errors import exit_code_table
+
+    assert exit_code_table() in (REPO / "README.md").read_text()
