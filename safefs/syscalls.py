@@ -1,4 +1,19 @@
-"""Low-level helpers over Linux system calls for safefs.backing (moved verbatim; see next commit)."""
+"""Low-level helpers over Linux system calls, for safefs.backing: the syscalls Python's os
+module lacks or leaves partial (renameat2, full pwrite, directory fsync through an O_PATH fd),
+the xattr set a publish leaves behind, and the record of an object pinned by an O_PATH fd.
+
+Invariants:
+- Nothing here resolves a path or follows a symlink: every helper takes fds (or a
+  /proc/self/fd path of a pinned fd, `proc_path`) that the caller resolved under the rules of
+  safefs.backing; a bare name is used only relative to a parent dir fd.
+- `xattr_changes` never asks to remove a name outside the user./trusted./security.
+  namespaces; `write_xattrs` tolerates a name already gone and a security label it may not
+  remove.
+- Stdlib only (a core module): no I/O of its own beyond the calls it is asked to make.
+
+Threading: no shared state; every function blocks in the kernel and is safe from any thread
+(safefs.backing's callers run it in worker threads). `renameat2` is looked up once, at import.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +29,13 @@ from dataclasses import dataclass
 _OWNED_XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
 
 
-def _proc(fd: int) -> str:
+def proc_path(fd: int) -> str:
+    """A path that reaches the inode pinned by `fd` (for calls that take no O_PATH fd)."""
     # Opening or stat'ing this follows the magic link to the pinned inode itself.
     return f"/proc/self/fd/{fd}"
 
 
-def _type_error(st: os.stat_result) -> int:
+def type_errno(st: os.stat_result) -> int:
     """The errno for "this operation needs a regular file, but got that"."""
     if stat.S_ISDIR(st.st_mode):
         return errno.EISDIR
@@ -28,7 +44,8 @@ def _type_error(st: os.stat_result) -> int:
     return errno.EINVAL
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` (os.pwrite may write less than asked)."""
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
@@ -36,6 +53,8 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
 
 
 def _load_renameat2():
+    """renameat2(2) from libc, or through syscall(2) where glibc is older than 2.28; returns
+    0 or -1 with the errno in ctypes.get_errno()."""
     libc = ctypes.CDLL(None, use_errno=True)
     fn = getattr(libc, "renameat2", None)
     if fn is not None:  # glibc >= 2.28
@@ -52,10 +71,10 @@ def _load_renameat2():
     return via_syscall
 
 
-_renameat2 = _load_renameat2()
+renameat2 = _load_renameat2()
 
 
-def _xattr_changes(target: int | str, wanted: Mapping[bytes, bytes]) -> tuple[list[bytes], dict[bytes, bytes]]:
+def xattr_changes(target: int | str, wanted: Mapping[bytes, bytes]) -> tuple[list[bytes], dict[bytes, bytes]]:
     """Names to remove and values to set so that `target` carries exactly `wanted`.
 
     Only names in the user./trusted./security. namespaces are ever removed.
@@ -80,7 +99,7 @@ def _xattr_changes(target: int | str, wanted: Mapping[bytes, bytes]) -> tuple[li
     return remove, put
 
 
-def _write_xattrs(target: int | str, remove: list[bytes], put: Mapping[bytes, bytes]) -> None:
+def write_xattrs(target: int | str, remove: list[bytes], put: Mapping[bytes, bytes]) -> None:
     for name in remove:
         try:
             os.removexattr(target, name)
@@ -96,7 +115,7 @@ def _write_xattrs(target: int | str, remove: list[bytes], put: Mapping[bytes, by
 
 
 @dataclass
-class _Pinned:
+class Pinned:
     """An object held by an O_PATH fd, with the parent dir fd and name it was found under."""
 
     parent_fd: int | None  # None for the project root
@@ -113,3 +132,17 @@ class _Pinned:
         """The name of this symlink in its parent (only the root has no name, and it is no link)."""
         assert self.name is not None
         return self.name
+
+
+def fsync_dir_fd(dir_fd: int) -> None:
+    """fsync the directory `dir_fd` (an O_PATH fd); a filesystem without directory fsync is
+    no error."""
+    # fsync needs a real fd; O_PATH fds answer EBADF.
+    fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # filesystems without dir fsync
+            raise
+    finally:
+        os.close(fd)
