@@ -9,10 +9,11 @@ Wire format (each message one line of UTF-8 JSON ending in b"\\n"):
 Payloads are typed: each op's result is a frozen dataclass below (OP_RESULTS: `Ping`,
 `Status`, `SyncReceipt`, `AcquireReceipt`, `UnmountReceipt`, `RecoverReceipt`), progress is a
 `ProgressReport`, and `Status` is built from statistics objects (`FlushStatistics`,
-`LeaseStatistics`, `OrphanListing`, ...). `to_wire` and `from_wire` map them to and from JSON
-objects, and are the only code that spells the keys (the rules are above them); the daemon
-returns the dataclasses, the server encodes them, the client decodes them and the CLI reads
-their attributes. The keys are a public interface (`safefs status --json`, `sync --json`).
+`LeaseStatistics`, `OrphanListing`, ...). `to_wire` and `from_wire` (safefs.control.wire,
+re-exported here) map them to and from JSON objects by the fields' names and OMIT_NONE/FLAT
+metadata, and are the only code that spells the keys; the daemon returns the dataclasses, the
+server encodes them, the client decodes them and the CLI reads their attributes. The keys
+are a public interface (`safefs status --json`, `sync --json`).
 
 Invariants:
 - Every decode either returns a well-formed message or raises `ProtocolError`; nothing else.
@@ -32,8 +33,8 @@ from typing import Any
 
 from safefs import errors
 from safefs.control.wire import FLAT, OMIT_NONE
-from safefs.control.wire import from_wire as from_wire  # re-exported: callers use protocol.from_wire
-from safefs.control.wire import to_wire as to_wire
+from safefs.control.wire import from_wire as from_wire  # re-exported: protocol.from_wire
+from safefs.control.wire import to_wire as to_wire  # re-exported: protocol.to_wire
 from safefs.errors import ExitCode, ProtocolError, SafefsError
 
 PROTOCOL_VERSION = 1

@@ -1,4 +1,27 @@
-"""The generic dataclass codec of the control protocol (moved verbatim; see next commit)."""
+"""The control protocol's codec: payload dataclasses to and from JSON values.
+
+Every result, progress report and statistics object of safefs.control.protocol is a frozen
+dataclass; `to_wire` turns one into its JSON object and `from_wire` rebuilds it, and these two
+are the only code that spells a key of the contract. They know no payload class: the rules
+of the mapping are read off the fields and their metadata:
+- a field's key is its name;
+- a field with OMIT_NONE metadata is left out of the object while it is None (the key's
+  absence is what older clients and the `--json` output have always seen);
+- a field with FLAT metadata (a nested payload) has its keys merged into the parent's object;
+  a FLAT field that may be None is present when any of its keys is;
+- `extra` (FLAT) keeps the keys this side does not know (a newer daemon's), so that they are
+  shown and passed on, never dropped;
+- a key that is missing decodes as the field's default (nearly every field has one: an older
+  daemon, or a partial status in a test, is still readable); a missing key without a default,
+  or a value of the wrong type, is a ProtocolError. Numbers are not converted: 5 stays 5 and
+  5.0 stays 5.0, so a decoded result encodes to the same JSON.
+
+Invariants: `from_wire` returns a well-formed payload or raises `ProtocolError`, nothing else;
+a key it does not know is kept in `extra`, or refused by a class without one: never dropped.
+
+Threading: pure functions, no I/O, safe from any thread; the only state is the cache of each
+class's type hints (`functools.cache`, which is thread-safe).
+"""
 
 from __future__ import annotations
 
@@ -9,21 +32,6 @@ import typing
 from typing import Any, TypeVar
 
 from safefs.errors import ProtocolError
-
-# Every result, progress report and statistics object is a frozen dataclass below; `to_wire`
-# turns one into its JSON object and `from_wire` rebuilds it, and these two are the only code
-# that spells a key of the contract. The rules of the mapping:
-# - a field's key is its name;
-# - a field with OMIT_NONE metadata is left out of the object while it is None (the key's
-#   absence is what older clients and the `--json` output have always seen);
-# - a field with FLAT metadata (a nested payload) has its keys merged into the parent's object;
-#   a FLAT field that may be None is present when any of its keys is;
-# - `extra` (FLAT) keeps the keys this side does not know (a newer daemon's), so that they are
-#   shown and passed on, never dropped;
-# - a key that is missing decodes as the field's default (nearly every field has one: an older
-#   daemon, or a partial status in a test, is still readable); a missing key without a default,
-#   or a value of the wrong type, is a ProtocolError. Numbers are not converted: 5 stays 5 and
-#   5.0 stays 5.0, so a decoded result encodes to the same JSON.
 
 _T = TypeVar("_T")
 
