@@ -27,6 +27,9 @@ Threading: every method is synchronous and may block for a long time on NFS; cal
 in worker threads. The only shared mutable state is the byte counters (under `_lock`) and the
 optional `faults` hook (a test's FaultPlan, which has its own lock). Descriptors are per call, except the root fd,
 which lives until `close()`.
+
+The system calls underneath (renameat2, xattr changes, /proc/self/fd paths, the pinned-fd
+record `Pinned`) are in safefs.syscalls.
 """
 
 from __future__ import annotations
@@ -35,7 +38,6 @@ import ctypes
 import errno
 import functools
 import os
-import platform
 import stat
 import threading
 import uuid
@@ -43,6 +45,17 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from safefs.syscalls import (
+    Pinned,
+    fsync_dir_fd,
+    proc_path,
+    pwrite_all,
+    renameat2,
+    type_errno,
+    write_xattrs,
+    xattr_changes,
+)
 
 Path = tuple[bytes, ...]
 
@@ -52,8 +65,6 @@ RENAME_EXCHANGE = 2
 _COPY_CHUNK = 1 << 20
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PIN_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-# xattr namespaces whose stale names a publish removes; others (system.*) are left alone.
-_OWNED_XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
 
 
 @dataclass(frozen=True)
@@ -129,107 +140,6 @@ def _check_path(path: Path) -> None:
             raise ValueError(f"bad path component {c!r} in {path!r}")
 
 
-def _proc(fd: int) -> str:
-    # Opening or stat'ing this follows the magic link to the pinned inode itself.
-    return f"/proc/self/fd/{fd}"
-
-
-def _type_error(st: os.stat_result) -> int:
-    """The errno for "this operation needs a regular file, but got that"."""
-    if stat.S_ISDIR(st.st_mode):
-        return errno.EISDIR
-    if stat.S_ISLNK(st.st_mode):
-        return errno.ELOOP
-    return errno.EINVAL
-
-
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
-def _load_renameat2():
-    libc = ctypes.CDLL(None, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
-    if fn is not None:  # glibc >= 2.28
-        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        fn.restype = ctypes.c_int
-        return fn
-    number = {"x86_64": 316, "aarch64": 276}[platform.machine()]
-    libc.syscall.restype = ctypes.c_long
-
-    def via_syscall(olddirfd, oldpath, newdirfd, newpath, flags):
-        return libc.syscall(ctypes.c_long(number), ctypes.c_int(olddirfd), ctypes.c_char_p(oldpath),
-                            ctypes.c_int(newdirfd), ctypes.c_char_p(newpath), ctypes.c_uint(flags))
-
-    return via_syscall
-
-
-_renameat2 = _load_renameat2()
-
-
-def _xattr_changes(target: int | str, wanted: Mapping[bytes, bytes]) -> tuple[list[bytes], dict[bytes, bytes]]:
-    """Names to remove and values to set so that `target` carries exactly `wanted`.
-
-    Only names in the user./trusted./security. namespaces are ever removed.
-    """
-    try:
-        present = [os.fsencode(n) for n in os.listxattr(target)]
-    except OSError as e:
-        if e.errno == errno.ENOTSUP and not wanted:
-            return [], {}
-        raise
-    remove = [n for n in present if n not in wanted and n.startswith(_OWNED_XATTR_PREFIXES)]
-    put = {}
-    for name, value in wanted.items():
-        if name in present:
-            try:
-                if os.getxattr(target, name) == value:
-                    continue
-            except OSError as e:
-                if e.errno != errno.ENODATA:
-                    raise
-        put[name] = value
-    return remove, put
-
-
-def _write_xattrs(target: int | str, remove: list[bytes], put: Mapping[bytes, bytes]) -> None:
-    for name in remove:
-        try:
-            os.removexattr(target, name)
-        except OSError as e:
-            # Gone already; or a security label (e.g. SELinux) we may not remove.
-            if e.errno == errno.ENODATA:
-                continue
-            if name.startswith(b"security.") and e.errno in (errno.EPERM, errno.EACCES, errno.ENOTSUP):
-                continue
-            raise
-    for name, value in put.items():
-        os.setxattr(target, name, value)
-
-
-@dataclass
-class _Pinned:
-    """An object held by an O_PATH fd, with the parent dir fd and name it was found under."""
-
-    parent_fd: int | None  # None for the project root
-    name: bytes | None
-    fd: int
-    st: os.stat_result
-
-    @property
-    def is_link(self) -> bool:
-        return stat.S_ISLNK(self.st.st_mode)
-
-    @property
-    def link_name(self) -> bytes:
-        """The name of this symlink in its parent (only the root has no name, and it is no link)."""
-        assert self.name is not None
-        return self.name
-
-
 # ---------------------------------------------------------------------------- Backing
 
 
@@ -289,23 +199,23 @@ class Backing:
             yield fd, path[-1]
 
     @contextmanager
-    def _pin(self, path: Path) -> Iterator[_Pinned]:
+    def _pin(self, path: Path) -> Iterator[Pinned]:
         if not path:
             with self._dir(()) as fd:
-                yield _Pinned(None, None, fd, os.fstat(fd))
+                yield Pinned(None, None, fd, os.fstat(fd))
             return
         with self._parent(path) as (parent_fd, name):
             fd = os.open(name, _PIN_FLAGS, dir_fd=parent_fd)
             try:
-                yield _Pinned(parent_fd, name, fd, os.fstat(fd))
+                yield Pinned(parent_fd, name, fd, os.fstat(fd))
             finally:
                 os.close(fd)
 
-    def _reopen(self, pin: _Pinned, flags: int) -> int:
+    def _reopen(self, pin: Pinned, flags: int) -> int:
         """A real fd on a pinned regular file or directory (fifos and devices are refused)."""
         if not (stat.S_ISREG(pin.st.st_mode) or stat.S_ISDIR(pin.st.st_mode)):
-            raise OSError(_type_error(pin.st), "not a regular file or directory")
-        return os.open(_proc(pin.fd), flags | os.O_CLOEXEC)
+            raise OSError(type_errno(pin.st), "not a regular file or directory")
+        return os.open(proc_path(pin.fd), flags | os.O_CLOEXEC)
 
     def _count(self, *, read: int = 0, written: int = 0) -> None:
         with self._lock:
@@ -351,7 +261,7 @@ class Backing:
         chunks = []
         with self._pin(path) as pin:
             if not stat.S_ISREG(pin.st.st_mode):
-                raise OSError(_type_error(pin.st), "not a regular file", _show(path))
+                raise OSError(type_errno(pin.st), "not a regular file", _show(path))
             fd = self._reopen(pin, os.O_RDONLY)
             try:
                 got = 0
@@ -377,7 +287,7 @@ class Backing:
     def getxattrs(self, path: Path) -> dict[bytes, bytes]:
         self._begin("getxattrs", path)
         with self._pin(path) as pin:
-            where = _proc(pin.fd)
+            where = proc_path(pin.fd)
             try:
                 names = os.listxattr(where)
             except OSError as e:
@@ -425,7 +335,7 @@ class Backing:
         # caller can call set_attrs.
         fd = os.open(name, _PIN_FLAGS, dir_fd=parent_fd)
         try:
-            pin = _Pinned(parent_fd, name, fd, os.fstat(fd))
+            pin = Pinned(parent_fd, name, fd, os.fstat(fd))
             self._apply_attrs(pin, None, attrs)
             return os.fstat(fd)
         finally:
@@ -470,7 +380,7 @@ class Backing:
             before = os.stat(src_name, dir_fd=src_fd, follow_symlinks=False)
             if flags == 0:
                 os.rename(src_name, dst_name, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
-            elif _renameat2(src_fd, src_name, dst_fd, dst_name, flags) != 0:
+            elif renameat2(src_fd, src_name, dst_fd, dst_name, flags) != 0:
                 err = ctypes.get_errno()
                 raise OSError(err, os.strerror(err), _show(src), None, _show(dst))
             return before, os.stat(dst_name, dir_fd=dst_fd, follow_symlinks=False)
@@ -483,7 +393,7 @@ class Backing:
         with self._pin(path) as pin:
             kind = pin.st.st_mode
             if size is not None and not stat.S_ISREG(kind):
-                raise OSError(_type_error(pin.st), "only regular files have a size to set", _show(path))
+                raise OSError(type_errno(pin.st), "only regular files have a size to set", _show(path))
             # Open the fd to fsync before the mode changes, which could forbid opening it.
             fd = None
             if stat.S_ISDIR(kind):
@@ -498,7 +408,7 @@ class Backing:
                 if fd is not None:
                     os.fsync(fd)
                 elif pin.parent_fd is not None:  # symlink, fifo, device: its directory entry
-                    self._fsync_dir_fd(pin.parent_fd)
+                    fsync_dir_fd(pin.parent_fd)
             finally:
                 if fd is not None:
                     os.close(fd)
@@ -513,27 +423,27 @@ class Backing:
             if pin.is_link:
                 os.utime(pin.link_name, ns=(atime_ns, mtime_ns), dir_fd=pin.parent_fd, follow_symlinks=False)
             else:
-                os.utime(_proc(pin.fd), ns=(atime_ns, mtime_ns))
+                os.utime(proc_path(pin.fd), ns=(atime_ns, mtime_ns))
 
-    def _open_readable(self, pin: _Pinned) -> int | None:
+    def _open_readable(self, pin: Pinned) -> int | None:
         try:
             return self._reopen(pin, os.O_RDONLY)
         except PermissionError:  # not root and no read permission: attributes still apply
             return None
 
-    def _open_for_write(self, pin: _Pinned) -> int:
+    def _open_for_write(self, pin: Pinned) -> int:
         try:
             return self._reopen(pin, os.O_WRONLY)
         except PermissionError:
             if pin.st.st_uid != os.geteuid():
                 raise
             # Our own read-only file: the attrs applied afterwards set the final mode anyway.
-            os.chmod(_proc(pin.fd), stat.S_IMODE(pin.st.st_mode) | stat.S_IWUSR)
+            os.chmod(proc_path(pin.fd), stat.S_IMODE(pin.st.st_mode) | stat.S_IWUSR)
             return self._reopen(pin, os.O_WRONLY)
 
-    def _apply_attrs(self, pin: _Pinned, fd: int | None, attrs: Attrs) -> None:
+    def _apply_attrs(self, pin: Pinned, fd: int | None, attrs: Attrs) -> None:
         """chown, xattrs, chmod, then times. `fd`, if given, is a real fd on the same inode."""
-        target: int | str = fd if fd is not None else _proc(pin.fd)
+        target: int | str = fd if fd is not None else proc_path(pin.fd)
         current = os.fstat(pin.fd)
         # Owner first: chown clears setuid/setgid and security.capability, so mode and xattrs
         # come after it. Unchanged ids are skipped, which also lets a non-root user publish
@@ -544,11 +454,11 @@ class Backing:
             else:
                 os.chown(target, attrs.uid, attrs.gid)
         # For a symlink the /proc path lands on the link itself (pinned O_NOFOLLOW).
-        xattr_target = _proc(pin.fd) if pin.is_link else target
-        remove, put = _xattr_changes(xattr_target, attrs.xattrs)
+        xattr_target = proc_path(pin.fd) if pin.is_link else target
+        remove, put = xattr_changes(xattr_target, attrs.xattrs)
         if remove or put:
             try:
-                _write_xattrs(xattr_target, remove, put)
+                write_xattrs(xattr_target, remove, put)
             except PermissionError:
                 # user.* xattrs need write permission even for the owner; the chmod below
                 # sets the final mode anyway.
@@ -556,7 +466,7 @@ class Backing:
                 if pin.is_link or current.st_uid != os.geteuid() or mode & stat.S_IWUSR:
                     raise
                 os.chmod(target, mode | stat.S_IWUSR)
-                _write_xattrs(xattr_target, remove, put)
+                write_xattrs(xattr_target, remove, put)
         if not pin.is_link:  # a symlink's mode means nothing on Linux
             os.chmod(target, stat.S_IMODE(attrs.mode))
         times = (attrs.atime_ns, attrs.mtime_ns)
@@ -587,12 +497,12 @@ class Backing:
                     os.ftruncate(fd, size)  # holes stay holes: only data extents are written
                     self._copy_sparse(source_fd, fd, size)
                     os.fsync(fd)  # data before mtime: on NFS a late write would move it again
-                    pin = _Pinned(staging_fd, tmp, fd, os.fstat(fd))
+                    pin = Pinned(staging_fd, tmp, fd, os.fstat(fd))
                     self._apply_attrs(pin, fd, attrs)
                     os.fsync(fd)
                     os.rename(tmp, name, src_dir_fd=staging_fd, dst_dir_fd=parent_fd)
                     renamed = True
-                    self._fsync_dir_fd(parent_fd)
+                    fsync_dir_fd(parent_fd)
                     return os.fstat(fd)
                 except BaseException:
                     if not renamed:
@@ -637,7 +547,7 @@ class Backing:
         self._begin("write_ranges", path)
         with self._pin(path) as pin:
             if not stat.S_ISREG(pin.st.st_mode):
-                raise OSError(_type_error(pin.st), "not a regular file", _show(path))
+                raise OSError(type_errno(pin.st), "not a regular file", _show(path))
             fd = self._open_for_write(pin)
             try:
                 low = size if shrink_to is None else min(size, shrink_to)
@@ -683,7 +593,7 @@ class Backing:
                 if not zero_fill:
                     return
                 data = bytes(n)  # the source ends early: what it lacks reads as zeros
-            _pwrite_all(dst, data, pos)
+            pwrite_all(dst, data, pos)
             self._count(written=len(data))
             pos += len(data)
 
@@ -691,16 +601,5 @@ class Backing:
     def fsync_dir(self, path: Path) -> None:
         self._begin("fsync_dir", path)
         with self._dir(path) as pin:
-            self._fsync_dir_fd(pin)
+            fsync_dir_fd(pin)
 
-    @staticmethod
-    def _fsync_dir_fd(dir_fd: int) -> None:
-        # fsync needs a real fd; O_PATH fds answer EBADF.
-        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
-        try:
-            os.fsync(fd)
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.ENOTSUP):  # filesystems without dir fsync
-                raise
-        finally:
-            os.close(fd)
