@@ -31,6 +31,7 @@ from safefs.control.protocol import ErrorReply, OpArgs, Progress, ProgressReport
 from safefs.errors import DaemonFailed, NotMounted, ProtocolError, SafefsError
 
 _RECEIVE_BYTES = 1 << 16
+SIGNAL_SLICE = 0.5  # the longest one recv() blocks, so a pending Ctrl-C is acted on (see _receive)
 
 
 def call(
@@ -129,17 +130,7 @@ def _lines(sock: socket.socket, deadline: float | None, daemon: str, idle: float
     while True:
         if idle is not None:
             deadline = time.monotonic() + idle
-        if deadline is not None:
-            sock.settimeout(max(deadline - time.monotonic(), 0.001))
-        try:
-            chunk = sock.recv(_RECEIVE_BYTES)
-        except TimeoutError:
-            raise DaemonFailed(
-                f"{daemon} did not answer in time",
-                hint="it may be stuck; its log (daemon.log in the cache dir) may say why",
-            ) from None
-        except ConnectionResetError:
-            chunk = b""
+        chunk = _receive(sock, deadline, daemon)
         if not chunk:
             return
         buffer += chunk
@@ -149,3 +140,26 @@ def _lines(sock: socket.socket, deadline: float | None, daemon: str, idle: float
             yield line
         if len(buffer) > protocol.MAX_LINE_BYTES:
             raise ProtocolError("control reply too long")
+
+
+def _receive(sock: socket.socket, deadline: float | None, daemon: str) -> bytes:
+    """The next data from the daemon (b"" once it hung up), waiting until `deadline` (None: forever).
+
+    The wait is cut into slices of at most SIGNAL_SLICE: a Ctrl-C that lands just before
+    recv() blocks (or on another thread) interrupts nothing, and Python acts on it only when
+    the call returns, so without slices `safefs sync` would ignore it until the daemon answers.
+    """
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise DaemonFailed(
+                f"{daemon} did not answer in time",
+                hint="it may be stuck; its log (daemon.log in the cache dir) may say why",
+            )
+        sock.settimeout(SIGNAL_SLICE if left is None else min(left, SIGNAL_SLICE))
+        try:
+            return sock.recv(_RECEIVE_BYTES)
+        except TimeoutError:
+            continue
+        except ConnectionResetError:
+            return b""

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -251,6 +252,52 @@ def test_sigint_while_waiting_for_the_daemon_exits_130(tmp_path: Path, short_dir
         finally:
             sock_path.unlink(missing_ok=True)
     assert child.returncode == 130
+    assert err == "safefs: interrupted\n"
+
+
+# The child's SIGINT lands on a thread other than the one blocked in recv(): Python's handler
+# only marks it, and nothing interrupts the recv. This is what a Ctrl-C that arrives just
+# before the CLI enters recv() looks like (the CI failure: no exit within 30 s under load).
+SIGINT_BESIDE_RECV = textwrap.dedent(
+    """
+    import signal, sys, threading
+    from safefs.cli import main
+
+    def interrupt_elsewhere():
+        sys.stdin.read(1)  # the test says when: the CLI is waiting for the reply by then
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_elsewhere, daemon=True).start()
+    sys.exit(main(["sync", sys.argv[1]]))
+    """
+)
+
+
+def test_a_sigint_the_blocked_receive_does_not_see_still_exits_130(tmp_path: Path, short_dir: Path) -> None:  # noqa: F811
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(short_dir))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    sock_path = config.socket_path(mnt, env, os.getuid())
+    sock_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(os.fspath(sock_path))
+        try:
+            listener.listen()
+            listener.settimeout(30)
+            child = subprocess.Popen(
+                [PYTHON, "-c", SIGINT_BESIDE_RECV, str(mnt)], cwd=REPO, env=env,
+                stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            connection, _ = listener.accept()
+            with connection:
+                assert connection.makefile("rb").readline().startswith(b'{"v":1,"op":"sync"')
+                time.sleep(0.5)  # into recv()
+                _, err = child.communicate("x", timeout=30)  # never answered: only the signal ends it
+        finally:
+            sock_path.unlink(missing_ok=True)
+            if child.poll() is None:
+                child.kill()
+    assert child.returncode == 130, err
     assert err == "safefs: interrupted\n"
 
 
