@@ -19,7 +19,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -187,23 +186,32 @@ def test_a_crashed_writer_that_comes_back_as_a_follower_shows_its_orphan(cluster
 UNWRITTEN, LEASE_HELD, BUSY, REFUSED, USAGE = 11, 7, 5, 3, 2  # safefs.errors.ExitCode
 
 
+def recover_tmp(cache_dir) -> Path:
+    """The TMPDIR of this test's `recover --cache-dir` runs, where they make their temporary
+    mountpoints: the test's own directory, so another run on the machine never shows up there."""
+    tmp = Path(cache_dir).parent / "recover-tmp"
+    tmp.mkdir(exist_ok=True)
+    return tmp
+
+
 def recover_cache(cache_dir, src, *args: object, timeout: float = 120):
-    return run_safefs("recover", "--cache-dir", cache_dir, src, *args, timeout=timeout)
+    env = {"TMPDIR": str(recover_tmp(cache_dir))}
+    return run_safefs("recover", "--cache-dir", cache_dir, src, *args, env=env, timeout=timeout)
 
 
-def private_mounts() -> list[str]:
-    """Mounts and temporary mountpoints `recover --cache-dir` would leave behind."""
+def private_mounts(tmp: Path) -> list[str]:
+    """Mounts and temporary mountpoints `recover --cache-dir` would leave behind in `tmp`."""
     prefix = "safefs-recover-"
-    left = [str(e.mountpoint) for e in mount_table() if e.mountpoint.name.startswith(prefix)]
-    return left + [str(p) for p in Path(tempfile.gettempdir()).glob(prefix + "*")]
+    left = [str(e.mountpoint) for e in mount_table() if e.mountpoint.parent == tmp]
+    return left + [str(p) for p in tmp.glob(prefix + "*")]
 
 
 def test_recover_from_the_cache_dir_of_a_crashed_writer_whose_mount_is_gone(cluster):
     t = cluster.timings
     src = cluster.src
-    leftovers_before = private_mounts()
     a = cluster.start("hostA", writeback_delay=600)
     a.wait_writable()
+    assert private_mounts(recover_tmp(a.cache_dir)) == []
     b = cluster.start("hostB")
     a.write("shared", "published by A before the crash\n")
     a.sync_ok()
@@ -247,7 +255,7 @@ def test_recover_from_the_cache_dir_of_a_crashed_writer_whose_mount_is_gone(clus
     again = recover_cache(a.cache_dir, src)
     assert again.returncode == 0, describe(again)
     assert "holds nothing" in again.stdout, describe(again)
-    assert private_mounts() == leftovers_before, "recover --cache-dir left a mount or a mountpoint"
+    assert private_mounts(recover_tmp(a.cache_dir)) == [], "recover --cache-dir left a mount or a mountpoint"
 
 
 def test_recover_cache_dir_refuses_what_it_cannot_do(mount_factory, tmp_path):
