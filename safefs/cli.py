@@ -540,6 +540,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         except NotMounted:
             continue  # a dead daemon's leftover socket
         except SafefsError as exc:
+            if not client.listening(sock):
+                continue  # it exited while we asked (an unmount finishing): gone, not failed
             statuses.append(Unanswered(socket=os.fspath(sock), error=exc.message))
             code = ExitCode.DAEMON_FAILED
     if args.prometheus:

@@ -96,6 +96,17 @@ def list_daemons(runtime_dir: Path | str) -> list[Path]:
     return sorted(sockets)
 
 
+def listening(path: Path | str, timeout: float = 1.0) -> bool:
+    """Whether a daemon still accepts connections at `path` (one that exited does not)."""
+    try:
+        _connect(Path(path), timeout, f"the safefs daemon at {path}").close()
+    except NotMounted:
+        return False
+    except SafefsError:
+        return True  # there, but not answering as it should: that is for the caller to report
+    return True
+
+
 def _connect(path: Path, timeout: float | None, daemon: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
