@@ -225,8 +225,9 @@ def test_ctrl_c_exits_130_without_a_traceback(
     assert capsys.readouterr().err == "safefs: interrupted\n"
 
 
-def test_sigint_while_waiting_for_the_daemon_exits_130(tmp_path: Path, short_dir: Path) -> None:  # noqa: F811
-    # A daemon that accepts the request and never answers; the real CLI waits, then gets SIGINT.
+@pytest.fixture
+def silent_daemon(tmp_path: Path, short_dir: Path) -> Iterator[tuple[dict[str, str], Path, socket.socket]]:  # noqa: F811
+    """A control socket for MNT that accepts requests and never answers: (env, MNT, listener)."""
     env = dict(os.environ, XDG_RUNTIME_DIR=str(short_dir))
     mnt = tmp_path / "mnt"
     mnt.mkdir()
@@ -237,20 +238,29 @@ def test_sigint_while_waiting_for_the_daemon_exits_130(tmp_path: Path, short_dir
         try:
             listener.listen()
             listener.settimeout(30)
-            child = subprocess.Popen(
-                [PYTHON, "-m", "safefs", "sync", str(mnt)],
-                cwd=REPO,
-                env=env,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            connection, _ = listener.accept()
-            with connection:
-                assert connection.makefile("rb").readline().startswith(b'{"v":1,"op":"sync"')
-                child.send_signal(signal.SIGINT)
-                _, err = child.communicate(timeout=30)
+            yield env, mnt, listener
         finally:
             sock_path.unlink(missing_ok=True)
+
+
+def take_request(listener: socket.socket, op: str) -> socket.socket:
+    connection, _ = listener.accept()
+    assert connection.makefile("rb").readline().startswith(b'{"v":1,"op":"%s"' % op.encode())
+    return connection
+
+
+def test_sigint_while_waiting_for_the_daemon_exits_130(silent_daemon) -> None:
+    # The real CLI waits for a daemon that never answers, then gets SIGINT.
+    env, mnt, listener = silent_daemon
+    child = subprocess.Popen([PYTHON, "-m", "safefs", "sync", str(mnt)], cwd=REPO, env=env,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        with take_request(listener, "sync"):
+            child.send_signal(signal.SIGINT)
+            _, err = child.communicate(timeout=30)
+    finally:
+        if child.poll() is None:
+            child.kill()
     assert child.returncode == 130
     assert err == "safefs: interrupted\n"
 
@@ -273,48 +283,29 @@ SIGINT_BESIDE_RECV = textwrap.dedent(
 )
 
 
-def test_a_sigint_the_blocked_receive_does_not_see_still_exits_130(tmp_path: Path, short_dir: Path) -> None:  # noqa: F811
-    env = dict(os.environ, XDG_RUNTIME_DIR=str(short_dir))
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    sock_path = config.socket_path(mnt, env, os.getuid())
-    sock_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    with socket.socket(socket.AF_UNIX) as listener:
-        listener.bind(os.fspath(sock_path))
-        try:
-            listener.listen()
-            listener.settimeout(30)
-            child = subprocess.Popen(
-                [PYTHON, "-c", SIGINT_BESIDE_RECV, str(mnt)], cwd=REPO, env=env,
-                stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )  # fmt: skip
-            connection, _ = listener.accept()
-            with connection:
-                assert connection.makefile("rb").readline().startswith(b'{"v":1,"op":"sync"')
-                time.sleep(0.5)  # into recv()
-                _, err = child.communicate("x", timeout=30)  # never answered: only the signal ends it
-        finally:
-            sock_path.unlink(missing_ok=True)
-            if child.poll() is None:
-                child.kill()
+def test_a_sigint_the_blocked_receive_does_not_see_still_exits_130(silent_daemon) -> None:
+    env, mnt, listener = silent_daemon
+    child = subprocess.Popen([PYTHON, "-c", SIGINT_BESIDE_RECV, str(mnt)], cwd=REPO, env=env,
+                             stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        with take_request(listener, "sync"):
+            time.sleep(0.5)  # into recv()
+            _, err = child.communicate("x", timeout=30)  # never answered: only the signal ends it
+    finally:
+        if child.poll() is None:
+            child.kill()
     assert child.returncode == 130, err
     assert err == "safefs: interrupted\n"
 
 
-def test_status_of_all_mounts_skips_a_daemon_that_exits_while_asked(tmp_path: Path, short_dir: Path) -> None:  # noqa: F811
+def test_status_of_all_mounts_skips_a_daemon_that_exits_while_asked(silent_daemon) -> None:
     """A daemon that takes the status request, then closes its socket and exits (its unmount
     finishing) is gone, not failed: `safefs status` exits 0 (it exited 9, once, in CI)."""
-    env = dict(os.environ, XDG_RUNTIME_DIR=str(short_dir))
-    sock_path = config.socket_path(tmp_path / "mnt", env, os.getuid())
-    sock_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    listener = socket.socket(socket.AF_UNIX)
-    listener.bind(os.fspath(sock_path))
-    listener.listen()
-    listener.settimeout(30)
+    env, _, listener = silent_daemon
+    sock_path = listener.getsockname()
 
     def exit_while_asked() -> None:
-        connection, _ = listener.accept()
-        connection.makefile("rb").readline()
+        connection = take_request(listener, "status")
         listener.close()  # the daemon's end: no more connections
         connection.close()  # and no answer to the one it had
 
@@ -324,10 +315,8 @@ def test_status_of_all_mounts_skips_a_daemon_that_exits_while_asked(tmp_path: Pa
         done = run_cli("status", env=env)
     finally:
         exiting.join(30)
-        listener.close()
-        sock_path.unlink(missing_ok=True)
     assert done.returncode == 0, (done.stdout, done.stderr)
-    assert os.fspath(sock_path) not in done.stdout + done.stderr  # not listed as unanswered
+    assert sock_path not in done.stdout + done.stderr  # not listed as unanswered
 
 
 # ---- mount: spawning the daemon ---------------------------------------------------------------
