@@ -151,6 +151,7 @@ class Conflicts:
             candidate = await self._free_conflict_path(path)
             try:
                 await self.writeback.call(self.backing.rename, path, candidate, 1)  # RENAME_NOREPLACE
+                self.writeback.changed(path[:-1])
                 break
             except FileExistsError:
                 continue  # taken meanwhile: pick another
@@ -178,6 +179,7 @@ class Conflicts:
                 pass
             staging = self.writeback.staging()
             st = await self.writeback.call(self.backing.publish_atomic, aside, staging, fd, inode.size, attrs)
+        self.writeback.changed(aside[:-1])
         self._record_conflict(path, aside, "changed in the mount, and changed, replaced or removed in the project")
         # Our version now lives under the conflict name; the original name shows the backing
         # tree's version again (or goes, if the backing tree no longer has it).

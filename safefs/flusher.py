@@ -69,7 +69,7 @@ from safefs.negative import NegativeNames
 from safefs.ports import Invalidator, WriteGate
 from safefs.publish import Publisher
 from safefs.replay import Replayer
-from safefs.writeback import HUNG_CALL, BPath, FlushError, Receipt, WriteBack
+from safefs.writeback import HUNG_CALL, FlushError, Receipt, WriteBack
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ class Flusher:
         self.flushes = 0
         self.generation = 0  # the last generation this mount published
         self._generation_pending = False  # a sync must publish a generation before it returns
+        self._announce_all = True  # the first generation this writer publishes names everything
         self.announce: Callable[[dict[str, Any]], None] | None = None  # told of every published generation
         self.busy = False
 
@@ -206,10 +207,9 @@ class Flusher:
                     if everything or now - inode.changed_at >= self.config.writeback_delay:
                         await self.publisher.publish(inode, receipt)
                 await self.publisher.restore_dir_times()
-                changed = set(self.publisher.dirs_to_sync)
                 await self.publisher.sync_dirs()
-                if changed or (everything and self._generation_pending):
-                    await self._publish_generation(changed)
+                if self.writeback.unannounced or (everything and self._generation_pending):
+                    await self._publish_generation()
             except ReadOnly:
                 raise
             except (OSError, SafefsError) as exc:
@@ -223,17 +223,22 @@ class Flusher:
             self.flushes += 1
         return receipt
 
-    async def _publish_generation(self, changed: set[BPath]) -> None:
-        """Tell followers that the project moved: `.safefs/generation`, epoch and counter."""
+    async def _publish_generation(self) -> None:
+        """Tell followers that the project moved: `.safefs/generation`, epoch and counter, and
+        every directory changed since the last one (all of them once after becoming the writer:
+        what a crash cut short before its generation went out is not known)."""
         epoch = self.gate.require_publishable()
         number = max(self.generation, int(self.table.meta.get("generation", 0))) + 1
         self._generation_pending = True  # until the record is out
+        changed = set(self.writeback.unannounced)
         record = await self.writeback.call(
             functools.partial(
                 generation.write, self.backing, self.writeback.staging(), epoch=epoch, generation=number,
-                host=self.host_name, changed=changed,
+                host=self.host_name, changed=changed, everything=self._announce_all,
             )
         )  # fmt: skip
+        self.writeback.unannounced -= changed
+        self._announce_all = False
         if self.announce is not None:
             self.announce(record)  # must not block: the daemon hands it to etcd in the background
         self.generation = number
@@ -245,6 +250,7 @@ class Flusher:
         if record is not None:
             self.generation = max(self.generation, int(record.get("generation", 0)))
         self._generation_pending = True
+        self._announce_all = True
 
     def _failed(self, exc: BaseException) -> None:
         self._backoff = min(MAX_BACKOFF, max(0.5, self._backoff * 2))

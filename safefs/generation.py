@@ -4,10 +4,14 @@ The writer replaces the file (staging file, fsync, rename: readers see the old o
 record, never a torn one) after every write-back pass that changed the project, and on every
 `safefs sync`. Followers poll it and refresh what it names.
 
-Record (JSON): {"v": 1, "epoch": E, "generation": G, "host": ..., "pid": ..., "time": wall,
-"changed": ["dir/name", ...], "all": bool}. Paths are the project-relative names the pass
-touched, decoded with os.fsdecode (JSON escapes the odd bytes); "all" means "too many to
-list: refresh everything".
+Record (JSON): {"v": 2, "epoch": E, "generation": G, "host": ..., "pid": ..., "time": wall,
+"changed": ["dir/name", ...], "all": bool}. "changed" lists every project directory whose
+entries, or whose files' contents or attributes, the writer changed since generation G-1 (a
+directory's own attributes are not announced: README, limitations), as project-relative paths
+("." for the top) decoded with os.fsdecode (JSON escapes the odd bytes); "all" means "too
+many to list, or not known: refresh everything". From v2 on the list is complete, so an
+empty one means nothing changed (a `safefs sync` with nothing to write back); in a v1
+record an empty list said nothing about what changed.
 
 Threading: blocking functions; callers run them in a thread behind the backing limiter.
 """
@@ -24,8 +28,21 @@ from safefs import layout
 from safefs.backing import Attrs, Backing
 
 PATH = layout.backing_path(layout.GENERATION)
+VERSION = 2  # the first version whose "changed" lists every change (see above)
 MAX_LISTED = 5000  # more changed paths than this are published as "all"
 MAX_BYTES = 4 << 20
+
+
+def names_everything_changed(record: dict[str, Any]) -> bool:
+    """Does `record` list every directory that changed since the generation before it?"""
+    paths = record.get("changed")
+    if record.get("all") or not isinstance(paths, list):
+        return False
+    try:
+        version = int(record.get("v") or 1)
+    except (TypeError, ValueError):
+        return False
+    return bool(paths) or version >= VERSION
 
 
 def read(backing: Backing) -> dict[str, Any] | None:
@@ -43,13 +60,13 @@ def read(backing: Backing) -> dict[str, Any] | None:
 
 def write(
     backing: Backing, staging: tuple[bytes, ...], *, epoch: int, generation: int, host: str,
-    changed: Iterable[tuple[bytes, ...]],
+    changed: Iterable[tuple[bytes, ...]], everything: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     paths = sorted({os.fsdecode(b"/".join(p)) if p else "." for p in changed})
+    everything = everything or len(paths) > MAX_LISTED
     record: dict[str, Any] = {
-        "v": 1, "epoch": epoch, "generation": generation, "host": host, "pid": os.getpid(),
-        "time": time.time(), "all": len(paths) > MAX_LISTED,
-        "changed": paths if len(paths) <= MAX_LISTED else [],
+        "v": VERSION, "epoch": epoch, "generation": generation, "host": host, "pid": os.getpid(),
+        "time": time.time(), "all": everything, "changed": [] if everything else paths,
     }  # fmt: skip
     data = json.dumps(record).encode()
     fd = os.memfd_create("safefs-generation", os.MFD_CLOEXEC)

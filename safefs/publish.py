@@ -8,7 +8,7 @@ A part of the flusher (flusher.py), built with what it uses: the WriteBack it ca
 backing tree through, the Conflicts part (a file changed on both sides becomes a conflict
 copy), the inode table, the contents, the backing tree, the lease gate, the clock and the
 config. It owns what a pass has still to close (the directories to fsync, which replay adds
-to through `dirs_to_sync`, and those a staging rename moved the times of), whether this
+to through `changed_dir`, and those a staging rename moved the times of), whether this
 run cleaned the staging directory, and the receipt of the pass under way (set by the
 Flusher; a replayed create's publish counts there).
 
@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 class Publisher:
     """Publishing dirty inodes at their backing paths. Owns what a pass has still to close:
-    the directories to fsync (`dirs_to_sync`, which replay adds to) and the directories a
+    the directories to fsync (`dirs_to_sync`, which replay adds to through `changed_dir`) and the directories a
     staging rename moved the times of; and whether this run cleaned the staging directory."""
 
     def __init__(
@@ -76,6 +76,12 @@ class Publisher:
         self.staging_cleaned = False
         self.receipt: Receipt | None = None  # the flush pass under way (the Flusher sets it)
 
+    def changed_dir(self, path: BPath) -> None:
+        """This pass changed the project's directory `path`: fsync it at the end of the pass
+        (`sync_dirs`) and name it in the next generation (WriteBack.changed)."""
+        self.dirs_to_sync.add(path)
+        self.writeback.changed(path)
+
     async def publish(self, inode: Inode, receipt: Receipt) -> None:
         self.gate.require_publishable()
         path = self.table.backing_path(inode.ino) if inode.ino != ROOT_INO else ()
@@ -97,6 +103,12 @@ class Publisher:
             self.resolver.add({"path": os.fsdecode(b"/".join(path)), "error": str(exc),
                                    "why": "removed or replaced in the project; the mount's attributes are not applied",
                                    "time": utc_text(self.clock.wall())})  # fmt: skip
+        else:
+            # A follower takes a symlink's or a device's attributes from its directory's
+            # listing. A directory's own attributes are not announced: naming its parent would
+            # make followers re-list every sibling (see README, limitations).
+            if not stat.S_ISDIR(inode.mode):
+                self.changed_dir(path[:-1])
         self.table.mark_attrs_published(inode, version)
 
     async def publish_file(
@@ -140,7 +152,7 @@ class Publisher:
             receipt.bytes += written
         hard_linked = st.st_ino if st.st_nlink > 1 else None
         self.table.mark_published(inode, fingerprint_tuple(Fingerprint.of(st)), blink, version, hard_linked)
-        self.dirs_to_sync.add(path[:-1])
+        self.changed_dir(path[:-1])
 
     async def clean_staging(self) -> None:
         """Remove staging files a crash left behind, except those a record still names."""
@@ -210,7 +222,7 @@ class Publisher:
                 await self.writeback.call(self.backing.set_times, path, d.atime_ns, d.mtime_ns)
             except (FileNotFoundError, NotADirectoryError):
                 continue  # gone from the project meanwhile: nothing to restore
-            self.dirs_to_sync.add(path)
+            self.changed_dir(path)
 
     async def sync_dirs(self) -> None:
         """Fsync each directory the pass changed. A directory stays listed until it is synced,

@@ -196,7 +196,7 @@ class Replayer:
                 return await self._op_mkdir(parent, copy, ino)
         # The fingerprint, so a refresh knows it as ours.
         self.table.mark_on_backing(inode, fingerprint_tuple(Fingerprint.of(st)), (parent, name), attrs=False)
-        self.publisher.dirs_to_sync.add(dpath)
+        self.publisher.changed_dir(dpath)
 
     async def _op_create(self, parent: int, name: bytes, ino: int) -> None:
         inode = self.table.inodes.get(ino)
@@ -228,7 +228,7 @@ class Replayer:
                     return await self._op_create(parent, copy, ino)
                 st = await self.writeback.call(self.backing.lstat, path)
             self.table.mark_on_backing(inode, fingerprint_tuple(Fingerprint.of(st)), (parent, name), attrs=True)
-        self.publisher.dirs_to_sync.add(dpath)
+        self.publisher.changed_dir(dpath)
 
     async def _made_by_us(self, inode: Inode, path: BPath) -> bool:
         """After a crash, is the object at `path` the one this op created?"""
@@ -259,7 +259,7 @@ class Replayer:
             else:
                 self._linked_before_crash(inode, st)
         self.table.add_blink(inode, (parent, name))
-        self.publisher.dirs_to_sync.add(dpath)
+        self.publisher.changed_dir(dpath)
 
     async def _changed_behind_us(self, inode: Inode | None, path: BPath) -> bool:
         """Is the regular file at `path` no longer the one safefs last saw there?"""
@@ -317,7 +317,7 @@ class Replayer:
                 self.table.drop_blink(inode, (parent, name))
                 await self._other_links_moved(inode, before)
         await self._forget_blink(inode, (parent, name))
-        self.publisher.dirs_to_sync.add(dpath)
+        self.publisher.changed_dir(dpath)
 
     async def _op_rmdir(self, parent: int, name: bytes, ino: int) -> None:
         inode = self.table.inodes.get(ino)
@@ -335,7 +335,7 @@ class Replayer:
             why = "filled in the project, removed in the mount"
             await self.resolver.move_aside(path, parent, why)  # someone put files there behind our back: keep them
         await self._forget_blink(inode, (parent, name))
-        self.publisher.dirs_to_sync.add(dpath)
+        self.publisher.changed_dir(dpath)
 
     async def _op_rename(
         self, p_old: int, n_old: bytes, p_new: int, n_new: bytes, flags: int, ino: int, replaced: int
@@ -414,7 +414,8 @@ class Replayer:
             else:
                 await self._forget_blink(dst_inode, (p_new, n_new))
             await self._other_links_moved(dst_inode, other_before if rename_flags >= 0 else None)
-        self.publisher.dirs_to_sync.update((d_old, d_new))
+        self.publisher.changed_dir(d_old)
+        self.publisher.changed_dir(d_new)
 
     def _moved_by_us(self, inode: Inode | None, before: os.stat_result, after: os.stat_result) -> None:
         """safefs itself just renamed or linked this object on the project, which moved its

@@ -2,14 +2,17 @@
 
 The flusher (flusher.py) builds one WriteBack from the inode table, the cache, the contents,
 the lease gate and the clock, and hands it to each part that calls the backing tree. It owns
-`in_call` (the backing call under way, which status lists once it hangs) and no other
-write-back state.
+`in_call` (the backing call under way, which status lists once it hangs) and `unannounced`
+(the directories the parts changed on the project since the last published generation).
 
 Invariants:
 - Every call into the backing tree goes through `call`: in a worker thread behind the
   backing limiter, with the lease asked once more in that thread right before the call
   (`_if_publishable`); a call that hangs shows in status.
 - A content file's cache descriptor is pinned while a backing call copies from it (`pinned`).
+- Every directory whose entries (or their contents or attributes) a part changes on the project is noted
+  (`changed`) before the pass ends, and stays in `unannounced` until a generation naming it
+  is published: followers refresh exactly what a generation names (generation.py).
 
 Threading: trio thread; backing calls in worker threads (Content.in_backing).
 """
@@ -80,6 +83,12 @@ class WriteBack:
         self.gate = gate
         self.clock = clock
         self.in_call: tuple[str, BPath, float] | None = None  # the backing call under way
+        self.unannounced: set[BPath] = set()  # changed on the project, in no generation yet
+
+    def changed(self, dir_path: BPath) -> None:
+        """A part changed an entry of the project's directory `dir_path` (`()` is the top): its
+        name, content or attributes. The next generation names the directory."""
+        self.unannounced.add(dir_path)
 
     def dir_path(self, ino: int) -> BPath | None:
         return self.table.dir_backing_path(ino)

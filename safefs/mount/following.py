@@ -154,12 +154,10 @@ class Following:
             return  # seen already (the other source told us first), or older
         log.info("follow: generation %s of epoch %s (from %s)", record.get("generation"), record.get("epoch"), source)
         self.seen_generation, self.generation_seen_at = record, self.clock.wall()
-        paths = record.get("changed")
         follows = prev is not None and prev.get("epoch") == record.get("epoch") and \
             record.get("generation") == (prev.get("generation") or 0) + 1  # fmt: skip
-        # An empty list says nothing about what changed (a sync after attribute-only changes).
-        if follows and not record.get("all") and isinstance(paths, list) and paths:
-            self._invalidate_dirs(paths)
+        if follows and generation.names_everything_changed(record):
+            self._invalidate_dirs(record["changed"])  # nothing at all for a sync that changed nothing
         else:
             self.fs.mark_stale()
             self.invalidate_kernel()

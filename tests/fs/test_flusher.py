@@ -768,6 +768,56 @@ async def test_each_sync_publishes_a_new_generation(stack: Stack) -> None:
     assert leftovers(stack.src) == []
 
 
+def published_generation(stack: Stack) -> dict[str, Any]:
+    import json
+
+    return json.loads((stack.src / ".safefs" / "generation").read_bytes())  # type: ignore[no-any-return]
+
+
+async def test_a_generation_names_every_directory_changed_since_the_last_and_no_other(stack: Stack) -> None:
+    # Followers refresh only what a generation names (and nothing for an empty list): a
+    # directory missing from it keeps showing them stale names.
+    for d in ("a", "b", "c"):
+        await stack.mkdir(d)
+    await stack.create("a/f", b"1")
+    await stack.flusher.sync(timeout=30)
+    first = published_generation(stack)
+    assert first["all"] is True, "the first generation of a writer names everything"
+    await stack.write("a/f", b"2")
+    await stack.flusher.sync(timeout=30)
+    assert (published_generation(stack)["changed"], published_generation(stack)["all"]) == (["a"], False)
+    await stack.flusher.sync(timeout=30)  # nothing changed: a generation that names nothing
+    record = published_generation(stack)
+    assert (record["v"], record["changed"], record["all"]) == (2, [], False)
+    assert record["generation"] == first["generation"] + 2
+    link = await stack.symlink("f", "b/link")
+    await stack.flusher.sync(timeout=30)
+    await stack.fs.setattr(link.ino, uid=1234)  # an attribute-only change
+    await stack.flusher.sync(timeout=30)
+    assert published_generation(stack)["changed"] == ["b"]  # a follower reads it in b's listing
+    await stack.write("a/f", b"3")  # changed on both sides: the copy goes beside it, in a/
+    (stack.src / "a" / "f").write_bytes(b"theirs")
+    await stack.rename("c", "a/c2")
+    await stack.flusher.sync(timeout=30)
+    assert published_generation(stack)["changed"] == [".", "a"]
+    assert [name for name in os.listdir(stack.src / "a") if ".safefs-conflict-" in name]
+
+
+async def test_a_failed_pass_leaves_what_it_changed_to_the_next_generation(stack: Stack) -> None:
+    for d in ("x", "y"):
+        await stack.mkdir(d)
+    await stack.flusher.sync(timeout=30)
+    await stack.create("x/f", b"f")
+    await stack.create("y/g", b"g")
+    stack.backing.faults = faults = FaultPlan()
+    faults.fail("fsync_dir", errno.EIO, prefix=(b"y",), times=1)  # x/ is done and synced first
+    with pytest.raises(BackingFailed):
+        await stack.flusher.flush(everything=True)
+    assert (stack.src / "x" / "f").read_bytes() == b"f" and (stack.src / "y" / "g").read_bytes() == b"g"
+    await stack.flusher.sync(timeout=30)
+    assert published_generation(stack)["changed"] == ["x", "y"]
+
+
 # ---------------------------------------------------------------------------- write-back timing
 
 

@@ -243,8 +243,7 @@ def test_init_is_refused_while_a_mount_holds_the_lease(etcd_cluster):
 
 
 def test_a_follower_refreshes_only_the_directories_a_generation_names(etcd_cluster):
-    # Only the syncs write back (and publish): a background pass publishing first would make
-    # the sync's generation an empty one, which followers rightly take as "refresh everything".
+    # Only the syncs write back (and publish), so each step below is one generation.
     a = etcd_cluster.start("hostA", writeback_delay=600)
     a.wait_writable()
     b = etcd_cluster.start("hostB")
@@ -261,6 +260,13 @@ def test_a_follower_refreshes_only_the_directories_a_generation_names(etcd_clust
     assert b.read("busy/new") == b"new\n"
     record = json.loads((etcd_cluster.src / ".safefs" / "generation").read_bytes())
     assert b.listdir("quiet") == ["old"], f"B refreshed a directory {record} did not name"
+    # A sync with nothing to write back publishes a generation that names nothing: B, which
+    # sees it, refreshes nothing (it used to refresh everything, on every follower).
+    a.sync_ok()
+    told = f"generation {record['generation'] + 1} of epoch {record['epoch']}"
+    wait_until(lambda: told in b.log_tail(200), 5.0, interval=0.1, message=f"B to log {told!r}")
+    assert json.loads((etcd_cluster.src / ".safefs" / "generation").read_bytes())["changed"] == []
+    assert b.listdir("quiet") == ["old"], "B refreshed everything for a generation that named nothing"
     # `safefs sync` on a follower means "show me the latest": everything is refreshed.
     b.sync_ok()
     assert b.listdir("quiet") == ["old", "out-of-band"]
