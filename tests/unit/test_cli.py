@@ -243,6 +243,14 @@ def silent_daemon(tmp_path: Path, short_dir: Path) -> Iterator[tuple[dict[str, s
             sock_path.unlink(missing_ok=True)
 
 
+def interruptible() -> None:
+    """For Popen's preexec_fn: SIGINT back to its default in the child, which Python turns into
+    KeyboardInterrupt. A test run started in the background by a non-interactive shell
+    (`cmd &`) has SIGINT ignored, and a child inherits that: the CLI would rightly ignore
+    Ctrl-C too, and the tests below could not send it one."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def take_request(listener: socket.socket, op: str) -> socket.socket:
     connection, _ = listener.accept()
     assert connection.makefile("rb").readline().startswith(b'{"v":1,"op":"%s"' % op.encode())
@@ -253,7 +261,7 @@ def test_sigint_while_waiting_for_the_daemon_exits_130(silent_daemon) -> None:
     # The real CLI waits for a daemon that never answers, then gets SIGINT.
     env, mnt, listener = silent_daemon
     child = subprocess.Popen([PYTHON, "-m", "safefs", "sync", str(mnt)], cwd=REPO, env=env,
-                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+                             stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)  # fmt: skip
     try:
         with take_request(listener, "sync"):
             child.send_signal(signal.SIGINT)
@@ -286,7 +294,8 @@ SIGINT_BESIDE_RECV = textwrap.dedent(
 def test_a_sigint_the_blocked_receive_does_not_see_still_exits_130(silent_daemon) -> None:
     env, mnt, listener = silent_daemon
     child = subprocess.Popen([PYTHON, "-c", SIGINT_BESIDE_RECV, str(mnt)], cwd=REPO, env=env,
-                             stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                             stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=interruptible)  # fmt: skip
     try:
         with take_request(listener, "sync"):
             time.sleep(0.5)  # into recv()
