@@ -187,7 +187,10 @@ class Content:
                     inode.add_present(s, e)
                     self.cached_bytes_estimate += e - s
                 self.table.mark(inode)
-        await self.table.commit()
+        # No transaction of its own: a cold read of many small files would pay one per file.
+        # The next commit, or the journal's sync within a second (mount/process.py), carries
+        # it; a crash before that costs a second fetch, never a wrong byte (the content file
+        # holds the bytes before the record says so).
         await self.maybe_evict()
 
     async def fill(self, inode: Inode) -> None:

@@ -438,6 +438,11 @@ class InodeTable:
         self._marked_meta.clear()
         return batch
 
+    @property
+    def uncommitted(self) -> bool:
+        """Is anything marked that no transaction carries yet?"""
+        return bool(self._marked_inodes or self._marked_dentries or self._marked_ops or self._marked_meta)
+
     async def commit(self) -> None:
         """Return once everything marked so far is in a committed transaction.
 

@@ -93,10 +93,12 @@ def lease_timings(config: MountConfig, store: ProjectLeaseStore) -> LeaseTimings
 
 
 async def sync_journal_periodically(table: InodeTable) -> None:
-    """Bound what a host crash can take: committed changes reach the disk within a second."""
+    """Bound what a host crash can take: committed changes reach the disk within a second,
+    and what is marked but left for a later commit (fetched bytes) is committed by then."""
     synced = -1
     while True:
         await trio.sleep(JOURNAL_SYNC_INTERVAL)
-        if table.commits != synced:
+        if table.commits != synced or table.uncommitted:
+            await table.commit()
             synced = table.commits
             await table.sync()

@@ -235,6 +235,7 @@ async def test_a_failed_cache_write_takes_back_its_ranges_in_memory_and_journal(
 async def test_a_clean_file_is_marked_may_be_dirty_once_before_its_first_change(stack: Stack) -> None:
     (stack.src / "f").write_bytes(b"o" * 8192)
     assert await stack.read("f") == b"o" * 8192  # present and clean
+    await stack.table.commit()  # what was fetched, as the journal's periodic sync commits it
     inode = await stack.resolve("f")
     commits: list[Any] = []
     real_commit = stack.journal.commit
@@ -388,3 +389,24 @@ async def test_fdatasync_of_overwritten_dirty_bytes_flushes_the_file_alone(
         await stack.fs.release(fh)
     await stack.crash_and_replay()
     assert await stack.read("f") == b"bcd" + b"a" * 8189 + b"e"
+
+
+async def test_a_cold_read_opens_no_transaction_and_a_crash_before_one_costs_a_fetch(stack: Stack) -> None:
+    # A transaction per fetched file was a third of the cost of reading many small files.
+    from safefs.mount.process import sync_journal_periodically
+
+    (stack.src / "f").write_bytes(b"x" * 5000)
+    await stack.resolve("f")  # the listing that finds it commits, as it should
+    before = stack.table.commits
+    assert await stack.read("f") == b"x" * 5000
+    assert stack.table.commits == before and stack.table.uncommitted
+    await stack.crash_and_replay()  # the record of what is present is lost, nothing else
+    assert not (await stack.resolve("f")).present
+    assert await stack.read("f") == b"x" * 5000  # fetched again
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sync_journal_periodically, stack.table)
+        await wait_until_async(lambda: not stack.table.uncommitted, 10.0, message="the periodic sync to commit")
+        nursery.cancel_scope.cancel()
+    await stack.crash_and_replay()
+    assert (await stack.resolve("f")).present == ((0, 5000),)
+    assert await stack.read("f") == b"x" * 5000
