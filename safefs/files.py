@@ -203,6 +203,10 @@ class Files:
             saved = (inode.size, inode.mtime_ns, inode.ctime_ns)
             changes = []
             if offset > inode.size:  # the gap reads as zeros; the backing file's grows alike
+                # The content file may hold bytes past the end that no record names (fetched
+                # before the file shrank, their record lost in a crash): cut them first, as a
+                # truncate that grows the file does.
+                self.cache.truncate(inode.ino, inode.size)
                 changes.append(inode.add_present(inode.size, offset))
             grown = end - offset if inode.gaps(records.PRESENT, offset, end) else 0
             changes.append(inode.add_present(offset, end))
