@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -348,6 +349,36 @@ def test_hard_link_after_replay_and_sync_stays_one_file(mount_factory):
 
 
 BIG = 200 * MIB
+PAGE = 4096
+
+
+def big_chunks() -> Iterator[bytes]:
+    """The content of `big`, a MiB at a time: the same on every call."""
+    rng = random.Random(200)
+    for _ in range(BIG // MIB):
+        yield rng.randbytes(MIB)
+
+
+def is_an_earlier_state_of_big(path: Path) -> bool:
+    """Is `path` what `big` may be on the project while still being written back?
+
+    A create waits for its file to be quiet, but only CREATE_PATIENCE write-back delays (6 s
+    here): a 200 MiB write that takes longer (a loaded machine) is published while still
+    open, holding what the mount had then (zeros where the kernel had not sent its pages
+    yet). Being over 64 MiB, the file is then written back in place by ranges. So each page
+    holds its final bytes or zeros, and nothing else.
+    """
+    zero = bytes(PAGE)
+    with open(path, "rb") as f:
+        for chunk in big_chunks():
+            got = f.read(MIB)
+            for off in range(0, len(got), PAGE):
+                page = got[off : off + PAGE]
+                if page != chunk[off : off + len(page)] and page != zero[: len(page)]:
+                    return False
+            if len(got) < MIB:
+                return True
+        return not f.read(1)
 
 
 @pytest.mark.timeout(900)
@@ -360,8 +391,7 @@ def test_kill_in_the_middle_of_writeback(mount_factory, tmp_path, fraction):
     big_hash = hashlib.sha256()
     fd = os.open(m.mnt / "big", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        for _ in range(BIG // MIB):
-            chunk = os.urandom(MIB)
+        for chunk in big_chunks():
             big_hash.update(chunk)
             os.write(fd, chunk)
     finally:
@@ -387,7 +417,11 @@ def test_kill_in_the_middle_of_writeback(mount_factory, tmp_path, fraction):
     until(reached, 300, f"write-back to reach {threshold} bytes", interval=0.02)
     st_before_kill = m.status()
     kill(m)
-    assert_no_torn_files(m.src, expected)
+    allowed: dict[str, set[str] | str] = dict(expected)
+    got_big = tree(m.src).get("big")
+    if got_big not in (None, expected["big"]) and is_an_earlier_state_of_big(m.src / "big"):
+        allowed["big"] = {expected["big"], got_big}
+    assert_no_torn_files(m.src, allowed)
     if st_before_kill["dirty_bytes"] == 0:
         pytest.skip("write-back finished before the kill point; nothing was interrupted")
 
