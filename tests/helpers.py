@@ -412,13 +412,19 @@ class Mount:
                 if error:
                     problems.append(error)
             if self.alive:
+                # The first SIGTERM asks for the final write-back, which may go on (retrying a
+                # project that refuses it) for FINAL_FLUSH_STALL; a second one stops it at once.
                 self.proc.terminate()
                 try:
                     self.proc.wait(timeout=5)
                 except subprocess.TimeoutExpired:
-                    problems.append(f"daemon {self.pid} ignored SIGTERM for 5 s; killed")
-                    self.proc.kill()
-                    self.proc.wait(timeout=10)
+                    self.proc.terminate()
+                    try:
+                        self.proc.wait(timeout=5)
+                    except subprocess.TimeoutExpired:
+                        problems.append(f"daemon {self.pid} ignored two SIGTERMs for 10 s; killed")
+                        self.proc.kill()
+                        self.proc.wait(timeout=10)
         except Exception as exc:  # cleanup must go on whatever happened
             problems.append(f"cleanup of {self.mnt}: {exc!r}")
         finally:
