@@ -143,6 +143,15 @@ class ContentCache:
                 raise CacheFull("cache: local disk full") from exc
             raise
 
+    def cut(self, ino: int, size: int) -> None:
+        """Drop what the content file holds past `size`, bytes no record names (fetched before
+        a crash lost their record, say). Costs an fstat when there are none, as there almost
+        always are none: no ftruncate, which the local filesystem would journal."""
+        with self.pinned(ino) as fd:
+            if os.fstat(fd).st_size > size:
+                self._changed(ino)
+                os.ftruncate(fd, size)
+
     def truncate(self, ino: int, size: int) -> None:
         self._changed(ino)
         with self.pinned(ino) as fd:

@@ -206,7 +206,7 @@ class Files:
                 # The content file may hold bytes past the end that no record names (fetched
                 # before the file shrank, their record lost in a crash): cut them first, as a
                 # truncate that grows the file does.
-                self.cache.truncate(inode.ino, inode.size)
+                self.cache.cut(inode.ino, inode.size)
                 changes.append(inode.add_present(inode.size, offset))
             grown = end - offset if inode.gaps(records.PRESENT, offset, end) else 0
             changes.append(inode.add_present(offset, end))
@@ -320,5 +320,5 @@ class Files:
         self._changed(inode, data=True, attrs=True)
 
     def _extend_cache_file(self, ino: int, old: int, size: int) -> None:
-        self.cache.truncate(ino, old)
+        self.cache.cut(ino, old)
         self.cache.truncate(ino, size)
