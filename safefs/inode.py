@@ -174,9 +174,15 @@ class Inode:
         return out
 
     def add_link(self, parent: int, name: bytes) -> None:
-        if (parent, name) not in self.links:
-            # The same tuple as the backing link when there is one: one object, not two.
-            self.links.append(next((b for b in self.blinks if b == (parent, name)), (parent, name)))
+        link = (parent, name)
+        if link not in self.links:
+            # The same tuple as the backing link when there is one: one object, not two. A
+            # loop, not next() over a generator: listing a directory calls this per entry.
+            for blink in self.blinks:
+                if blink == link:
+                    link = blink
+                    break
+            self.links.append(link)
 
     def drop_link(self, parent: int, name: bytes) -> None:
         if (parent, name) in self.links:
