@@ -764,7 +764,8 @@ def worker_tree(d: Path, p: dict[str, Any]) -> dict[str, float]:
     out["tree_read"] = timed(read_all)
     if total != int((Path(p["data"]) / "bigtree.bytes").read_text()):
         raise RuntimeError(f"read {total:,} bytes, the tree has {(Path(p['data']) / 'bigtree.bytes').read_text()}")
-    for field, key in (("VmRSS", "tree_rss"), ("VmHWM", "tree_hwm")):
+    fields = (("VmRSS", "tree_rss"), ("VmHWM", "tree_hwm"), ("RssAnon", "tree_anon"), ("RssFile", "tree_file"))
+    for field, key in fields:
         value = vm_hwm(p["daemon_pid"], field)
         if value is not None:
             out[key] = value
@@ -894,8 +895,14 @@ class Bench:
         for system in self.systems:
             rss, hwm = self.median("tree_rss", system.name), self.median("tree_hwm", system.name)
             if rss is not None and hwm is not None:
+                anon, mapped = self.median("tree_anon", system.name), self.median("tree_file", system.name)
+                # File-backed pages (libraries, safefs's journal map) are page cache the kernel
+                # can take back; anonymous ones are the process's own memory.
+                split = (f"; {anon / MIB:.0f} MiB anonymous, {mapped / MIB:.0f} MiB mapped files"
+                         if anon is not None and mapped is not None else "")  # fmt: skip
                 self.extra.append(f"{system.name} daemon RSS after reading {files} files: {rss / MIB:.0f} MiB "
-                                  f"(peak {hwm / MIB:.0f} MiB so far; VmRSS and VmHWM of /proc/PID/status)")
+                                  f"(peak {hwm / MIB:.0f} MiB so far{split}; VmRSS, VmHWM, RssAnon and "
+                                  f"RssFile of /proc/PID/status)")
 
 
 def machine_description(base: Path) -> list[str]:
