@@ -207,6 +207,15 @@ class Filesystem:
     def _log(self, op: records.Op) -> None:
         self.table.append_op(op, self.clock.monotonic())
 
+    def _log_removal(self, d: Inode, op: records.Unlink | records.Rmdir, inode: Inode) -> None:
+        """Log the removal of a name, unless it takes with it an object the backing tree never
+        got (then the pending create goes instead, see InodeTable.cancel_creation). The
+        directory's times moved all the same: they are published as after a replayed op."""
+        if not self.table.cancel_creation(inode):
+            self._log(op)
+        elif d.blinks or d.ino == ROOT_INO:
+            self.table.mark_attrs_dirty(d)
+
     def _dir_changed(self, d: Inode) -> None:
         d.mtime_ns = d.ctime_ns = self.now_ns()
         self.table.mark(d)
@@ -351,7 +360,7 @@ class Filesystem:
         self.table.unlink(parent, name)
         self._changed(inode)
         self._dir_changed(d)
-        self._log(records.Unlink(parent, name, inode.ino))
+        self._log_removal(d, records.Unlink(parent, name, inode.ino), inode)
         await self.table.commit()
         self.on_change()
 
@@ -367,7 +376,7 @@ class Filesystem:
         self.negative.drop(inode.ino)
         self._changed(inode)
         self._dir_changed(d)
-        self._log(records.Rmdir(parent, name, inode.ino))
+        self._log_removal(d, records.Rmdir(parent, name, inode.ino), inode)
         await self.table.commit()
         self.on_change()
 

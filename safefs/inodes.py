@@ -17,6 +17,9 @@ Invariants:
   a record on disk is always a state memory had.
 - An inode is dropped only when nothing refers to it: no cache link, no backing link, no
   kernel lookup, no open handle (`collectable`).
+- An object made and removed again before its create was replayed never reaches the
+  backing tree: the removal drops the pending create instead of logging its own op
+  (`cancel_creation`), when no other pending op names the object.
 
 Threading: all state is touched only on the trio thread, and journal transactions run there
 too, inline: an LMDB commit without sync costs a few microseconds of page-cache work (it
@@ -62,6 +65,7 @@ class InodeTable:
         self.op_times: dict[int, float] = {}  # seq -> monotonic time it happened (memory only)
         self._maybe_dirty: set[int] = set()  # every inode that needs a flush is in here
         self._op_refs: dict[int, int] = {}  # inode -> number of pending ops naming it
+        self._created_by: dict[int, int] = {}  # inode -> seq of the pending op creating it
         self._by_backing_ino: dict[int, int] = {}  # backing st_ino -> inode, for hard links (memory only)
         # The flusher moves the backing view one op at a time; a reader that resolved a path
         # just before a move may miss the object, and looks again (Content.on_backing).
@@ -103,7 +107,7 @@ class InodeTable:
         self._maybe_dirty.update(self.inodes)
         for seq, op in snap.ops:
             self.ops[seq] = op
-            self._count_refs(op, +1)
+            self._count_refs(seq, op, +1)
         self.next_ino = max(self.meta.get("next_ino", ROOT_INO + 1), max(self.inodes, default=0) + 1)
         self.next_seq = max(self.meta.get("next_seq", 1), max(self.ops, default=0) + 1)
 
@@ -356,7 +360,7 @@ class InodeTable:
         self.next_seq += 1
         self.ops[seq] = op
         self.op_times[seq] = now
-        self._count_refs(op, +1)
+        self._count_refs(seq, op, +1)
         self._marked_ops.add(seq)
         self.set_meta("next_seq", self.next_seq)
         return seq
@@ -368,25 +372,59 @@ class InodeTable:
         self.ops[seq] = op
         self._marked_ops.add(seq)
 
-    def _count_refs(self, op: records.Op, delta: int) -> None:
+    def _count_refs(self, seq: int, op: records.Op, delta: int) -> None:
         for ino in op.inodes:
             count = self._op_refs.get(ino, 0) + delta
             if count:
                 self._op_refs[ino] = count
             else:
                 self._op_refs.pop(ino, None)
+        if isinstance(op, (records.Create, records.Mkdir)):
+            if delta > 0:
+                self._created_by[op.ino] = seq
+            elif self._created_by.get(op.ino) == seq:
+                del self._created_by[op.ino]
 
     def drop_op(self, seq: int) -> None:
         op = self.ops.pop(seq, None)
         if op is not None:
-            self._count_refs(op, -1)
+            self._count_refs(seq, op, -1)
         self.op_times.pop(seq, None)
         self._marked_ops.add(seq)
 
+    def cancel_creation(self, inode: Inode) -> bool:
+        """`inode` just lost its last name. If it never reached the backing tree and its
+        pending create (or mkdir) is the only op naming it, drop that op: neither the create
+        nor a removal is ever replayed (a SQLite rollback journal, a build's temporary file,
+        a tree extracted and removed again before write-back). True if dropped; the caller
+        then logs no op for the removal.
+
+        Nothing else can need the op: a later op that moved or linked the object, or put
+        something in it, names it too. The op being replayed (`in_flight`) is left alone,
+        as its replay may already have made the object.
+        """
+        seq = self._created_by.get(inode.ino)
+        if (
+            seq is None
+            or inode.links
+            or inode.blinks
+            or not inode.new
+            or self._op_refs.get(inode.ino) != 1
+            or self.meta.get("in_flight") == seq
+        ):
+            return False
+        self.drop_op(seq)
+        return True
+
+    @staticmethod
+    def nameless(inode: Inode) -> bool:
+        """Has the inode lost every name in the mount (unlinked, maybe still open)? Nothing
+        but open handles reaches it any more, and nothing of it is published."""
+        return not inode.links and inode.ino != ROOT_INO
+
     def collectable(self, inode: Inode) -> bool:
         return (
-            inode.ino != ROOT_INO
-            and not inode.links
+            self.nameless(inode)
             and not inode.blinks
             and inode.lookups <= 0
             and inode.opens <= 0

@@ -82,7 +82,9 @@ class Replayer:
     async def replay_ops(self, receipt: Receipt, older_than: float | None) -> None:
         """Replay the log in order; with `older_than`, stop at the first op younger than it."""
         for seq in sorted(self.table.ops):
-            op = self.table.ops[seq]
+            op = self.table.ops.get(seq)
+            if op is None:
+                continue  # a create the object's removal cancelled meanwhile
             if older_than is not None and not self._ripe(seq, op, older_than):
                 break
             await self._replay_one(seq, op)

@@ -9,9 +9,11 @@ behind safefs's back, a failing backing tree, and a lease lost before the flush.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import stat
+import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ import trio
 
 from safefs.errors import BackingFailed, ReadOnly, SyncTimeout
 from safefs.fs import RENAME_EXCHANGE
+from safefs.layout import DIR as CONTROL_DIR_NAME
 from safefs.testing import FaultPlan
 from tests.fs.conftest import HOST, Stack, conflict_copies, files, leftovers, src_tree
 
@@ -264,6 +267,104 @@ async def test_xattrs_set_and_removed_reach_src(stack: Stack) -> None:
     assert os.getxattr(stack.src / "d", b"user.dir") == b"yes"
     assert os.readlink(stack.src / "d" / "ln") == "f"
     assert (stack.src / "f").read_bytes() == b"f"
+
+
+# ---------------------------------------------------------------------------- made and removed again
+
+
+def record_backing_changes(stack: Stack) -> list[tuple[str, Any]]:
+    """Every change to the project outside its control dir from now on: (method, path)."""
+    calls: list[tuple[str, Any]] = []
+    for name in ("mkdir", "symlink", "mknod", "link", "unlink", "rmdir", "rename", "publish_atomic", "write_ranges"):
+        real = getattr(stack.backing, name)
+
+        def call(*args: Any, _real: Callable[..., Any] = real, _name: str = name, **kwargs: Any) -> Any:
+            path = next((a for a in args if isinstance(a, tuple) and a and isinstance(a[0], bytes)), None)
+            if path is None or path[0] != CONTROL_DIR_NAME:
+                calls.append((_name, path))
+            return _real(*args, **kwargs)
+
+        setattr(stack.backing, name, call)
+    return calls
+
+
+async def test_a_tree_made_and_removed_before_write_back_never_reaches_the_project(stack: Stack) -> None:
+    """An extracted tree removed again, a build's temporary files, SQLite's rollback journal:
+    what the project never got, the op log forgets on removal, so the write-back makes and
+    removes nothing on the project for it (on NFS, each of those is a round trip or more)."""
+    (stack.src / "keep").mkdir()
+    await stack.mkdir("keep/t")
+    await stack.create("keep/t/f", b"data")
+    await stack.symlink("f", "keep/t/l")
+    await stack.unlink("keep/t/f")
+    await stack.unlink("keep/t/l")
+    await stack.rmdir("keep/t")
+    assert not stack.table.ops, "the removals left the creates (or their own ops) to replay"
+    calls = record_backing_changes(stack)
+    assert await synced(stack) == files(keep=None)
+    assert calls == []
+    # The directory's times moved with the create and the removal: the project gets them.
+    keep = await stack.resolve("keep")
+    assert os.stat(stack.src / "keep").st_mtime_ns == keep.mtime_ns
+
+
+async def test_a_removal_survives_kill_9_with_the_create_it_cancelled(stack: Stack) -> None:
+    await stack.create("f", b"gone")
+    await stack.create("g", b"kept")
+    await stack.unlink("f")
+    await stack.crash_and_replay()
+    assert [op.kind for op in stack.table.ops.values()] == ["create"]
+    assert await synced(stack) == files(g=b"kept")
+
+
+async def test_a_new_object_renamed_or_linked_before_its_removal_is_still_replayed(stack: Stack) -> None:
+    """The later op names the object, so its create must reach the project first: the
+    rename and the link replay against it."""
+    await stack.create("a", b"A")
+    await stack.rename("a", "b")
+    await stack.unlink("b")
+    await stack.create("c", b"C")
+    await stack.link("c", "d")
+    await stack.unlink("c")
+    await stack.mkdir("e")
+    await stack.create("e/f", b"F")
+    await stack.rename("e/f", "f")
+    await stack.rmdir("e")
+    assert [op.kind for op in stack.table.ops.values()] == [
+        "create", "rename", "unlink", "create", "link", "unlink", "mkdir", "create", "rename", "rmdir",
+    ]  # fmt: skip
+    assert await synced(stack) == files(d=b"C", f=b"F")
+
+
+async def test_a_removal_during_the_replay_of_its_create_is_replayed_too(stack: Stack) -> None:
+    """The create being replayed may already have made the file on the project: its removal
+    is then logged as usual, never folded into it."""
+    await stack.create("f", b"data")
+    replaying, go = trio.Event(), threading.Event()
+    token = trio.lowlevel.current_trio_token()
+    real_exists = stack.backing.exists
+
+    def exists(path: Any) -> bool:
+        if path[-1:] == (b"f",):
+            token.run_sync_soon(replaying.set)
+            assert go.wait(30), "the test never let the replay go on"
+        return real_exists(path)
+
+    stack.backing.exists = exists  # type: ignore[method-assign]
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(stack.flusher.sync, timeout=30))
+            try:
+                with trio.fail_after(30):
+                    await replaying.wait()
+                await stack.unlink("f")
+                logged = [op.kind for op in stack.table.ops.values()]
+            finally:
+                go.set()
+    finally:
+        stack.backing.exists = real_exists  # type: ignore[method-assign]
+    assert logged == ["create", "unlink"]
+    assert await synced(stack) == {}
 
 
 # ---------------------------------------------------------------------------- hard links
