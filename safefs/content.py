@@ -151,11 +151,15 @@ class Content:
         return inode.xattrs
 
     async def collect(self, inode: Inode) -> None:
+        """Forget an inode nothing refers to any more, and its content file.
+
+        The drop is left to the next commit: until then a restart finds the inode nameless,
+        with no op naming it, and collects it again (the content file may be gone already).
+        """
         if self.table.collectable(inode):
             self.table.drop(inode)
             self.cached_bytes_estimate -= ranges.total(inode.present)
             await self.in_cache(self.cache.delete, inode.ino)
-            await self.table.commit()
 
     async def fetch(self, inode: Inode, start: int, end: int) -> None:
         """Bring [start, end) of a file into the cache from the backing tree.

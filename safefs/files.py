@@ -290,6 +290,11 @@ class Files:
         # The kernel sends the times of a file it wrote before each fsync and close.
         times_only = size is None and mode is None and uid in (None, 0xFFFFFFFF) and gid in (None, 0xFFFFFFFF)
         self._changed(inode, attrs=True, times_only=times_only)
+        if self.table.nameless(inode):
+            # Unlinked (the kernel sends the times of every file it removed as it lets go of
+            # it): nothing publishes its attributes, and a restart drops it, so the change
+            # needs no commit of its own; the next commit carries it.
+            return inode
         await self.table.commit()
         self.on_change()
         return inode

@@ -256,6 +256,27 @@ async def test_crash_forgets_kernel_references(stack: Stack) -> None:
     assert src_tree(stack.src) == {}
 
 
+async def test_an_unlinked_file_collected_just_before_a_crash_stays_gone(stack: Stack) -> None:
+    """Neither the times the kernel sends for a removed file nor its collection wait for a
+    commit of their own; killed before the next one, the restart collects it again."""
+    await stack.create("keep", b"k")
+    f = await stack.create("f", b"x")
+    fh = await stack.open("f")
+    await stack.unlink("f")
+    await stack.fs.setattr(f.ino, mtime_ns=12345)
+    assert await stack.read_fh(fh) == b"x"
+    await stack.fs.release(fh)
+    await stack.fs.forget([(f.ino, f.lookups)])
+    assert f.ino not in stack.table.inodes
+    assert stack.table.uncommitted, "the test proves nothing: the drop was committed"
+    await stack.crash_and_replay()
+    assert f.ino not in stack.table.inodes
+    assert not stack.cache.path(f.ino).exists()
+    assert await stack.view() == files(keep=b"k")
+    await stack.flusher.sync(timeout=30)
+    assert src_tree(stack.src) == files(keep=b"k")
+
+
 async def test_lookup_counts(stack: Stack) -> None:
     (stack.src / "d").mkdir()
     (stack.src / "d" / "f").write_bytes(b"x")
