@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import random
+import sqlite3
 import stat
 import subprocess
 import time
@@ -169,6 +170,46 @@ def test_src_unchanged_until_writeback_then_equal(mount_factory, tmp_path):
     until(lambda: m.status()["dirty_bytes"] == 0, 30, "dirty_bytes back to 0")
     m.umount()
     assert_tree(src, {"existing": new, "fresh": fresh}, "SRC after umount")
+    assert_no_staging_leftovers(src)
+
+
+def test_what_is_removed_before_write_back_never_reaches_src(mount_factory, tmp_path):
+    """An extract removed again, a build's temporary files, SQLite's rollback journal: made
+    and removed before the write-back delay ran out, they leave nothing to write back, and
+    their cached contents leave the cache dir with them."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "keep").write_bytes(b"kept")
+    m = mount_factory(src, None, None, *LONG_DELAY)
+    tree = m.mnt / "tree"
+    for i in range(24):
+        d = tree / f"d{i % 4}"
+        d.mkdir(parents=True, exist_ok=True)
+        write_file(d / f"f{i}", os.urandom(64 * KIB))
+    os.symlink("f0", tree / "d0" / "link")
+    con = sqlite3.connect(m.mnt / "keep.db", isolation_level=None)
+    con.execute("pragma journal_mode=delete")
+    con.execute("pragma synchronous=full")
+    con.execute("create table t (v text)")
+    for i in range(20):
+        con.execute("begin")
+        con.execute("insert into t values (?)", (f"row {i}",))
+        con.execute("commit")
+    con.close()
+    assert cache_content_bytes(m.cache_dir) >= 24 * 64 * KIB
+    subprocess.run(["rm", "-r", str(tree)], check=True, timeout=60)
+    st = m.status()
+    assert st["pending_ops"] == 1, st  # the database's create; nothing of the tree or the journal
+    assert st["dirty_files"] == 2, st  # the database, and the times of the top directory
+    until(lambda: cache_content_bytes(m.cache_dir) < 24 * 64 * KIB, 30, "the removed files' contents to leave the cache")
+    assert (src / "keep").read_bytes() == b"kept"
+    assert sorted(p.name for p in src.iterdir() if p.name != ".safefs") == ["keep"]
+    m.sync()
+    assert sorted(p.name for p in src.iterdir() if p.name != ".safefs") == ["keep", "keep.db"]
+    con = sqlite3.connect(src / "keep.db")
+    assert con.execute("select count(*) from t").fetchone()[0] == 20
+    con.close()
+    m.umount()
     assert_no_staging_leftovers(src)
 
 
