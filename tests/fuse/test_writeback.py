@@ -201,7 +201,7 @@ def test_what_is_removed_before_write_back_never_reaches_src(mount_factory, tmp_
     st = m.status()
     assert st["pending_ops"] == 1, st  # the database's create; nothing of the tree or the journal
     assert st["dirty_files"] == 2, st  # the database, and the times of the top directory
-    until(lambda: cache_content_bytes(m.cache_dir) < 24 * 64 * KIB, 30, "the removed files' contents to leave the cache")
+    until(lambda: cache_content_bytes(m.cache_dir) < 24 * 64 * KIB, 30, "the removed files' contents to go")
     assert (src / "keep").read_bytes() == b"kept"
     assert sorted(p.name for p in src.iterdir() if p.name != ".safefs") == ["keep"]
     m.sync()
