@@ -191,8 +191,11 @@ class Files:
                 # carry pages of any writer (an mmap too) through whichever handle it picks.
                 offset = inode.size
             end = offset + len(data)
+            # A file without a name is dropped at the next start (InodeTable.nameless): its
+            # bytes need no record before the answer, and the next commit carries them.
+            lasting = not self.table.nameless(inode)
             ahead = None
-            if not inode.unclean and inode.gaps(records.DIRTY, offset, min(end, inode.size)):
+            if lasting and not inode.unclean and inode.gaps(records.DIRTY, offset, min(end, inode.size)):
                 # The first overwrite of bytes the project already has: record "may be dirty"
                 # before they change, so a kill between the cache write and its commit cannot
                 # leave the cache and the project different with nothing marked to write back
@@ -221,7 +224,7 @@ class Files:
             # returns, reads of this inode wait for the lock (see `read`).
             inode.writing += 1
             try:
-                if rewrite:
+                if rewrite or not lasting:
                     self.cache.pwrite(inode.ino, offset, data)
                 else:
                     await self.table.commit_with(
@@ -240,6 +243,8 @@ class Files:
 
     async def fsync(self, fh: int, *, datasync: bool = False) -> None:
         inode = self.handle_inode(fh)
+        if self.table.nameless(inode):
+            return  # unlinked: gone after a crash whatever is flushed (as on a local disk)
         await self.table.sync(functools.partial(self.cache.fsync, inode.ino), data_of=inode if datasync else None)
 
     async def release(self, fh: int) -> None:

@@ -277,6 +277,47 @@ async def test_an_unlinked_file_collected_just_before_a_crash_stays_gone(stack: 
     assert src_tree(stack.src) == files(keep=b"k")
 
 
+async def test_an_unlinked_file_in_use_works_and_leaves_nothing_after_a_crash(stack: Stack) -> None:
+    """A temporary file unlinked at once and then used (Python's TemporaryFile, sort(1)): its
+    writes and fsyncs need nothing durable, as it is gone after a crash in any case. One new
+    file, and one the project has, whose unlink must still reach it."""
+    (stack.src / "old").write_bytes(b"o" * 1000)
+    await stack.create("new", b"")
+    fhs = {name: await stack.open(name, os.O_RDWR) for name in ("new", "old")}
+    for name in fhs:
+        await stack.unlink(name)
+    flushes: list[str] = []
+    real_fsync, real_sync = stack.cache.fsync, stack.journal.sync
+
+    def cache_fsync(ino: int) -> None:
+        flushes.append("cache file")
+        real_fsync(ino)
+
+    def journal_sync() -> None:
+        flushes.append("journal")
+        real_sync()
+
+    stack.cache.fsync = cache_fsync  # type: ignore[method-assign]
+    stack.journal.sync = journal_sync  # type: ignore[method-assign]
+    commits = stack.table.commits
+    for name, fh in fhs.items():
+        block = name.encode() + b"."  # 4 bytes
+        for i in range(50):
+            assert await stack.fs.write(fh, i * 4096, block * 1024) == 4096
+        await stack.fs.fsync(fh)
+    assert (stack.table.commits - commits, flushes) == (0, []), "durable work for files with no name"
+    for name, fh in fhs.items():
+        block = name.encode() + b"."
+        assert await stack.fs.read(fh, 49 * 4096, 8192) == block * 1024
+        assert await stack.fs.read(fh, 0, 4) == block
+    inos = [stack.fs.handle_inode(fh).ino for fh in fhs.values()]
+    await stack.crash_and_replay()
+    await stack.flusher.sync(timeout=30)
+    assert all(ino not in stack.table.inodes for ino in inos)
+    assert all(not stack.cache.path(ino).exists() for ino in inos)
+    assert src_tree(stack.src) == {}
+
+
 async def test_lookup_counts(stack: Stack) -> None:
     (stack.src / "d").mkdir()
     (stack.src / "d" / "f").write_bytes(b"x")
