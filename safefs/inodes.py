@@ -53,8 +53,8 @@ _SHARED_INTS: dict[int, int] = {}
 
 def _shared(value: int) -> int:
     """One int object per value of a field that a tree's files mostly share (mode, owner):
-    a listed file holds no int of its own for them (about 80 bytes each, 8 MiB for 100,000
-    files). Bounded: past 4,096 distinct values, values are kept as they come."""
+    a listed file then holds no int of its own for them (28 bytes each, up to 8 MiB over
+    100,000 files). Bounded: past 4,096 distinct values, values are kept as they come."""
     kept = _SHARED_INTS.get(value)
     if kept is not None:
         return kept
