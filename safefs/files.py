@@ -4,8 +4,11 @@ changes and flushes of files through the mount (fs.py hands these requests here)
 Invariants:
 - Nothing changes unless `gate.require_writable()` allowed it at the start of the request.
 - A write is acknowledged only after its bytes are in the cache file and the journal knows
-  the range is dirty (`InodeTable.commit_with`); the first overwrite of bytes the project
-  has is recorded as "may be dirty" (`unclean`) before the cache file changes.
+  the range is dirty (`InodeTable.commit_with`), or knew it already (an overwrite of dirty
+  bytes); the first overwrite of bytes the project has is recorded as "may be dirty"
+  (`unclean`) before the cache file changes. A file with no name (`InodeTable.nameless`) is
+  the exception: the next start drops it, so its writes, attributes and fsyncs make nothing
+  durable.
 - A file's bytes change only under its inode lock (content.py), so fetched bytes never
   overwrite bytes written meanwhile; a read waits for writes still on their way.
 - A small file is whole in the cache before it first differs from the project's
